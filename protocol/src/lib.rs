@@ -1,0 +1,21 @@
+//! shoal's wire protocol: object ids, stable error codes, the messages a local client and a
+//! dataworker exchange, and the length-prefixed framing that carries them.
+//!
+//! This crate does no IO and never panics on input: every decoder returns a typed error for
+//! garbage, truncated or oversized input (see the proptest suite in `frame`). Both sides of
+//! every wire depend on it and on nothing else of each other.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+mod error;
+mod frame;
+mod id;
+mod message;
+
+pub use error::{ErrorCode, WireError};
+pub use frame::{encode_frame, FrameDecoder, FrameError, FRAME_HEADER_LEN, PROTOCOL_VERSION};
+pub use id::{IdError, ObjectId, MAX_ID_LEN};
+pub use message::{
+    ClientFrame, CtlLayout, Hello, KvEntry, ListEntry, Namespace, Request, Response, ServerFrame,
+    StatusInfo, ViewDesc,
+};

@@ -1,0 +1,312 @@
+use crate::{ErrorCode, ObjectId, WireError};
+use serde::{Deserialize, Serialize};
+
+/// Which keyspace a name lives in. Objects are immutable once sealed; KV values may be
+/// overwritten and expire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Namespace {
+    /// Immutable objects (create/seal/get).
+    Object,
+    /// Key-value entries (set/get/ttl).
+    Kv,
+}
+
+impl Namespace {
+    /// The byte that prefixes a name in the shared-memory index.
+    pub fn tag(self) -> u8 {
+        match self {
+            Namespace::Object => b'o',
+            Namespace::Kv => b'k',
+        }
+    }
+}
+
+/// Where a readable (or, after `Create`, writable) region lives in the arena.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ViewDesc {
+    /// Allocation generation: unique per allocation for the worker's lifetime; what a pin names.
+    pub gen: u64,
+    /// Byte offset of the payload in the arena.
+    pub offset: u64,
+    /// Payload length in bytes.
+    pub len: u64,
+}
+
+/// One entry of `mset`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KvEntry {
+    /// The key.
+    pub key: ObjectId,
+    /// The value bytes.
+    pub value: Vec<u8>,
+}
+
+/// One line of `list`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListEntry {
+    /// The id.
+    pub id: ObjectId,
+    /// Payload size in bytes.
+    pub size: u64,
+    /// Sealed (visible) or still being written.
+    pub sealed: bool,
+    /// Number of live views.
+    pub pins: u32,
+    /// Spilled to disk (not in memory right now).
+    pub spilled: bool,
+}
+
+/// Figures of one dataworker, for `shoal status`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusInfo {
+    /// Node id.
+    pub node_id: String,
+    /// Arena size in bytes.
+    pub arena_bytes: u64,
+    /// Bytes allocated in the arena.
+    pub used_bytes: u64,
+    /// Sealed objects (in memory or spilled).
+    pub objects: u64,
+    /// Unsealed buffers.
+    pub unsealed: u64,
+    /// KV entries.
+    pub kv_keys: u64,
+    /// Live views (socket and shared-memory pins).
+    pub pins: u64,
+    /// Connected clients.
+    pub clients: u64,
+    /// Objects evicted (dropped) so far.
+    pub evictions: u64,
+    /// Objects spilled to disk so far.
+    pub spills: u64,
+    /// Objects currently on disk.
+    pub spilled_now: u64,
+    /// Deleted objects still held by a view.
+    pub zombies: u64,
+}
+
+/// Layout of the control region (shared index + pin tables) a client receives with the arena.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CtlLayout {
+    /// Number of index buckets (power of two).
+    pub buckets: u32,
+    /// Number of client pin regions.
+    pub pin_regions: u32,
+    /// Pin slots per client region.
+    pub pins_per_region: u32,
+}
+
+/// The first frame a worker sends on a new connection, together with the arena and control
+/// fds (`SCM_RIGHTS`): arena first, control region second.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    /// [`crate::PROTOCOL_VERSION`] of the worker.
+    pub version: u8,
+    /// This connection's client id.
+    pub client_id: u64,
+    /// Node id of the worker.
+    pub node_id: String,
+    /// Arena size in bytes (the client maps exactly this much).
+    pub arena_bytes: u64,
+    /// Control region layout.
+    pub ctl: CtlLayout,
+    /// This client's pin region, when the worker had one free (no fast path otherwise).
+    pub pin_region: Option<u32>,
+    /// Largest payload that may travel inline in a frame.
+    pub inline_limit: u64,
+    /// Largest frame the worker accepts.
+    pub max_frame: u32,
+}
+
+/// A request from a local client to its dataworker.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Request {
+    /// Allocate a writable buffer of `size` bytes for `id`; reply `View`.
+    Create {
+        /// Object id.
+        id: ObjectId,
+        /// Payload size.
+        size: u64,
+    },
+    /// Make a created buffer immutable and visible; reply `Ok`.
+    Seal {
+        /// Object id.
+        id: ObjectId,
+    },
+    /// Drop a created, unsealed buffer; reply `Ok`.
+    Abort {
+        /// Object id.
+        id: ObjectId,
+    },
+    /// Create, copy the inline bytes, seal; reply `Ok`.
+    Put {
+        /// Object id.
+        id: ObjectId,
+        /// Payload (at most the inline limit).
+        data: Vec<u8>,
+    },
+    /// Wait up to `timeout_ms` until each object is sealed; pin each; reply `Views`.
+    Get {
+        /// Object ids.
+        ids: Vec<ObjectId>,
+        /// How long to wait for objects that do not exist yet.
+        timeout_ms: u64,
+    },
+    /// End views (unpin). One-way: no reply.
+    Release {
+        /// Generations of the views.
+        gens: Vec<u64>,
+    },
+    /// Delete an object (freed when its last view ends); reply `Ok`.
+    Delete {
+        /// Object id.
+        id: ObjectId,
+    },
+    /// Whether a sealed object exists; reply `Bools`.
+    Contains {
+        /// Object ids.
+        ids: Vec<ObjectId>,
+    },
+    /// List names in a namespace; reply `List`.
+    List {
+        /// Namespace.
+        ns: Namespace,
+        /// Only names starting with this.
+        prefix: String,
+        /// At most this many entries.
+        limit: u32,
+    },
+    /// Set a KV value; reply `Bools` with one element: whether it was written.
+    KvSet {
+        /// Key.
+        key: ObjectId,
+        /// Value (at most the inline limit).
+        value: Vec<u8>,
+        /// Expire after this many seconds (0 = keep).
+        ttl_secs: u64,
+        /// Only when the key is absent (NX).
+        if_absent: bool,
+    },
+    /// Allocate a KV value for the client to fill; reply `View`; publish with `KvCommit`.
+    KvCreate {
+        /// Key.
+        key: ObjectId,
+        /// Value size.
+        size: u64,
+        /// Expire after this many seconds (0 = keep).
+        ttl_secs: u64,
+    },
+    /// Publish a value created with `KvCreate`; reply `Ok`.
+    KvCommit {
+        /// Key.
+        key: ObjectId,
+    },
+    /// Set several values; reply `Ok`.
+    KvMSet {
+        /// Entries.
+        entries: Vec<KvEntry>,
+        /// Expire after this many seconds (0 = keep).
+        ttl_secs: u64,
+    },
+    /// Read values (pinned views); reply `Views`, `NotFound` per missing key.
+    KvGet {
+        /// Keys.
+        keys: Vec<ObjectId>,
+    },
+    /// Read part of a value (pinned view of the range); reply `Views`.
+    KvRead {
+        /// Key.
+        key: ObjectId,
+        /// Start offset in the value.
+        offset: u64,
+        /// At most this many bytes.
+        len: u64,
+    },
+    /// Delete keys; reply `Count` of keys removed.
+    KvDel {
+        /// Keys.
+        keys: Vec<ObjectId>,
+    },
+    /// Whether keys exist; reply `Bools`.
+    KvExists {
+        /// Keys.
+        keys: Vec<ObjectId>,
+    },
+    /// Set a key's TTL (0 = persist); reply `Bools` with whether the key exists.
+    KvExpire {
+        /// Key.
+        key: ObjectId,
+        /// Seconds.
+        ttl_secs: u64,
+    },
+    /// Remaining TTL; reply `Ttl`.
+    KvTtl {
+        /// Key.
+        key: ObjectId,
+    },
+    /// Worker figures; reply `Status`.
+    Status,
+}
+
+impl Request {
+    /// Whether the worker sends no reply.
+    pub fn is_one_way(&self) -> bool {
+        matches!(self, Request::Release { .. })
+    }
+}
+
+/// A reply from the dataworker.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Response {
+    /// Done.
+    Ok,
+    /// A writable (after `Create`) region.
+    View(ViewDesc),
+    /// One result per requested id, in order.
+    Views(Vec<Result<ViewDesc, WireError>>),
+    /// One flag per requested id, in order.
+    Bools(Vec<bool>),
+    /// A count.
+    Count(u64),
+    /// Remaining TTL in seconds: `None` when the key does not exist, `Some(None)` when it has
+    /// no TTL.
+    Ttl(Option<Option<u64>>),
+    /// Listing.
+    List(Vec<ListEntry>),
+    /// Figures.
+    Status(StatusInfo),
+    /// The request failed.
+    Error(WireError),
+}
+
+impl Response {
+    /// An error reply.
+    pub fn error(code: ErrorCode, message: impl Into<String>) -> Self {
+        Response::Error(WireError::new(code, message))
+    }
+}
+
+/// A client-to-worker frame body.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClientFrame {
+    /// Request id, echoed in the reply.
+    pub id: u32,
+    /// The request.
+    pub req: Request,
+}
+
+/// A worker-to-client frame body.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ServerFrame {
+    /// First frame on a connection (carries fds).
+    Hello(Hello),
+    /// The connection is refused (e.g. `PermissionDenied`); the worker closes it next.
+    Refused(WireError),
+    /// A reply to request `id`.
+    Reply {
+        /// Request id.
+        id: u32,
+        /// The reply.
+        resp: Response,
+    },
+}
