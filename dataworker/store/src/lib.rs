@@ -1,0 +1,27 @@
+//! The dataworker's object index as a deterministic state machine: names, allocations in the
+//! arena (through `offset-allocator`), seal state, pins, LRU eviction with optional spill, and
+//! KV expiry.
+//!
+//! The store never touches a socket, a file or the clock: the caller passes `now` (milliseconds
+//! on any monotonic scale) and a [`ExternalPins`] view of the pins clients hold in shared
+//! memory, and gets back what to do (bytes to spill, files to delete). That makes every
+//! decision testable without servers; see the property tests in `tests`.
+//!
+//! Invariants (checked by `Store::check_invariants` in tests):
+//! - the allocator's used space equals the sum of the allocations of in-memory entries;
+//! - an allocation is freed only when no socket pin and no external pin holds it;
+//! - a name maps to at most one live entry; a deleted entry that is still pinned is a zombie,
+//!   no longer reachable by name, freed when its last pin ends;
+//! - only sealed, in-memory, unpinned entries are evicted, least recently used first.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+mod store;
+
+pub use store::{
+    ClientId, Evicted, ExternalPins, Gen, Lookup, NoExternalPins, Placement, Stats, Store,
+    StoreConfig, StoreError, UNIT,
+};
+
+#[cfg(test)]
+mod tests;

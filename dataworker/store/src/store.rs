@@ -1,0 +1,917 @@
+use offset_allocator::{Allocation, Allocator};
+use shoal_protocol::{ErrorCode, ListEntry, Namespace, ObjectId, WireError};
+use std::collections::{BTreeSet, HashMap, HashSet};
+
+/// Allocation granule in bytes: every allocation starts on a 64-byte (cache line) boundary.
+pub const UNIT: u64 = 64;
+
+/// Allocation generation: unique for the store's lifetime, never 0. Pins name generations, so
+/// a name that is deleted and re-created never confuses an old view with the new object.
+pub type Gen = u64;
+/// A connected client, as numbered by the worker.
+pub type ClientId = u64;
+
+/// Pins that clients hold without asking the worker (the shared-memory fast path).
+pub trait ExternalPins {
+    /// Whether some client holds `gen` now.
+    fn is_pinned(&self, gen: Gen) -> bool;
+    /// Withdraws `gen` so no new external pin can be taken, then reports whether it is free
+    /// of external pins. On `false` the store keeps the memory.
+    fn reclaim(&mut self, gen: Gen) -> bool;
+    /// The last access clients recorded for `gen` (same clock as `now`), if any.
+    fn last_access(&self, gen: Gen) -> Option<u64>;
+}
+
+/// No fast path: nothing is pinned externally.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NoExternalPins;
+
+impl ExternalPins for NoExternalPins {
+    fn is_pinned(&self, _: Gen) -> bool {
+        false
+    }
+    fn reclaim(&mut self, _: Gen) -> bool {
+        true
+    }
+    fn last_access(&self, _: Gen) -> Option<u64> {
+        None
+    }
+}
+
+/// Sizes and policies.
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    /// Arena bytes the store may hand out.
+    pub capacity: u64,
+    /// Start evicting when usage would pass this fraction.
+    pub high_watermark: f64,
+    /// Evict down to this fraction.
+    pub low_watermark: f64,
+    /// Evicted objects are spilled (kept on disk) instead of dropped.
+    pub spill: bool,
+    /// Most allocations alive at once (allocator node budget).
+    pub max_allocations: u32,
+}
+
+impl StoreConfig {
+    /// Defaults for an arena of `capacity` bytes: 90% / 80% watermarks, no spill.
+    pub fn new(capacity: u64) -> Self {
+        Self {
+            capacity,
+            high_watermark: 0.9,
+            low_watermark: 0.8,
+            spill: false,
+            max_allocations: 1 << 20,
+        }
+    }
+}
+
+/// Failures the store reports to callers (each maps to a stable wire code).
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum StoreError {
+    /// No such name.
+    #[error("{0} not found")]
+    NotFound(ObjectId),
+    /// The name exists.
+    #[error("{0} already exists")]
+    AlreadyExists(ObjectId),
+    /// Sealed already.
+    #[error("{0} is already sealed")]
+    AlreadySealed(ObjectId),
+    /// Not created by this client, or not unsealed.
+    #[error("{0} is not an unsealed buffer of this client")]
+    NotUnsealed(ObjectId),
+    /// No room even after eviction.
+    #[error("store full: {requested} bytes requested, {used} of {capacity} used, {pinned} pinned or unsealed, none evictable")]
+    StoreFull {
+        /// Bytes asked for (payload + key, rounded).
+        requested: u64,
+        /// Bytes in use.
+        used: u64,
+        /// Arena capacity.
+        capacity: u64,
+        /// Bytes that cannot be evicted now.
+        pinned: u64,
+    },
+    /// A size or range is out of bounds.
+    #[error("{0}")]
+    InvalidArgument(String),
+}
+
+impl StoreError {
+    /// The stable wire code.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            StoreError::NotFound(_) => ErrorCode::NotFound,
+            StoreError::AlreadyExists(_) => ErrorCode::AlreadyExists,
+            StoreError::AlreadySealed(_) => ErrorCode::AlreadySealed,
+            StoreError::NotUnsealed(_) => ErrorCode::NotSealed,
+            StoreError::StoreFull { .. } => ErrorCode::StoreFull,
+            StoreError::InvalidArgument(_) => ErrorCode::InvalidArgument,
+        }
+    }
+
+    /// As a wire error.
+    pub fn to_wire(&self) -> WireError {
+        WireError::new(self.code(), self.to_string())
+    }
+}
+
+/// Where a new or restored allocation lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Placement {
+    /// Generation.
+    pub gen: Gen,
+    /// Payload offset in the arena.
+    pub offset: u64,
+    /// Payload length.
+    pub len: u64,
+    /// Offset of the name bytes (right after the payload).
+    pub key_off: u64,
+}
+
+/// An object the store pushed out of memory; the caller acts on it before the memory is
+/// reused (writes it to disk when `spill`, and withdraws it from any index).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Evicted {
+    /// Generation.
+    pub gen: Gen,
+    /// Namespace.
+    pub ns: Namespace,
+    /// Name.
+    pub id: ObjectId,
+    /// Payload offset (still readable until the caller's next write into the arena).
+    pub offset: u64,
+    /// Payload length.
+    pub len: u64,
+    /// Kept on disk (true) or dropped.
+    pub spill: bool,
+}
+
+/// What a name resolves to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Lookup {
+    /// Sealed and in memory; pinned for the client.
+    Ready(Placement),
+    /// Sealed but on disk; call [`Store::restore`].
+    Spilled(Gen),
+    /// Created but not sealed yet.
+    Unsealed,
+    /// No such name.
+    Missing,
+}
+
+/// Counters and gauges.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Arena bytes allocated.
+    pub used: u64,
+    /// Sealed objects (memory or disk).
+    pub objects: u64,
+    /// Unsealed buffers.
+    pub unsealed: u64,
+    /// Live KV keys.
+    pub kv_keys: u64,
+    /// Socket pins.
+    pub pins: u64,
+    /// Deleted entries still pinned.
+    pub zombies: u64,
+    /// Entries on disk now.
+    pub spilled_now: u64,
+    /// Evictions so far (dropped or spilled).
+    pub evictions: u64,
+    /// Spills so far.
+    pub spills: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Unsealed { owner: ClientId },
+    Sealed,
+}
+
+struct Entry {
+    ns: Namespace,
+    id: ObjectId,
+    size: u64,
+    state: State,
+    /// `None` when spilled.
+    mem: Option<(Allocation, u64)>,
+    pins: u32,
+    last_access: u64,
+    expires_at: Option<u64>,
+    /// Bound to its name (false for zombies and uncommitted KV values).
+    named: bool,
+}
+
+impl std::fmt::Debug for Entry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Entry")
+            .field("id", &self.id)
+            .field("size", &self.size)
+            .field("state", &self.state)
+            .field("offset", &self.mem.map(|(_, o)| o))
+            .field("pins", &self.pins)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The object index of one dataworker.
+pub struct Store {
+    cfg: StoreConfig,
+    alloc: Allocator<u32>,
+    total_units: u32,
+    names: HashMap<(Namespace, ObjectId), Gen>,
+    entries: HashMap<Gen, Entry>,
+    lru: BTreeSet<(u64, Gen)>,
+    expiry: BTreeSet<(u64, Gen)>,
+    client_pins: HashMap<ClientId, HashMap<Gen, u32>>,
+    client_unsealed: HashMap<ClientId, HashSet<Gen>>,
+    pending_kv: HashMap<(ClientId, ObjectId), Gen>,
+    zombies: HashSet<Gen>,
+    next_gen: Gen,
+    evictions: u64,
+    spills: u64,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("cfg", &self.cfg)
+            .field("stats", &self.stats())
+            .finish_non_exhaustive()
+    }
+}
+
+fn units_for(bytes: u64) -> Option<u32> {
+    u32::try_from(bytes.div_ceil(UNIT)).ok()
+}
+
+impl Store {
+    /// An empty store.
+    pub fn new(cfg: StoreConfig) -> Self {
+        let total_units = u32::try_from(cfg.capacity / UNIT).unwrap_or(u32::MAX);
+        Self {
+            alloc: Allocator::with_max_allocs(total_units, cfg.max_allocations),
+            total_units,
+            cfg,
+            names: HashMap::new(),
+            entries: HashMap::new(),
+            lru: BTreeSet::new(),
+            expiry: BTreeSet::new(),
+            client_pins: HashMap::new(),
+            client_unsealed: HashMap::new(),
+            pending_kv: HashMap::new(),
+            zombies: HashSet::new(),
+            next_gen: 1,
+            evictions: 0,
+            spills: 0,
+        }
+    }
+
+    /// Capacity in bytes (whole units).
+    pub fn capacity(&self) -> u64 {
+        u64::from(self.total_units) * UNIT
+    }
+
+    /// Bytes allocated now.
+    pub fn used(&self) -> u64 {
+        u64::from(self.total_units - self.alloc.storage_report().total_free_space) * UNIT
+    }
+
+    // ----- allocation and eviction -----
+
+    fn free_mem(&mut self, gen: Gen) {
+        if let Some(e) = self.entries.get_mut(&gen) {
+            if let Some((a, _)) = e.mem.take() {
+                self.alloc.free(a);
+            }
+            self.lru.remove(&(e.last_access, gen));
+        }
+    }
+
+    fn evictable(&self, gen: Gen, ext: &dyn ExternalPins) -> bool {
+        self.entries
+            .get(&gen)
+            .is_some_and(|e| e.state == State::Sealed && e.named && e.pins == 0 && e.mem.is_some())
+            && !ext.is_pinned(gen)
+    }
+
+    /// Evicts the least recently used candidate. Returns `None` when nothing can go.
+    fn evict_one(
+        &mut self,
+        ext: &mut dyn ExternalPins,
+        skipped: &mut HashSet<Gen>,
+    ) -> Option<Evicted> {
+        loop {
+            let &(at, gen) = self.lru.iter().find(|(_, g)| !skipped.contains(g))?;
+            // Second chance for objects read through the fast path since we last saw them.
+            if let Some(seen) = ext.last_access(gen).filter(|&t| t > at) {
+                self.lru.remove(&(at, gen));
+                self.lru.insert((seen, gen));
+                if let Some(e) = self.entries.get_mut(&gen) {
+                    e.last_access = seen;
+                }
+                continue;
+            }
+            if !self.evictable(gen, ext) || !ext.reclaim(gen) {
+                skipped.insert(gen);
+                continue;
+            }
+            let spill = self.cfg.spill;
+            let e = self.entries.get(&gen)?;
+            let (offset, len) = (e.mem.map(|(_, o)| o)?, e.size);
+            let ev = Evicted {
+                gen,
+                ns: e.ns,
+                id: e.id.clone(),
+                offset,
+                len,
+                spill,
+            };
+            self.free_mem(gen);
+            self.evictions += 1;
+            if spill {
+                self.spills += 1;
+            } else {
+                self.remove_entry(gen);
+            }
+            return Some(ev);
+        }
+    }
+
+    /// Allocates `bytes`, evicting as the watermarks say.
+    fn allocate(
+        &mut self,
+        bytes: u64,
+        ext: &mut dyn ExternalPins,
+        evicted: &mut Vec<Evicted>,
+    ) -> Result<(Allocation, u64), StoreError> {
+        let full = |s: &Store, ext: &dyn ExternalPins| StoreError::StoreFull {
+            requested: bytes.div_ceil(UNIT).saturating_mul(UNIT),
+            used: s.used(),
+            capacity: s.capacity(),
+            pinned: s.unevictable_bytes(ext),
+        };
+        let units = units_for(bytes)
+            .filter(|u| *u <= self.total_units)
+            .ok_or_else(|| full(self, ext))?;
+        let want = u64::from(units) * UNIT;
+        let cap = self.capacity() as f64;
+        let mut skipped = HashSet::new();
+        if (self.used() + want) as f64 > cap * self.cfg.high_watermark {
+            let target = cap * self.cfg.low_watermark;
+            while (self.used() + want) as f64 > target {
+                match self.evict_one(ext, &mut skipped) {
+                    Some(ev) => evicted.push(ev),
+                    None => break,
+                }
+            }
+        }
+        loop {
+            if let Some(a) = self.alloc.allocate(units) {
+                return Ok((a, u64::from(a.offset) * UNIT));
+            }
+            // Fragmented or full: keep evicting until it fits or nothing is left.
+            match self.evict_one(ext, &mut skipped) {
+                Some(ev) => evicted.push(ev),
+                None => return Err(full(self, ext)),
+            }
+        }
+    }
+
+    fn unevictable_bytes(&self, ext: &dyn ExternalPins) -> u64 {
+        self.entries
+            .iter()
+            .filter(|(g, e)| {
+                e.state != State::Sealed || e.pins > 0 || !e.named || ext.is_pinned(**g)
+            })
+            .map(|(_, e)| e)
+            .filter_map(|e| e.mem.map(|_| e.size))
+            .sum()
+    }
+
+    fn new_entry(
+        &mut self,
+        ns: Namespace,
+        id: &ObjectId,
+        size: u64,
+        owner: ClientId,
+        ext: &mut dyn ExternalPins,
+        evicted: &mut Vec<Evicted>,
+    ) -> Result<Placement, StoreError> {
+        let key_len = id.as_str().len() as u64;
+        let bytes = size
+            .checked_add(key_len)
+            .ok_or_else(|| StoreError::InvalidArgument(format!("size {size} is too large")))?;
+        let (a, offset) = self.allocate(bytes, ext, evicted)?;
+        let gen = self.next_gen;
+        self.next_gen += 1;
+        self.entries.insert(
+            gen,
+            Entry {
+                ns,
+                id: id.clone(),
+                size,
+                state: State::Unsealed { owner },
+                mem: Some((a, offset)),
+                pins: 0,
+                last_access: 0,
+                expires_at: None,
+                named: false,
+            },
+        );
+        self.client_unsealed.entry(owner).or_default().insert(gen);
+        Ok(Placement {
+            gen,
+            offset,
+            len: size,
+            key_off: offset + size,
+        })
+    }
+
+    // ----- objects -----
+
+    /// Allocates a writable buffer for `id`, owned by `client` until sealed. Objects are
+    /// immutable: an existing name is `AlreadyExists`. Returns the placement and what was
+    /// evicted to make room.
+    pub fn create(
+        &mut self,
+        id: &ObjectId,
+        size: u64,
+        client: ClientId,
+        ext: &mut dyn ExternalPins,
+    ) -> Result<(Placement, Vec<Evicted>), StoreError> {
+        let key = (Namespace::Object, id.clone());
+        if self.names.contains_key(&key) {
+            return Err(StoreError::AlreadyExists(id.clone()));
+        }
+        let mut evicted = Vec::new();
+        let p = self.new_entry(Namespace::Object, id, size, client, ext, &mut evicted)?;
+        if let Some(e) = self.entries.get_mut(&p.gen) {
+            e.named = true;
+        }
+        self.names.insert(key, p.gen);
+        Ok((p, evicted))
+    }
+
+    fn seal_gen(&mut self, gen: Gen, client: ClientId, now: u64) -> Option<Placement> {
+        let e = self.entries.get_mut(&gen)?;
+        if e.state != (State::Unsealed { owner: client }) {
+            return None;
+        }
+        e.state = State::Sealed;
+        e.last_access = now;
+        let (_, offset) = e.mem?;
+        let p = Placement {
+            gen,
+            offset,
+            len: e.size,
+            key_off: offset + e.size,
+        };
+        if e.named {
+            self.lru.insert((now, gen));
+        }
+        if let Some(s) = self.client_unsealed.get_mut(&client) {
+            s.remove(&gen);
+        }
+        Some(p)
+    }
+
+    /// Seals `id`, created by `client`.
+    pub fn seal(
+        &mut self,
+        id: &ObjectId,
+        client: ClientId,
+        now: u64,
+    ) -> Result<Placement, StoreError> {
+        let gen = *self
+            .names
+            .get(&(Namespace::Object, id.clone()))
+            .ok_or_else(|| StoreError::NotFound(id.clone()))?;
+        match self.entries.get(&gen).map(|e| e.state) {
+            Some(State::Sealed) => Err(StoreError::AlreadySealed(id.clone())),
+            _ => self
+                .seal_gen(gen, client, now)
+                .ok_or_else(|| StoreError::NotUnsealed(id.clone())),
+        }
+    }
+
+    /// Drops an unsealed buffer of `client`.
+    pub fn abort(&mut self, id: &ObjectId, client: ClientId) -> Result<(), StoreError> {
+        let key = (Namespace::Object, id.clone());
+        let gen = *self
+            .names
+            .get(&key)
+            .ok_or_else(|| StoreError::NotFound(id.clone()))?;
+        if self.entries.get(&gen).map(|e| e.state) != Some(State::Unsealed { owner: client }) {
+            return Err(StoreError::NotUnsealed(id.clone()));
+        }
+        self.drop_unsealed(client, gen);
+        Ok(())
+    }
+
+    fn drop_unsealed(&mut self, client: ClientId, gen: Gen) {
+        if let Some(s) = self.client_unsealed.get_mut(&client) {
+            s.remove(&gen);
+        }
+        self.free_mem(gen);
+        self.remove_entry(gen);
+    }
+
+    /// Removes an entry completely (its memory must be freed already).
+    fn remove_entry(&mut self, gen: Gen) {
+        if let Some(e) = self.entries.remove(&gen) {
+            self.lru.remove(&(e.last_access, gen));
+            if let Some(t) = e.expires_at {
+                self.expiry.remove(&(t, gen));
+            }
+            if e.named && self.names.get(&(e.ns, e.id.clone())) == Some(&gen) {
+                self.names.remove(&(e.ns, e.id));
+            }
+            self.zombies.remove(&gen);
+        }
+    }
+
+    /// Resolves a name for `client`; on `Ready` the entry is pinned for it (end with
+    /// [`Store::release`]). KV entries past their deadline are `Missing`.
+    pub fn get(&mut self, ns: Namespace, id: &ObjectId, client: ClientId, now: u64) -> Lookup {
+        let Some(&gen) = self.names.get(&(ns, id.clone())) else {
+            return Lookup::Missing;
+        };
+        let Some(e) = self.entries.get_mut(&gen) else {
+            return Lookup::Missing;
+        };
+        if e.expires_at.is_some_and(|t| t <= now) {
+            return Lookup::Missing;
+        }
+        match (e.state, e.mem) {
+            (State::Unsealed { .. }, _) => Lookup::Unsealed,
+            (State::Sealed, None) => Lookup::Spilled(gen),
+            (State::Sealed, Some((_, offset))) => {
+                let p = Placement {
+                    gen,
+                    offset,
+                    len: e.size,
+                    key_off: offset + e.size,
+                };
+                self.lru.remove(&(e.last_access, gen));
+                e.last_access = e.last_access.max(now);
+                self.lru.insert((e.last_access, gen));
+                e.pins += 1;
+                *self
+                    .client_pins
+                    .entry(client)
+                    .or_default()
+                    .entry(gen)
+                    .or_insert(0) += 1;
+                Lookup::Ready(p)
+            }
+        }
+    }
+
+    /// Brings a spilled entry back into memory. The caller fills `[offset, offset+len)` from
+    /// disk before anything else writes to the arena, then calls [`Store::get`] again. If the
+    /// read fails, the caller removes the entry with [`Store::forget`].
+    pub fn restore(
+        &mut self,
+        gen: Gen,
+        now: u64,
+        ext: &mut dyn ExternalPins,
+    ) -> Result<(Placement, Vec<Evicted>), StoreError> {
+        let (size, key_len, ok) = match self.entries.get(&gen) {
+            Some(e) => (
+                e.size,
+                e.id.as_str().len() as u64,
+                e.mem.is_none() && e.named,
+            ),
+            None => return Err(StoreError::InvalidArgument(format!("no entry {gen}"))),
+        };
+        if !ok {
+            return Err(StoreError::InvalidArgument(format!(
+                "entry {gen} is not spilled"
+            )));
+        }
+        let mut evicted = Vec::new();
+        let (a, offset) = self.allocate(size + key_len, ext, &mut evicted)?;
+        if let Some(e) = self.entries.get_mut(&gen) {
+            e.mem = Some((a, offset));
+            e.last_access = now;
+            self.lru.insert((now, gen));
+        }
+        Ok((
+            Placement {
+                gen,
+                offset,
+                len: size,
+                key_off: offset + size,
+            },
+            evicted,
+        ))
+    }
+
+    /// Drops an entry whose spill file could not be written or read.
+    pub fn forget(&mut self, gen: Gen) {
+        self.free_mem(gen);
+        self.remove_entry(gen);
+    }
+
+    /// Ends one socket pin of `client` on `gen`. Returns true if the allocation was freed
+    /// (a zombie's last pin).
+    pub fn release(&mut self, client: ClientId, gen: Gen, ext: &mut dyn ExternalPins) -> bool {
+        let Some(cp) = self.client_pins.get_mut(&client) else {
+            return false;
+        };
+        let Some(n) = cp.get_mut(&gen) else {
+            return false;
+        };
+        *n -= 1;
+        if *n == 0 {
+            cp.remove(&gen);
+        }
+        if let Some(e) = self.entries.get_mut(&gen) {
+            e.pins = e.pins.saturating_sub(1);
+        }
+        self.try_free_zombie(gen, ext)
+    }
+
+    fn try_free_zombie(&mut self, gen: Gen, ext: &mut dyn ExternalPins) -> bool {
+        if !self.zombies.contains(&gen) {
+            return false;
+        }
+        if self.entries.get(&gen).is_some_and(|e| e.pins == 0) && ext.reclaim(gen) {
+            self.free_mem(gen);
+            self.remove_entry(gen);
+            return true;
+        }
+        false
+    }
+
+    /// Unbinds an entry from its name; frees it unless pinned (then it becomes a zombie).
+    /// Returns `(gen, was_spilled)`.
+    fn unbind(&mut self, gen: Gen, ext: &mut dyn ExternalPins) -> (Gen, bool) {
+        let spilled = self.entries.get(&gen).is_some_and(|e| e.mem.is_none());
+        if let Some(e) = self.entries.get_mut(&gen) {
+            if e.named {
+                self.names.remove(&(e.ns, e.id.clone()));
+                e.named = false;
+            }
+            self.lru.remove(&(e.last_access, gen));
+            if let Some(t) = e.expires_at.take() {
+                self.expiry.remove(&(t, gen));
+            }
+            if let State::Unsealed { owner } = e.state {
+                if let Some(s) = self.client_unsealed.get_mut(&owner) {
+                    s.remove(&gen);
+                }
+            }
+        }
+        self.zombies.insert(gen);
+        self.try_free_zombie(gen, ext);
+        (gen, spilled)
+    }
+
+    /// Deletes a name. A pinned entry stays in memory (a zombie) until its last view ends; an
+    /// unsealed one is dropped at once (its writer gets an error on seal). Returns the
+    /// generation and whether it was spilled (so the caller deletes its file).
+    pub fn delete(
+        &mut self,
+        ns: Namespace,
+        id: &ObjectId,
+        ext: &mut dyn ExternalPins,
+    ) -> Result<(Gen, bool), StoreError> {
+        let gen = *self
+            .names
+            .get(&(ns, id.clone()))
+            .ok_or_else(|| StoreError::NotFound(id.clone()))?;
+        Ok(self.unbind(gen, ext))
+    }
+
+    /// Frees zombies that no external pin holds any more. Returns freed generations.
+    pub fn sweep(&mut self, ext: &mut dyn ExternalPins) -> Vec<Gen> {
+        let z: Vec<Gen> = self.zombies.iter().copied().collect();
+        z.into_iter()
+            .filter(|g| self.try_free_zombie(*g, ext))
+            .collect()
+    }
+
+    /// Whether any zombie waits for external pins to end.
+    pub fn has_zombies(&self) -> bool {
+        !self.zombies.is_empty()
+    }
+
+    /// Releases everything a client held: its socket pins and its unsealed buffers (objects
+    /// and KV values). Returns how many allocations were freed.
+    pub fn client_gone(&mut self, client: ClientId, ext: &mut dyn ExternalPins) -> usize {
+        let mut freed = 0;
+        for (gen, n) in self.client_pins.remove(&client).unwrap_or_default() {
+            if let Some(e) = self.entries.get_mut(&gen) {
+                e.pins = e.pins.saturating_sub(n);
+            }
+            freed += usize::from(self.try_free_zombie(gen, ext));
+        }
+        for gen in self.client_unsealed.remove(&client).unwrap_or_default() {
+            self.free_mem(gen);
+            self.remove_entry(gen);
+            freed += 1;
+        }
+        self.pending_kv.retain(|(c, _), _| *c != client);
+        freed
+    }
+
+    /// Whether a sealed object (or live KV key) exists.
+    pub fn contains(&self, ns: Namespace, id: &ObjectId, now: u64) -> bool {
+        self.names
+            .get(&(ns, id.clone()))
+            .and_then(|g| self.entries.get(g))
+            .is_some_and(|e| e.state == State::Sealed && !e.expires_at.is_some_and(|t| t <= now))
+    }
+
+    /// Names in `ns` starting with `prefix`, sorted, at most `limit`.
+    pub fn list(&self, ns: Namespace, prefix: &str, limit: usize, now: u64) -> Vec<ListEntry> {
+        let mut v: Vec<ListEntry> = self
+            .names
+            .iter()
+            .filter(|((n, id), _)| *n == ns && id.as_str().starts_with(prefix))
+            .filter_map(|(_, g)| self.entries.get(g))
+            .filter(|e| !e.expires_at.is_some_and(|t| t <= now))
+            .map(|e| ListEntry {
+                id: e.id.clone(),
+                size: e.size,
+                sealed: e.state == State::Sealed,
+                pins: e.pins,
+                spilled: e.mem.is_none(),
+            })
+            .collect();
+        v.sort_by(|a, b| a.id.cmp(&b.id));
+        v.truncate(limit);
+        v
+    }
+
+    // ----- KV -----
+
+    /// Allocates a value for `key`; it replaces the current value on [`Store::kv_commit`].
+    pub fn kv_create(
+        &mut self,
+        key: &ObjectId,
+        size: u64,
+        client: ClientId,
+        ext: &mut dyn ExternalPins,
+    ) -> Result<(Placement, Vec<Evicted>), StoreError> {
+        let mut evicted = Vec::new();
+        let p = self.new_entry(Namespace::Kv, key, size, client, ext, &mut evicted)?;
+        if let Some(old) = self.pending_kv.insert((client, key.clone()), p.gen) {
+            self.drop_unsealed(client, old);
+        }
+        Ok((p, evicted))
+    }
+
+    /// Publishes a value created by `client`: binds the name, replacing (and unbinding) the
+    /// old value. `ttl_ms` 0 keeps it forever. Returns the new placement and the replaced
+    /// generation, if any.
+    pub fn kv_commit(
+        &mut self,
+        key: &ObjectId,
+        client: ClientId,
+        ttl_ms: u64,
+        now: u64,
+        ext: &mut dyn ExternalPins,
+    ) -> Result<(Placement, Option<(Gen, bool)>), StoreError> {
+        let gen = self
+            .pending_kv
+            .remove(&(client, key.clone()))
+            .ok_or_else(|| StoreError::NotUnsealed(key.clone()))?;
+        let old = self.names.get(&(Namespace::Kv, key.clone())).copied();
+        let replaced = old.map(|g| self.unbind(g, ext));
+        if let Some(e) = self.entries.get_mut(&gen) {
+            e.named = true;
+        }
+        let p = self
+            .seal_gen(gen, client, now)
+            .ok_or_else(|| StoreError::NotUnsealed(key.clone()))?;
+        self.names.insert((Namespace::Kv, key.clone()), gen);
+        self.set_expiry(gen, ttl_ms, now);
+        Ok((p, replaced))
+    }
+
+    /// Drops an uncommitted KV value.
+    pub fn kv_abort(&mut self, key: &ObjectId, client: ClientId) {
+        if let Some(gen) = self.pending_kv.remove(&(client, key.clone())) {
+            self.drop_unsealed(client, gen);
+        }
+    }
+
+    fn set_expiry(&mut self, gen: Gen, ttl_ms: u64, now: u64) {
+        if let Some(e) = self.entries.get_mut(&gen) {
+            if let Some(t) = e.expires_at.take() {
+                self.expiry.remove(&(t, gen));
+            }
+            if ttl_ms > 0 {
+                let t = now.saturating_add(ttl_ms);
+                e.expires_at = Some(t);
+                self.expiry.insert((t, gen));
+            }
+        }
+    }
+
+    /// Sets (or with 0 removes) a key's TTL. False if the key does not exist.
+    pub fn kv_expire(&mut self, key: &ObjectId, ttl_ms: u64, now: u64) -> bool {
+        if !self.contains(Namespace::Kv, key, now) {
+            return false;
+        }
+        let gen = self.names[&(Namespace::Kv, key.clone())];
+        self.set_expiry(gen, ttl_ms, now);
+        true
+    }
+
+    /// Remaining TTL in ms: `None` missing, `Some(None)` no TTL.
+    pub fn kv_ttl(&self, key: &ObjectId, now: u64) -> Option<Option<u64>> {
+        if !self.contains(Namespace::Kv, key, now) {
+            return None;
+        }
+        let e = &self.entries[&self.names[&(Namespace::Kv, key.clone())]];
+        Some(e.expires_at.map(|t| t.saturating_sub(now)))
+    }
+
+    /// The earliest KV deadline, for the caller's timer.
+    pub fn next_expiry(&self) -> Option<u64> {
+        self.expiry.first().map(|(t, _)| *t)
+    }
+
+    /// Removes every KV entry whose deadline is `<= now`, without scanning other keys.
+    /// Returns `(gen, was_spilled)` of each removed entry.
+    pub fn expire_due(&mut self, now: u64, ext: &mut dyn ExternalPins) -> Vec<(Gen, bool)> {
+        let mut out = Vec::new();
+        while let Some(&(t, gen)) = self.expiry.first() {
+            if t > now {
+                break;
+            }
+            self.expiry.remove(&(t, gen));
+            out.push(self.unbind(gen, ext));
+        }
+        out
+    }
+
+    /// Generation and state of a name (for the caller's bookkeeping, e.g. spill files).
+    pub fn gen_of(&self, ns: Namespace, id: &ObjectId) -> Option<Gen> {
+        self.names.get(&(ns, id.clone())).copied()
+    }
+
+    /// Counters and gauges.
+    pub fn stats(&self) -> Stats {
+        let mut s = Stats {
+            used: self.used(),
+            zombies: self.zombies.len() as u64,
+            evictions: self.evictions,
+            spills: self.spills,
+            ..Stats::default()
+        };
+        for e in self.entries.values() {
+            s.pins += u64::from(e.pins);
+            match (e.state, e.ns, e.named) {
+                (State::Unsealed { .. }, _, _) => s.unsealed += 1,
+                (State::Sealed, Namespace::Object, true) => s.objects += 1,
+                (State::Sealed, Namespace::Kv, true) => s.kv_keys += 1,
+                _ => {}
+            }
+            if e.named && e.mem.is_none() {
+                s.spilled_now += 1;
+            }
+        }
+        s
+    }
+
+    /// Checks the invariants listed in the crate docs; panics with a description if broken.
+    /// Meant for tests; cost is linear in the number of entries.
+    pub fn check_invariants(&self) {
+        let mem_units: u64 = self
+            .entries
+            .values()
+            .filter_map(|e| e.mem.map(|(a, _)| u64::from(self.alloc.allocation_size(a))))
+            .sum();
+        assert_eq!(mem_units * UNIT, self.used(), "allocator usage vs entries");
+        for ((ns, id), g) in &self.names {
+            let e = &self.entries[g];
+            assert!(e.named && e.ns == *ns && &e.id == id, "name map vs entry");
+        }
+        for (g, e) in &self.entries {
+            let in_lru = self.lru.contains(&(e.last_access, *g));
+            let should = e.named && e.state == State::Sealed && e.mem.is_some();
+            assert_eq!(in_lru, should, "lru membership of {g}");
+            if !e.named && e.state == State::Sealed {
+                assert!(
+                    self.zombies.contains(g),
+                    "unnamed sealed entry {g} must be a zombie"
+                );
+            }
+        }
+        let pins: u64 = self
+            .client_pins
+            .values()
+            .flat_map(|m| m.values())
+            .map(|n| u64::from(*n))
+            .sum();
+        let entry_pins: u64 = self.entries.values().map(|e| u64::from(e.pins)).sum();
+        assert_eq!(pins, entry_pins, "pin accounting");
+    }
+}
