@@ -133,7 +133,7 @@ pub enum Request {
         /// Object id.
         id: ObjectId,
     },
-    /// Drop a created, unsealed buffer; reply `Ok`.
+    /// Drop a created, unsealed buffer. One-way: no reply.
     Abort {
         /// Object id.
         id: ObjectId,
@@ -193,13 +193,13 @@ pub enum Request {
         key: ObjectId,
         /// Value size.
         size: u64,
-        /// Expire after this many seconds (0 = keep).
-        ttl_secs: u64,
     },
     /// Publish a value created with `KvCreate`; reply `Ok`.
     KvCommit {
         /// Key.
         key: ObjectId,
+        /// Expire after this many seconds (0 = keep).
+        ttl_secs: u64,
     },
     /// Set several values; reply `Ok`.
     KvMSet {
@@ -251,7 +251,7 @@ pub enum Request {
 impl Request {
     /// Whether the worker sends no reply.
     pub fn is_one_way(&self) -> bool {
-        matches!(self, Request::Release { .. })
+        matches!(self, Request::Release { .. } | Request::Abort { .. })
     }
 }
 

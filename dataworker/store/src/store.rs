@@ -639,7 +639,9 @@ impl Store {
         if !self.zombies.contains(&gen) {
             return false;
         }
-        if self.entries.get(&gen).is_some_and(|e| e.pins == 0) && ext.reclaim(gen) {
+        // Always withdraw from the external index first, even while socket pins hold it.
+        let externally_free = ext.reclaim(gen);
+        if externally_free && self.entries.get(&gen).is_some_and(|e| e.pins == 0) {
             self.free_mem(gen);
             self.remove_entry(gen);
             return true;

@@ -1,0 +1,139 @@
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Everything a dataworker needs, parsed and validated once at start-up.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Name of this node (used in logs, metrics and status).
+    pub node_id: String,
+    /// Directory for the Unix socket (`dataworker.sock`).
+    pub socket_dir: PathBuf,
+    /// Arena size in bytes.
+    pub shm_size: u64,
+    /// Fault every arena page in at start.
+    pub shm_populate: bool,
+    /// Uids allowed to connect (peer credentials); the worker's own uid is always allowed.
+    pub allowed_uids: Vec<u32>,
+    /// Where evicted objects go instead of being dropped.
+    pub spill_dir: Option<PathBuf>,
+    /// Eviction starts past this fraction of the arena.
+    pub high_watermark: f64,
+    /// Eviction stops at this fraction.
+    pub low_watermark: f64,
+    /// Largest payload accepted inline in a frame.
+    pub inline_limit: u64,
+    /// Where `/metrics` and `/health` are served (None: not served).
+    pub http_addr: Option<SocketAddr>,
+    /// Index buckets (8 slots each) of the shared index.
+    pub index_buckets: u32,
+    /// Clients that get a fast-path pin region (others use the socket only).
+    pub fast_clients: u32,
+    /// Fast pins one client may hold at once.
+    pub pins_per_client: u32,
+    /// Most connected clients.
+    pub max_clients: usize,
+    /// Most gets waiting for unsealed objects per client.
+    pub max_waiting_gets: usize,
+    /// Longest wait a get may ask for.
+    pub max_get_timeout: Duration,
+}
+
+/// A setting that cannot work, named.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid setting {setting}: {reason}")]
+pub struct ConfigError {
+    /// The setting's name as a user writes it.
+    pub setting: &'static str,
+    /// What is wrong.
+    pub reason: String,
+}
+
+impl Config {
+    /// Defaults for a node whose socket lives in `socket_dir`.
+    pub fn new(socket_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            node_id: "node-0".into(),
+            socket_dir: socket_dir.into(),
+            shm_size: 1 << 30,
+            shm_populate: false,
+            allowed_uids: Vec::new(),
+            spill_dir: None,
+            high_watermark: 0.9,
+            low_watermark: 0.8,
+            inline_limit: 64 << 10,
+            http_addr: None,
+            index_buckets: 1 << 14,
+            fast_clients: 256,
+            pins_per_client: 1024,
+            max_clients: 4096,
+            max_waiting_gets: 1024,
+            max_get_timeout: Duration::from_secs(3600),
+        }
+    }
+
+    /// Checks the settings against each other.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |setting, reason: String| Err(ConfigError { setting, reason });
+        if self.shm_size < 1 << 20 {
+            return bad(
+                "--shm-size",
+                format!("{} bytes is below the 1 MiB minimum", self.shm_size),
+            );
+        }
+        if self.shm_size / shoal_store::UNIT > u64::from(u32::MAX) {
+            return bad("--shm-size", "at most 256 GiB".into());
+        }
+        if !(0.0 < self.low_watermark
+            && self.low_watermark < self.high_watermark
+            && self.high_watermark <= 1.0)
+        {
+            return bad(
+                "--high-watermark/--low-watermark",
+                format!(
+                    "need 0 < low ({}) < high ({}) <= 1",
+                    self.low_watermark, self.high_watermark
+                ),
+            );
+        }
+        if self.inline_limit > 16 << 20 {
+            return bad("--inline-limit", "at most 16 MiB".into());
+        }
+        if self.node_id.is_empty() || self.node_id.len() > 128 {
+            return bad("--node-id", "1 to 128 characters".into());
+        }
+        if self.pins_per_client == 0 || self.index_buckets == 0 {
+            return bad(
+                "--pins-per-client/--index-buckets",
+                "must be positive".into(),
+            );
+        }
+        Ok(())
+    }
+
+    /// The socket clients connect to.
+    pub fn socket_path(&self) -> PathBuf {
+        self.socket_dir.join("dataworker.sock")
+    }
+
+    /// Largest frame body the worker accepts: an inline payload plus room for the request.
+    pub(crate) fn max_frame(&self) -> usize {
+        self.inline_limit as usize + (64 << 10)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn validation_names_the_setting() {
+        let mut c = Config::new("/tmp");
+        assert!(c.validate().is_ok());
+        c.low_watermark = 0.95;
+        assert!(c.validate().unwrap_err().to_string().contains("watermark"));
+        let mut c = Config::new("/tmp");
+        c.shm_size = 10;
+        assert!(c.validate().unwrap_err().to_string().contains("--shm-size"));
+    }
+}

@@ -1,0 +1,245 @@
+//! One client connection: peer check, hello with the arena fds, then a request loop.
+//!
+//! The loop owns the socket. Requests that complete at once are answered inline, in order;
+//! a get that must wait for an unsealed object runs as a child task whose reply comes back
+//! through a bounded channel. When the connection ends for any reason (EOF, SIGKILL of the
+//! client, a malformed frame, shutdown), every pin and unsealed buffer of the client is
+//! released before the task returns.
+use crate::state::{GetMode, GetOutcome, Shared};
+use bytes::BytesMut;
+use shoal_protocol::{
+    encode_frame, ClientFrame, CtlLayout, ErrorCode, FrameDecoder, Hello, ObjectId, Request,
+    Response, ServerFrame, WireError, PROTOCOL_VERSION,
+};
+use std::os::fd::AsFd;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixStream;
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, thiserror::Error)]
+enum ConnError {
+    #[error("socket: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("malformed frame: {0}")]
+    Frame(#[from] shoal_protocol::FrameError),
+    #[error("passing the arena: {0}")]
+    FdPass(#[from] shoal_shm::ShmError),
+}
+
+fn encode(frame: &ServerFrame, out: &mut Vec<u8>) {
+    // Encoding our own reply types into a Vec cannot fail.
+    if let Err(e) = encode_frame(frame, out) {
+        tracing::error!(error = %e, "encoding a reply failed");
+    }
+}
+
+/// Refuses a connection with a typed error, then closes it.
+async fn refuse(mut stream: UnixStream, err: WireError) {
+    let mut out = Vec::new();
+    encode(&ServerFrame::Refused(err), &mut out);
+    let _ = stream.write_all(&out).await;
+    let _ = stream.shutdown().await;
+}
+
+pub(crate) async fn serve(
+    shared: Arc<Shared>,
+    mut stream: UnixStream,
+    client: u64,
+    shutdown: CancellationToken,
+) {
+    let cred = match stream.peer_cred() {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(client, error = %e, "no peer credentials; closing");
+            return;
+        }
+    };
+    let own = nix::unistd::getuid().as_raw();
+    if cred.uid() != own && !shared.cfg.allowed_uids.contains(&cred.uid()) {
+        tracing::warn!(client, uid = cred.uid(), pid = ?cred.pid(), "uid not allowed; closing");
+        metrics::counter!("shoal_refused_clients_total").increment(1);
+        refuse(
+            stream,
+            WireError::new(
+                ErrorCode::PermissionDenied,
+                format!("uid {} is not allowed", cred.uid()),
+            ),
+        )
+        .await;
+        return;
+    }
+    let region = match shared.client_joined() {
+        Ok(r) => r,
+        Err(e) => {
+            refuse(stream, e).await;
+            return;
+        }
+    };
+    tracing::debug!(client, pid = ?cred.pid(), ?region, "client connected");
+    match run(&shared, &mut stream, client, region, &shutdown).await {
+        Ok(()) => tracing::debug!(client, "client disconnected"),
+        Err(e) => tracing::warn!(client, error = %e, "closing connection"),
+    }
+    shared.client_left(client, region);
+}
+
+async fn send_hello(
+    shared: &Shared,
+    stream: &mut UnixStream,
+    client: u64,
+    region: Option<u32>,
+) -> Result<(), ConnError> {
+    let hello = ServerFrame::Hello(Hello {
+        version: PROTOCOL_VERSION,
+        client_id: client,
+        node_id: shared.cfg.node_id.clone(),
+        arena_bytes: shared.arena.size(),
+        ctl: CtlLayout {
+            buckets: shared.ctl.buckets(),
+            pin_regions: shared.ctl.pin_regions(),
+            pins_per_region: shared.ctl.pins_per_region(),
+        },
+        pin_region: region,
+        inline_limit: shared.cfg.inline_limit,
+        max_frame: shared.cfg.max_frame() as u32,
+    });
+    let mut out = Vec::new();
+    encode(&hello, &mut out);
+    stream.writable().await?;
+    let sent =
+        shoal_shm::send_with_fds(stream.as_fd(), &out, &[shared.arena.fd(), shared.ctl.fd()])?;
+    stream.write_all(&out[sent..]).await?;
+    Ok(())
+}
+
+async fn run(
+    shared: &Arc<Shared>,
+    stream: &mut UnixStream,
+    client: u64,
+    region: Option<u32>,
+    shutdown: &CancellationToken,
+) -> Result<(), ConnError> {
+    send_hello(shared, stream, client, region).await?;
+    let decoder = FrameDecoder::new(shared.cfg.max_frame());
+    let mut rbuf = BytesMut::with_capacity(64 << 10);
+    let mut out = Vec::with_capacity(64 << 10);
+    let (tx, mut deferred) = mpsc::channel::<(u32, Response)>(64);
+    let mut waiting = JoinSet::new();
+    loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break,
+            Some((id, resp)) = deferred.recv() => {
+                encode(&ServerFrame::Reply { id, resp }, &mut out);
+            }
+            Some(_) = waiting.join_next(), if !waiting.is_empty() => continue,
+            n = stream.read_buf(&mut rbuf) => {
+                if n? == 0 {
+                    break;
+                }
+                while let Some(frame) = decoder.decode::<ClientFrame>(&mut rbuf)? {
+                    let op = op_name(&frame.req);
+                    let started = Instant::now();
+                    metrics::counter!("shoal_requests_total", "op" => op).increment(1);
+                    match frame.req {
+                        Request::Get { ids, timeout_ms } => {
+                            let timeout = Duration::from_millis(timeout_ms).min(shared.cfg.max_get_timeout);
+                            let mode = if timeout.is_zero() { GetMode::NoWait } else { GetMode::Wait };
+                            match shared.try_get(client, &ids, mode) {
+                                GetOutcome::Done(resp) => encode(&ServerFrame::Reply { id: frame.id, resp }, &mut out),
+                                GetOutcome::Wait(rx) if waiting.len() < shared.cfg.max_waiting_gets => {
+                                    waiting.spawn(wait_get(shared.clone(), client, frame.id, ids, rx, timeout, tx.clone()));
+                                }
+                                GetOutcome::Wait(_) => {
+                                    let resp = Response::error(ErrorCode::Overloaded, "too many waiting gets on this connection");
+                                    encode(&ServerFrame::Reply { id: frame.id, resp }, &mut out);
+                                }
+                            }
+                        }
+                        req => {
+                            let one_way = req.is_one_way();
+                            let resp = shared.handle(client, req);
+                            if !one_way {
+                                encode(&ServerFrame::Reply { id: frame.id, resp }, &mut out);
+                            }
+                        }
+                    }
+                    metrics::histogram!("shoal_request_seconds", "op" => op).record(started.elapsed().as_secs_f64());
+                }
+            }
+        }
+        if !out.is_empty() {
+            stream.write_all(&out).await?;
+            out.clear();
+        }
+    }
+    waiting.shutdown().await;
+    Ok(())
+}
+
+/// Waits until every id is sealed or the deadline passes, then answers.
+async fn wait_get(
+    shared: Arc<Shared>,
+    client: u64,
+    req_id: u32,
+    ids: Vec<ObjectId>,
+    mut rx: Vec<tokio::sync::watch::Receiver<()>>,
+    timeout: Duration,
+    tx: mpsc::Sender<(u32, Response)>,
+) {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let resp = loop {
+        // Waiting on the first unsealed id is enough: every wake re-checks all of them.
+        let woke = match rx.first_mut() {
+            Some(first) => tokio::time::timeout_at(deadline, first.changed())
+                .await
+                .is_ok(),
+            None => true,
+        };
+        if !woke {
+            drop(rx);
+            shared.drop_idle_waiters();
+            match shared.try_get(client, &ids, GetMode::Expired) {
+                GetOutcome::Done(r) => break r,
+                GetOutcome::Wait(_) => {
+                    break Response::error(ErrorCode::Internal, "get did not settle")
+                }
+            }
+        }
+        match shared.try_get(client, &ids, GetMode::Wait) {
+            GetOutcome::Done(r) => break r,
+            GetOutcome::Wait(next) => rx = next,
+        }
+    };
+    // If the connection is gone the pins were or will be released by client_left.
+    let _ = tx.send((req_id, resp)).await;
+}
+
+fn op_name(r: &Request) -> &'static str {
+    match r {
+        Request::Create { .. } => "create",
+        Request::Seal { .. } => "seal",
+        Request::Abort { .. } => "abort",
+        Request::Put { .. } => "put",
+        Request::Get { .. } => "get",
+        Request::Release { .. } => "release",
+        Request::Delete { .. } => "delete",
+        Request::Contains { .. } => "contains",
+        Request::List { .. } => "list",
+        Request::KvSet { .. } => "kv_set",
+        Request::KvCreate { .. } => "kv_create",
+        Request::KvCommit { .. } => "kv_commit",
+        Request::KvMSet { .. } => "kv_mset",
+        Request::KvGet { .. } => "kv_get",
+        Request::KvRead { .. } => "kv_read",
+        Request::KvDel { .. } => "kv_del",
+        Request::KvExists { .. } => "kv_exists",
+        Request::KvExpire { .. } => "kv_expire",
+        Request::KvTtl { .. } => "kv_ttl",
+        Request::Status => "status",
+    }
+}

@@ -1,0 +1,20 @@
+//! The shoal dataworker: one per node. It owns the node's shared-memory arena and serves local
+//! clients on a Unix socket: objects (create/seal/get/release/delete), KV with TTL, status,
+//! Prometheus metrics and a health endpoint.
+//!
+//! Decisions (what to evict, what a name resolves to, when a key expires) are made by the
+//! sans-IO `shoal-store`; this crate does the IO around it: sockets, fd passing, spill files,
+//! timers. It holds no `unsafe` (shared memory is `shoal-shm`'s) and never reads the
+//! environment: everything comes in through [`Config`].
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+mod config;
+mod conn;
+mod http;
+mod server;
+mod spill;
+mod state;
+
+pub use config::{Config, ConfigError};
+pub use server::{Dataworker, StartError};

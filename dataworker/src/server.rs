@@ -1,0 +1,231 @@
+use crate::conn;
+use crate::state::Shared;
+use crate::{http, Config, ConfigError};
+use metrics_exporter_prometheus::PrometheusHandle;
+use shoal_protocol::StatusInfo;
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::UnixListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// Why a dataworker did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A setting is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The arena could not be created.
+    #[error("shared memory (--shm-size): {0}")]
+    Shm(#[from] shoal_shm::ShmError),
+    /// The control region could not be created.
+    #[error("shared index: {0}")]
+    Ctl(#[from] shoal_shm::CtlError),
+    /// The spill directory is not usable.
+    #[error("spill directory {path} (--spill-dir): {source}")]
+    SpillDir {
+        /// Directory.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Another worker serves this socket.
+    #[error("a dataworker is already listening on {0}")]
+    AlreadyRunning(PathBuf),
+    /// The socket could not be bound.
+    #[error("socket {path} (--socket-dir): {source}")]
+    Socket {
+        /// Path.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The HTTP endpoint could not be bound.
+    #[error("http endpoint {addr} (--http-addr): {source}")]
+    Http {
+        /// Address.
+        addr: SocketAddr,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A running dataworker. Dropping it does not stop it; call [`Dataworker::shutdown`].
+#[derive(Debug)]
+pub struct Dataworker {
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+    socket_path: PathBuf,
+    http_addr: Option<SocketAddr>,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("node", &self.cfg.node_id)
+            .finish_non_exhaustive()
+    }
+}
+
+fn bind(path: &Path) -> Result<UnixListener, StartError> {
+    let sock_err = |source| StartError::Socket {
+        path: path.to_owned(),
+        source,
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(sock_err)?;
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(StartError::AlreadyRunning(path.to_owned()));
+        }
+        std::fs::remove_file(path).map_err(sock_err)?;
+    }
+    let l = UnixListener::bind(path).map_err(sock_err)?;
+    // Who may talk to us is decided by peer credentials, not by file modes.
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666)).map_err(sock_err)?;
+    Ok(l)
+}
+
+impl Dataworker {
+    /// Validates `cfg`, creates the arena, binds the socket (and the HTTP endpoint when
+    /// configured) and starts serving. Must run inside a tokio runtime.
+    pub async fn start(
+        cfg: Config,
+        metrics: Option<PrometheusHandle>,
+    ) -> Result<Dataworker, StartError> {
+        cfg.validate()?;
+        let socket_path = cfg.socket_path();
+        let listener = bind(&socket_path)?;
+        let http_listener = match cfg.http_addr {
+            Some(addr) => Some(
+                tokio::net::TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| StartError::Http { addr, source })?,
+            ),
+            None => None,
+        };
+        let shared = match Shared::new(cfg) {
+            Ok(s) => Arc::new(s),
+            Err(e) => {
+                let _ = std::fs::remove_file(&socket_path);
+                return Err(e);
+            }
+        };
+        let shutdown = CancellationToken::new();
+        let tasks = TaskTracker::new();
+        let http_addr = http_listener.as_ref().and_then(|l| l.local_addr().ok());
+        tasks.spawn(accept_loop(
+            shared.clone(),
+            listener,
+            shutdown.clone(),
+            tasks.clone(),
+        ));
+        tasks.spawn(timer_loop(shared.clone(), shutdown.clone()));
+        if let Some(l) = http_listener {
+            tasks.spawn(http::serve(l, shared.clone(), metrics, shutdown.clone()));
+        }
+        tracing::info!(
+            node = %shared.cfg.node_id,
+            socket = %socket_path.display(),
+            arena_bytes = shared.arena.size(),
+            http = ?http_addr,
+            "dataworker ready"
+        );
+        Ok(Dataworker {
+            shared,
+            shutdown,
+            tasks,
+            socket_path,
+            http_addr,
+        })
+    }
+
+    /// The socket clients connect to.
+    pub fn socket_path(&self) -> &Path {
+        &self.socket_path
+    }
+
+    /// Where `/metrics` and `/health` are served, if anywhere.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http_addr
+    }
+
+    /// Current figures.
+    pub fn status(&self) -> StatusInfo {
+        match self.shared.handle(0, shoal_protocol::Request::Status) {
+            shoal_protocol::Response::Status(s) => s,
+            _ => StatusInfo::default(),
+        }
+    }
+
+    /// A token that stops the worker when cancelled (e.g. from a signal handler).
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Stops accepting, closes every connection (releasing their pins), stops the timer and
+    /// the HTTP endpoint, waits for all of it, and removes the socket file.
+    pub async fn shutdown(self) {
+        self.shutdown.cancel();
+        self.wait().await;
+    }
+
+    /// Waits until the worker has stopped (after the shutdown token was cancelled).
+    pub async fn wait(self) {
+        self.shutdown.cancelled().await;
+        self.tasks.close();
+        self.tasks.wait().await;
+        let _ = std::fs::remove_file(&self.socket_path);
+        tracing::info!(node = %self.shared.cfg.node_id, "dataworker stopped");
+    }
+}
+
+async fn accept_loop(
+    shared: Arc<Shared>,
+    listener: UnixListener,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+) {
+    let mut next_client = 1u64;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok((stream, _)) => {
+                    let client = next_client;
+                    next_client += 1;
+                    tasks.spawn(conn::serve(shared.clone(), stream, client, shutdown.clone()));
+                }
+                Err(e) => {
+                    // Usually EMFILE: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+}
+
+/// Advances the shared clock every 10 ms and wakes exactly at the next KV deadline.
+async fn timer_loop(shared: Arc<Shared>, shutdown: CancellationToken) {
+    let tick = Duration::from_millis(10);
+    loop {
+        let next = shared.tick();
+        let now = shared.now_ms();
+        let wait = next.map_or(tick, |t| {
+            Duration::from_millis(t.saturating_sub(now)).min(tick)
+        });
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+}

@@ -1,0 +1,611 @@
+//! The worker's shared state and the synchronous handling of each request.
+//!
+//! Everything that changes the store happens under one mutex, in short critical sections with
+//! no await inside. Work that must finish before the arena memory is reused (spill writes,
+//! restores, writing key bytes) is done inside the same section.
+use crate::spill::SpillDir;
+use crate::Config;
+use shoal_protocol::{
+    ErrorCode, KvEntry, Namespace, ObjectId, Request, Response, StatusInfo, ViewDesc, WireError,
+};
+use shoal_shm::{key_hash, Arena, Ctl, IndexEntry, IndexWriter};
+use shoal_store::{
+    ClientId, Evicted, ExternalPins, Gen, Lookup, Placement, Store, StoreConfig, StoreError,
+};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+use tokio::sync::watch;
+
+/// The index pin tables seen as the store's external pins.
+struct IndexPins<'a>(&'a mut IndexWriter);
+
+impl ExternalPins for IndexPins<'_> {
+    fn is_pinned(&self, gen: Gen) -> bool {
+        self.0.is_pinned(gen)
+    }
+    fn reclaim(&mut self, gen: Gen) -> bool {
+        self.0.unpublish(gen);
+        !self.0.is_pinned(gen)
+    }
+    fn last_access(&self, gen: Gen) -> Option<u64> {
+        self.0.atime(gen)
+    }
+}
+
+pub(crate) struct Inner {
+    pub(crate) store: Store,
+    pub(crate) index: IndexWriter,
+    /// Gets waiting for a name to be sealed; dropping the sender wakes them.
+    waiters: HashMap<(Namespace, ObjectId), watch::Sender<()>>,
+    free_regions: Vec<u32>,
+    pub(crate) clients: usize,
+}
+
+/// State shared by the accept loop, connections and the timer.
+pub(crate) struct Shared {
+    pub(crate) cfg: Config,
+    pub(crate) arena: Arena,
+    pub(crate) ctl: Arc<Ctl>,
+    spill: Option<SpillDir>,
+    inner: Mutex<Inner>,
+    start: Instant,
+}
+
+/// How a get treats objects that are not sealed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum GetMode {
+    /// Wait for them (returns receivers).
+    Wait,
+    /// The caller asked not to wait: `NotFound`.
+    NoWait,
+    /// The deadline passed: `Timeout`.
+    Expired,
+}
+
+/// What a get that cannot complete now waits on.
+pub(crate) enum GetOutcome {
+    Done(Response),
+    Wait(Vec<watch::Receiver<()>>),
+}
+
+fn store_err(e: StoreError) -> WireError {
+    e.to_wire()
+}
+
+fn view(p: &Placement) -> ViewDesc {
+    ViewDesc {
+        gen: p.gen,
+        offset: p.offset,
+        len: p.len,
+    }
+}
+
+impl Shared {
+    pub(crate) fn new(cfg: Config) -> Result<Shared, crate::StartError> {
+        let arena = Arena::create(
+            &format!("shoal-arena-{}", cfg.node_id),
+            cfg.shm_size,
+            cfg.shm_populate,
+        )?;
+        let ctl = Arc::new(Ctl::create(
+            cfg.index_buckets,
+            cfg.fast_clients,
+            cfg.pins_per_client,
+        )?);
+        let spill = match &cfg.spill_dir {
+            Some(d) => Some(
+                SpillDir::open(d).map_err(|source| crate::StartError::SpillDir {
+                    path: d.clone(),
+                    source,
+                })?,
+            ),
+            None => None,
+        };
+        let mut scfg = StoreConfig::new(cfg.shm_size);
+        scfg.high_watermark = cfg.high_watermark;
+        scfg.low_watermark = cfg.low_watermark;
+        scfg.spill = spill.is_some();
+        let inner = Inner {
+            store: Store::new(scfg),
+            index: IndexWriter::new(ctl.clone()),
+            waiters: HashMap::new(),
+            free_regions: (0..ctl.pin_regions()).rev().collect(),
+            clients: 0,
+        };
+        Ok(Shared {
+            cfg,
+            arena,
+            ctl,
+            spill,
+            inner: Mutex::new(inner),
+            start: Instant::now(),
+        })
+    }
+
+    /// Milliseconds since start: the clock of the store and of the shared index.
+    pub(crate) fn now_ms(&self) -> u64 {
+        self.start.elapsed().as_millis() as u64
+    }
+
+    pub(crate) fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding the lock is a bug; keep serving rather than poisoning everyone.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Registers a client. Returns its pin region if one is free.
+    pub(crate) fn client_joined(&self) -> Result<Option<u32>, WireError> {
+        let mut g = self.lock();
+        if g.clients >= self.cfg.max_clients {
+            return Err(WireError::new(ErrorCode::Overloaded, "too many clients"));
+        }
+        g.clients += 1;
+        let region = g.free_regions.pop();
+        if let Some(r) = region {
+            g.index.activate_region(r);
+        }
+        metrics::gauge!("shoal_clients").set(g.clients as f64);
+        Ok(region)
+    }
+
+    /// Releases everything a client held, at once.
+    pub(crate) fn client_left(&self, client: ClientId, region: Option<u32>) {
+        let mut g = self.lock();
+        let g = &mut *g;
+        if let Some(r) = region {
+            g.index.clear_region(r);
+            g.free_regions.push(r);
+        }
+        g.store.client_gone(client, &mut IndexPins(&mut g.index));
+        g.store.sweep(&mut IndexPins(&mut g.index));
+        g.clients -= 1;
+        metrics::gauge!("shoal_clients").set(g.clients as f64);
+    }
+
+    // ----- helpers run under the lock -----
+
+    fn apply_evictions(&self, g: &mut Inner, evicted: Vec<Evicted>) {
+        for ev in evicted {
+            metrics::counter!("shoal_evictions_total").increment(1);
+            if !ev.spill {
+                continue;
+            }
+            let Some(spill) = &self.spill else { continue };
+            match spill.write(ev.gen, &self.arena, ev.offset, ev.len) {
+                Ok(()) => metrics::counter!("shoal_spills_total").increment(1),
+                Err(e) => {
+                    tracing::warn!(id = %ev.id, error = %e, "spill failed; dropping the object");
+                    g.store.forget(ev.gen);
+                }
+            }
+        }
+    }
+
+    fn publish(&self, g: &mut Inner, ns: Namespace, id: &ObjectId, p: &Placement) {
+        let name = id.as_str().as_bytes();
+        g.index.publish(IndexEntry {
+            tag: ns.tag(),
+            hash: key_hash(ns.tag(), name),
+            gen: p.gen,
+            offset: p.offset,
+            len: p.len,
+            key_off: p.key_off,
+            key_len: name.len() as u32,
+        });
+    }
+
+    fn wake(g: &mut Inner, ns: Namespace, id: &ObjectId) {
+        // Dropping the sender completes every receiver's `changed()`.
+        g.waiters.remove(&(ns, id.clone()));
+    }
+
+    fn write_key(&self, p: &Placement, id: &ObjectId) -> Result<(), WireError> {
+        self.arena
+            .write(p.key_off, id.as_str().as_bytes())
+            .map_err(|e| WireError::new(ErrorCode::Internal, e.to_string()))
+    }
+
+    fn forget_spilled(&self, gen: Gen, spilled: bool) {
+        if spilled {
+            if let Some(s) = &self.spill {
+                s.remove(gen);
+            }
+        }
+    }
+
+    fn create(
+        &self,
+        g: &mut Inner,
+        client: ClientId,
+        id: &ObjectId,
+        size: u64,
+    ) -> Result<Placement, WireError> {
+        let (p, ev) = g
+            .store
+            .create(id, size, client, &mut IndexPins(&mut g.index))
+            .map_err(store_err)?;
+        self.apply_evictions(g, ev);
+        self.write_key(&p, id)?;
+        Ok(p)
+    }
+
+    fn seal(&self, g: &mut Inner, client: ClientId, id: &ObjectId) -> Result<(), WireError> {
+        let p = g.store.seal(id, client, self.now_ms()).map_err(store_err)?;
+        self.publish(g, Namespace::Object, id, &p);
+        Self::wake(g, Namespace::Object, id);
+        Ok(())
+    }
+
+    /// Resolves one name and pins it; restores it from disk if spilled.
+    fn lookup(
+        &self,
+        g: &mut Inner,
+        ns: Namespace,
+        id: &ObjectId,
+        client: ClientId,
+    ) -> Result<Option<ViewDesc>, WireError> {
+        let now = self.now_ms();
+        match g.store.get(ns, id, client, now) {
+            Lookup::Ready(p) => Ok(Some(view(&p))),
+            Lookup::Missing | Lookup::Unsealed => Ok(None),
+            Lookup::Spilled(gen) => {
+                let (p, ev) = g
+                    .store
+                    .restore(gen, now, &mut IndexPins(&mut g.index))
+                    .map_err(store_err)?;
+                self.apply_evictions(g, ev);
+                let spill = self.spill.as_ref().ok_or_else(|| {
+                    WireError::new(ErrorCode::Internal, "spilled without a spill dir")
+                })?;
+                if let Err(e) = spill
+                    .read(gen, &self.arena, p.offset, p.len)
+                    .and_then(|()| self.write_key(&p, id).map_err(std::io::Error::other))
+                {
+                    g.store.forget(gen);
+                    spill.remove(gen);
+                    return Err(WireError::new(
+                        ErrorCode::ObjectLost,
+                        format!("{id}: spill file unreadable: {e}"),
+                    ));
+                }
+                spill.remove(gen);
+                self.publish(g, ns, id, &p);
+                match g.store.get(ns, id, client, now) {
+                    Lookup::Ready(p) => Ok(Some(view(&p))),
+                    _ => Ok(None),
+                }
+            }
+        }
+    }
+
+    /// Tries to complete a get now. When some object is not sealed yet and the caller will
+    /// wait, returns receivers that fire when one of them is; pins nothing in that case.
+    pub(crate) fn try_get(&self, client: ClientId, ids: &[ObjectId], mode: GetMode) -> GetOutcome {
+        let mut g = self.lock();
+        let g = &mut *g;
+        let now = self.now_ms();
+        if mode == GetMode::Wait {
+            let pending: Vec<&ObjectId> = ids
+                .iter()
+                .filter(|id| !g.store.contains(Namespace::Object, id, now))
+                .collect();
+            if !pending.is_empty() {
+                let rx = pending
+                    .into_iter()
+                    .map(|id| {
+                        g.waiters
+                            .entry((Namespace::Object, id.clone()))
+                            .or_insert_with(|| watch::channel(()).0)
+                            .subscribe()
+                    })
+                    .collect();
+                return GetOutcome::Wait(rx);
+            }
+        }
+        let out = ids
+            .iter()
+            .map(|id| match self.lookup(g, Namespace::Object, id, client) {
+                Ok(Some(v)) => Ok(v),
+                Ok(None) if mode == GetMode::Expired => Err(WireError::new(
+                    ErrorCode::Timeout,
+                    format!("{id} was not sealed in time"),
+                )),
+                Ok(None) => Err(WireError::new(
+                    ErrorCode::NotFound,
+                    format!("{id} not found"),
+                )),
+                Err(e) => Err(e),
+            })
+            .collect();
+        GetOutcome::Done(Response::Views(out))
+    }
+
+    /// Forgets waiter entries nobody listens to any more (after a get timed out).
+    pub(crate) fn drop_idle_waiters(&self) {
+        self.lock().waiters.retain(|_, tx| tx.receiver_count() > 0);
+    }
+
+    /// Handles every request that completes without waiting.
+    pub(crate) fn handle(&self, client: ClientId, req: Request) -> Response {
+        match self.handle_inner(client, req) {
+            Ok(r) => r,
+            Err(e) => Response::Error(e),
+        }
+    }
+
+    fn check_inline(&self, len: usize) -> Result<(), WireError> {
+        if len as u64 > self.cfg.inline_limit {
+            return Err(WireError::new(
+                ErrorCode::TooLarge,
+                format!(
+                    "{len} bytes inline; the limit is {} (use create/seal)",
+                    self.cfg.inline_limit
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    fn kv_set(
+        &self,
+        g: &mut Inner,
+        client: ClientId,
+        key: &ObjectId,
+        value: &[u8],
+        ttl_secs: u64,
+    ) -> Result<(), WireError> {
+        let (p, ev) = g
+            .store
+            .kv_create(
+                key,
+                value.len() as u64,
+                client,
+                &mut IndexPins(&mut g.index),
+            )
+            .map_err(store_err)?;
+        self.apply_evictions(g, ev);
+        let written = self.write_key(&p, key).and_then(|()| {
+            self.arena
+                .write(p.offset, value)
+                .map_err(|e| WireError::new(ErrorCode::Internal, e.to_string()))
+        });
+        if let Err(e) = written {
+            g.store.kv_abort(key, client);
+            return Err(e);
+        }
+        self.kv_commit(g, client, key, ttl_secs)
+    }
+
+    fn kv_commit(
+        &self,
+        g: &mut Inner,
+        client: ClientId,
+        key: &ObjectId,
+        ttl_secs: u64,
+    ) -> Result<(), WireError> {
+        let (p, replaced) = g
+            .store
+            .kv_commit(
+                key,
+                client,
+                ttl_secs.saturating_mul(1000),
+                self.now_ms(),
+                &mut IndexPins(&mut g.index),
+            )
+            .map_err(store_err)?;
+        if let Some((gen, spilled)) = replaced {
+            self.forget_spilled(gen, spilled);
+        }
+        self.publish(g, Namespace::Kv, key, &p);
+        Ok(())
+    }
+
+    fn handle_inner(&self, client: ClientId, req: Request) -> Result<Response, WireError> {
+        let mut guard = self.lock();
+        let g = &mut *guard;
+        let now = self.now_ms();
+        Ok(match req {
+            Request::Create { id, size } => {
+                if size > self.arena.size() {
+                    return Err(WireError::new(
+                        ErrorCode::StoreFull,
+                        format!(
+                            "{size} bytes is larger than the whole arena ({})",
+                            self.arena.size()
+                        ),
+                    ));
+                }
+                Response::View(view(&self.create(g, client, &id, size)?))
+            }
+            Request::Seal { id } => {
+                self.seal(g, client, &id)?;
+                Response::Ok
+            }
+            Request::Abort { id } => {
+                g.store.abort(&id, client).map_err(store_err)?;
+                Response::Ok
+            }
+            Request::Put { id, data } => {
+                self.check_inline(data.len())?;
+                let p = self.create(g, client, &id, data.len() as u64)?;
+                if let Err(e) = self.arena.write(p.offset, &data) {
+                    let _ = g.store.abort(&id, client);
+                    return Err(WireError::new(ErrorCode::Internal, e.to_string()));
+                }
+                self.seal(g, client, &id)?;
+                Response::Ok
+            }
+            Request::Get { .. } => {
+                return Err(WireError::new(
+                    ErrorCode::Internal,
+                    "get is handled by the connection",
+                ));
+            }
+            Request::Release { gens } => {
+                for gen in gens {
+                    g.store.release(client, gen, &mut IndexPins(&mut g.index));
+                }
+                Response::Ok
+            }
+            Request::Delete { id } => {
+                let (gen, spilled) = g
+                    .store
+                    .delete(Namespace::Object, &id, &mut IndexPins(&mut g.index))
+                    .map_err(store_err)?;
+                self.forget_spilled(gen, spilled);
+                Self::wake(g, Namespace::Object, &id);
+                Response::Ok
+            }
+            Request::Contains { ids } => Response::Bools(
+                ids.iter()
+                    .map(|id| g.store.contains(Namespace::Object, id, now))
+                    .collect(),
+            ),
+            Request::List { ns, prefix, limit } => {
+                Response::List(g.store.list(ns, &prefix, limit as usize, now))
+            }
+            Request::KvSet {
+                key,
+                value,
+                ttl_secs,
+                if_absent,
+            } => {
+                self.check_inline(value.len())?;
+                if if_absent && g.store.contains(Namespace::Kv, &key, now) {
+                    Response::Bools(vec![false])
+                } else {
+                    self.kv_set(g, client, &key, &value, ttl_secs)?;
+                    Response::Bools(vec![true])
+                }
+            }
+            Request::KvCreate { key, size } => {
+                let (p, ev) = g
+                    .store
+                    .kv_create(&key, size, client, &mut IndexPins(&mut g.index))
+                    .map_err(store_err)?;
+                self.apply_evictions(g, ev);
+                self.write_key(&p, &key)?;
+                Response::View(view(&p))
+            }
+            Request::KvCommit { key, ttl_secs } => {
+                self.kv_commit(g, client, &key, ttl_secs)?;
+                Response::Ok
+            }
+            Request::KvMSet { entries, ttl_secs } => {
+                let total: usize = entries.iter().map(|e| e.value.len()).sum();
+                self.check_inline(total)?;
+                for KvEntry { key, value } in &entries {
+                    self.kv_set(g, client, key, value, ttl_secs)?;
+                }
+                Response::Ok
+            }
+            Request::KvGet { keys } => Response::Views(
+                keys.iter()
+                    .map(|k| match self.lookup(g, Namespace::Kv, k, client) {
+                        Ok(Some(v)) => Ok(v),
+                        Ok(None) => Err(WireError::new(
+                            ErrorCode::NotFound,
+                            format!("{k} not found"),
+                        )),
+                        Err(e) => Err(e),
+                    })
+                    .collect(),
+            ),
+            Request::KvRead { key, offset, len } => {
+                let v = self
+                    .lookup(g, Namespace::Kv, &key, client)?
+                    .ok_or_else(|| {
+                        WireError::new(ErrorCode::NotFound, format!("{key} not found"))
+                    })?;
+                if offset > v.len {
+                    g.store.release(client, v.gen, &mut IndexPins(&mut g.index));
+                    return Err(WireError::new(
+                        ErrorCode::InvalidArgument,
+                        format!(
+                            "offset {offset} is past the end of the {}-byte value",
+                            v.len
+                        ),
+                    ));
+                }
+                Response::Views(vec![Ok(ViewDesc {
+                    gen: v.gen,
+                    offset: v.offset + offset,
+                    len: len.min(v.len - offset),
+                })])
+            }
+            Request::KvDel { keys } => {
+                let mut n = 0;
+                for k in &keys {
+                    if let Ok((gen, spilled)) =
+                        g.store
+                            .delete(Namespace::Kv, k, &mut IndexPins(&mut g.index))
+                    {
+                        self.forget_spilled(gen, spilled);
+                        n += 1;
+                    }
+                }
+                Response::Count(n)
+            }
+            Request::KvExists { keys } => Response::Bools(
+                keys.iter()
+                    .map(|k| g.store.contains(Namespace::Kv, k, now))
+                    .collect(),
+            ),
+            Request::KvExpire { key, ttl_secs } => Response::Bools(vec![g.store.kv_expire(
+                &key,
+                ttl_secs.saturating_mul(1000),
+                now,
+            )]),
+            Request::KvTtl { key } => Response::Ttl(
+                g.store
+                    .kv_ttl(&key, now)
+                    .map(|t| t.map(|ms| ms.div_ceil(1000))),
+            ),
+            Request::Status => Response::Status(self.status(g)),
+        })
+    }
+
+    fn status(&self, g: &Inner) -> StatusInfo {
+        let s = g.store.stats();
+        let fast_pins: u64 = g.index.pin_counts().values().map(|n| u64::from(*n)).sum();
+        StatusInfo {
+            node_id: self.cfg.node_id.clone(),
+            arena_bytes: self.arena.size(),
+            used_bytes: s.used,
+            objects: s.objects,
+            unsealed: s.unsealed,
+            kv_keys: s.kv_keys,
+            pins: s.pins + fast_pins,
+            clients: g.clients as u64,
+            evictions: s.evictions,
+            spills: s.spills,
+            spilled_now: s.spilled_now,
+            zombies: s.zombies,
+        }
+    }
+
+    /// One timer turn: advance the shared clock, expire due keys, free zombies whose fast pins
+    /// ended, refresh gauges. Returns the next KV deadline.
+    pub(crate) fn tick(&self) -> Option<u64> {
+        let now = self.now_ms();
+        self.ctl.set_clock(now);
+        let mut guard = self.lock();
+        let g = &mut *guard;
+        for (gen, spilled) in g.store.expire_due(now, &mut IndexPins(&mut g.index)) {
+            self.forget_spilled(gen, spilled);
+        }
+        if g.store.has_zombies() {
+            g.store.sweep(&mut IndexPins(&mut g.index));
+        }
+        let s = self.status(g);
+        metrics::gauge!("shoal_arena_bytes").set(s.arena_bytes as f64);
+        metrics::gauge!("shoal_arena_used_bytes").set(s.used_bytes as f64);
+        metrics::gauge!("shoal_arena_free_bytes").set((s.arena_bytes - s.used_bytes) as f64);
+        metrics::gauge!("shoal_objects").set(s.objects as f64);
+        metrics::gauge!("shoal_kv_keys").set(s.kv_keys as f64);
+        metrics::gauge!("shoal_pins").set(s.pins as f64);
+        metrics::gauge!("shoal_spilled_objects").set(s.spilled_now as f64);
+        metrics::gauge!("shoal_zombies").set(s.zombies as f64);
+        g.store.next_expiry()
+    }
+}

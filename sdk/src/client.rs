@@ -1,0 +1,503 @@
+use crate::conn::{handshake, Conn};
+use crate::view::{ObjectBuilder, View};
+use crate::Error;
+use shoal_protocol::{
+    ErrorCode, Hello, KvEntry, ListEntry, Namespace, ObjectId, Request, Response, StatusInfo,
+};
+use shoal_shm::{Arena, Ctl, FastReader};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The environment variable [`ConnectOptions::from_env`] reads.
+pub const SOCKET_ENV: &str = "SHOAL_DATAWORKER_SOCKET";
+
+/// How to connect.
+#[derive(Debug, Clone)]
+pub struct ConnectOptions {
+    /// The dataworker's socket.
+    pub socket: PathBuf,
+    /// Fault the whole arena into this process at connect (slower connect, first writes run
+    /// at memory speed). Off by default.
+    pub populate: bool,
+    /// Use the shared index for syscall-free local hits. On by default.
+    pub fast_path: bool,
+}
+
+impl ConnectOptions {
+    /// Options for `socket`.
+    pub fn new(socket: impl Into<PathBuf>) -> Self {
+        Self {
+            socket: socket.into(),
+            populate: false,
+            fast_path: true,
+        }
+    }
+
+    /// Options from `SHOAL_DATAWORKER_SOCKET`.
+    pub fn from_env() -> Result<Self, Error> {
+        std::env::var_os(SOCKET_ENV)
+            .map(Self::new)
+            .ok_or(Error::NoSocket(SOCKET_ENV))
+    }
+}
+
+/// Options of a KV set.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SetOptions {
+    /// Expire after this long (whole seconds; `None` keeps the key).
+    pub ttl: Option<Duration>,
+    /// Write only when the key does not exist (NX).
+    pub if_absent: bool,
+}
+
+/// State shared by a client and the views it handed out.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) arena: Arena,
+    pub(crate) fast: Option<FastReader>,
+    pub(crate) hello: Hello,
+    conn: tokio::sync::Mutex<Conn>,
+    /// One-way requests a `Drop` could not write because a request was in flight.
+    pending: std::sync::Mutex<Vec<Request>>,
+}
+
+impl Shared {
+    /// Sends a one-way request without blocking (from `Drop`).
+    pub(crate) fn one_way(&self, req: Request) {
+        match self.conn.try_lock() {
+            Ok(mut c) => c.send_one_way_nonblocking(req),
+            Err(_) => {
+                if let Ok(mut p) = self.pending.lock() {
+                    p.push(req);
+                }
+            }
+        }
+    }
+
+    pub(crate) async fn call(&self, req: Request) -> Result<Response, Error> {
+        let mut c = self.conn.lock().await;
+        let queued = self
+            .pending
+            .lock()
+            .map(|mut p| std::mem::take(&mut *p))
+            .unwrap_or_default();
+        for r in queued {
+            c.queue_one_way(r);
+        }
+        match c.call(req).await? {
+            Response::Error(e) => Err(Error::Remote(e)),
+            r => Ok(r),
+        }
+    }
+
+    pub(crate) async fn expect_ok(&self, req: Request) -> Result<(), Error> {
+        match self.call(req).await? {
+            Response::Ok => Ok(()),
+            r => Err(unexpected(r)),
+        }
+    }
+}
+
+fn unexpected(r: Response) -> Error {
+    Error::protocol(format!("unexpected reply {r:?}"))
+}
+
+fn ttl_secs(ttl: Option<Duration>) -> u64 {
+    ttl.map_or(0, |d| d.as_secs_f64().ceil() as u64)
+}
+
+/// A connection to the node's dataworker. Cheap to clone; clones share the connection.
+#[derive(Debug, Clone)]
+pub struct Client {
+    shared: Arc<Shared>,
+}
+
+impl Client {
+    /// Connects to the dataworker listening on `socket`.
+    pub async fn connect(socket: impl AsRef<Path>) -> Result<Client, Error> {
+        Self::connect_with(ConnectOptions::new(socket.as_ref())).await
+    }
+
+    /// Connects with options. Must run inside a tokio runtime.
+    pub async fn connect_with(opts: ConnectOptions) -> Result<Client, Error> {
+        let (stream, hello, mut fds) = {
+            let path = opts.socket.clone();
+            tokio::task::spawn_blocking(move || handshake(&path))
+                .await
+                .map_err(|e| Error::protocol(e.to_string()))??
+        };
+        let ctl_fd = fds
+            .pop()
+            .ok_or_else(|| Error::protocol("missing control fd"))?;
+        let arena_fd = fds
+            .pop()
+            .ok_or_else(|| Error::protocol("missing arena fd"))?;
+        let arena = Arena::open(arena_fd, hello.arena_bytes, opts.populate)?;
+        let ctl = Ctl::open(
+            ctl_fd,
+            hello.ctl.buckets,
+            hello.ctl.pin_regions,
+            hello.ctl.pins_per_region,
+        )?;
+        let fast = match (opts.fast_path, hello.pin_region) {
+            (true, Some(r)) => FastReader::new(Arc::new(ctl), r),
+            _ => None,
+        };
+        let conn = Conn::new(stream, hello.max_frame)?;
+        Ok(Client {
+            shared: Arc::new(Shared {
+                arena,
+                fast,
+                hello,
+                conn: tokio::sync::Mutex::new(conn),
+                pending: std::sync::Mutex::new(Vec::new()),
+            }),
+        })
+    }
+
+    /// Connects to the socket named by `SHOAL_DATAWORKER_SOCKET`.
+    pub async fn connect_from_env() -> Result<Client, Error> {
+        Self::connect_with(ConnectOptions::from_env()?).await
+    }
+
+    /// A fresh random id (32 hex digits).
+    pub fn generate_id() -> ObjectId {
+        let n: u128 = rand::random();
+        // 32 hex digits are always a valid id.
+        ObjectId::new(format!("{n:032x}")).unwrap_or_else(|_| unreachable!())
+    }
+
+    /// The node's id.
+    pub fn node_id(&self) -> &str {
+        &self.shared.hello.node_id
+    }
+
+    /// Whether local hits skip the socket.
+    pub fn has_fast_path(&self) -> bool {
+        self.shared.fast.is_some()
+    }
+
+    /// Largest payload sent inline in one request.
+    pub fn inline_limit(&self) -> u64 {
+        self.shared.hello.inline_limit
+    }
+
+    fn fast_get(&self, ns: Namespace, id: &ObjectId) -> Option<View> {
+        let fast = self.shared.fast.as_ref()?;
+        let pin = fast.get(&self.shared.arena, ns.tag(), id.as_str().as_bytes())?;
+        Some(View::fast(self.shared.clone(), pin))
+    }
+
+    fn views(&self, resp: Response) -> Result<Vec<Result<View, Error>>, Error> {
+        match resp {
+            Response::Views(v) => Ok(v
+                .into_iter()
+                .map(|r| match r {
+                    Ok(d) => View::socket(self.shared.clone(), d),
+                    Err(e) => Err(Error::Remote(e)),
+                })
+                .collect()),
+            r => Err(unexpected(r)),
+        }
+    }
+
+    fn one_view(&self, resp: Response) -> Result<View, Error> {
+        self.views(resp)?
+            .into_iter()
+            .next()
+            .unwrap_or_else(|| Err(Error::protocol("empty reply")))
+    }
+
+    // ----- objects -----
+
+    /// Allocates a writable buffer of `size` bytes for `id`. Fill it, then seal it.
+    pub async fn create(&self, id: &str, size: u64) -> Result<ObjectBuilder, Error> {
+        let id = ObjectId::new(id)?;
+        match self
+            .shared
+            .call(Request::Create {
+                id: id.clone(),
+                size,
+            })
+            .await?
+        {
+            Response::View(d) => ObjectBuilder::new(self.shared.clone(), id, d),
+            r => Err(unexpected(r)),
+        }
+    }
+
+    /// Stores `data` as a sealed object (inline for small payloads, through shared memory
+    /// otherwise).
+    pub async fn put(&self, id: &str, data: &[u8]) -> Result<(), Error> {
+        if data.len() as u64 <= self.inline_limit() {
+            let id = ObjectId::new(id)?;
+            return self
+                .shared
+                .expect_ok(Request::Put {
+                    id,
+                    data: data.to_vec(),
+                })
+                .await;
+        }
+        let mut b = self.create(id, data.len() as u64).await?;
+        b.as_mut_slice().copy_from_slice(data);
+        b.seal().await
+    }
+
+    /// Waits up to `timeout` until `id` is sealed, then returns a zero-copy view.
+    /// `Timeout` if it was not sealed in time; with a zero timeout, `NotFound` at once.
+    pub async fn get(&self, id: &str, timeout: Duration) -> Result<View, Error> {
+        let id = ObjectId::new(id)?;
+        if let Some(v) = self.fast_get(Namespace::Object, &id) {
+            return Ok(v);
+        }
+        let resp = self
+            .shared
+            .call(Request::Get {
+                ids: vec![id],
+                timeout_ms: timeout.as_millis() as u64,
+            })
+            .await?;
+        self.one_view(resp)
+    }
+
+    /// Gets several objects; waits up to `timeout` for all of them. One result per id.
+    pub async fn get_many(
+        &self,
+        ids: &[&str],
+        timeout: Duration,
+    ) -> Result<Vec<Result<View, Error>>, Error> {
+        let ids = ids
+            .iter()
+            .map(|s| ObjectId::new(*s))
+            .collect::<Result<Vec<_>, _>>()?;
+        let resp = self
+            .shared
+            .call(Request::Get {
+                ids,
+                timeout_ms: timeout.as_millis() as u64,
+            })
+            .await?;
+        self.views(resp)
+    }
+
+    /// Deletes an object. Views that are still alive keep its bytes until they drop.
+    pub async fn delete(&self, id: &str) -> Result<(), Error> {
+        let id = ObjectId::new(id)?;
+        self.shared.expect_ok(Request::Delete { id }).await
+    }
+
+    /// Whether a sealed object exists.
+    pub async fn contains(&self, id: &str) -> Result<bool, Error> {
+        let id = ObjectId::new(id)?;
+        match self
+            .shared
+            .call(Request::Contains { ids: vec![id] })
+            .await?
+        {
+            Response::Bools(b) => Ok(b.first().copied().unwrap_or(false)),
+            r => Err(unexpected(r)),
+        }
+    }
+
+    /// Objects whose id starts with `prefix`, sorted, at most `limit`.
+    pub async fn list(&self, prefix: &str, limit: u32) -> Result<Vec<ListEntry>, Error> {
+        self.list_ns(Namespace::Object, prefix, limit).await
+    }
+
+    async fn list_ns(
+        &self,
+        ns: Namespace,
+        prefix: &str,
+        limit: u32,
+    ) -> Result<Vec<ListEntry>, Error> {
+        let req = Request::List {
+            ns,
+            prefix: prefix.to_owned(),
+            limit,
+        };
+        match self.shared.call(req).await? {
+            Response::List(l) => Ok(l),
+            r => Err(unexpected(r)),
+        }
+    }
+
+    /// Figures of the worker.
+    pub async fn status(&self) -> Result<StatusInfo, Error> {
+        match self.shared.call(Request::Status).await? {
+            Response::Status(s) => Ok(s),
+            r => Err(unexpected(r)),
+        }
+    }
+
+    // ----- KV -----
+
+    /// Sets `key`. Returns false when `if_absent` was asked and the key exists.
+    pub async fn kv_set(&self, key: &str, value: &[u8], opts: SetOptions) -> Result<bool, Error> {
+        let key = ObjectId::new(key)?;
+        let ttl_secs = ttl_secs(opts.ttl);
+        if value.len() as u64 <= self.inline_limit() {
+            let req = Request::KvSet {
+                key,
+                value: value.to_vec(),
+                ttl_secs,
+                if_absent: opts.if_absent,
+            };
+            return match self.shared.call(req).await? {
+                Response::Bools(b) => Ok(b.first().copied().unwrap_or(false)),
+                r => Err(unexpected(r)),
+            };
+        }
+        if opts.if_absent && self.kv_exists(key.as_str()).await? {
+            return Ok(false);
+        }
+        let d = match self
+            .shared
+            .call(Request::KvCreate {
+                key: key.clone(),
+                size: value.len() as u64,
+            })
+            .await?
+        {
+            Response::View(d) => d,
+            r => return Err(unexpected(r)),
+        };
+        let mut b = ObjectBuilder::new(self.shared.clone(), key.clone(), d)?;
+        b.disarm();
+        b.as_mut_slice().copy_from_slice(value);
+        self.shared
+            .expect_ok(Request::KvCommit { key, ttl_secs })
+            .await?;
+        Ok(true)
+    }
+
+    /// A zero-copy view of `key`'s value, or `None`.
+    pub async fn kv_get(&self, key: &str) -> Result<Option<View>, Error> {
+        let key = ObjectId::new(key)?;
+        if let Some(v) = self.fast_get(Namespace::Kv, &key) {
+            return Ok(Some(v));
+        }
+        let resp = self.shared.call(Request::KvGet { keys: vec![key] }).await?;
+        match self.one_view(resp) {
+            Ok(v) => Ok(Some(v)),
+            Err(e) if e.code() == ErrorCode::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Views of several keys (`None` for missing ones).
+    pub async fn kv_mget(&self, keys: &[&str]) -> Result<Vec<Option<View>>, Error> {
+        let keys = keys
+            .iter()
+            .map(|s| ObjectId::new(*s))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut out: Vec<Option<View>> = keys
+            .iter()
+            .map(|k| self.fast_get(Namespace::Kv, k))
+            .collect();
+        let missing: Vec<ObjectId> = keys
+            .iter()
+            .zip(&out)
+            .filter(|(_, v)| v.is_none())
+            .map(|(k, _)| k.clone())
+            .collect();
+        if missing.is_empty() {
+            return Ok(out);
+        }
+        let resp = self.shared.call(Request::KvGet { keys: missing }).await?;
+        let mut fetched = self.views(resp)?.into_iter();
+        for slot in out.iter_mut().filter(|v| v.is_none()) {
+            *slot = match fetched.next() {
+                Some(Ok(v)) => Some(v),
+                Some(Err(e)) if e.code() == ErrorCode::NotFound => None,
+                Some(Err(e)) => return Err(e),
+                None => return Err(Error::protocol("short mget reply")),
+            };
+        }
+        Ok(out)
+    }
+
+    /// Sets several keys (all inline: their total must fit the inline limit).
+    pub async fn kv_mset(
+        &self,
+        entries: &[(&str, &[u8])],
+        ttl: Option<Duration>,
+    ) -> Result<(), Error> {
+        let entries = entries
+            .iter()
+            .map(|(k, v)| {
+                Ok(KvEntry {
+                    key: ObjectId::new(*k)?,
+                    value: v.to_vec(),
+                })
+            })
+            .collect::<Result<Vec<_>, Error>>()?;
+        self.shared
+            .expect_ok(Request::KvMSet {
+                entries,
+                ttl_secs: ttl_secs(ttl),
+            })
+            .await
+    }
+
+    /// Deletes keys; returns how many existed.
+    pub async fn kv_del(&self, keys: &[&str]) -> Result<u64, Error> {
+        let keys = keys
+            .iter()
+            .map(|s| ObjectId::new(*s))
+            .collect::<Result<Vec<_>, _>>()?;
+        match self.shared.call(Request::KvDel { keys }).await? {
+            Response::Count(n) => Ok(n),
+            r => Err(unexpected(r)),
+        }
+    }
+
+    /// Whether `key` exists.
+    pub async fn kv_exists(&self, key: &str) -> Result<bool, Error> {
+        let keys = vec![ObjectId::new(key)?];
+        match self.shared.call(Request::KvExists { keys }).await? {
+            Response::Bools(b) => Ok(b.first().copied().unwrap_or(false)),
+            r => Err(unexpected(r)),
+        }
+    }
+
+    /// Sets (or with `None` removes) `key`'s TTL. False if the key does not exist.
+    pub async fn kv_expire(&self, key: &str, ttl: Option<Duration>) -> Result<bool, Error> {
+        let req = Request::KvExpire {
+            key: ObjectId::new(key)?,
+            ttl_secs: ttl_secs(ttl),
+        };
+        match self.shared.call(req).await? {
+            Response::Bools(b) => Ok(b.first().copied().unwrap_or(false)),
+            r => Err(unexpected(r)),
+        }
+    }
+
+    /// Remaining TTL: `None` if the key does not exist, `Some(None)` if it never expires.
+    pub async fn kv_ttl(&self, key: &str) -> Result<Option<Option<Duration>>, Error> {
+        let req = Request::KvTtl {
+            key: ObjectId::new(key)?,
+        };
+        match self.shared.call(req).await? {
+            Response::Ttl(t) => Ok(t.map(|t| t.map(Duration::from_secs))),
+            r => Err(unexpected(r)),
+        }
+    }
+
+    /// A view of `len` bytes of `key`'s value from `offset` (shorter at the end of the value).
+    pub async fn kv_read(&self, key: &str, offset: u64, len: u64) -> Result<View, Error> {
+        let req = Request::KvRead {
+            key: ObjectId::new(key)?,
+            offset,
+            len,
+        };
+        let resp = self.shared.call(req).await?;
+        self.one_view(resp)
+    }
+
+    /// KV keys starting with `prefix`.
+    pub async fn kv_keys(&self, prefix: &str, limit: u32) -> Result<Vec<ListEntry>, Error> {
+        self.list_ns(Namespace::Kv, prefix, limit).await
+    }
+}

@@ -1,0 +1,28 @@
+//! The shoal client library: objects and KV in the node's shared memory, with zero-copy reads.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), shoal_sdk::Error> {
+//! let client = shoal_sdk::Client::connect("/run/shoal/dataworker.sock").await?;
+//! client.put("greeting", b"hello").await?;
+//! let view = client.get("greeting", std::time::Duration::from_secs(1)).await?;
+//! assert_eq!(&view[..], b"hello"); // bytes in shared memory, not a copy
+//! # Ok(()) }
+//! ```
+//!
+//! A local hit costs no syscall: the client probes the worker's shared index and pins the
+//! object in its own pin table (see ARCHITECTURE.md). Views release their pin when dropped.
+//! Everything else is one request on the worker's Unix socket. The only `unsafe` is in
+//! `view.rs` (handing out a writable slice of a buffer this client created).
+#![deny(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod blocking;
+mod client;
+mod conn;
+mod error;
+mod view;
+
+pub use client::{Client, ConnectOptions, SetOptions, SOCKET_ENV};
+pub use error::Error;
+pub use shoal_protocol::{ErrorCode, ListEntry, ObjectId, StatusInfo};
+pub use view::{ObjectBuilder, View};
