@@ -11,10 +11,13 @@ use shoal_protocol::{
     encode_frame, ClientFrame, CtlLayout, ErrorCode, FrameDecoder, Hello, ObjectId, Request,
     Response, ServerFrame, WireError, PROTOCOL_VERSION,
 };
+use std::io::{Read, Write};
 use std::os::fd::AsFd;
+use std::os::unix::net::UnixStream as StdUnixStream;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::unix::AsyncFd;
+use tokio::io::AsyncWriteExt;
 use tokio::net::UnixStream;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
@@ -47,7 +50,7 @@ async fn refuse(mut stream: UnixStream, err: WireError) {
 
 pub(crate) async fn serve(
     shared: Arc<Shared>,
-    mut stream: UnixStream,
+    stream: UnixStream,
     client: u64,
     shutdown: CancellationToken,
 ) {
@@ -80,7 +83,15 @@ pub(crate) async fn serve(
         }
     };
     tracing::debug!(client, pid = ?cred.pid(), ?region, "client connected");
-    match run(&shared, &mut stream, client, region, &shutdown).await {
+    let sock = match stream.into_std().and_then(Sock::new) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(client, error = %e, "cannot register the connection");
+            shared.client_left(client, region);
+            return;
+        }
+    };
+    match run(&shared, &sock, client, region, &shutdown).await {
         Ok(()) => tracing::debug!(client, "client disconnected"),
         Err(e) => tracing::warn!(client, error = %e, "closing connection"),
     }
@@ -89,7 +100,7 @@ pub(crate) async fn serve(
 
 async fn send_hello(
     shared: &Shared,
-    stream: &mut UnixStream,
+    sock: &Sock,
     client: u64,
     region: Option<u32>,
 ) -> Result<(), ConnError> {
@@ -109,23 +120,27 @@ async fn send_hello(
     });
     let mut out = Vec::new();
     encode(&hello, &mut out);
-    stream.writable().await?;
-    let sent =
-        shoal_shm::send_with_fds(stream.as_fd(), &out, &[shared.arena.fd(), shared.ctl.fd()])?;
-    stream.write_all(&out[sent..]).await?;
+    // A fresh socket has room for a small hello; the fds ride on its first byte.
+    let sent = shoal_shm::send_with_fds(
+        sock.0.get_ref().as_fd(),
+        &out,
+        &[shared.arena.fd(), shared.ctl.fd()],
+    )?;
+    sock.write_all(&out[sent..]).await?;
     Ok(())
 }
 
 async fn run(
     shared: &Arc<Shared>,
-    stream: &mut UnixStream,
+    sock: &Sock,
     client: u64,
     region: Option<u32>,
     shutdown: &CancellationToken,
 ) -> Result<(), ConnError> {
-    send_hello(shared, stream, client, region).await?;
+    send_hello(shared, sock, client, region).await?;
     let decoder = FrameDecoder::new(shared.cfg.max_frame());
     let mut rbuf = BytesMut::with_capacity(64 << 10);
+    let mut scratch = vec![0u8; 64 << 10];
     let mut out = Vec::with_capacity(64 << 10);
     let (tx, mut deferred) = mpsc::channel::<(u32, Response)>(64);
     let mut waiting = JoinSet::new();
@@ -137,7 +152,7 @@ async fn run(
                 encode(&ServerFrame::Reply { id, resp }, &mut out);
             }
             Some(_) = waiting.join_next(), if !waiting.is_empty() => continue,
-            n = stream.read_buf(&mut rbuf) => {
+            n = sock.read_into(&mut rbuf, &mut scratch) => {
                 if n? == 0 {
                     break;
                 }
@@ -173,12 +188,67 @@ async fn run(
             }
         }
         if !out.is_empty() {
-            stream.write_all(&out).await?;
+            sock.write_all(&out).await?;
             out.clear();
         }
     }
     waiting.shutdown().await;
     Ok(())
+}
+
+/// The connection's socket, with readiness managed by hand: after a read that did not fill
+/// the buffer the socket is presumed drained and its readiness cleared, which saves the
+/// `read` that would only return `EAGAIN` (one syscall per request). Clearing is safe against
+/// data that arrives meanwhile: tokio clears only if no new readiness event came since the
+/// guard was taken, so such data still wakes us.
+struct Sock(AsyncFd<StdUnixStream>);
+
+impl Sock {
+    fn new(s: StdUnixStream) -> std::io::Result<Self> {
+        s.set_nonblocking(true)?;
+        // `AsyncFd::new` is deprecated because an inner type could change or close its fd
+        // while registered; a std `UnixStream` owns its fd for its whole life, so the
+        // registration stays valid. (`register` is the same call marked `unsafe`.)
+        #[allow(deprecated)]
+        let fd = AsyncFd::new(s)?;
+        Ok(Self(fd))
+    }
+
+    async fn read_into(&self, buf: &mut BytesMut, scratch: &mut [u8]) -> std::io::Result<usize> {
+        loop {
+            let mut guard = self.0.readable().await?;
+            match guard.try_io(|s| s.get_ref().read(scratch)) {
+                Ok(Ok(n)) => {
+                    if n > 0 && n < scratch.len() {
+                        guard.clear_ready();
+                    }
+                    buf.extend_from_slice(&scratch[..n]);
+                    return Ok(n);
+                }
+                Ok(Err(e)) => return Err(e),
+                Err(_would_block) => continue,
+            }
+        }
+    }
+
+    async fn write_all(&self, mut data: &[u8]) -> std::io::Result<()> {
+        while !data.is_empty() {
+            // Try first: the socket almost always has room, and asking costs nothing then.
+            match self.0.get_ref().write(data) {
+                Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+                Ok(n) => data = &data[n..],
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    let mut guard = self.0.writable().await?;
+                    if let Ok(r) = guard.try_io(|s| s.get_ref().write(data)) {
+                        data = &data[r?..];
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Waits until every id is sealed or the deadline passes, then answers.

@@ -18,3 +18,13 @@ mod state;
 
 pub use config::{Config, ConfigError};
 pub use server::{Dataworker, StartError};
+
+/// The runtime a dataworker runs on: `threads` worker threads (1 serves the socket path best
+/// on small machines: no cross-thread wakeups; local hits do not use the worker at all).
+pub fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads.max(1))
+        .thread_name("dataworker")
+        .enable_all()
+        .build()
+}

@@ -17,6 +17,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 use tokio::sync::watch;
 
+/// Most entries one `list` reply carries.
+const MAX_LIST: usize = 10_000;
+
 /// The index pin tables seen as the store's external pins.
 struct IndexPins<'a>(&'a mut IndexWriter);
 
@@ -40,6 +43,8 @@ pub(crate) struct Inner {
     waiters: HashMap<(Namespace, ObjectId), watch::Sender<()>>,
     free_regions: Vec<u32>,
     pub(crate) clients: usize,
+    /// When the gauges were last exported (ms on the worker clock).
+    gauges_at: u64,
 }
 
 /// State shared by the accept loop, connections and the timer.
@@ -112,6 +117,7 @@ impl Shared {
             waiters: HashMap::new(),
             free_regions: (0..ctl.pin_regions()).rev().collect(),
             clients: 0,
+            gauges_at: 0,
         };
         Ok(Shared {
             cfg,
@@ -462,7 +468,9 @@ impl Shared {
                     .collect(),
             ),
             Request::List { ns, prefix, limit } => {
-                Response::List(g.store.list(ns, &prefix, limit as usize, now))
+                // Bounded so a reply always fits in one frame.
+                let limit = (limit as usize).min(MAX_LIST);
+                Response::List(g.store.list(ns, &prefix, limit, now))
             }
             Request::KvSet {
                 key,
@@ -597,6 +605,15 @@ impl Shared {
         if g.store.has_zombies() {
             g.store.sweep(&mut IndexPins(&mut g.index));
         }
+        // Gauges cost a pass over every entry: refresh them once a second, not every tick.
+        if now.saturating_sub(g.gauges_at) >= 1000 || g.gauges_at == 0 {
+            g.gauges_at = now.max(1);
+            self.export_gauges(g);
+        }
+        g.store.next_expiry()
+    }
+
+    fn export_gauges(&self, g: &Inner) {
         let s = self.status(g);
         metrics::gauge!("shoal_arena_bytes").set(s.arena_bytes as f64);
         metrics::gauge!("shoal_arena_used_bytes").set(s.used_bytes as f64);
@@ -606,6 +623,5 @@ impl Shared {
         metrics::gauge!("shoal_pins").set(s.pins as f64);
         metrics::gauge!("shoal_spilled_objects").set(s.spilled_now as f64);
         metrics::gauge!("shoal_zombies").set(s.zombies as f64);
-        g.store.next_expiry()
     }
 }

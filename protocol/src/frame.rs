@@ -182,12 +182,7 @@ mod tests {
         fn garbage_never_panics(data in proptest::collection::vec(any::<u8>(), 0..4096)) {
             let dec = FrameDecoder::new(2048);
             let mut buf = BytesMut::from(&data[..]);
-            loop {
-                match dec.decode::<ClientFrame>(&mut buf) {
-                    Ok(Some(_)) => continue,
-                    Ok(None) | Err(_) => break,
-                }
-            }
+            while let Ok(Some(_)) = dec.decode::<ClientFrame>(&mut buf) {}
             let mut buf = BytesMut::from(&data[..]);
             let _ = dec.decode::<ServerFrame>(&mut buf);
         }

@@ -1,6 +1,7 @@
 //! A blocking client for code without an async runtime (benchmarks, CLI tools, FFI).
 //!
-//! Each client owns a single-threaded tokio runtime; calls run on the caller's thread.
+//! Requests use a plain blocking socket (two syscalls per request); a small single-threaded
+//! runtime only drives the shared async code, which never waits on it.
 use crate::{ConnectOptions, Error, ListEntry, ObjectBuilder, SetOptions, StatusInfo, View};
 use std::path::Path;
 use std::time::Duration;
@@ -20,10 +21,8 @@ impl Client {
 
     /// Connects with options.
     pub fn connect_with(opts: ConnectOptions) -> Result<Client, Error> {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        let inner = rt.block_on(crate::Client::connect_with(opts))?;
+        let rt = tokio::runtime::Builder::new_current_thread().build()?;
+        let inner = crate::Client::connect_blocking(&opts)?;
         Ok(Client { rt, inner })
     }
 

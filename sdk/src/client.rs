@@ -121,12 +121,27 @@ impl Client {
 
     /// Connects with options. Must run inside a tokio runtime.
     pub async fn connect_with(opts: ConnectOptions) -> Result<Client, Error> {
-        let (stream, hello, mut fds) = {
-            let path = opts.socket.clone();
-            tokio::task::spawn_blocking(move || handshake(&path))
-                .await
-                .map_err(|e| Error::protocol(e.to_string()))??
-        };
+        let path = opts.socket.clone();
+        let parts = tokio::task::spawn_blocking(move || handshake(&path))
+            .await
+            .map_err(|e| Error::protocol(e.to_string()))??;
+        Self::from_handshake(parts, &opts, false)
+    }
+
+    /// Connects without a runtime; requests then block the calling thread.
+    pub(crate) fn connect_blocking(opts: &ConnectOptions) -> Result<Client, Error> {
+        Self::from_handshake(handshake(&opts.socket)?, opts, true)
+    }
+
+    fn from_handshake(
+        (stream, hello, mut fds): (
+            std::os::unix::net::UnixStream,
+            Hello,
+            Vec<std::os::fd::OwnedFd>,
+        ),
+        opts: &ConnectOptions,
+        blocking: bool,
+    ) -> Result<Client, Error> {
         let ctl_fd = fds
             .pop()
             .ok_or_else(|| Error::protocol("missing control fd"))?;
@@ -144,7 +159,7 @@ impl Client {
             (true, Some(r)) => FastReader::new(Arc::new(ctl), r),
             _ => None,
         };
-        let conn = Conn::new(stream, hello.max_frame)?;
+        let conn = Conn::new(stream, hello.max_frame, blocking)?;
         Ok(Client {
             shared: Arc::new(Shared {
                 arena,

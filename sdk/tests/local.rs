@@ -1,5 +1,6 @@
 //! End-to-end tests: a real dataworker on a Unix socket in a temp dir, real clients, real
 //! child processes for the kill and uid cases.
+#![allow(clippy::unwrap_used)] // test helpers panic on setup failure by design
 use shoal_dataworker::{Config, Dataworker};
 use shoal_protocol::{
     encode_frame, ClientFrame, ErrorCode, FrameDecoder, ObjectId, Request, ServerFrame,

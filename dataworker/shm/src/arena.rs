@@ -187,6 +187,8 @@ impl Arena {
     /// # Safety
     /// The caller must own the range exclusively (it created it and has not sealed it) and must
     /// not hold another slice overlapping it while this one lives.
+    // Shared memory is aliased by design; exclusivity is the caller's documented contract.
+    #[allow(clippy::mut_from_ref)]
     pub unsafe fn bytes_mut(&self, offset: u64, len: u64) -> Result<&mut [u8], ShmError> {
         let start = self.check(offset, len)?;
         if len == 0 {

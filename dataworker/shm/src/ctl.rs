@@ -16,6 +16,11 @@
 //!   the entry) and then scans the pin words. In the single total order of `SeqCst` operations
 //!   one of the two comes first, so either the client sees the changed `seq` and backs off, or
 //!   the worker sees the pin and keeps the memory. No allocation is ever freed under a pin.
+//! - Each pin region starts with two words the client maintains: the number of live pins and
+//!   a high-water mark of slots used. The client raises both (SeqCst) before storing a pin,
+//!   so a worker that reads `count == 0`, or a mark below a slot, does so before that pin's
+//!   store in the SeqCst order; the client's later re-read of `seq` then sees the worker's
+//!   bump and backs off. The worker therefore skips idle clients and scans only used slots.
 //! - Clearing a client's whole pin region is done by the worker only after the client's
 //!   connection is gone.
 use crate::{Arena, ShmError};
@@ -26,9 +31,11 @@ use std::sync::{Arc, Mutex};
 
 /// Slots probed per bucket: a lookup reads at most this many slots.
 pub const SLOTS_PER_BUCKET: usize = 8;
-const MAGIC: u64 = 0x3154_4c41_4f48_53; // "SHOALT1"
+const MAGIC: u64 = u64::from_le_bytes(*b"SHOALCT1");
 const HEADER: usize = 64;
 const SLOT: usize = 64;
+/// Words before the pin slots of each region: live pin count, high-water slot mark.
+const REGION_HEADER_WORDS: usize = 2;
 
 #[repr(C, align(64))]
 struct Slot {
@@ -76,7 +83,9 @@ pub struct Ctl {
 impl Ctl {
     fn size_for(buckets: usize, regions: usize, pins: usize) -> Option<u64> {
         let slots = buckets.checked_mul(SLOTS_PER_BUCKET)?.checked_mul(SLOT)?;
-        let pin_bytes = regions.checked_mul(pins)?.checked_mul(8)?;
+        let pin_bytes = regions
+            .checked_mul(pins.checked_add(REGION_HEADER_WORDS)?)?
+            .checked_mul(8)?;
         Some((HEADER + slots).checked_add(pin_bytes)? as u64)
     }
 
@@ -156,7 +165,7 @@ impl Ctl {
     }
 
     fn word(&self, byte_off: usize) -> &AtomicU64 {
-        debug_assert!(byte_off % 8 == 0 && (byte_off as u64) + 8 <= self.mem.size());
+        debug_assert!(byte_off.is_multiple_of(8) && (byte_off as u64) + 8 <= self.mem.size());
         // SAFETY: every caller passes an 8-aligned offset inside the mapping (header fields,
         // slots and pin words are laid out by `size_for`); the mapping is page-aligned and
         // lives as long as `self`; AtomicU64 has the size and alignment of u64 and shared
@@ -172,9 +181,22 @@ impl Ctl {
         unsafe { &*(self.mem.base().add(HEADER + idx * SLOT) as *const Slot) }
     }
 
-    fn pin_word(&self, region: usize, i: usize) -> &AtomicU64 {
+    fn region_word(&self, region: usize, i: usize) -> &AtomicU64 {
         let slots = self.buckets * SLOTS_PER_BUCKET * SLOT;
-        self.word(HEADER + slots + (region * self.pins_per_region + i) * 8)
+        let stride = self.pins_per_region + REGION_HEADER_WORDS;
+        self.word(HEADER + slots + (region * stride + i) * 8)
+    }
+
+    fn pin_word(&self, region: usize, i: usize) -> &AtomicU64 {
+        self.region_word(region, REGION_HEADER_WORDS + i)
+    }
+
+    fn pin_count(&self, region: usize) -> &AtomicU64 {
+        self.region_word(region, 0)
+    }
+
+    fn pin_mark(&self, region: usize) -> &AtomicU64 {
+        self.region_word(region, 1)
     }
 
     /// The worker's coarse clock (milliseconds), which clients copy into `atime`.
@@ -216,17 +238,17 @@ pub struct IndexEntry {
 pub struct IndexWriter {
     ctl: Arc<Ctl>,
     by_gen: HashMap<u64, usize>,
-    active_regions: Vec<bool>,
+    /// Regions handed to connected clients (only these are scanned).
+    active_regions: Vec<usize>,
 }
 
 impl IndexWriter {
     /// A writer over a fresh region.
     pub fn new(ctl: Arc<Ctl>) -> Self {
-        let regions = ctl.pin_regions;
         Self {
             ctl,
             by_gen: HashMap::new(),
-            active_regions: vec![false; regions],
+            active_regions: Vec::new(),
         }
     }
 
@@ -291,8 +313,9 @@ impl IndexWriter {
 
     /// Marks a pin region as handed to a client (only active regions are scanned).
     pub fn activate_region(&mut self, region: u32) {
-        if let Some(a) = self.active_regions.get_mut(region as usize) {
-            *a = true;
+        let r = region as usize;
+        if r < self.ctl.pin_regions && !self.active_regions.contains(&r) {
+            self.active_regions.push(r);
         }
     }
 
@@ -305,17 +328,20 @@ impl IndexWriter {
         for i in 0..self.ctl.pins_per_region {
             self.ctl.pin_word(r, i).store(0, Ordering::SeqCst);
         }
-        self.active_regions[r] = false;
+        self.ctl.pin_count(r).store(0, Ordering::SeqCst);
+        self.ctl.pin_mark(r).store(0, Ordering::SeqCst);
+        self.active_regions.retain(|a| *a != r);
     }
 
     fn active_pins(&self) -> impl Iterator<Item = u64> + '_ {
         let per = self.ctl.pins_per_region;
         self.active_regions
             .iter()
-            .enumerate()
-            .filter(|(_, a)| **a)
-            .flat_map(move |(r, _)| {
-                (0..per).map(move |i| self.ctl.pin_word(r, i).load(Ordering::SeqCst))
+            .copied()
+            .filter(|r| self.ctl.pin_count(*r).load(Ordering::SeqCst) != 0)
+            .flat_map(move |r| {
+                let used = (self.ctl.pin_mark(r).load(Ordering::SeqCst) as usize).min(per);
+                (0..used).map(move |i| self.ctl.pin_word(r, i).load(Ordering::SeqCst))
             })
             .filter(|g| *g != 0)
     }
@@ -398,11 +424,16 @@ impl FastReader {
             }
             arena.bytes(offset, len).ok()?;
             let pin_slot = self.free.lock().ok()?.pop()?;
+            self.ctl
+                .pin_count(self.region)
+                .fetch_add(1, Ordering::SeqCst);
+            self.ctl
+                .pin_mark(self.region)
+                .fetch_max(u64::from(pin_slot) + 1, Ordering::SeqCst);
             let word = self.ctl.pin_word(self.region, pin_slot as usize);
             word.store(gen, Ordering::SeqCst);
             if s.seq.load(Ordering::SeqCst) != seq {
-                word.store(0, Ordering::SeqCst);
-                self.give_back(pin_slot);
+                self.unpin_slot(pin_slot);
                 return None;
             }
             s.atime.store(self.ctl.clock(), Ordering::Relaxed);
@@ -418,14 +449,18 @@ impl FastReader {
 
     /// Ends a fast pin.
     pub fn release(&self, pin: FastPin) {
-        self.ctl
-            .pin_word(self.region, pin.slot as usize)
-            .store(0, Ordering::SeqCst);
-        self.give_back(pin.slot);
+        self.unpin_slot(pin.slot);
     }
 
-    fn give_back(&self, slot: u32) {
+    fn unpin_slot(&self, slot: u32) {
+        self.ctl
+            .pin_word(self.region, slot as usize)
+            .store(0, Ordering::SeqCst);
+        self.ctl
+            .pin_count(self.region)
+            .fetch_sub(1, Ordering::SeqCst);
         if let Ok(mut f) = self.free.lock() {
+            // Lowest slots are reused first (see `get`), which keeps the high-water mark low.
             f.push(slot);
         }
     }

@@ -726,7 +726,7 @@ impl Store {
         self.names
             .get(&(ns, id.clone()))
             .and_then(|g| self.entries.get(g))
-            .is_some_and(|e| e.state == State::Sealed && !e.expires_at.is_some_and(|t| t <= now))
+            .is_some_and(|e| e.state == State::Sealed && e.expires_at.is_none_or(|t| t > now))
     }
 
     /// Names in `ns` starting with `prefix`, sorted, at most `limit`.
@@ -736,7 +736,7 @@ impl Store {
             .iter()
             .filter(|((n, id), _)| *n == ns && id.as_str().starts_with(prefix))
             .filter_map(|(_, g)| self.entries.get(g))
-            .filter(|e| !e.expires_at.is_some_and(|t| t <= now))
+            .filter(|e| e.expires_at.is_none_or(|t| t > now))
             .map(|e| ListEntry {
                 id: e.id.clone(),
                 size: e.size,

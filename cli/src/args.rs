@@ -1,0 +1,291 @@
+//! Command-line and environment settings, parsed once into typed values.
+use clap::{Args, Parser, Subcommand};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "shoal",
+    version,
+    about = "shoal: a shared-memory data plane for short functions"
+)]
+pub(crate) struct Cli {
+    #[command(subcommand)]
+    pub(crate) command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum Command {
+    /// Run a local shoal (one node: a dataworker) in the foreground until Ctrl-C.
+    Up(UpArgs),
+    /// Run one node's dataworker.
+    Dataworker(DataworkerArgs),
+    /// Store a file (or stdin with `-`) as an object.
+    Put {
+        #[command(flatten)]
+        conn: ConnArgs,
+        /// Object id.
+        id: String,
+        /// File to read, or `-` for stdin.
+        source: String,
+    },
+    /// Write an object to stdout or a file.
+    Get {
+        #[command(flatten)]
+        conn: ConnArgs,
+        /// Object id.
+        id: String,
+        /// Write here instead of stdout.
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+        /// Wait this long for the object to be sealed.
+        #[arg(long, default_value = "0s", value_parser = parse_duration)]
+        timeout: Duration,
+    },
+    /// Delete objects.
+    Rm {
+        #[command(flatten)]
+        conn: ConnArgs,
+        /// Object ids.
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
+    /// List objects.
+    Ls {
+        #[command(flatten)]
+        conn: ConnArgs,
+        /// Only ids starting with this.
+        #[arg(default_value = "")]
+        prefix: String,
+        /// At most this many.
+        #[arg(long, default_value_t = 1000)]
+        limit: u32,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Key-value access.
+    Kv {
+        #[command(flatten)]
+        conn: ConnArgs,
+        #[command(subcommand)]
+        op: KvOp,
+    },
+    /// Show the node: arena use, objects, pins, clients.
+    Status {
+        #[command(flatten)]
+        conn: ConnArgs,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run the benchmark suite.
+    Bench(BenchArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum KvOp {
+    /// Set a key.
+    Set {
+        /// Key.
+        key: String,
+        /// Value (use `@file` to read a file, `-` for stdin).
+        value: String,
+        /// Expire after this long ("30s", "5m").
+        #[arg(long, value_parser = parse_duration)]
+        ttl: Option<Duration>,
+        /// Only if the key does not exist.
+        #[arg(long)]
+        nx: bool,
+    },
+    /// Print a value.
+    Get {
+        /// Key.
+        key: String,
+    },
+    /// Delete keys.
+    Del {
+        /// Keys.
+        #[arg(required = true)]
+        keys: Vec<String>,
+    },
+    /// Remaining TTL in seconds (-1: none, -2: missing).
+    Ttl {
+        /// Key.
+        key: String,
+    },
+    /// List keys.
+    Keys {
+        /// Only keys starting with this.
+        #[arg(default_value = "")]
+        prefix: String,
+    },
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct ConnArgs {
+    /// The dataworker socket [default: the one `shoal up` uses].
+    #[arg(long, env = "SHOAL_DATAWORKER_SOCKET", global = true)]
+    pub(crate) socket: Option<PathBuf>,
+}
+
+#[derive(Debug, Args, Clone)]
+pub(crate) struct DataworkerArgs {
+    /// Node id.
+    #[arg(long, env = "SHOAL_NODE_ID", default_value = "node-0")]
+    pub(crate) node_id: String,
+    /// Directory for the node's sockets [default: $XDG_RUNTIME_DIR/shoal or /tmp/shoal-<uid>].
+    #[arg(long, env = "SHOAL_SOCKET_DIR")]
+    pub(crate) socket_dir: Option<PathBuf>,
+    /// Shared-memory arena size ("512MiB", "4GiB").
+    #[arg(long, env = "SHOAL_SHM_SIZE", default_value = "1GiB", value_parser = parse_size)]
+    pub(crate) shm_size: u64,
+    /// Fault all arena pages in at start (first writes then run at memory speed).
+    #[arg(long, env = "SHOAL_SHM_POPULATE")]
+    pub(crate) shm_populate: bool,
+    /// Extra uids allowed to connect (the worker's own uid always is).
+    #[arg(long = "allow-uid", env = "SHOAL_ALLOW_UIDS", value_delimiter = ',')]
+    pub(crate) allow_uids: Vec<u32>,
+    /// Spill evicted objects to this directory instead of dropping them.
+    #[arg(long, env = "SHOAL_SPILL_DIR")]
+    pub(crate) spill_dir: Option<PathBuf>,
+    /// Start evicting past this fraction of the arena.
+    #[arg(long, env = "SHOAL_HIGH_WATERMARK", default_value_t = 0.9)]
+    pub(crate) high_watermark: f64,
+    /// Evict down to this fraction.
+    #[arg(long, env = "SHOAL_LOW_WATERMARK", default_value_t = 0.8)]
+    pub(crate) low_watermark: f64,
+    /// Largest payload sent inline in a request.
+    #[arg(long, env = "SHOAL_INLINE_LIMIT", default_value = "64KiB", value_parser = parse_size)]
+    pub(crate) inline_limit: u64,
+    /// Threads serving the socket path (local hits need none).
+    #[arg(long, env = "SHOAL_WORKER_THREADS", default_value_t = 1)]
+    pub(crate) worker_threads: usize,
+    /// Address of /metrics and /health ("127.0.0.1:9464"; port 0 picks one; "off" disables).
+    #[arg(long, env = "SHOAL_HTTP_ADDR", default_value = "127.0.0.1:0", value_parser = parse_http_addr)]
+    pub(crate) http_addr: HttpAddr,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct HttpAddr(pub(crate) Option<SocketAddr>);
+
+#[derive(Debug, Args)]
+pub(crate) struct UpArgs {
+    /// Nodes to start (this release runs one).
+    #[arg(long, default_value_t = 1)]
+    pub(crate) nodes: u32,
+    /// Print one JSON object describing what started, once it is ready.
+    #[arg(long)]
+    pub(crate) json: bool,
+    #[command(flatten)]
+    pub(crate) worker: DataworkerArgs,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct BenchArgs {
+    /// Which suite.
+    #[arg(value_parser = ["local"])]
+    pub(crate) suite: String,
+    /// A short smoke run (seconds, not minutes).
+    #[arg(long)]
+    pub(crate) quick: bool,
+    /// Only the JSON lines, no table.
+    #[arg(long)]
+    pub(crate) json_only: bool,
+    /// Only benchmarks whose name contains this (e.g. `kv_`, `get_small`).
+    #[arg(long)]
+    pub(crate) only: Option<String>,
+}
+
+pub(crate) fn parse_size(s: &str) -> Result<u64, String> {
+    s.trim()
+        .parse::<bytesize::ByteSize>()
+        .map(|b| b.as_u64())
+        .map_err(|e| format!("{s:?} is not a size like 512MiB or 4GiB: {e}"))
+}
+
+pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s.trim())
+        .map_err(|e| format!("{s:?} is not a duration like 500ms or 30s: {e}"))
+}
+
+fn parse_http_addr(s: &str) -> Result<HttpAddr, String> {
+    if s.eq_ignore_ascii_case("off") {
+        return Ok(HttpAddr(None));
+    }
+    s.parse()
+        .map(|a| HttpAddr(Some(a)))
+        .map_err(|e| format!("{s:?} is not an address like 127.0.0.1:9464: {e}"))
+}
+
+/// Where sockets go when no directory is given.
+pub(crate) fn default_socket_dir() -> PathBuf {
+    match std::env::var_os("XDG_RUNTIME_DIR") {
+        Some(d) if !d.is_empty() => PathBuf::from(d).join("shoal"),
+        _ => std::env::temp_dir().join(format!("shoal-{}", current_uid())),
+    }
+}
+
+pub(crate) fn current_uid() -> u32 {
+    nix::unistd::getuid().as_raw()
+}
+
+impl ConnArgs {
+    pub(crate) fn socket_path(&self) -> PathBuf {
+        self.socket
+            .clone()
+            .unwrap_or_else(|| default_socket_dir().join("node-0").join("dataworker.sock"))
+    }
+}
+
+impl DataworkerArgs {
+    /// The validated dataworker config.
+    pub(crate) fn to_config(&self) -> anyhow::Result<shoal_dataworker::Config> {
+        let dir = self
+            .socket_dir
+            .clone()
+            .unwrap_or_else(|| default_socket_dir().join(&self.node_id));
+        let mut c = shoal_dataworker::Config::new(dir);
+        c.node_id = self.node_id.clone();
+        c.shm_size = self.shm_size;
+        c.shm_populate = self.shm_populate;
+        c.allowed_uids = self.allow_uids.clone();
+        c.spill_dir = self.spill_dir.clone();
+        c.high_watermark = self.high_watermark;
+        c.low_watermark = self.low_watermark;
+        c.inline_limit = self.inline_limit;
+        c.http_addr = self.http_addr.0;
+        c.validate()?;
+        Ok(c)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn units() {
+        assert_eq!(parse_size("2GiB").unwrap(), 2 << 30);
+        assert_eq!(parse_size("64 MiB").unwrap(), 64 << 20);
+        assert_eq!(parse_size("1024").unwrap(), 1024);
+        assert!(parse_size("lots").is_err());
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert!(parse_duration("soon").is_err());
+    }
+
+    #[test]
+    fn bad_setting_names_itself() {
+        let cli = Cli::try_parse_from(["shoal", "dataworker", "--low-watermark", "0.95"]).unwrap();
+        let Command::Dataworker(a) = cli.command else {
+            panic!()
+        };
+        let e = a.to_config().unwrap_err().to_string();
+        assert!(e.contains("watermark"), "{e}");
+        let e = Cli::try_parse_from(["shoal", "dataworker", "--shm-size", "lots"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--shm-size"), "{e}");
+    }
+}

@@ -1,0 +1,40 @@
+//! `shoal`: one binary for every component and for talking to them.
+#![forbid(unsafe_code)]
+
+mod args;
+mod client_cmds;
+mod serve;
+
+use clap::Parser;
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    let cli = args::Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            // One clear line; the chain of causes joined.
+            let mut msg = e.to_string();
+            for cause in e.chain().skip(1) {
+                let cause = cause.to_string();
+                // Errors that wrap another often print it already.
+                if !msg.contains(&cause) {
+                    msg.push_str(": ");
+                    msg.push_str(&cause);
+                }
+            }
+            eprintln!("error: {msg}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: args::Cli) -> anyhow::Result<ExitCode> {
+    use args::Command::*;
+    match cli.command {
+        Up(a) => serve::up(a),
+        Dataworker(a) => serve::dataworker(a),
+        Bench(a) => serve::bench(a),
+        cmd => client_cmds::run(cmd),
+    }
+}

@@ -1,0 +1,156 @@
+//! Commands that run components in the foreground.
+use crate::args::{BenchArgs, DataworkerArgs, UpArgs};
+use anyhow::Context;
+use metrics_exporter_prometheus::PrometheusHandle;
+use shoal_dataworker::Dataworker;
+use std::process::ExitCode;
+use tokio_util_shim::wait_for_signal;
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SHOAL_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+fn install_metrics() -> Option<PrometheusHandle> {
+    metrics_exporter_prometheus::PrometheusBuilder::new()
+        .install_recorder()
+        .map_err(|e| tracing::warn!(error = %e, "metrics recorder not installed"))
+        .ok()
+}
+
+fn runtime(threads: usize) -> anyhow::Result<tokio::runtime::Runtime> {
+    shoal_dataworker::runtime(threads).context("starting the async runtime")
+}
+
+mod tokio_util_shim {
+    /// Resolves on Ctrl-C or SIGTERM.
+    pub(crate) async fn wait_for_signal() -> std::io::Result<()> {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            r = tokio::signal::ctrl_c() => r,
+            _ = term.recv() => Ok(()),
+        }
+    }
+}
+
+async fn start_worker(
+    a: &DataworkerArgs,
+    metrics: Option<PrometheusHandle>,
+) -> anyhow::Result<Dataworker> {
+    let cfg = a.to_config()?;
+    Dataworker::start(cfg, metrics)
+        .await
+        .context("starting the dataworker")
+}
+
+/// `shoal dataworker`.
+pub(crate) fn dataworker(a: DataworkerArgs) -> anyhow::Result<ExitCode> {
+    init_logging();
+    let metrics = install_metrics();
+    runtime(a.worker_threads)?.block_on(async {
+        let w = start_worker(&a, metrics).await?;
+        wait_for_signal().await.context("waiting for a signal")?;
+        tracing::info!("shutting down");
+        w.shutdown().await;
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+#[derive(serde::Serialize)]
+struct NodeInfo {
+    id: String,
+    socket_dir: String,
+    dataworker_socket: String,
+    http: Option<String>,
+    metrics: Option<String>,
+    health: Option<String>,
+    pid: u32,
+    arena_bytes: u64,
+}
+
+#[derive(serde::Serialize)]
+struct UpInfo {
+    nodes: Vec<NodeInfo>,
+    env: std::collections::BTreeMap<String, String>,
+}
+
+/// `shoal up`: a whole local shoal in the foreground.
+pub(crate) fn up(a: UpArgs) -> anyhow::Result<ExitCode> {
+    if a.nodes != 1 {
+        anyhow::bail!("--nodes {}: this release runs a single node; multi-node clusters come with the control plane", a.nodes);
+    }
+    init_logging();
+    let metrics = install_metrics();
+    runtime(a.worker.worker_threads)?.block_on(async {
+        let w = start_worker(&a.worker, metrics).await?;
+        let socket = w.socket_path().display().to_string();
+        let http = w.http_addr().map(|h| h.to_string());
+        let info = UpInfo {
+            nodes: vec![NodeInfo {
+                id: a.worker.node_id.clone(),
+                socket_dir: w
+                    .socket_path()
+                    .parent()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default(),
+                dataworker_socket: socket.clone(),
+                metrics: http.as_ref().map(|h| format!("http://{h}/metrics")),
+                health: http.as_ref().map(|h| format!("http://{h}/health")),
+                http,
+                pid: std::process::id(),
+                arena_bytes: w.status().arena_bytes,
+            }],
+            env: [("SHOAL_DATAWORKER_SOCKET".to_string(), socket.clone())].into(),
+        };
+        if a.json {
+            println!("{}", serde_json::to_string(&info)?);
+        } else {
+            let n = &info.nodes[0];
+            println!("shoal is up: 1 node");
+            println!("  node {}: dataworker socket {}", n.id, n.dataworker_socket);
+            if let Some(m) = &n.metrics {
+                println!(
+                    "  metrics {m}  health {}",
+                    n.health.as_deref().unwrap_or("")
+                );
+            }
+            println!();
+            println!("In another terminal:");
+            println!("  export SHOAL_DATAWORKER_SOCKET={socket}");
+            println!("  shoal put hello ./some-file && shoal get hello -o copy");
+            println!();
+            println!("Ctrl-C stops it.");
+        }
+        use std::io::Write;
+        std::io::stdout().flush()?;
+        wait_for_signal().await.context("waiting for a signal")?;
+        tracing::info!("shutting down");
+        w.shutdown().await;
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+/// `shoal bench`.
+pub(crate) fn bench(a: BenchArgs) -> anyhow::Result<ExitCode> {
+    init_logging_quiet();
+    let opts = shoal_perf::LocalOptions {
+        quick: a.quick,
+        table: !a.json_only,
+        only: a.only,
+    };
+    shoal_perf::run_local(&opts)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn init_logging_quiet() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SHOAL_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
