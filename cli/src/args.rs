@@ -135,7 +135,7 @@ pub(crate) struct DataworkerArgs {
     /// Node id.
     #[arg(long, env = "SHOAL_NODE_ID", default_value = "node-0")]
     pub(crate) node_id: String,
-    /// Directory for the node's sockets [default: $XDG_RUNTIME_DIR/shoal or /tmp/shoal-<uid>].
+    /// Directory for the node's sockets [default: $XDG_RUNTIME_DIR/shoal or /tmp/shoal-UID].
     #[arg(long, env = "SHOAL_SOCKET_DIR")]
     pub(crate) socket_dir: Option<PathBuf>,
     /// Shared-memory arena size ("512MiB", "4GiB").
