@@ -159,6 +159,13 @@ pub(crate) struct DataworkerArgs {
     /// Largest payload sent inline in a request.
     #[arg(long, env = "SHOAL_INLINE_LIMIT", default_value = "64KiB", value_parser = parse_size)]
     pub(crate) inline_limit: u64,
+    /// Serve requests through per-client shared-memory mailboxes (a polling thread; no
+    /// syscall per request while it is busy). `false` keeps everything on the socket.
+    #[arg(long, env = "SHOAL_MAILBOX", default_value_t = true, action = clap::ArgAction::Set)]
+    pub(crate) mailbox: bool,
+    /// How long the mailbox thread keeps polling after its last request before it sleeps.
+    #[arg(long, env = "SHOAL_MAILBOX_SPIN", default_value = "50us", value_parser = parse_duration)]
+    pub(crate) mailbox_spin: Duration,
     /// Threads serving the socket path (local hits need none).
     #[arg(long, env = "SHOAL_WORKER_THREADS", default_value_t = 1)]
     pub(crate) worker_threads: usize,
@@ -256,6 +263,8 @@ impl DataworkerArgs {
         c.low_watermark = self.low_watermark;
         c.inline_limit = self.inline_limit;
         c.http_addr = self.http_addr.0;
+        c.mailbox = self.mailbox;
+        c.mailbox_spin = self.mailbox_spin;
         c.validate()?;
         Ok(c)
     }

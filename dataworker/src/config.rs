@@ -37,6 +37,10 @@ pub struct Config {
     pub max_waiting_gets: usize,
     /// Longest wait a get may ask for.
     pub max_get_timeout: Duration,
+    /// Give each client a shared-memory mailbox served by a polling thread.
+    pub mailbox: bool,
+    /// How long the mailbox poller keeps polling after its last request before it sleeps.
+    pub mailbox_spin: Duration,
 }
 
 /// A setting that cannot work, named.
@@ -69,6 +73,8 @@ impl Config {
             max_clients: 4096,
             max_waiting_gets: 1024,
             max_get_timeout: Duration::from_secs(3600),
+            mailbox: true,
+            mailbox_spin: Duration::from_micros(50),
         }
     }
 
@@ -101,6 +107,12 @@ impl Config {
         }
         if self.node_id.is_empty() || self.node_id.len() > 128 {
             return bad("--node-id", "1 to 128 characters".into());
+        }
+        if self.mailbox_spin > Duration::from_millis(100) {
+            return bad(
+                "--mailbox-spin",
+                "at most 100ms (it burns a core while it lasts)".into(),
+            );
         }
         if self.pins_per_client == 0 || self.index_buckets == 0 {
             return bad(

@@ -5,12 +5,14 @@
 //! through a bounded channel. When the connection ends for any reason (EOF, SIGKILL of the
 //! client, a malformed frame, shutdown), every pin and unsealed buffer of the client is
 //! released before the task returns.
+use crate::ring::RingClient;
 use crate::state::{GetMode, GetOutcome, Shared};
 use bytes::BytesMut;
 use shoal_protocol::{
     encode_frame, ClientFrame, CtlLayout, ErrorCode, FrameDecoder, Hello, ObjectId, Request,
     Response, ServerFrame, WireError, PROTOCOL_VERSION,
 };
+use shoal_shm::Mailbox;
 use std::io::{Read, Write};
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream as StdUnixStream;
@@ -91,22 +93,44 @@ pub(crate) async fn serve(
             return;
         }
     };
-    match run(&shared, &sock, client, region, &shutdown).await {
+    let mailbox = if shared.cfg.mailbox {
+        match Mailbox::create(shared.cfg.max_frame() as u64) {
+            Ok(m) => {
+                let rc = RingClient::new(client, m);
+                shared.ring.add(rc.clone());
+                Some(rc)
+            }
+            Err(e) => {
+                tracing::warn!(client, error = %e, "no mailbox for this client; socket only");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let session = Session {
+        client,
+        region,
+        mailbox: mailbox.as_deref(),
+    };
+    match run(&shared, &sock, &session, &shutdown).await {
         Ok(()) => tracing::debug!(client, "client disconnected"),
         Err(e) => tracing::warn!(client, error = %e, "closing connection"),
     }
     shared.client_left(client, region);
 }
 
-async fn send_hello(
-    shared: &Shared,
-    sock: &Sock,
+/// What the worker gave one connection.
+struct Session<'a> {
     client: u64,
     region: Option<u32>,
-) -> Result<(), ConnError> {
+    mailbox: Option<&'a RingClient>,
+}
+
+async fn send_hello(shared: &Shared, sock: &Sock, s: &Session<'_>) -> Result<(), ConnError> {
     let hello = ServerFrame::Hello(Hello {
         version: PROTOCOL_VERSION,
-        client_id: client,
+        client_id: s.client,
         node_id: shared.cfg.node_id.clone(),
         arena_bytes: shared.arena.size(),
         ctl: CtlLayout {
@@ -114,18 +138,17 @@ async fn send_hello(
             pin_regions: shared.ctl.pin_regions(),
             pins_per_region: shared.ctl.pins_per_region(),
         },
-        pin_region: region,
+        pin_region: s.region,
+        mailbox: s.mailbox.map(|m| m.mailbox().capacity()),
         inline_limit: shared.cfg.inline_limit,
         max_frame: shared.cfg.max_frame() as u32,
     });
     let mut out = Vec::new();
     encode(&hello, &mut out);
     // A fresh socket has room for a small hello; the fds ride on its first byte.
-    let sent = shoal_shm::send_with_fds(
-        sock.0.get_ref().as_fd(),
-        &out,
-        &[shared.arena.fd(), shared.ctl.fd()],
-    )?;
+    let mut fds = vec![shared.arena.fd(), shared.ctl.fd()];
+    fds.extend(s.mailbox.map(|m| m.mailbox().fd()));
+    let sent = shoal_shm::send_with_fds(sock.0.get_ref().as_fd(), &out, &fds)?;
     sock.write_all(&out[sent..]).await?;
     Ok(())
 }
@@ -133,11 +156,11 @@ async fn send_hello(
 async fn run(
     shared: &Arc<Shared>,
     sock: &Sock,
-    client: u64,
-    region: Option<u32>,
+    session: &Session<'_>,
     shutdown: &CancellationToken,
 ) -> Result<(), ConnError> {
-    send_hello(shared, sock, client, region).await?;
+    let client = session.client;
+    send_hello(shared, sock, session).await?;
     let decoder = FrameDecoder::new(shared.cfg.max_frame());
     let mut rbuf = BytesMut::with_capacity(64 << 10);
     let mut scratch = vec![0u8; 64 << 10];
@@ -180,6 +203,8 @@ async fn run(
                             let resp = shared.handle(client, req);
                             if !one_way {
                                 encode(&ServerFrame::Reply { id: frame.id, resp }, &mut out);
+                            } else if let Some(m) = session.mailbox {
+                                m.oneway_done();
                             }
                         }
                     }
@@ -289,7 +314,7 @@ async fn wait_get(
     let _ = tx.send((req_id, resp)).await;
 }
 
-fn op_name(r: &Request) -> &'static str {
+pub(crate) fn op_name(r: &Request) -> &'static str {
     match r {
         Request::Create { .. } => "create",
         Request::Seal { .. } => "seal",

@@ -12,6 +12,7 @@
 mod config;
 mod conn;
 mod http;
+mod ring;
 mod server;
 mod spill;
 mod state;

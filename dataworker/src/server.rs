@@ -45,6 +45,9 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
+    /// A thread could not be started.
+    #[error("starting the mailbox thread: {0}")]
+    Thread(#[source] std::io::Error),
     /// The HTTP endpoint could not be bound.
     #[error("http endpoint {addr} (--http-addr): {source}")]
     Http {
@@ -64,6 +67,7 @@ pub struct Dataworker {
     tasks: TaskTracker,
     socket_path: PathBuf,
     http_addr: Option<SocketAddr>,
+    poller: Option<std::thread::JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -132,6 +136,22 @@ impl Dataworker {
         if let Some(l) = http_listener {
             tasks.spawn(http::serve(l, shared.clone(), metrics, shutdown.clone()));
         }
+        let poller = if shared.cfg.mailbox {
+            let s = shared.clone();
+            let spin = shared.cfg.mailbox_spin;
+            let spawned = std::thread::Builder::new()
+                .name("shoal-mailbox".into())
+                .spawn(move || s.ring.run(&s, spin));
+            match spawned {
+                Ok(h) => Some(h),
+                Err(e) => {
+                    shutdown.cancel();
+                    return Err(StartError::Thread(e));
+                }
+            }
+        } else {
+            None
+        };
         tracing::info!(
             node = %shared.cfg.node_id,
             socket = %socket_path.display(),
@@ -145,6 +165,7 @@ impl Dataworker {
             tasks,
             socket_path,
             http_addr,
+            poller,
         })
     }
 
@@ -179,10 +200,15 @@ impl Dataworker {
     }
 
     /// Waits until the worker has stopped (after the shutdown token was cancelled).
-    pub async fn wait(self) {
+    pub async fn wait(mut self) {
         self.shutdown.cancelled().await;
         self.tasks.close();
         self.tasks.wait().await;
+        if let Some(h) = self.poller.take() {
+            self.shared.ring.request_stop();
+            self.shared.ctl.wake_worker();
+            let _ = tokio::task::spawn_blocking(move || h.join()).await;
+        }
         let _ = std::fs::remove_file(&self.socket_path);
         tracing::info!(node = %self.shared.cfg.node_id, "dataworker stopped");
     }

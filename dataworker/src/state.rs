@@ -55,6 +55,8 @@ pub(crate) struct Shared {
     spill: Option<SpillDir>,
     inner: Mutex<Inner>,
     start: Instant,
+    /// Client mailboxes served by the poller thread.
+    pub(crate) ring: crate::ring::Poller,
 }
 
 /// How a get treats objects that are not sealed.
@@ -126,6 +128,7 @@ impl Shared {
             spill,
             inner: Mutex::new(inner),
             start: Instant::now(),
+            ring: crate::ring::Poller::default(),
         })
     }
 
@@ -156,6 +159,8 @@ impl Shared {
 
     /// Releases everything a client held, at once.
     pub(crate) fn client_left(&self, client: ClientId, region: Option<u32>) {
+        // Close the mailbox first: a request being handled there finishes before cleanup.
+        self.ring.remove(client);
         let mut g = self.lock();
         let g = &mut *g;
         if let Some(r) = region {

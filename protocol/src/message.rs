@@ -97,7 +97,8 @@ pub struct CtlLayout {
 }
 
 /// The first frame a worker sends on a new connection, together with the arena and control
-/// fds (`SCM_RIGHTS`): arena first, control region second.
+/// fds (`SCM_RIGHTS`): arena first, control region second, the client's mailbox third (when
+/// `mailbox` is set).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Hello {
     /// [`crate::PROTOCOL_VERSION`] of the worker.
@@ -112,6 +113,8 @@ pub struct Hello {
     pub ctl: CtlLayout,
     /// This client's pin region, when the worker had one free (no fast path otherwise).
     pub pin_region: Option<u32>,
+    /// Capacity of this client's shared-memory mailbox, whose fd comes third, if it has one.
+    pub mailbox: Option<u64>,
     /// Largest payload that may travel inline in a frame.
     pub inline_limit: u64,
     /// Largest frame the worker accepts.

@@ -26,6 +26,11 @@ impl Client {
         Ok(Client { rt, inner })
     }
 
+    /// Requests sent through the shared-memory mailbox so far (diagnostics).
+    pub fn mailbox_calls(&self) -> u64 {
+        self.rt.block_on(self.inner.mailbox_calls())
+    }
+
     /// The async client underneath.
     pub fn inner(&self) -> &crate::Client {
         &self.inner

@@ -1,10 +1,10 @@
-use crate::conn::{handshake, Conn};
+use crate::conn::{handshake, Conn, MailboxConn};
 use crate::view::{ObjectBuilder, View};
 use crate::Error;
 use shoal_protocol::{
     ErrorCode, Hello, KvEntry, ListEntry, Namespace, ObjectId, Request, Response, StatusInfo,
 };
-use shoal_shm::{Arena, Ctl, FastReader};
+use shoal_shm::{Arena, Ctl, FastReader, Mailbox};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,6 +22,13 @@ pub struct ConnectOptions {
     pub populate: bool,
     /// Use the shared index for syscall-free local hits. On by default.
     pub fast_path: bool,
+    /// Send requests through the shared-memory mailbox when the worker offers one (blocking
+    /// clients only). On by default.
+    pub mailbox: bool,
+    /// How long a caller waiting for a mailbox reply keeps polling (yielding the CPU between
+    /// polls) before it sleeps on a futex. Longer costs CPU while waiting and saves the
+    /// worker a wake-up syscall per reply under load.
+    pub mailbox_spin: Duration,
 }
 
 impl ConnectOptions {
@@ -31,6 +38,8 @@ impl ConnectOptions {
             socket: socket.into(),
             populate: false,
             fast_path: true,
+            mailbox: true,
+            mailbox_spin: Duration::from_micros(500),
         }
     }
 
@@ -142,6 +151,10 @@ impl Client {
         opts: &ConnectOptions,
         blocking: bool,
     ) -> Result<Client, Error> {
+        let mailbox_fd = match hello.mailbox {
+            Some(_) => fds.pop(),
+            None => None,
+        };
         let ctl_fd = fds
             .pop()
             .ok_or_else(|| Error::protocol("missing control fd"))?;
@@ -155,11 +168,20 @@ impl Client {
             hello.ctl.pin_regions,
             hello.ctl.pins_per_region,
         )?;
+        let ctl = Arc::new(ctl);
         let fast = match (opts.fast_path, hello.pin_region) {
-            (true, Some(r)) => FastReader::new(Arc::new(ctl), r),
+            (true, Some(r)) => FastReader::new(ctl.clone(), r),
             _ => None,
         };
-        let conn = Conn::new(stream, hello.max_frame, blocking)?;
+        let mailbox = match (blocking && opts.mailbox, mailbox_fd, hello.mailbox) {
+            (true, Some(fd), Some(cap)) => Some(MailboxConn::new(
+                Mailbox::open(fd, cap)?,
+                ctl,
+                opts.mailbox_spin,
+            )),
+            _ => None,
+        };
+        let conn = Conn::new(stream, hello.max_frame, blocking, mailbox)?;
         Ok(Client {
             shared: Arc::new(Shared {
                 arena,
@@ -186,6 +208,11 @@ impl Client {
     /// The node's id.
     pub fn node_id(&self) -> &str {
         &self.shared.hello.node_id
+    }
+
+    /// Requests this client sent through its shared-memory mailbox (diagnostics).
+    pub async fn mailbox_calls(&self) -> u64 {
+        self.shared.conn.lock().await.mailbox_calls
     }
 
     /// Whether local hits skip the socket.

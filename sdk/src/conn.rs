@@ -7,10 +7,13 @@ use shoal_protocol::{
     encode_frame, ClientFrame, FrameDecoder, Hello, Request, Response, ServerFrame,
     FRAME_HEADER_LEN,
 };
+use shoal_shm::{Ctl, Mailbox};
 use std::io::Read;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream as StdStream;
 use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 
@@ -23,7 +26,7 @@ pub(crate) fn handshake(path: &Path) -> Result<(StdStream, Hello, Vec<OwnedFd>),
     let mut s = StdStream::connect(path)?;
     let mut buf = vec![0u8; MAX_HELLO];
     let (mut n, fds) =
-        shoal_shm::recv_with_fds(s.as_fd(), &mut buf, 2).map_err(|e| Error::Shm(e.to_string()))?;
+        shoal_shm::recv_with_fds(s.as_fd(), &mut buf, 3).map_err(|e| Error::Shm(e.to_string()))?;
     if n == 0 {
         return Err(Error::protocol(
             "the worker closed the connection during the handshake",
@@ -37,9 +40,10 @@ pub(crate) fn handshake(path: &Path) -> Result<(StdStream, Hello, Vec<OwnedFd>),
             .map_err(|e| Error::protocol(e.to_string()))?
         {
             Some(ServerFrame::Hello(h)) => {
-                if fds.len() != 2 {
+                let want = 2 + usize::from(h.mailbox.is_some());
+                if fds.len() != want {
                     return Err(Error::protocol(format!(
-                        "expected 2 fds with the hello, got {}",
+                        "expected {want} fds with the hello, got {}",
                         fds.len()
                     )));
                 }
@@ -72,10 +76,54 @@ enum Io {
     Blocking(StdStream, Vec<u8>),
 }
 
+/// This client's shared-memory mailbox (blocking clients only: waiting for a reply spins,
+/// yields, then sleeps on a futex, which would stall an async runtime).
+#[derive(Debug)]
+pub(crate) struct MailboxConn {
+    mailbox: Mailbox,
+    ctl: Arc<Ctl>,
+    seq: u32,
+    frame: Vec<u8>,
+    reply: Vec<u8>,
+    spin: Duration,
+}
+
+impl MailboxConn {
+    pub(crate) fn new(mailbox: Mailbox, ctl: Arc<Ctl>, spin: Duration) -> Self {
+        Self {
+            mailbox,
+            ctl,
+            seq: 0,
+            frame: Vec::new(),
+            reply: Vec::new(),
+            spin,
+        }
+    }
+}
+
+/// Requests whose replies are small enough for the mailbox and that never wait.
+fn mailbox_eligible(req: &Request) -> bool {
+    const MAX_KEYS: usize = 256;
+    match req {
+        Request::Get { ids, timeout_ms } => *timeout_ms == 0 && ids.len() <= MAX_KEYS,
+        Request::Contains { ids } => ids.len() <= MAX_KEYS,
+        Request::KvGet { keys } | Request::KvExists { keys } | Request::KvDel { keys } => {
+            keys.len() <= MAX_KEYS
+        }
+        Request::List { .. } | Request::Release { .. } | Request::Abort { .. } => false,
+        _ => true,
+    }
+}
+
 /// The request side of a connection. Callers serialize access (one request in flight).
 #[derive(Debug)]
 pub(crate) struct Conn {
     io: Io,
+    mailbox: Option<MailboxConn>,
+    /// One-way frames queued so far (the worker orders mailbox requests after them).
+    oneways: u64,
+    /// Requests answered through the mailbox (diagnostics).
+    pub(crate) mailbox_calls: u64,
     rbuf: BytesMut,
     /// Bytes queued for the socket, in order: one-way frames, then a request.
     wbuf: Vec<u8>,
@@ -85,7 +133,12 @@ pub(crate) struct Conn {
 
 impl Conn {
     /// A connection; `blocking` for callers without a runtime of their own.
-    pub(crate) fn new(stream: StdStream, max_frame: u32, blocking: bool) -> Result<Self, Error> {
+    pub(crate) fn new(
+        stream: StdStream,
+        max_frame: u32,
+        blocking: bool,
+        mailbox: Option<MailboxConn>,
+    ) -> Result<Self, Error> {
         let io = if blocking {
             Io::Blocking(stream, vec![0u8; 64 << 10])
         } else {
@@ -94,6 +147,10 @@ impl Conn {
         };
         Ok(Self {
             io,
+            // The mailbox path blocks the caller while it waits, so only blocking clients use it.
+            mailbox: mailbox.filter(|_| blocking),
+            oneways: 0,
+            mailbox_calls: 0,
             rbuf: BytesMut::with_capacity(64 << 10),
             wbuf: Vec::with_capacity(4096),
             next_id: 1,
@@ -103,6 +160,9 @@ impl Conn {
     }
 
     fn push(&mut self, req: Request) -> Result<u32, Error> {
+        if req.is_one_way() {
+            self.oneways += 1;
+        }
         let id = self.next_id;
         self.next_id = self.next_id.wrapping_add(1);
         encode_frame(&ClientFrame { id, req }, &mut self.wbuf)
@@ -144,7 +204,72 @@ impl Conn {
 
     /// Sends `req` (after anything queued) and waits for its reply.
     pub(crate) async fn call(&mut self, req: Request) -> Result<Response, Error> {
+        if self.mailbox.is_some() && mailbox_eligible(&req) {
+            return self.call_mailbox(req);
+        }
         let id = self.push(req)?;
+        self.socket_reply(id).await
+    }
+
+    /// Sends `req` through the shared-memory mailbox and waits for the reply there. Falls
+    /// back to the socket when the encoded request does not fit.
+    fn call_mailbox(&mut self, req: Request) -> Result<Response, Error> {
+        let Io::Blocking(sock, _) = &mut self.io else {
+            return Err(Error::protocol("mailbox on an async connection"));
+        };
+        // Socket frames queued before this request must be on the wire: the worker handles
+        // the request only after it has handled that many of them.
+        if !self.wbuf.is_empty() {
+            std::io::Write::write_all(sock, &self.wbuf)?;
+            self.wbuf.clear();
+        }
+        let id = self.next_id;
+        self.next_id = self.next_id.wrapping_add(1);
+        let Some(mb) = self.mailbox.as_mut() else {
+            return Err(Error::protocol("no mailbox"));
+        };
+        mb.frame.clear();
+        encode_frame(&ClientFrame { id, req }, &mut mb.frame)
+            .map_err(|e| Error::protocol(e.to_string()))?;
+        let seq = mb.seq.wrapping_add(1);
+        if !mb.mailbox.post(seq, self.oneways, &mb.frame) {
+            // Too large for the mailbox: the same frame goes on the socket.
+            std::io::Write::write_all(sock, &mb.frame)?;
+            return self.blocking_socket_reply(id);
+        }
+        mb.seq = seq;
+        mb.ctl.ring_doorbell();
+        let start = Instant::now();
+        let mut spins = 0u32;
+        while !mb.mailbox.reply_ready(seq) {
+            spins += 1;
+            if spins < 256 {
+                std::hint::spin_loop();
+            } else if start.elapsed() < mb.spin {
+                std::thread::yield_now();
+            } else if !mb.mailbox.sleep_for_reply(seq, Duration::from_millis(100))
+                && !socket_alive(sock)
+            {
+                return Err(Error::protocol("the dataworker closed the connection"));
+            }
+        }
+        mb.mailbox.reply(&mut mb.reply);
+        self.mailbox_calls += 1;
+        let mut b = BytesMut::from(&mb.reply[..]);
+        match self
+            .decoder
+            .decode::<ServerFrame>(&mut b)
+            .map_err(|e| Error::protocol(e.to_string()))?
+        {
+            Some(ServerFrame::Reply { id: rid, resp }) if rid == id => Ok(resp),
+            other => Err(Error::protocol(format!(
+                "unexpected mailbox reply {other:?}"
+            ))),
+        }
+    }
+
+    /// Writes what is queued and reads frames until the reply to `id`.
+    async fn socket_reply(&mut self, id: u32) -> Result<Response, Error> {
         match &mut self.io {
             Io::Async(s) => s.write_all(&self.wbuf).await?,
             Io::Blocking(s, _) => std::io::Write::write_all(s, &self.wbuf)?,
@@ -175,4 +300,44 @@ impl Conn {
             }
         }
     }
+}
+
+impl Conn {
+    /// The socket read loop for a blocking connection, without an executor.
+    fn blocking_socket_reply(&mut self, id: u32) -> Result<Response, Error> {
+        loop {
+            if let Some(frame) = self
+                .decoder
+                .decode::<ServerFrame>(&mut self.rbuf)
+                .map_err(|e| Error::protocol(e.to_string()))?
+            {
+                match frame {
+                    ServerFrame::Reply { id: rid, resp } if rid == id => return Ok(resp),
+                    ServerFrame::Reply { .. } => continue,
+                    other => return Err(Error::protocol(format!("unexpected frame {other:?}"))),
+                }
+            }
+            let Io::Blocking(s, tmp) = &mut self.io else {
+                return Err(Error::protocol("blocking read on an async connection"));
+            };
+            let n = s.read(tmp)?;
+            if n == 0 {
+                return Err(Error::protocol("the dataworker closed the connection"));
+            }
+            self.rbuf.extend_from_slice(&tmp[..n]);
+        }
+    }
+}
+
+/// Whether the worker's end of the socket is still open (a peek that does not block).
+fn socket_alive(s: &StdStream) -> bool {
+    let mut b = [0u8; 1];
+    !matches!(
+        nix::sys::socket::recv(
+            s.as_raw_fd(),
+            &mut b,
+            MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT
+        ),
+        Ok(0)
+    )
 }

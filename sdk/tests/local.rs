@@ -633,6 +633,92 @@ async fn start_errors_are_clear() {
     w.shutdown().await;
 }
 
+/// Runs blocking-client code off the async test runtime.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(f).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blocking_client_goes_through_the_mailbox() {
+    let n = Node::start(32 * MIB, |_| {}).await;
+    let sock = n.w().socket_path().to_owned();
+    blocking(move || {
+        let c = shoal_sdk::blocking::Client::connect(&sock).unwrap();
+        c.put("m1", b"mailbox").unwrap();
+        let big = vec![7u8; 3 * MIB as usize];
+        c.put("m2", &big).unwrap();
+        assert_eq!(&c.get("m1", Duration::ZERO).unwrap()[..], b"mailbox");
+        assert!(c.kv_set("k", b"v", SetOptions::default()).unwrap());
+        assert_eq!(&c.kv_get("k").unwrap().unwrap()[..], b"v");
+        assert_eq!(
+            c.put("m1", b"again").unwrap_err().code(),
+            ErrorCode::AlreadyExists
+        );
+        assert_eq!(
+            c.get("none", Duration::ZERO).unwrap_err().code(),
+            ErrorCode::NotFound
+        );
+        assert_eq!(
+            c.get("none", Duration::from_millis(30)).unwrap_err().code(),
+            ErrorCode::Timeout
+        );
+        assert!(c.status().unwrap().objects >= 2);
+        assert!(c.mailbox_calls() >= 6, "requests went through the mailbox");
+        // A list may be large: it stays on the socket and still works.
+        assert_eq!(c.list("m", 10).unwrap().len(), 2);
+        // Without the mailbox, the same calls use the socket.
+        let s = shoal_sdk::blocking::Client::connect_with(shoal_sdk::ConnectOptions {
+            mailbox: false,
+            ..shoal_sdk::ConnectOptions::new(&sock)
+        })
+        .unwrap();
+        s.put("m3", b"socket").unwrap();
+        assert_eq!(s.mailbox_calls(), 0);
+    })
+    .await;
+    n.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn socket_one_ways_stay_ordered_before_mailbox_requests() {
+    let n = Node::start(32 * MIB, |_| {}).await;
+    let sock = n.w().socket_path().to_owned();
+    blocking(move || {
+        let c = shoal_sdk::blocking::Client::connect(&sock).unwrap();
+        for i in 0..200 {
+            // Abort travels on the socket (one-way); the put right after goes through the
+            // mailbox and must see the abort done.
+            let mut b = c.create("again", 64).unwrap();
+            b.as_mut_slice()[0] = i as u8;
+            drop(b);
+            c.put("again", &[i as u8; 64]).unwrap();
+            // A socket-pinned view released on drop, then a delete through the mailbox:
+            // the release comes first, so nothing is left as a zombie.
+            let v = c
+                .get_many(&["again"], Duration::ZERO)
+                .unwrap()
+                .remove(0)
+                .unwrap();
+            assert_eq!(v[0], i as u8);
+            drop(v);
+            c.delete("again").unwrap();
+            assert_eq!(c.status().unwrap().zombies, 0, "round {i}");
+        }
+    })
+    .await;
+    n.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mailbox_client_gets_an_error_when_the_worker_stops() {
+    let n = Node::start(16 * MIB, |_| {}).await;
+    let sock = n.w().socket_path().to_owned();
+    let c = blocking(move || shoal_sdk::blocking::Client::connect(&sock).unwrap()).await;
+    n.stop().await;
+    let r = blocking(move || c.put("late", b"x")).await;
+    assert!(r.is_err(), "no hang, an error");
+}
+
 /// A client speaking raw frames, for protocol-violation tests.
 struct RawConn {
     stream: std::os::unix::net::UnixStream,

@@ -26,7 +26,7 @@
 use crate::{Arena, ShmError};
 use std::collections::HashMap;
 use std::os::fd::{BorrowedFd, OwnedFd};
-use std::sync::atomic::{fence, AtomicU64, Ordering};
+use std::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// Slots probed per bucket: a lookup reads at most this many slots.
@@ -126,7 +126,8 @@ impl Ctl {
             return Err(CtlError::Invalid("bucket count is not a power of two"));
         }
         let size = Self::size_for(b, r, p).ok_or(CtlError::Invalid("too large"))?;
-        let mem = Arena::open(fd, size, true)?;
+        // Not pre-faulted: a client touches only the slots it probes and its own pin region.
+        let mem = Arena::open(fd, size, false)?;
         let ctl = Ctl {
             mem,
             buckets: b,
@@ -207,6 +208,48 @@ impl Ctl {
     /// Advances the coarse clock (worker side).
     pub fn set_clock(&self, ms: u64) {
         self.word(32).store(ms, Ordering::Relaxed);
+    }
+
+    fn word32(&self, byte_off: usize) -> &AtomicU32 {
+        debug_assert!(byte_off.is_multiple_of(4) && byte_off + 4 <= HEADER);
+        // SAFETY: a 4-aligned offset inside the 64-byte header of the page-aligned mapping,
+        // which lives as long as `self`; these header words are only accessed atomically.
+        unsafe { &*(self.mem.base().add(byte_off) as *const AtomicU32) }
+    }
+
+    /// 1 while the worker's mailbox poller sleeps on the doorbell.
+    fn worker_sleeping(&self) -> &AtomicU32 {
+        self.word32(40)
+    }
+
+    fn doorbell(&self) -> &AtomicU32 {
+        self.word32(44)
+    }
+
+    /// Client side, after posting to its mailbox: wakes the worker's poller if it sleeps (the
+    /// only syscall of a mailbox request, and only when the worker was idle).
+    pub fn ring_doorbell(&self) {
+        if self.worker_sleeping().load(Ordering::SeqCst) != 0 {
+            self.doorbell().fetch_add(1, Ordering::SeqCst);
+            crate::mailbox::futex_wake(self.doorbell(), 1);
+        }
+    }
+
+    /// Worker side: sleeps until a client rings or `timeout` passes, unless `work_pending`
+    /// (checked after announcing the sleep, so no post is missed) says there is work.
+    pub fn worker_sleep(&self, work_pending: impl Fn() -> bool, timeout: std::time::Duration) {
+        self.worker_sleeping().store(1, Ordering::SeqCst);
+        let bell = self.doorbell().load(Ordering::SeqCst);
+        if !work_pending() {
+            crate::mailbox::futex_wait(self.doorbell(), bell, timeout);
+        }
+        self.worker_sleeping().store(0, Ordering::SeqCst);
+    }
+
+    /// Wakes the poller regardless (shutdown).
+    pub fn wake_worker(&self) {
+        self.doorbell().fetch_add(1, Ordering::SeqCst);
+        crate::mailbox::futex_wake(self.doorbell(), 1);
     }
 
     fn bucket_of(&self, hash: u64) -> usize {

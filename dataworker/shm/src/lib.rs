@@ -11,9 +11,11 @@
 mod arena;
 mod ctl;
 mod fdpass;
+mod mailbox;
 
 pub use arena::{Arena, ShmError};
 pub use ctl::{
     key_hash, Ctl, CtlError, FastPin, FastReader, IndexEntry, IndexWriter, SLOTS_PER_BUCKET,
 };
 pub use fdpass::{recv_with_fds, send_with_fds};
+pub use mailbox::Mailbox;

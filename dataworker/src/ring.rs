@@ -1,0 +1,209 @@
+//! The mailbox poller: one OS thread that serves requests clients post to their shared-memory
+//! mailboxes, so a request costs no syscall while the poller is awake.
+//!
+//! The poller spins for `ring_spin` after its last piece of work (yielding the CPU between
+//! sweeps), then sleeps on the control region's doorbell until a client rings it. Requests
+//! are handled by the same [`Shared::handle`] as socket requests, under the same store lock.
+//!
+//! Ordering with the socket: one-way frames (release, abort) still travel on the socket. A
+//! mailbox request carries how many one-way frames the client had written before it; the
+//! poller handles it only after the connection task has handled that many.
+//!
+//! Lifecycle: a client's mailbox is registered when it connects and closed (under its state
+//! lock, so an in-flight request finishes first) before the client's resources are released.
+use crate::conn::op_name;
+use crate::state::{GetMode, GetOutcome, Shared};
+use shoal_protocol::{
+    encode_frame, ClientFrame, ErrorCode, FrameDecoder, Request, Response, ServerFrame,
+};
+use shoal_shm::Mailbox;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+#[derive(Debug)]
+struct MailboxState {
+    open: bool,
+    last: u32,
+}
+
+/// One client's mailbox as the worker sees it.
+#[derive(Debug)]
+pub(crate) struct RingClient {
+    client: u64,
+    mailbox: Mailbox,
+    state: Mutex<MailboxState>,
+    /// One-way socket frames of this client that the connection task has handled.
+    oneways_done: AtomicU64,
+}
+
+impl RingClient {
+    pub(crate) fn new(client: u64, mailbox: Mailbox) -> Arc<Self> {
+        Arc::new(Self {
+            client,
+            mailbox,
+            state: Mutex::new(MailboxState {
+                open: true,
+                last: 0,
+            }),
+            oneways_done: AtomicU64::new(0),
+        })
+    }
+
+    pub(crate) fn mailbox(&self) -> &Mailbox {
+        &self.mailbox
+    }
+
+    /// Called by the connection task after each one-way frame.
+    pub(crate) fn oneway_done(&self) {
+        self.oneways_done.fetch_add(1, Ordering::SeqCst);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, MailboxState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn has_work(&self) -> bool {
+        let st = self.lock();
+        st.open && self.mailbox.pending(st.last).is_some()
+    }
+}
+
+/// The set of mailboxes and the poller's stop flag.
+#[derive(Debug, Default)]
+pub(crate) struct Poller {
+    clients: Mutex<Vec<Arc<RingClient>>>,
+    version: AtomicU64,
+    stop: AtomicBool,
+}
+
+impl Poller {
+    fn list(&self) -> std::sync::MutexGuard<'_, Vec<Arc<RingClient>>> {
+        self.clients.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn add(&self, rc: Arc<RingClient>) {
+        self.list().push(rc);
+        self.version.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Closes a client's mailbox; returns once no request of it is being handled.
+    pub(crate) fn remove(&self, client: u64) {
+        let rc = {
+            let mut l = self.list();
+            let i = l.iter().position(|r| r.client == client);
+            i.map(|i| l.swap_remove(i))
+        };
+        self.version.fetch_add(1, Ordering::SeqCst);
+        if let Some(rc) = rc {
+            rc.lock().open = false;
+        }
+    }
+
+    pub(crate) fn request_stop(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+
+    /// The poller thread's body; returns after [`Poller::request_stop`] (and a doorbell).
+    pub(crate) fn run(&self, shared: &Shared, spin: Duration) {
+        let decoder = FrameDecoder::new(shared.cfg.max_frame());
+        let (mut req, mut out) = (Vec::new(), Vec::new());
+        let mut snapshot: Vec<Arc<RingClient>> = Vec::new();
+        let mut seen = u64::MAX;
+        let mut idle_since = Instant::now();
+        while !self.stop.load(Ordering::SeqCst) {
+            let v = self.version.load(Ordering::SeqCst);
+            if v != seen {
+                snapshot = self.list().clone();
+                seen = v;
+            }
+            let mut did = false;
+            for rc in &snapshot {
+                did |= serve_one(shared, &decoder, rc, &mut req, &mut out);
+            }
+            if did {
+                idle_since = Instant::now();
+            } else if idle_since.elapsed() < spin {
+                // Let client threads run on a small machine; come straight back.
+                std::thread::yield_now();
+            } else {
+                shared.ctl.worker_sleep(
+                    || snapshot.iter().any(|rc| rc.has_work()),
+                    Duration::from_millis(100),
+                );
+                idle_since = Instant::now();
+            }
+        }
+    }
+}
+
+fn serve_one(
+    shared: &Shared,
+    decoder: &FrameDecoder,
+    rc: &RingClient,
+    req: &mut Vec<u8>,
+    out: &mut Vec<u8>,
+) -> bool {
+    let mut st = rc.lock();
+    if !st.open {
+        return false;
+    }
+    let Some((seq, oneways)) = rc.mailbox.pending(st.last) else {
+        return false;
+    };
+    if rc.oneways_done.load(Ordering::SeqCst) < oneways {
+        // Socket frames that came first are not handled yet; come back next sweep.
+        return false;
+    }
+    st.last = seq;
+    rc.mailbox.request(req);
+    let mut buf = bytes::BytesMut::from(&req[..]);
+    let (id, resp) = match decoder.decode::<ClientFrame>(&mut buf) {
+        Ok(Some(f)) => {
+            let op = op_name(&f.req);
+            let started = Instant::now();
+            metrics::counter!("shoal_requests_total", "op" => op, "path" => "mailbox").increment(1);
+            let resp = match f.req {
+                Request::Get { ids, timeout_ms: 0 } => {
+                    match shared.try_get(rc.client, &ids, GetMode::NoWait) {
+                        GetOutcome::Done(r) => r,
+                        GetOutcome::Wait(_) => {
+                            Response::error(ErrorCode::Internal, "get did not settle")
+                        }
+                    }
+                }
+                Request::Get { .. } => Response::error(
+                    ErrorCode::InvalidArgument,
+                    "waiting gets go through the socket",
+                ),
+                r => shared.handle(rc.client, r),
+            };
+            metrics::histogram!("shoal_request_seconds", "op" => op)
+                .record(started.elapsed().as_secs_f64());
+            (f.id, resp)
+        }
+        Ok(None) => (
+            0,
+            Response::error(ErrorCode::ProtocolError, "truncated mailbox request"),
+        ),
+        Err(e) => (
+            0,
+            Response::error(
+                ErrorCode::ProtocolError,
+                format!("malformed mailbox request: {e}"),
+            ),
+        ),
+    };
+    out.clear();
+    let reply = ServerFrame::Reply { id, resp };
+    if encode_frame(&reply, out).is_err() || out.len() as u64 > rc.mailbox.capacity() {
+        out.clear();
+        let resp = Response::error(
+            ErrorCode::TooLarge,
+            "reply does not fit the mailbox; ask on the socket",
+        );
+        let _ = encode_frame(&ServerFrame::Reply { id, resp }, out);
+    }
+    rc.mailbox.respond(seq, out);
+    true
+}
