@@ -719,6 +719,91 @@ async fn mailbox_client_gets_an_error_when_the_worker_stops() {
     assert!(r.is_err(), "no hang, an error");
 }
 
+/// A value whose bytes all derive from its version: any byte from another value shows.
+fn stamped(version: u64, len: usize) -> Vec<u8> {
+    let mut v = vec![(version % 251) as u8; len];
+    v[..8].copy_from_slice(&version.to_le_bytes());
+    v
+}
+
+fn check_stamp(v: &[u8]) {
+    let version = u64::from_le_bytes(v[..8].try_into().unwrap());
+    let fill = (version % 251) as u8;
+    assert!(
+        v[8..].iter().all(|b| *b == fill),
+        "view of version {version} changed under its pin"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_readers_never_see_memory_reused_under_a_pin() {
+    // A small arena, constant overwrites and eviction: memory is reused as fast as it can be.
+    let n = Node::start(4 * MIB, |_| {}).await;
+    let sock = n.w().socket_path().to_owned();
+    let deadline = Instant::now() + Duration::from_millis(1500);
+    let mut threads = Vec::new();
+    for w in 0..2u64 {
+        let sock = sock.clone();
+        threads.push(std::thread::spawn(move || {
+            let c = shoal_sdk::blocking::Client::connect(&sock).unwrap();
+            let mut version = w;
+            while Instant::now() < deadline {
+                version += 2;
+                let key = format!("k{}", version % 16);
+                c.kv_set(&key, &stamped(version, 16 << 10), SetOptions::default())
+                    .unwrap();
+                let id = format!("o{}", version % 32);
+                let _ = c.delete(&id);
+                match c.put(&id, &stamped(version, 100 << 10)) {
+                    Ok(()) => {}
+                    // Another writer re-created it first, or every byte is pinned right now.
+                    Err(e)
+                        if matches!(e.code(), ErrorCode::AlreadyExists | ErrorCode::StoreFull) => {}
+                    Err(e) => panic!("put: {e}"),
+                }
+            }
+        }));
+    }
+    for r in 0..3u64 {
+        let sock = sock.clone();
+        threads.push(std::thread::spawn(move || {
+            let c = shoal_sdk::blocking::Client::connect_with(shoal_sdk::ConnectOptions {
+                // One reader without the fast path, so socket pins are raced too.
+                fast_path: r != 0,
+                ..shoal_sdk::ConnectOptions::new(&sock)
+            })
+            .unwrap();
+            let mut held = std::collections::VecDeque::new();
+            let mut i = r;
+            while Instant::now() < deadline {
+                i += 1;
+                if let Some(v) = c.kv_get(&format!("k{}", i % 16)).unwrap() {
+                    check_stamp(&v);
+                    held.push_back(v);
+                }
+                if let Ok(v) = c.get(&format!("o{}", i % 32), Duration::ZERO) {
+                    check_stamp(&v);
+                    held.push_back(v);
+                }
+                // Hold a few views while writers overwrite and evict, then check them again.
+                while held.len() > 6 {
+                    let v = held.pop_front().unwrap();
+                    check_stamp(&v);
+                }
+            }
+            held.iter().for_each(|v| check_stamp(v));
+        }));
+    }
+    for t in threads {
+        t.join().unwrap();
+    }
+    n.until("all pins and zombies gone", |s| {
+        s.pins == 0 && s.zombies == 0 && s.clients == 0
+    })
+    .await;
+    n.stop().await;
+}
+
 /// A client speaking raw frames, for protocol-violation tests.
 struct RawConn {
     stream: std::os::unix::net::UnixStream,
