@@ -122,6 +122,7 @@ impl Poller {
                 did |= serve_one(shared, &decoder, rc, &mut req, &mut out);
             }
             if did {
+                shared.ctl.wake_sleepers();
                 idle_since = Instant::now();
             } else if idle_since.elapsed() < spin {
                 // Let client threads run on a small machine; come straight back.

@@ -246,6 +246,37 @@ impl Ctl {
         self.worker_sleeping().store(0, Ordering::SeqCst);
     }
 
+    /// Callers sleeping until a mailbox reply.
+    fn sleepers(&self) -> &AtomicU32 {
+        self.word32(48)
+    }
+
+    /// Bumped (and woken) by the worker after a sweep that answered requests.
+    fn reply_epoch(&self) -> &AtomicU32 {
+        self.word32(52)
+    }
+
+    /// Client side: sleeps until `ready()` holds or `timeout` passes (spurious returns are
+    /// possible; callers loop). All callers of all clients share one futex word, so one wake
+    /// after a sweep reaches every sleeper whose reply that sweep wrote.
+    pub fn sleep_until(&self, ready: impl Fn() -> bool, timeout: std::time::Duration) {
+        self.sleepers().fetch_add(1, Ordering::SeqCst);
+        let epoch = self.reply_epoch().load(Ordering::SeqCst);
+        if !ready() {
+            crate::mailbox::futex_wait(self.reply_epoch(), epoch, timeout);
+        }
+        self.sleepers().fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// Worker side, after publishing replies: wakes sleeping callers (one syscall, and only if
+    /// someone sleeps). A caller that counted itself before its last check is seen here.
+    pub fn wake_sleepers(&self) {
+        if self.sleepers().load(Ordering::SeqCst) != 0 {
+            self.reply_epoch().fetch_add(1, Ordering::SeqCst);
+            crate::mailbox::futex_wake(self.reply_epoch(), i32::MAX);
+        }
+    }
+
     /// Wakes the poller regardless (shutdown).
     pub fn wake_worker(&self) {
         self.doorbell().fetch_add(1, Ordering::SeqCst);

@@ -9,11 +9,12 @@
 //!   posts request `n + 1` only after it has read reply `n`.
 //! - The worker handles a request when `req_seq` differs from the last one it handled, writes
 //!   the reply and its length, then stores `resp_seq = n` (SeqCst).
-//! - Sleeping without lost wake-ups, twice the same Dekker pattern: a client that wants to sleep
-//!   stores `client_sleeping = 1`, re-checks `resp_seq`, and only then waits on the futex at
-//!   `resp_seq`; the worker stores `resp_seq` and then checks `client_sleeping`, waking it if
-//!   set. The worker sleeps on the control region's doorbell the same way (see
-//!   [`crate::Ctl::worker_sleep`] and [`crate::Ctl::ring_doorbell`]).
+//! - Sleeping without lost wake-ups uses the control region (same Dekker pattern both ways): a
+//!   caller counts itself as a sleeper, re-checks `resp_seq`, and waits on the shared reply
+//!   epoch; the worker, after a sweep that stored replies, reads the sleeper count and bumps
+//!   and wakes the epoch ([`crate::Ctl::sleep_until`], [`crate::Ctl::wake_sleepers`]). The
+//!   worker sleeps on the doorbell the same way ([`crate::Ctl::worker_sleep`],
+//!   [`crate::Ctl::ring_doorbell`]).
 //! - Futexes here are shared (no `FUTEX_PRIVATE_FLAG`): the words live in memory mapped by two
 //!   processes.
 use crate::{Arena, ShmError};
@@ -120,9 +121,6 @@ impl Mailbox {
     fn resp_seq(&self) -> &AtomicU32 {
         self.u32_at(4)
     }
-    fn client_sleeping(&self) -> &AtomicU32 {
-        self.u32_at(8)
-    }
     fn req_len(&self) -> &AtomicU32 {
         self.u32_at(12)
     }
@@ -156,17 +154,6 @@ impl Mailbox {
         self.resp_seq().load(Ordering::Acquire) == seq
     }
 
-    /// Sleeps until reply `seq` is there or `timeout` passes. Returns whether it is there.
-    pub fn sleep_for_reply(&self, seq: u32, timeout: Duration) -> bool {
-        self.client_sleeping().store(1, Ordering::SeqCst);
-        let seen = self.resp_seq().load(Ordering::SeqCst);
-        if seen != seq {
-            futex_wait(self.resp_seq(), seen, timeout);
-        }
-        self.client_sleeping().store(0, Ordering::SeqCst);
-        self.reply_ready(seq)
-    }
-
     /// Copies the reply out (call after [`Mailbox::reply_ready`]).
     pub fn reply(&self, out: &mut Vec<u8>) {
         let len = u64::from(self.resp_len().load(Ordering::Relaxed)).min(self.cap);
@@ -193,16 +180,13 @@ impl Mailbox {
         }
     }
 
-    /// Publishes reply `seq` (truncated to the capacity: callers keep replies small) and wakes
-    /// the client if it sleeps.
+    /// Publishes reply `seq` (truncated to the capacity: callers keep replies small). The
+    /// caller wakes sleepers afterwards with [`crate::Ctl::wake_sleepers`].
     pub fn respond(&self, seq: u32, reply: &[u8]) {
         let n = (reply.len() as u64).min(self.cap) as usize;
         let _ = self.mem.write(HEADER + self.cap, &reply[..n]);
         self.resp_len().store(n as u32, Ordering::Relaxed);
         self.resp_seq().store(seq, Ordering::SeqCst);
-        if self.client_sleeping().load(Ordering::SeqCst) != 0 {
-            futex_wake(self.resp_seq(), 1);
-        }
     }
 }
 
@@ -213,6 +197,8 @@ mod tests {
 
     #[test]
     fn request_reply_across_threads_with_sleeping() {
+        let ctl = Arc::new(crate::Ctl::create(1, 1, 1).unwrap());
+        let worker_ctl = ctl.clone();
         let worker_side = Arc::new(Mailbox::create(1024).unwrap());
         let client_side =
             Mailbox::open(worker_side.fd().try_clone_to_owned().unwrap(), 1024).unwrap();
@@ -230,6 +216,7 @@ mod tests {
                             std::thread::sleep(Duration::from_millis(2));
                         }
                         w.respond(seq, &buf);
+                        worker_ctl.wake_sleepers();
                         last = seq;
                     }
                     None => std::thread::yield_now(),
@@ -240,7 +227,7 @@ mod tests {
         for seq in 1..=200u32 {
             assert!(client_side.post(seq, 0, &seq.to_le_bytes()));
             while !client_side.reply_ready(seq) {
-                client_side.sleep_for_reply(seq, Duration::from_millis(100));
+                ctl.sleep_until(|| client_side.reply_ready(seq), Duration::from_secs(5));
             }
             client_side.reply(&mut out);
             let mut want = seq.to_le_bytes().to_vec();
