@@ -3,12 +3,13 @@ use crate::args::{BenchArgs, DataworkerArgs, UpArgs};
 use anyhow::Context;
 use metrics_exporter_prometheus::PrometheusHandle;
 use shoal_dataworker::Dataworker;
+use signals::wait_for_signal;
 use std::process::ExitCode;
-use tokio_util_shim::wait_for_signal;
 
-fn init_logging() {
+/// Logs to stderr; `SHOAL_LOG` (env-filter syntax) overrides `default`.
+fn init_logging(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("SHOAL_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -26,7 +27,7 @@ fn runtime(threads: usize) -> anyhow::Result<tokio::runtime::Runtime> {
     shoal_dataworker::runtime(threads).context("starting the async runtime")
 }
 
-mod tokio_util_shim {
+mod signals {
     /// Resolves on Ctrl-C or SIGTERM.
     pub(crate) async fn wait_for_signal() -> std::io::Result<()> {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -49,7 +50,7 @@ async fn start_worker(
 
 /// `shoal dataworker`.
 pub(crate) fn dataworker(a: DataworkerArgs) -> anyhow::Result<ExitCode> {
-    init_logging();
+    init_logging("info");
     let metrics = install_metrics();
     runtime(a.worker_threads)?.block_on(async {
         let w = start_worker(&a, metrics).await?;
@@ -83,7 +84,7 @@ pub(crate) fn up(a: UpArgs) -> anyhow::Result<ExitCode> {
     if a.nodes != 1 {
         anyhow::bail!("--nodes {}: this release runs a single node; multi-node clusters come with the control plane", a.nodes);
     }
-    init_logging();
+    init_logging("info");
     let metrics = install_metrics();
     runtime(a.worker.worker_threads)?.block_on(async {
         let w = start_worker(&a.worker, metrics).await?;
@@ -136,7 +137,7 @@ pub(crate) fn up(a: UpArgs) -> anyhow::Result<ExitCode> {
 
 /// `shoal bench`.
 pub(crate) fn bench(a: BenchArgs) -> anyhow::Result<ExitCode> {
-    init_logging_quiet();
+    init_logging("warn");
     let opts = shoal_perf::LocalOptions {
         quick: a.quick,
         table: !a.json_only,
@@ -144,13 +145,4 @@ pub(crate) fn bench(a: BenchArgs) -> anyhow::Result<ExitCode> {
     };
     shoal_perf::run_local(&opts)?;
     Ok(ExitCode::SUCCESS)
-}
-
-fn init_logging_quiet() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("SHOAL_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
 }

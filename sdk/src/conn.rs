@@ -272,54 +272,51 @@ impl Conn {
         }
     }
 
+    /// Takes frames off the read buffer until the reply to `id`; `None` if more bytes are needed.
+    fn take_reply(&mut self, id: u32) -> Result<Option<Response>, Error> {
+        while let Some(frame) = self
+            .decoder
+            .decode::<ServerFrame>(&mut self.rbuf)
+            .map_err(|e| Error::protocol(e.to_string()))?
+        {
+            match frame {
+                ServerFrame::Reply { id: rid, resp } if rid == id => return Ok(Some(resp)),
+                ServerFrame::Reply { .. } => {}
+                other => return Err(Error::protocol(format!("unexpected frame {other:?}"))),
+            }
+        }
+        Ok(None)
+    }
+
     /// Writes what is queued and reads frames until the reply to `id`.
     async fn socket_reply(&mut self, id: u32) -> Result<Response, Error> {
-        match &mut self.io {
-            Io::Async(s) => s.write_all(&self.wbuf).await?,
-            Io::Blocking(s, _) => std::io::Write::write_all(s, &self.wbuf)?,
-        }
+        let Io::Async(s) = &mut self.io else {
+            if let Io::Blocking(s, _) = &mut self.io {
+                std::io::Write::write_all(s, &self.wbuf)?;
+            }
+            self.wbuf.clear();
+            return self.blocking_socket_reply(id);
+        };
+        s.write_all(&self.wbuf).await?;
         self.wbuf.clear();
         loop {
-            if let Some(frame) = self
-                .decoder
-                .decode::<ServerFrame>(&mut self.rbuf)
-                .map_err(|e| Error::protocol(e.to_string()))?
-            {
-                match frame {
-                    ServerFrame::Reply { id: rid, resp } if rid == id => return Ok(resp),
-                    ServerFrame::Reply { .. } => continue,
-                    other => return Err(Error::protocol(format!("unexpected frame {other:?}"))),
-                }
+            if let Some(resp) = self.take_reply(id)? {
+                return Ok(resp);
             }
-            let n = match &mut self.io {
-                Io::Async(s) => s.read_buf(&mut self.rbuf).await?,
-                Io::Blocking(s, tmp) => {
-                    let n = s.read(tmp)?;
-                    self.rbuf.extend_from_slice(&tmp[..n]);
-                    n
-                }
+            let Io::Async(s) = &mut self.io else {
+                return Err(Error::protocol("async read on a blocking connection"));
             };
-            if n == 0 {
+            if s.read_buf(&mut self.rbuf).await? == 0 {
                 return Err(Error::protocol("the dataworker closed the connection"));
             }
         }
     }
-}
 
-impl Conn {
     /// The socket read loop for a blocking connection, without an executor.
     fn blocking_socket_reply(&mut self, id: u32) -> Result<Response, Error> {
         loop {
-            if let Some(frame) = self
-                .decoder
-                .decode::<ServerFrame>(&mut self.rbuf)
-                .map_err(|e| Error::protocol(e.to_string()))?
-            {
-                match frame {
-                    ServerFrame::Reply { id: rid, resp } if rid == id => return Ok(resp),
-                    ServerFrame::Reply { .. } => continue,
-                    other => return Err(Error::protocol(format!("unexpected frame {other:?}"))),
-                }
+            if let Some(resp) = self.take_reply(id)? {
+                return Ok(resp);
             }
             let Io::Blocking(s, tmp) = &mut self.io else {
                 return Err(Error::protocol("blocking read on an async connection"));
