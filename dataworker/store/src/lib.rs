@@ -13,11 +13,18 @@
 //! - a name maps to at most one live entry; a deleted entry that is still pinned is a zombie,
 //!   no longer reachable by name, freed when its last pin ends;
 //! - only sealed, in-memory, unpinned entries are evicted, least recently used first.
+//!
+//! Beside the index, two more pure pieces for the cluster: the consistent-hash [`Ring`] that
+//! says which nodes own an id's directory entry, and the [`Directory`] shard an owner keeps.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+mod directory;
+mod ring;
 mod store;
 
+pub use directory::{DirRecord, Directory, DirectoryConfig, Locate, Refused};
+pub use ring::{key_point, Ring, DEFAULT_VNODES};
 pub use store::{
     ClientId, Evicted, ExternalPins, Gen, Lookup, NoExternalPins, Placement, Stats, Store,
     StoreConfig, StoreError, UNIT,

@@ -51,6 +51,10 @@ pub struct StoreConfig {
     pub spill: bool,
     /// Most allocations alive at once (allocator node budget).
     pub max_allocations: u32,
+    /// Never drop a primary copy (an object sealed here, not pulled from another node) to
+    /// make room; without `spill` only replicas are evicted. Set in a cluster, where the
+    /// primary may be the only copy.
+    pub keep_primaries: bool,
 }
 
 impl StoreConfig {
@@ -62,6 +66,7 @@ impl StoreConfig {
             low_watermark: 0.8,
             spill: false,
             max_allocations: 1 << 20,
+            keep_primaries: false,
         }
     }
 }
@@ -146,6 +151,8 @@ pub struct Evicted {
     pub len: u64,
     /// Kept on disk (true) or dropped.
     pub spill: bool,
+    /// A copy pulled from another node (dropped, never spilled).
+    pub replica: bool,
 }
 
 /// What a name resolves to.
@@ -202,6 +209,8 @@ struct Entry {
     expires_at: Option<u64>,
     /// Bound to its name (false for zombies and uncommitted KV values).
     named: bool,
+    /// A cached copy of an object whose primary lives on another node.
+    replica: bool,
 }
 
 impl std::fmt::Debug for Entry {
@@ -293,7 +302,13 @@ impl Store {
     fn evictable(&self, gen: Gen, ext: &dyn ExternalPins) -> bool {
         self.entries
             .get(&gen)
-            .is_some_and(|e| e.state == State::Sealed && e.named && e.pins == 0 && e.mem.is_some())
+            .is_some_and(|e| {
+                e.state == State::Sealed
+                    && e.named
+                    && e.pins == 0
+                    && e.mem.is_some()
+                    && (e.replica || self.cfg.spill || !self.cfg.keep_primaries)
+            })
             && !ext.is_pinned(gen)
     }
 
@@ -318,8 +333,8 @@ impl Store {
                 skipped.insert(gen);
                 continue;
             }
-            let spill = self.cfg.spill;
             let e = self.entries.get(&gen)?;
+            let (spill, replica) = (self.cfg.spill && !e.replica, e.replica);
             let (offset, len) = (e.mem.map(|(_, o)| o)?, e.size);
             let ev = Evicted {
                 gen,
@@ -328,6 +343,7 @@ impl Store {
                 offset,
                 len,
                 spill,
+                replica,
             };
             self.free_mem(gen);
             self.evictions += 1;
@@ -419,6 +435,7 @@ impl Store {
                 last_access: 0,
                 expires_at: None,
                 named: false,
+                replica: false,
             },
         );
         self.client_unsealed.entry(owner).or_default().insert(gen);
@@ -495,6 +512,30 @@ impl Store {
                 .seal_gen(gen, client, now)
                 .ok_or_else(|| StoreError::NotUnsealed(id.clone())),
         }
+    }
+
+    /// Marks `id` (created, sealed or not) as a replica: a cached copy of an object whose
+    /// primary is on another node. Replicas are evicted freely and never spilled. Returns
+    /// whether the name exists.
+    pub fn mark_replica(&mut self, id: &ObjectId) -> bool {
+        let Some(gen) = self.names.get(&(Namespace::Object, id.clone())) else {
+            return false;
+        };
+        match self.entries.get_mut(gen) {
+            Some(e) => {
+                e.replica = true;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Whether `id` is a replica (see [`Store::mark_replica`]).
+    pub fn is_replica(&self, id: &ObjectId) -> bool {
+        self.names
+            .get(&(Namespace::Object, id.clone()))
+            .and_then(|g| self.entries.get(g))
+            .is_some_and(|e| e.replica)
     }
 
     /// Drops an unsealed buffer of `client`.

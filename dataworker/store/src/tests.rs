@@ -185,6 +185,32 @@ fn pinned_and_externally_pinned_are_never_evicted() {
 }
 
 #[test]
+fn in_a_cluster_only_replicas_are_evicted_without_spill() {
+    let mut cfg = StoreConfig::new(64 * KB);
+    cfg.keep_primaries = true;
+    let mut s = Store::new(cfg);
+    put(&mut s, "primary", 20 * KB, 1).unwrap();
+    s.create(&id("replica"), 20 * KB, 1, &mut NoExternalPins)
+        .unwrap();
+    assert!(s.mark_replica(&id("replica")));
+    s.seal(&id("replica"), 1, 2).unwrap();
+    assert!(s.is_replica(&id("replica")) && !s.is_replica(&id("primary")));
+    // Past the high watermark: the replica goes (though the primary is older), not spilled.
+    let (_, ev) = s.create(&id("new"), 20 * KB, 1, &mut NoExternalPins).unwrap();
+    assert_eq!(ev.len(), 1);
+    assert_eq!(ev[0].id, id("replica"));
+    assert!(ev[0].replica && !ev[0].spill);
+    s.seal(&id("new"), 1, 3).unwrap();
+    // Nothing evictable is left: primaries stay, the put fails with StoreFull.
+    assert!(matches!(
+        s.create(&id("more"), 30 * KB, 1, &mut NoExternalPins),
+        Err(StoreError::StoreFull { .. })
+    ));
+    assert!(s.contains(Namespace::Object, &id("primary"), 4));
+    s.check_invariants();
+}
+
+#[test]
 fn spill_keeps_entries_and_restores() {
     let mut cfg = StoreConfig::new(100 * KB);
     cfg.spill = true;
