@@ -17,10 +17,18 @@ pub(crate) struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum Command {
-    /// Run a local shoal (one node: a dataworker) in the foreground until Ctrl-C.
+    /// Run a local shoal in the foreground until Ctrl-C: one dataworker, or with `--nodes N`
+    /// (or `--etcd`) a cluster of control plus N dataworkers, each its own process.
     Up(UpArgs),
     /// Run one node's dataworker.
     Dataworker(DataworkerArgs),
+    /// Run the control plane (membership, metadata, leader election, HTTP API).
+    Control(ControlArgs),
+    /// Development certificate authority for the cluster's mutual TLS.
+    Ca {
+        #[command(subcommand)]
+        op: CaOp,
+    },
     /// Store a file (or stdin with `-`) as an object.
     Put {
         #[command(flatten)]
@@ -82,6 +90,40 @@ pub(crate) enum Command {
     },
     /// Run the benchmark suite.
     Bench(BenchArgs),
+    /// Serve bytes over TCP (+ TLS) for `shoal bench cluster`'s baseline (internal).
+    #[command(hide = true)]
+    BenchPeer {
+        /// Directory with the cluster CA and node-1's certificate.
+        #[arg(long)]
+        tls_dir: PathBuf,
+        /// Bytes served per request.
+        #[arg(long)]
+        bytes: u64,
+        /// Plain TCP instead of TLS.
+        #[arg(long)]
+        plain: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum CaOp {
+    /// Create a CA (ca.pem, ca.key) in a directory, and certificates for the given nodes.
+    Init {
+        /// Directory for the files.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Node ids to issue certificates for (comma-separated).
+        #[arg(long, value_delimiter = ',')]
+        nodes: Vec<String>,
+    },
+    /// Issue a node certificate (<node>.pem, <node>.key) from the CA in a directory.
+    Issue {
+        /// Directory holding ca.pem and ca.key.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Node id.
+        node: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -172,6 +214,84 @@ pub(crate) struct DataworkerArgs {
     /// Address of /metrics and /health ("127.0.0.1:9464"; port 0 picks one; "off" disables).
     #[arg(long, env = "SHOAL_HTTP_ADDR", default_value = "127.0.0.1:0", value_parser = parse_http_addr)]
     pub(crate) http_addr: HttpAddr,
+    #[command(flatten)]
+    pub(crate) cluster: ClusterArgs,
+    #[command(flatten)]
+    pub(crate) child: ChildArgs,
+}
+
+/// How a dataworker joins a cluster (it runs standalone without `--meta` or `--etcd`).
+#[derive(Debug, Args, Clone)]
+pub(crate) struct ClusterArgs {
+    /// Join the cluster whose control serves metadata at this address (host:port).
+    #[arg(long, env = "SHOAL_META")]
+    pub(crate) meta: Option<String>,
+    /// Join the cluster whose metadata lives in etcd (comma-separated client URLs).
+    #[arg(long, env = "SHOAL_ETCD", value_delimiter = ',')]
+    pub(crate) etcd: Vec<String>,
+    /// Key prefix in etcd (clusters sharing an etcd use different prefixes).
+    #[arg(long, env = "SHOAL_ETCD_PREFIX", default_value = "/shoal/")]
+    pub(crate) etcd_prefix: String,
+    /// UDP address for QUIC from other dataworkers (port 0 picks one).
+    #[arg(long, env = "SHOAL_PEER_ADDR", default_value = "127.0.0.1:0")]
+    pub(crate) peer_addr: SocketAddr,
+    /// Directory with ca.pem, <node-id>.pem and <node-id>.key (see `shoal ca init`).
+    #[arg(long, env = "SHOAL_TLS_DIR")]
+    pub(crate) tls_dir: Option<PathBuf>,
+    /// Cluster CA certificate (PEM) [default: <tls-dir>/ca.pem].
+    #[arg(long, env = "SHOAL_CA_CERT")]
+    pub(crate) ca_cert: Option<PathBuf>,
+    /// This node's certificate (PEM) [default: <tls-dir>/<node-id>.pem].
+    #[arg(long, env = "SHOAL_NODE_CERT")]
+    pub(crate) node_cert: Option<PathBuf>,
+    /// This node's private key (PEM) [default: <tls-dir>/<node-id>.key].
+    #[arg(long, env = "SHOAL_NODE_KEY")]
+    pub(crate) node_key: Option<PathBuf>,
+    /// Membership lease TTL: a node that stops renewing leaves the ring after this.
+    #[arg(long, env = "SHOAL_LEASE_TTL", default_value = "10s", value_parser = parse_duration)]
+    pub(crate) lease_ttl: Duration,
+    /// Parallel QUIC streams per large object transfer.
+    #[arg(long, env = "SHOAL_FETCH_STREAMS", default_value_t = 4)]
+    pub(crate) fetch_streams: usize,
+}
+
+/// Settings for a component started by `shoal up` (hidden from help).
+#[derive(Debug, Args, Clone, Default)]
+pub(crate) struct ChildArgs {
+    /// Print one JSON line describing the component once it is ready.
+    #[arg(long, hide = true)]
+    pub(crate) ready_json: bool,
+    /// Shut down when standard input closes (the parent `shoal up` went away).
+    #[arg(long, hide = true)]
+    pub(crate) exit_with_parent: bool,
+}
+
+#[derive(Debug, Args, Clone)]
+pub(crate) struct ControlArgs {
+    /// Address of the metadata API the nodes use ("off" with --etcd: nodes use etcd directly).
+    #[arg(long, env = "SHOAL_CONTROL_LISTEN", default_value = "127.0.0.1:7700", value_parser = parse_http_addr)]
+    pub(crate) listen: HttpAddr,
+    /// Address of the HTTP API (/health, /v1/nodes, /v1/leader, /metrics).
+    #[arg(long, env = "SHOAL_CONTROL_HTTP_ADDR", default_value = "127.0.0.1:7701")]
+    pub(crate) http_addr: SocketAddr,
+    /// Where the embedded metadata store keeps its file [default: <socket dir>/control].
+    #[arg(long, env = "SHOAL_DATA_DIR")]
+    pub(crate) data_dir: Option<PathBuf>,
+    /// Keep metadata in etcd instead (comma-separated client URLs); enables leader election
+    /// between several control processes.
+    #[arg(long, env = "SHOAL_ETCD", value_delimiter = ',')]
+    pub(crate) etcd: Vec<String>,
+    /// Key prefix in etcd.
+    #[arg(long, env = "SHOAL_ETCD_PREFIX", default_value = "/shoal/")]
+    pub(crate) etcd_prefix: String,
+    /// Leader lease TTL: a dead leader is replaced within it.
+    #[arg(long, env = "SHOAL_ELECTION_TTL", default_value = "5s", value_parser = parse_duration)]
+    pub(crate) election_ttl: Duration,
+    /// This process's name in the leader record [default: control-<pid>].
+    #[arg(long, env = "SHOAL_CONTROL_NAME")]
+    pub(crate) name: Option<String>,
+    #[command(flatten)]
+    pub(crate) child: ChildArgs,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -179,7 +299,8 @@ pub(crate) struct HttpAddr(pub(crate) Option<SocketAddr>);
 
 #[derive(Debug, Args)]
 pub(crate) struct UpArgs {
-    /// Nodes to start (this release runs one).
+    /// Nodes to start. One node without `--etcd` runs in this process; more start control
+    /// and one dataworker process per node.
     #[arg(long, default_value_t = 1)]
     pub(crate) nodes: u32,
     /// Print one JSON object describing what started, once it is ready.
@@ -192,7 +313,7 @@ pub(crate) struct UpArgs {
 #[derive(Debug, Args)]
 pub(crate) struct BenchArgs {
     /// Which suite.
-    #[arg(value_parser = ["local"])]
+    #[arg(value_parser = ["local", "cluster"])]
     pub(crate) suite: String,
     /// A short smoke run (seconds, not minutes).
     #[arg(long)]
@@ -246,6 +367,28 @@ impl ConnArgs {
     }
 }
 
+impl ClusterArgs {
+    /// Whether the node joins a cluster.
+    pub(crate) fn enabled(&self) -> bool {
+        self.meta.is_some() || !self.etcd.is_empty()
+    }
+
+    /// The TLS files of `node`, from the explicit paths or the TLS directory.
+    pub(crate) fn tls_files(&self, node: &str) -> anyhow::Result<shoal_transport::TlsFiles> {
+        let from_dir = |name: String| self.tls_dir.as_ref().map(|d| d.join(name));
+        let pick = |explicit: &Option<PathBuf>, name: String, flag: &str| {
+            explicit.clone().or_else(|| from_dir(name)).ok_or_else(|| {
+                anyhow::anyhow!("a cluster node needs {flag} or --tls-dir (see `shoal ca init`)")
+            })
+        };
+        Ok(shoal_transport::TlsFiles {
+            ca_cert: pick(&self.ca_cert, "ca.pem".into(), "--ca-cert")?,
+            cert: pick(&self.node_cert, format!("{node}.pem"), "--node-cert")?,
+            key: pick(&self.node_key, format!("{node}.key"), "--node-key")?,
+        })
+    }
+}
+
 impl DataworkerArgs {
     /// The validated dataworker config.
     pub(crate) fn to_config(&self) -> anyhow::Result<shoal_dataworker::Config> {
@@ -265,6 +408,12 @@ impl DataworkerArgs {
         c.http_addr = self.http_addr.0;
         c.mailbox = self.mailbox;
         c.mailbox_spin = self.mailbox_spin;
+        if self.cluster.enabled() {
+            let mut cc = shoal_dataworker::ClusterConfig::new(self.cluster.peer_addr);
+            cc.lease_ttl = self.cluster.lease_ttl;
+            cc.fetch_streams = self.cluster.fetch_streams;
+            c.cluster = Some(cc);
+        }
         c.validate()?;
         Ok(c)
     }

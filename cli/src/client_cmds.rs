@@ -123,13 +123,53 @@ async fn run_async(cmd: Command) -> anyhow::Result<ExitCode> {
                 );
                 println!("clients    {}", s.clients);
                 println!("evictions  {} ({} spilled)", s.evictions, s.spills);
+                if !s.members.is_empty() {
+                    println!();
+                    println!(
+                        "{:<12} {:<8} {:<22} {:>24}",
+                        "cluster", "health", "quic", "arena used"
+                    );
+                    for m in &s.members {
+                        let h = m.http_addr.as_deref().and_then(health);
+                        let (state, used) = match &h {
+                            Some(v) => (
+                                "ok",
+                                format!(
+                                    "{} of {}",
+                                    bytesize::ByteSize(v["used_bytes"].as_u64().unwrap_or(0)),
+                                    bytesize::ByteSize(v["arena_bytes"].as_u64().unwrap_or(0))
+                                ),
+                            ),
+                            None => ("down", "-".to_string()),
+                        };
+                        println!("{:<12} {:<8} {:<22} {:>24}", m.node_id, state, m.peer_addr, used);
+                    }
+                }
             }
         }
-        Command::Up(_) | Command::Dataworker(_) | Command::Bench(_) => {
+        Command::Up(_)
+        | Command::Dataworker(_)
+        | Command::Control(_)
+        | Command::Ca { .. }
+        | Command::Bench(_)
+        | Command::BenchPeer { .. } => {
             unreachable!("handled by the caller")
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// A node's `/health` JSON, or `None` when it does not answer within a second.
+fn health(addr: &str) -> Option<serde_json::Value> {
+    let addr: std::net::SocketAddr = addr.parse().ok()?;
+    let t = std::time::Duration::from_secs(1);
+    let mut s = std::net::TcpStream::connect_timeout(&addr, t).ok()?;
+    s.set_read_timeout(Some(t)).ok()?;
+    s.write_all(b"GET /health HTTP/1.0\r\nHost: shoal\r\n\r\n").ok()?;
+    let mut body = String::new();
+    s.read_to_string(&mut body).ok()?;
+    let (_, json) = body.split_once("\r\n\r\n")?;
+    serde_json::from_str(json).ok()
 }
 
 async fn kv(conn: &ConnArgs, op: KvOp) -> anyhow::Result<ExitCode> {

@@ -3,6 +3,7 @@
 
 mod args;
 mod client_cmds;
+mod cluster_cmds;
 mod serve;
 
 use clap::Parser;
@@ -34,7 +35,17 @@ fn run(cli: args::Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Up(a) => serve::up(a),
         Dataworker(a) => serve::dataworker(a),
+        Control(a) => cluster_cmds::control(a),
+        Ca { op } => cluster_cmds::ca(op),
         Bench(a) => serve::bench(a),
+        BenchPeer {
+            tls_dir,
+            bytes,
+            plain,
+        } => {
+            shoal_perf::serve_bytes(&tls_dir, bytes, !plain)?;
+            Ok(ExitCode::SUCCESS)
+        }
         cmd => client_cmds::run(cmd),
     }
 }

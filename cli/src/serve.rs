@@ -7,7 +7,7 @@ use signals::wait_for_signal;
 use std::process::ExitCode;
 
 /// Logs to stderr; `SHOAL_LOG` (env-filter syntax) overrides `default`.
-fn init_logging(default: &str) {
+pub(crate) fn init_logging(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("SHOAL_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let _ = tracing_subscriber::fmt()
@@ -16,7 +16,7 @@ fn init_logging(default: &str) {
         .try_init();
 }
 
-fn install_metrics() -> Option<PrometheusHandle> {
+pub(crate) fn install_metrics() -> Option<PrometheusHandle> {
     metrics_exporter_prometheus::PrometheusBuilder::new()
         .install_recorder()
         .map_err(|e| tracing::warn!(error = %e, "metrics recorder not installed"))
@@ -38,12 +38,33 @@ mod signals {
     }
 }
 
+/// Resolves on Ctrl-C, SIGTERM or when `token` is cancelled (e.g. the parent went away).
+pub(crate) async fn stop_signal(token: &tokio_util::sync::CancellationToken) -> anyhow::Result<()> {
+    tokio::select! {
+        r = wait_for_signal() => r.context("waiting for a signal"),
+        _ = token.cancelled() => Ok(()),
+    }
+}
+
 async fn start_worker(
     a: &DataworkerArgs,
     metrics: Option<PrometheusHandle>,
 ) -> anyhow::Result<Dataworker> {
     let cfg = a.to_config()?;
-    Dataworker::start(cfg, metrics)
+    let parts = if a.cluster.enabled() {
+        let files = a.cluster.tls_files(&a.node_id)?;
+        let tls = shoal_transport::NodeTls::load(&files)?;
+        let meta = crate::cluster_cmds::meta_store(
+            a.cluster.meta.as_deref(),
+            &a.cluster.etcd,
+            &a.cluster.etcd_prefix,
+        )
+        .await?;
+        Some(shoal_dataworker::ClusterParts { meta, tls })
+    } else {
+        None
+    };
+    Dataworker::start_with(cfg, metrics, parts)
         .await
         .context("starting the dataworker")
 }
@@ -54,7 +75,19 @@ pub(crate) fn dataworker(a: DataworkerArgs) -> anyhow::Result<ExitCode> {
     let metrics = install_metrics();
     runtime(a.worker_threads)?.block_on(async {
         let w = start_worker(&a, metrics).await?;
-        wait_for_signal().await.context("waiting for a signal")?;
+        if a.child.ready_json {
+            let ready = serde_json::json!({
+                "node": a.node_id,
+                "socket": w.socket_path().display().to_string(),
+                "http": w.http_addr().map(|h| h.to_string()),
+                "peer_addr": w.peer_addr().map(|p| p.to_string()),
+                "pid": std::process::id(),
+            });
+            println!("{ready}");
+        }
+        let token = w.shutdown_token();
+        crate::cluster_cmds::watch_parent(&a.child, token.clone());
+        stop_signal(&token).await?;
         tracing::info!("shutting down");
         w.shutdown().await;
         Ok(ExitCode::SUCCESS)
@@ -81,8 +114,8 @@ struct UpInfo {
 
 /// `shoal up`: a whole local shoal in the foreground.
 pub(crate) fn up(a: UpArgs) -> anyhow::Result<ExitCode> {
-    if a.nodes != 1 {
-        anyhow::bail!("--nodes {}: this release runs a single node; multi-node clusters come with the control plane", a.nodes);
+    if a.nodes != 1 || a.worker.cluster.enabled() {
+        return crate::cluster_cmds::up_cluster(a);
     }
     init_logging("info");
     let metrics = install_metrics();
@@ -128,7 +161,7 @@ pub(crate) fn up(a: UpArgs) -> anyhow::Result<ExitCode> {
         }
         use std::io::Write;
         std::io::stdout().flush()?;
-        wait_for_signal().await.context("waiting for a signal")?;
+        stop_signal(&w.shutdown_token()).await?;
         tracing::info!("shutting down");
         w.shutdown().await;
         Ok(ExitCode::SUCCESS)
@@ -138,6 +171,16 @@ pub(crate) fn up(a: UpArgs) -> anyhow::Result<ExitCode> {
 /// `shoal bench`.
 pub(crate) fn bench(a: BenchArgs) -> anyhow::Result<ExitCode> {
     init_logging("warn");
+    if a.suite == "cluster" {
+        let opts = shoal_perf::ClusterOptions {
+            quick: a.quick,
+            table: !a.json_only,
+            only: a.only,
+            shoal: std::env::current_exe().context("finding the shoal binary")?,
+        };
+        shoal_perf::run_cluster(&opts)?;
+        return Ok(ExitCode::SUCCESS);
+    }
     let opts = shoal_perf::LocalOptions {
         quick: a.quick,
         table: !a.json_only,

@@ -41,6 +41,48 @@ pub struct Config {
     pub mailbox: bool,
     /// How long the mailbox poller keeps polling after its last request before it sleeps.
     pub mailbox_spin: Duration,
+    /// Cluster settings; `None` runs a standalone node.
+    pub cluster: Option<ClusterConfig>,
+}
+
+/// How a dataworker takes part in a cluster.
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    /// UDP address of the QUIC endpoint other dataworkers reach this node on (port 0 picks one).
+    pub peer_addr: SocketAddr,
+    /// TTL of the membership lease; a node that stops renewing it leaves the ring after this.
+    pub lease_ttl: Duration,
+    /// Owners of each directory entry (primary + copies), so losing a node loses no record.
+    pub directory_copies: usize,
+    /// Parallel QUIC streams for one large object.
+    pub fetch_streams: usize,
+    /// Objects below this size travel on a single stream.
+    pub fetch_chunk: u64,
+    /// How long a get with a zero timeout may spend pulling an object sealed elsewhere.
+    pub pull_timeout: Duration,
+    /// How often everything held is re-registered with the directory owners (anti-entropy).
+    pub resync_interval: Duration,
+    /// Pending directory updates before new ones are dropped (the next resync repairs them).
+    pub outbox_capacity: usize,
+    /// QUIC idle timeout: a silent peer is declared gone after this.
+    pub idle_timeout: Duration,
+}
+
+impl ClusterConfig {
+    /// Defaults with the QUIC endpoint on `peer_addr`.
+    pub fn new(peer_addr: SocketAddr) -> Self {
+        Self {
+            peer_addr,
+            lease_ttl: Duration::from_secs(10),
+            directory_copies: 2,
+            fetch_streams: 4,
+            fetch_chunk: 4 << 20,
+            pull_timeout: Duration::from_secs(60),
+            resync_interval: Duration::from_secs(30),
+            outbox_capacity: 65_536,
+            idle_timeout: Duration::from_secs(5),
+        }
+    }
 }
 
 /// A setting that cannot work, named.
@@ -75,6 +117,7 @@ impl Config {
             max_get_timeout: Duration::from_secs(3600),
             mailbox: true,
             mailbox_spin: Duration::from_micros(50),
+            cluster: None,
         }
     }
 
@@ -113,6 +156,20 @@ impl Config {
                 "--mailbox-spin",
                 "at most 100ms (it burns a core while it lasts)".into(),
             );
+        }
+        if let Some(c) = &self.cluster {
+            if c.lease_ttl < Duration::from_secs(1) || c.lease_ttl > Duration::from_secs(3600) {
+                return bad("--lease-ttl", "between 1s and 1h".into());
+            }
+            if !(1..=64).contains(&c.fetch_streams) {
+                return bad("--fetch-streams", "between 1 and 64".into());
+            }
+            if c.directory_copies == 0 || c.directory_copies > 5 {
+                return bad("--directory-copies", "between 1 and 5".into());
+            }
+            if c.fetch_chunk < 64 << 10 {
+                return bad("--fetch-chunk", "at least 64KiB".into());
+            }
         }
         if self.pins_per_client == 0 || self.index_buckets == 0 {
             return bad(

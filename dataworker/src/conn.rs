@@ -6,10 +6,11 @@
 //! client, a malformed frame, shutdown), every pin and unsealed buffer of the client is
 //! released before the task returns.
 use crate::ring::RingClient;
+use crate::ops;
 use crate::state::{GetMode, GetOutcome, Shared};
 use bytes::BytesMut;
 use shoal_protocol::{
-    encode_frame, ClientFrame, CtlLayout, ErrorCode, FrameDecoder, Hello, ObjectId, Request,
+    encode_frame, ClientFrame, CtlLayout, ErrorCode, FrameDecoder, Hello, Request,
     Response, ServerFrame, WireError, PROTOCOL_VERSION,
 };
 use shoal_shm::Mailbox;
@@ -17,7 +18,7 @@ use std::io::{Read, Write};
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream as StdUnixStream;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 use tokio::io::unix::AsyncFd;
 use tokio::io::AsyncWriteExt;
 use tokio::net::UnixStream;
@@ -117,6 +118,9 @@ pub(crate) async fn serve(
         Ok(()) => tracing::debug!(client, "client disconnected"),
         Err(e) => tracing::warn!(client, error = %e, "closing connection"),
     }
+    if let Some(m) = &mailbox {
+        m.close_deferred().await;
+    }
     shared.client_left(client, region);
 }
 
@@ -183,29 +187,38 @@ async fn run(
                     let op = op_name(&frame.req);
                     let started = Instant::now();
                     metrics::counter!("shoal_requests_total", "op" => op).increment(1);
-                    match frame.req {
-                        Request::Get { ids, timeout_ms } => {
-                            let timeout = Duration::from_millis(timeout_ms).min(shared.cfg.max_get_timeout);
-                            let mode = if timeout.is_zero() { GetMode::NoWait } else { GetMode::Wait };
-                            match shared.try_get(client, &ids, mode) {
-                                GetOutcome::Done(resp) => encode(&ServerFrame::Reply { id: frame.id, resp }, &mut out),
-                                GetOutcome::Wait(rx) if waiting.len() < shared.cfg.max_waiting_gets => {
-                                    waiting.spawn(wait_get(shared.clone(), client, frame.id, ids, rx, timeout, tx.clone()));
-                                }
-                                GetOutcome::Wait(_) => {
-                                    let resp = Response::error(ErrorCode::Overloaded, "too many waiting gets on this connection");
-                                    encode(&ServerFrame::Reply { id: frame.id, resp }, &mut out);
-                                }
+                    let req = frame.req;
+                    if ops::is_deferred(shared, &req) {
+                        // A get of objects sealed here answers inline; the rest waits in a task.
+                        let now = match &req {
+                            Request::Get { ids, timeout_ms } => match shared.try_get(client, ids, get_mode(shared, *timeout_ms)) {
+                                GetOutcome::Done(resp) => Some(resp),
+                                GetOutcome::Wait(_) => None,
+                            },
+                            _ => None,
+                        };
+                        match now {
+                            Some(resp) => encode(&ServerFrame::Reply { id: frame.id, resp }, &mut out),
+                            None if waiting.len() < shared.cfg.max_waiting_gets => {
+                                let (shared, tx, id) = (shared.clone(), tx.clone(), frame.id);
+                                waiting.spawn(async move {
+                                    let resp = ops::run(shared, client, req).await;
+                                    // If the connection is gone its pins were released by client_left.
+                                    let _ = tx.send((id, resp)).await;
+                                });
+                            }
+                            None => {
+                                let resp = Response::error(ErrorCode::Overloaded, "too many waiting requests on this connection");
+                                encode(&ServerFrame::Reply { id: frame.id, resp }, &mut out);
                             }
                         }
-                        req => {
-                            let one_way = req.is_one_way();
-                            let resp = shared.handle(client, req);
-                            if !one_way {
-                                encode(&ServerFrame::Reply { id: frame.id, resp }, &mut out);
-                            } else if let Some(m) = session.mailbox {
-                                m.oneway_done();
-                            }
+                    } else {
+                        let one_way = req.is_one_way();
+                        let resp = shared.handle(client, req);
+                        if !one_way {
+                            encode(&ServerFrame::Reply { id: frame.id, resp }, &mut out);
+                        } else if let Some(m) = session.mailbox {
+                            m.oneway_done();
                         }
                     }
                     metrics::histogram!("shoal_request_seconds", "op" => op).record(started.elapsed().as_secs_f64());
@@ -276,42 +289,13 @@ impl Sock {
     }
 }
 
-/// Waits until every id is sealed or the deadline passes, then answers.
-async fn wait_get(
-    shared: Arc<Shared>,
-    client: u64,
-    req_id: u32,
-    ids: Vec<ObjectId>,
-    mut rx: Vec<tokio::sync::watch::Receiver<()>>,
-    timeout: Duration,
-    tx: mpsc::Sender<(u32, Response)>,
-) {
-    let deadline = tokio::time::Instant::now() + timeout;
-    let resp = loop {
-        // Waiting on the first unsealed id is enough: every wake re-checks all of them.
-        let woke = match rx.first_mut() {
-            Some(first) => tokio::time::timeout_at(deadline, first.changed())
-                .await
-                .is_ok(),
-            None => true,
-        };
-        if !woke {
-            drop(rx);
-            shared.drop_idle_waiters();
-            match shared.try_get(client, &ids, GetMode::Expired) {
-                GetOutcome::Done(r) => break r,
-                GetOutcome::Wait(_) => {
-                    break Response::error(ErrorCode::Internal, "get did not settle")
-                }
-            }
-        }
-        match shared.try_get(client, &ids, GetMode::Wait) {
-            GetOutcome::Done(r) => break r,
-            GetOutcome::Wait(next) => rx = next,
-        }
-    };
-    // If the connection is gone the pins were or will be released by client_left.
-    let _ = tx.send((req_id, resp)).await;
+/// How to look a get up inline: without a cluster, a zero timeout means "answer now".
+fn get_mode(shared: &Shared, timeout_ms: u64) -> GetMode {
+    if timeout_ms == 0 && shared.cluster.get().is_none() {
+        GetMode::NoWait
+    } else {
+        GetMode::Wait
+    }
 }
 
 pub(crate) fn op_name(r: &Request) -> &'static str {

@@ -12,6 +12,7 @@
 //! Lifecycle: a client's mailbox is registered when it connects and closed (under its state
 //! lock, so an in-flight request finishes first) before the client's resources are released.
 use crate::conn::op_name;
+use crate::ops;
 use crate::state::{GetMode, GetOutcome, Shared};
 use shoal_protocol::{
     encode_frame, ClientFrame, ErrorCode, FrameDecoder, Request, Response, ServerFrame,
@@ -20,6 +21,8 @@ use shoal_shm::Mailbox;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 #[derive(Debug)]
 struct MailboxState {
@@ -35,6 +38,10 @@ pub(crate) struct RingClient {
     state: Mutex<MailboxState>,
     /// One-way socket frames of this client that the connection task has handled.
     oneways_done: AtomicU64,
+    /// Requests handed to the runtime (remote gets, cluster deletes); they answer in the
+    /// mailbox when done.
+    deferred: TaskTracker,
+    cancel: CancellationToken,
 }
 
 impl RingClient {
@@ -47,7 +54,37 @@ impl RingClient {
                 last: 0,
             }),
             oneways_done: AtomicU64::new(0),
+            deferred: TaskTracker::new(),
+            cancel: CancellationToken::new(),
         })
+    }
+
+    /// Stops this client's deferred requests and waits for them. Call before its resources
+    /// are released: afterwards nothing pins on its behalf any more (a deferred request pins
+    /// only in the synchronous step that also writes its reply).
+    pub(crate) async fn close_deferred(&self) {
+        self.cancel.cancel();
+        self.deferred.close();
+        self.deferred.wait().await;
+    }
+
+    fn defer(self: &Arc<Self>, shared: &Arc<Shared>, seq: u32, id: u32, req: Request) {
+        let (rc, shared2) = (self.clone(), shared.clone());
+        let cancel = self.cancel.clone();
+        let fut = self.deferred.track_future(async move {
+            let resp = tokio::select! {
+                _ = cancel.cancelled() => return,
+                r = ops::run(shared2.clone(), rc.client, req) => r,
+            };
+            let st = rc.lock();
+            if st.open {
+                let mut out = Vec::new();
+                encode_reply(&rc.mailbox, id, resp, &mut out);
+                rc.mailbox.respond(seq, &out);
+                shared2.ctl.wake_sleepers();
+            }
+        });
+        shared.rt.spawn(fut);
     }
 
     pub(crate) fn mailbox(&self) -> &Mailbox {
@@ -105,7 +142,7 @@ impl Poller {
     }
 
     /// The poller thread's body; returns after [`Poller::request_stop`] (and a doorbell).
-    pub(crate) fn run(&self, shared: &Shared, spin: Duration) {
+    pub(crate) fn run(&self, shared: &Arc<Shared>, spin: Duration) {
         let decoder = FrameDecoder::new(shared.cfg.max_frame());
         let (mut req, mut out) = (Vec::new(), Vec::new());
         let mut snapshot: Vec<Arc<RingClient>> = Vec::new();
@@ -139,9 +176,9 @@ impl Poller {
 }
 
 fn serve_one(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     decoder: &FrameDecoder,
-    rc: &RingClient,
+    rc: &Arc<RingClient>,
     req: &mut Vec<u8>,
     out: &mut Vec<u8>,
 ) -> bool {
@@ -164,12 +201,17 @@ fn serve_one(
             let op = op_name(&f.req);
             let started = Instant::now();
             metrics::counter!("shoal_requests_total", "op" => op, "path" => "mailbox").increment(1);
+            let in_cluster = shared.cluster.get().is_some();
             let resp = match f.req {
                 Request::Get { ids, timeout_ms: 0 } => {
-                    match shared.try_get(rc.client, &ids, GetMode::NoWait) {
+                    // In a cluster a miss may be sealed on another node: pull it in a task.
+                    let mode = if in_cluster { GetMode::Wait } else { GetMode::NoWait };
+                    match shared.try_get(rc.client, &ids, mode) {
                         GetOutcome::Done(r) => r,
                         GetOutcome::Wait(_) => {
-                            Response::error(ErrorCode::Internal, "get did not settle")
+                            let req = Request::Get { ids, timeout_ms: 0 };
+                            rc.defer(shared, seq, f.id, req);
+                            return true;
                         }
                     }
                 }
@@ -177,6 +219,10 @@ fn serve_one(
                     ErrorCode::InvalidArgument,
                     "waiting gets go through the socket",
                 ),
+                r if ops::is_deferred(shared, &r) => {
+                    rc.defer(shared, seq, f.id, r);
+                    return true;
+                }
                 r => shared.handle(rc.client, r),
             };
             metrics::histogram!("shoal_request_seconds", "op" => op)
@@ -195,9 +241,15 @@ fn serve_one(
             ),
         ),
     };
+    encode_reply(&rc.mailbox, id, resp, out);
+    rc.mailbox.respond(seq, out);
+    true
+}
+
+fn encode_reply(mailbox: &Mailbox, id: u32, resp: Response, out: &mut Vec<u8>) {
     out.clear();
     let reply = ServerFrame::Reply { id, resp };
-    if encode_frame(&reply, out).is_err() || out.len() as u64 > rc.mailbox.capacity() {
+    if encode_frame(&reply, out).is_err() || out.len() as u64 > mailbox.capacity() {
         out.clear();
         let resp = Response::error(
             ErrorCode::TooLarge,
@@ -205,6 +257,4 @@ fn serve_one(
         );
         let _ = encode_frame(&ServerFrame::Reply { id, resp }, out);
     }
-    rc.mailbox.respond(seq, out);
-    true
 }

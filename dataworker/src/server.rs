@@ -1,8 +1,9 @@
+use crate::cluster::Cluster;
 use crate::conn;
 use crate::state::Shared;
 use crate::{http, Config, ConfigError};
 use metrics_exporter_prometheus::PrometheusHandle;
-use shoal_protocol::StatusInfo;
+use shoal_protocol::{NodeRecord, StatusInfo};
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -48,6 +49,18 @@ pub enum StartError {
     /// A thread could not be started.
     #[error("starting the mailbox thread: {0}")]
     Thread(#[source] std::io::Error),
+    /// `--peer-addr` is set but no cluster parts were given (or the reverse).
+    #[error("cluster settings: {0}")]
+    Cluster(String),
+    /// The QUIC endpoint could not be bound.
+    #[error("QUIC endpoint {addr} (--peer-addr): {source}")]
+    Transport {
+        /// Address.
+        addr: SocketAddr,
+        /// Cause.
+        #[source]
+        source: Box<shoal_transport::TransportError>,
+    },
     /// The HTTP endpoint could not be bound.
     #[error("http endpoint {addr} (--http-addr): {source}")]
     Http {
@@ -57,6 +70,17 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
+}
+
+/// What a dataworker needs to join a cluster besides its [`crate::ClusterConfig`]: the
+/// metadata store (control's embedded store through [`shoal_meta::RemoteStore`], or etcd)
+/// and its TLS identity under the cluster CA.
+#[derive(Debug)]
+pub struct ClusterParts {
+    /// Where membership lives.
+    pub meta: Arc<dyn shoal_meta::MetaStore>,
+    /// This node's certificate, key and the cluster CA.
+    pub tls: shoal_transport::NodeTls,
 }
 
 /// A running dataworker. Dropping it does not stop it; call [`Dataworker::shutdown`].
@@ -100,12 +124,27 @@ fn bind(path: &Path) -> Result<UnixListener, StartError> {
 
 impl Dataworker {
     /// Validates `cfg`, creates the arena, binds the socket (and the HTTP endpoint when
-    /// configured) and starts serving. Must run inside a tokio runtime.
+    /// configured) and starts serving a standalone node. Must run inside a tokio runtime.
     pub async fn start(
         cfg: Config,
         metrics: Option<PrometheusHandle>,
     ) -> Result<Dataworker, StartError> {
+        Self::start_with(cfg, metrics, None).await
+    }
+
+    /// Like [`Dataworker::start`]; with `cluster`, the node also joins the cluster: it binds
+    /// its QUIC endpoint, registers in the metadata store and serves its directory shard.
+    pub async fn start_with(
+        cfg: Config,
+        metrics: Option<PrometheusHandle>,
+        cluster: Option<ClusterParts>,
+    ) -> Result<Dataworker, StartError> {
         cfg.validate()?;
+        if cfg.cluster.is_some() != cluster.is_some() {
+            return Err(StartError::Cluster(
+                "a cluster config needs a metadata store and TLS identity, and the reverse".into(),
+            ));
+        }
         let socket_path = cfg.socket_path();
         let listener = bind(&socket_path)?;
         let http_listener = match cfg.http_addr {
@@ -126,6 +165,35 @@ impl Dataworker {
         let shutdown = CancellationToken::new();
         let tasks = TaskTracker::new();
         let http_addr = http_listener.as_ref().and_then(|l| l.local_addr().ok());
+        if let (Some(ccfg), Some(parts)) = (shared.cfg.cluster.clone(), cluster) {
+            let mut tcfg = shoal_transport::TransportConfig::new(ccfg.peer_addr, parts.tls);
+            tcfg.idle_timeout = ccfg.idle_timeout;
+            // A get waiting at a directory owner holds a stream for as long as it waits.
+            tcfg.max_concurrent_streams = 1024;
+            let endpoint = match shoal_transport::Endpoint::bind(tcfg) {
+                Ok(e) => e,
+                Err(source) => {
+                    let _ = std::fs::remove_file(&socket_path);
+                    return Err(StartError::Transport {
+                        addr: ccfg.peer_addr,
+                        source: Box::new(source),
+                    });
+                }
+            };
+            let (c, notes) =
+                Cluster::new(shared.cfg.node_id.clone(), ccfg, parts.meta, endpoint);
+            let record = NodeRecord {
+                node_id: shared.cfg.node_id.clone(),
+                incarnation: c.incarnation,
+                peer_addr: c.peer_addr().to_string(),
+                http_addr: http_addr.map(|a| a.to_string()),
+                socket: socket_path.display().to_string(),
+                arena_bytes: shared.arena.size(),
+                pid: std::process::id(),
+            };
+            let _ = shared.cluster.set(c.clone());
+            c.spawn(&shared, notes, record, &tasks, &shutdown);
+        }
         tasks.spawn(accept_loop(
             shared.clone(),
             listener,
@@ -177,6 +245,11 @@ impl Dataworker {
     /// Where `/metrics` and `/health` are served, if anywhere.
     pub fn http_addr(&self) -> Option<SocketAddr> {
         self.http_addr
+    }
+
+    /// The QUIC address other dataworkers reach this node on, when it is in a cluster.
+    pub fn peer_addr(&self) -> Option<SocketAddr> {
+        self.shared.cluster.get().map(|c| c.peer_addr())
     }
 
     /// Current figures.

@@ -12,13 +12,17 @@ use shoal_shm::{key_hash, Arena, Ctl, IndexEntry, IndexWriter};
 use shoal_store::{
     ClientId, Evicted, ExternalPins, Gen, Lookup, Placement, Store, StoreConfig, StoreError,
 };
+use crate::cluster::{Cluster, Note};
+use shoal_protocol::HeldObject;
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Instant;
 use tokio::sync::watch;
 
 /// Most entries one `list` reply carries.
 const MAX_LIST: usize = 10_000;
+/// The client id under which copies for and from other nodes are pinned and created.
+pub(crate) const PEER_CLIENT: ClientId = u64::MAX;
 
 /// The index pin tables seen as the store's external pins.
 struct IndexPins<'a>(&'a mut IndexWriter);
@@ -57,6 +61,10 @@ pub(crate) struct Shared {
     start: Instant,
     /// Client mailboxes served by the poller thread.
     pub(crate) ring: crate::ring::Poller,
+    /// This node's part of the cluster, when it is in one.
+    pub(crate) cluster: OnceLock<Arc<Cluster>>,
+    /// The runtime, for work the mailbox thread hands off (remote gets, cluster deletes).
+    pub(crate) rt: tokio::runtime::Handle,
 }
 
 /// How a get treats objects that are not sealed.
@@ -70,10 +78,11 @@ pub(crate) enum GetMode {
     Expired,
 }
 
-/// What a get that cannot complete now waits on.
+/// What a get that cannot complete now waits on: the ids not sealed here yet, each with a
+/// receiver that fires when it is.
 pub(crate) enum GetOutcome {
     Done(Response),
-    Wait(Vec<watch::Receiver<()>>),
+    Wait(Vec<(ObjectId, watch::Receiver<()>)>),
 }
 
 fn store_err(e: StoreError) -> WireError {
@@ -113,6 +122,7 @@ impl Shared {
         scfg.high_watermark = cfg.high_watermark;
         scfg.low_watermark = cfg.low_watermark;
         scfg.spill = spill.is_some();
+        scfg.keep_primaries = cfg.cluster.is_some();
         let inner = Inner {
             store: Store::new(scfg),
             index: IndexWriter::new(ctl.clone()),
@@ -129,6 +139,8 @@ impl Shared {
             inner: Mutex::new(inner),
             start: Instant::now(),
             ring: crate::ring::Poller::default(),
+            cluster: OnceLock::new(),
+            rt: tokio::runtime::Handle::current(),
         })
     }
 
@@ -175,10 +187,19 @@ impl Shared {
 
     // ----- helpers run under the lock -----
 
+    fn cluster_note(&self, n: Note) {
+        if let Some(c) = self.cluster.get() {
+            c.note(n);
+        }
+    }
+
     fn apply_evictions(&self, g: &mut Inner, evicted: Vec<Evicted>) {
         for ev in evicted {
             metrics::counter!("shoal_evictions_total").increment(1);
             if !ev.spill {
+                if ev.ns == Namespace::Object {
+                    self.cluster_note(Note::Gone(ev.id.clone()));
+                }
                 continue;
             }
             let Some(spill) = &self.spill else { continue };
@@ -244,6 +265,11 @@ impl Shared {
         let p = g.store.seal(id, client, self.now_ms()).map_err(store_err)?;
         self.publish(g, Namespace::Object, id, &p);
         Self::wake(g, Namespace::Object, id);
+        self.cluster_note(Note::Held(HeldObject {
+            id: id.clone(),
+            size: p.len,
+            primary: !g.store.is_replica(id),
+        }));
         Ok(())
     }
 
@@ -292,22 +318,37 @@ impl Shared {
     /// Tries to complete a get now. When some object is not sealed yet and the caller will
     /// wait, returns receivers that fire when one of them is; pins nothing in that case.
     pub(crate) fn try_get(&self, client: ClientId, ids: &[ObjectId], mode: GetMode) -> GetOutcome {
+        self.try_get_settled(client, ids, mode, &HashMap::new())
+    }
+
+    /// [`Shared::try_get`] where the ids in `settled` are answered with their error (a remote
+    /// pull of them failed) instead of being looked up or waited for.
+    pub(crate) fn try_get_settled(
+        &self,
+        client: ClientId,
+        ids: &[ObjectId],
+        mode: GetMode,
+        settled: &HashMap<ObjectId, WireError>,
+    ) -> GetOutcome {
         let mut g = self.lock();
         let g = &mut *g;
         let now = self.now_ms();
         if mode == GetMode::Wait {
             let pending: Vec<&ObjectId> = ids
                 .iter()
+                .filter(|id| !settled.contains_key(*id))
                 .filter(|id| !g.store.contains(Namespace::Object, id, now))
                 .collect();
             if !pending.is_empty() {
                 let rx = pending
                     .into_iter()
                     .map(|id| {
-                        g.waiters
+                        let rx = g
+                            .waiters
                             .entry((Namespace::Object, id.clone()))
                             .or_insert_with(|| watch::channel(()).0)
-                            .subscribe()
+                            .subscribe();
+                        (id.clone(), rx)
                     })
                     .collect();
                 return GetOutcome::Wait(rx);
@@ -315,17 +356,22 @@ impl Shared {
         }
         let out = ids
             .iter()
-            .map(|id| match self.lookup(g, Namespace::Object, id, client) {
-                Ok(Some(v)) => Ok(v),
-                Ok(None) if mode == GetMode::Expired => Err(WireError::new(
-                    ErrorCode::Timeout,
-                    format!("{id} was not sealed in time"),
-                )),
-                Ok(None) => Err(WireError::new(
-                    ErrorCode::NotFound,
-                    format!("{id} not found"),
-                )),
-                Err(e) => Err(e),
+            .map(|id| {
+                if let Some(e) = settled.get(id) {
+                    return Err(e.clone());
+                }
+                match self.lookup(g, Namespace::Object, id, client) {
+                    Ok(Some(v)) => Ok(v),
+                    Ok(None) if mode == GetMode::Expired => Err(WireError::new(
+                        ErrorCode::Timeout,
+                        format!("{id} was not sealed in time"),
+                    )),
+                    Ok(None) => Err(WireError::new(
+                        ErrorCode::NotFound,
+                        format!("{id} not found"),
+                    )),
+                    Err(e) => Err(e),
+                }
             })
             .collect();
         GetOutcome::Done(Response::Views(out))
@@ -594,6 +640,11 @@ impl Shared {
             spills: s.spills,
             spilled_now: s.spilled_now,
             zombies: s.zombies,
+            members: self
+                .cluster
+                .get()
+                .map(|c| c.members())
+                .unwrap_or_default(),
         }
     }
 
@@ -628,5 +679,70 @@ impl Shared {
         metrics::gauge!("shoal_pins").set(s.pins as f64);
         metrics::gauge!("shoal_spilled_objects").set(s.spilled_now as f64);
         metrics::gauge!("shoal_zombies").set(s.zombies as f64);
+    }
+}
+
+/// What the cluster side asks of the local store.
+impl Shared {
+    /// Every sealed object held here, for re-registration with the directory owners.
+    pub(crate) fn held_objects(&self) -> Vec<HeldObject> {
+        self.lock()
+            .store
+            .sealed_objects()
+            .into_iter()
+            .map(|(id, size, replica)| HeldObject {
+                id,
+                size,
+                primary: !replica,
+            })
+            .collect()
+    }
+
+    /// Pins a sealed object for a peer that fetches it (restoring it from disk if spilled).
+    pub(crate) fn pin_for_peer(&self, id: &ObjectId) -> Result<ViewDesc, WireError> {
+        let mut g = self.lock();
+        self.lookup(&mut g, Namespace::Object, id, PEER_CLIENT)?
+            .ok_or_else(|| WireError::new(ErrorCode::NotFound, format!("{id} is not here")))
+    }
+
+    /// Ends a pin taken by [`Shared::pin_for_peer`].
+    pub(crate) fn release_peer(&self, gen: Gen) {
+        let mut g = self.lock();
+        let g = &mut *g;
+        g.store
+            .release(PEER_CLIENT, gen, &mut IndexPins(&mut g.index));
+    }
+
+    /// An unsealed buffer for a copy pulled from another node.
+    pub(crate) fn create_replica(&self, id: &ObjectId, size: u64) -> Result<Placement, WireError> {
+        let mut g = self.lock();
+        let g = &mut *g;
+        let p = self.create(g, PEER_CLIENT, id, size)?;
+        g.store.mark_replica(id);
+        Ok(p)
+    }
+
+    /// Drops a replica buffer whose pull failed.
+    pub(crate) fn abort_replica(&self, id: &ObjectId) {
+        let _ = self.lock().store.abort(id, PEER_CLIENT);
+    }
+
+    /// Seals a pulled replica: visible to local readers, registered with the owners.
+    pub(crate) fn seal_replica(&self, id: &ObjectId) -> Result<(), WireError> {
+        let mut g = self.lock();
+        self.seal(&mut g, PEER_CLIENT, id)
+    }
+
+    /// Drops the local copy of a deleted object (views still alive keep their bytes).
+    pub(crate) fn drop_copy(&self, id: &ObjectId) {
+        let mut g = self.lock();
+        let g = &mut *g;
+        if let Ok((gen, spilled)) =
+            g.store
+                .delete(Namespace::Object, id, &mut IndexPins(&mut g.index))
+        {
+            self.forget_spilled(gen, spilled);
+        }
+        Self::wake(g, Namespace::Object, id);
     }
 }

@@ -90,6 +90,44 @@ pub fn uds_round_trip(
     ))
 }
 
+/// Request/reply over one loopback TCP connection between two threads (system `tcp`):
+/// `req_size` bytes up, `reply_size` bytes back, no framing beyond fixed sizes.
+pub fn tcp_round_trip(
+    spec: &RunSpec,
+    bench: &str,
+    req_size: usize,
+    reply_size: usize,
+) -> anyhow::Result<Record> {
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    let server = std::thread::spawn(move || -> io::Result<()> {
+        let (mut s, _) = listener.accept()?;
+        s.set_nodelay(true)?;
+        let (mut req, reply) = (vec![0u8; req_size], vec![1u8; reply_size]);
+        while s.read_exact(&mut req).is_ok() {
+            s.write_all(&reply)?;
+        }
+        Ok(())
+    });
+    let mut c = TcpStream::connect(addr)?;
+    c.set_nodelay(true)?;
+    let (req, mut reply) = (vec![2u8; req_size], vec![0u8; reply_size]);
+    let (lat, secs) = run_single(spec, || {
+        c.write_all(&req)?;
+        c.read_exact(&mut reply)
+    })?;
+    drop(c);
+    let _ = server.join();
+    Ok(Record::from_latencies(
+        bench,
+        "tcp",
+        reply_size as u64,
+        1,
+        &lat,
+        secs,
+    ))
+}
+
 /// A `redis-server` child on a free loopback port; stopped and reaped on drop.
 #[derive(Debug)]
 pub struct RedisServer {

@@ -1,5 +1,6 @@
 //! shoal's benchmark suite. Every figure is measured in the same run as its baseline (memcpy,
-//! a raw Unix-socket round trip, a real `redis-server`) and printed as JSON lines with the
+//! a raw Unix-socket round trip, a real `redis-server`; for the cluster, TCP + TLS and a raw
+//! TCP round trip) and printed as JSON lines with the
 //! fields of DESIGN.md §9; a table of ratios against the targets follows.
 //!
 //! Benchmarks are not tests: nothing here fails because a number is slow. A missed target is
@@ -8,12 +9,14 @@
 #![warn(missing_docs)]
 
 mod baseline;
+mod cluster;
 mod harness;
 mod local;
 mod record;
 mod report;
 
-pub use baseline::{memcpy_bandwidth, uds_round_trip, RedisServer, RespClient};
+pub use baseline::{memcpy_bandwidth, tcp_round_trip, uds_round_trip, RedisServer, RespClient};
+pub use cluster::{run_cluster, serve_bytes, ClusterOptions};
 pub use harness::{run_single, run_threads, RunSpec};
 pub use local::{run_local, LocalOptions};
 pub use record::{Latencies, Record};

@@ -28,6 +28,12 @@ pub struct Record {
     pub p99_us: f64,
     /// 99.9th percentile.
     pub p999_us: f64,
+    /// CPU seconds the sending process spent per GB moved (transfer benchmarks only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_send_s_per_gb: Option<f64>,
+    /// CPU seconds the receiving process spent per GB moved (transfer benchmarks only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_recv_s_per_gb: Option<f64>,
 }
 
 impl Record {
@@ -54,6 +60,8 @@ impl Record {
             p50_us: lat.percentile_us(50.0),
             p99_us: lat.percentile_us(99.0),
             p999_us: lat.percentile_us(99.9),
+            cpu_send_s_per_gb: None,
+            cpu_recv_s_per_gb: None,
         }
     }
 

@@ -173,7 +173,7 @@ impl Report {
     }
 }
 
-fn human(b: u64) -> String {
+pub(crate) fn human(b: u64) -> String {
     match b {
         b if b >= 1 << 20 && b % (1 << 20) == 0 => format!("{}MiB", b >> 20),
         b if b >= 1 << 10 && b % (1 << 10) == 0 => format!("{}KiB", b >> 10),
@@ -198,6 +198,8 @@ mod tests {
             p50_us: p50,
             p99_us: p50,
             p999_us: p50,
+            cpu_send_s_per_gb: None,
+            cpu_recv_s_per_gb: None,
         }
     }
 

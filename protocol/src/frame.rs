@@ -185,6 +185,9 @@ mod tests {
             while let Ok(Some(_)) = dec.decode::<ClientFrame>(&mut buf) {}
             let mut buf = BytesMut::from(&data[..]);
             let _ = dec.decode::<ServerFrame>(&mut buf);
+            // The node-to-node messages are postcard too: garbage is an error, not a panic.
+            let _ = postcard::from_bytes::<crate::PeerRequest>(&data);
+            let _ = postcard::from_bytes::<crate::PeerResponse>(&data);
         }
 
         // Valid frames with random payloads survive any split point.

@@ -11,6 +11,7 @@ mod error;
 mod frame;
 mod id;
 mod message;
+mod peer;
 
 pub use error::{ErrorCode, WireError};
 pub use frame::{encode_frame, FrameDecoder, FrameError, FRAME_HEADER_LEN, PROTOCOL_VERSION};
@@ -19,3 +20,4 @@ pub use message::{
     ClientFrame, CtlLayout, Hello, KvEntry, ListEntry, Namespace, Request, Response, ServerFrame,
     StatusInfo, ViewDesc,
 };
+pub use peer::{HeldObject, NodeRecord, PeerRequest, PeerResponse};

@@ -83,6 +83,8 @@ pub struct StatusInfo {
     pub spilled_now: u64,
     /// Deleted objects still held by a view.
     pub zombies: u64,
+    /// The cluster's nodes as this worker sees them (empty for a standalone node).
+    pub members: Vec<crate::NodeRecord>,
 }
 
 /// Layout of the control region (shared index + pin tables) a client receives with the arena.

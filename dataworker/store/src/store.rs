@@ -791,6 +791,17 @@ impl Store {
         v
     }
 
+    /// Every sealed object (in memory or spilled): id, size and whether it is a replica.
+    pub fn sealed_objects(&self) -> Vec<(ObjectId, u64, bool)> {
+        self.names
+            .iter()
+            .filter(|((ns, _), _)| *ns == Namespace::Object)
+            .filter_map(|(_, g)| self.entries.get(g))
+            .filter(|e| e.state == State::Sealed)
+            .map(|e| (e.id.clone(), e.size, e.replica))
+            .collect()
+    }
+
     // ----- KV -----
 
     /// Allocates a value for `key`; it replaces the current value on [`Store::kv_commit`].

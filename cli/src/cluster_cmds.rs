@@ -1,0 +1,379 @@
+//! Cluster commands: `shoal control`, `shoal ca`, and `shoal up` with several nodes.
+use crate::args::{default_socket_dir, CaOp, ChildArgs, ControlArgs, UpArgs};
+use crate::serve::{init_logging, install_metrics, stop_signal};
+use anyhow::Context;
+use shoal_meta::MetaStore;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// The metadata store named by `--meta` (control's API) or `--etcd`.
+pub(crate) async fn meta_store(
+    meta: Option<&str>,
+    etcd: &[String],
+    prefix: &str,
+) -> anyhow::Result<Arc<dyn MetaStore>> {
+    if !etcd.is_empty() {
+        return etcd_store(etcd, prefix).await;
+    }
+    let addr = meta.context("no metadata store: pass --meta or --etcd")?;
+    let addr = tokio::net::lookup_host(addr)
+        .await
+        .with_context(|| format!("--meta {addr}"))?
+        .next()
+        .with_context(|| format!("--meta {addr}: no address"))?;
+    Ok(Arc::new(shoal_meta::RemoteStore::connect(addr)))
+}
+
+#[cfg(feature = "etcd")]
+async fn etcd_store(etcd: &[String], prefix: &str) -> anyhow::Result<Arc<dyn MetaStore>> {
+    let s = shoal_meta::EtcdStore::connect(etcd, prefix)
+        .await
+        .with_context(|| format!("--etcd {}", etcd.join(",")))?;
+    Ok(Arc::new(s))
+}
+
+#[cfg(not(feature = "etcd"))]
+async fn etcd_store(_: &[String], _: &str) -> anyhow::Result<Arc<dyn MetaStore>> {
+    anyhow::bail!(
+        "--etcd: this shoal was built without etcd support (build with `--features etcd`; it needs protoc)"
+    )
+}
+
+/// Shuts the component down when standard input closes: `shoal up` holds the other end, so
+/// its children never outlive it, even when it is killed.
+pub(crate) fn watch_parent(child: &ChildArgs, token: tokio_util::sync::CancellationToken) {
+    if !child.exit_with_parent {
+        return;
+    }
+    let _ = std::thread::Builder::new()
+        .name("parent-watch".into())
+        .spawn(move || {
+            let mut sink = [0u8; 64];
+            loop {
+                match std::io::Read::read(&mut std::io::stdin(), &mut sink) {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+            }
+            token.cancel();
+        });
+}
+
+/// `shoal control`.
+pub(crate) fn control(a: ControlArgs) -> anyhow::Result<ExitCode> {
+    init_logging("info");
+    let metrics = install_metrics();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(async {
+        let meta: Arc<dyn MetaStore> = if a.etcd.is_empty() {
+            let dir = a
+                .data_dir
+                .clone()
+                .unwrap_or_else(|| default_socket_dir().join("control"));
+            std::fs::create_dir_all(&dir)
+                .with_context(|| format!("--data-dir {}", dir.display()))?;
+            let file = dir.join("meta.db");
+            let store = shoal_meta::MemStore::open(Some(&file), "")
+                .with_context(|| format!("opening the metadata file {}", file.display()))?;
+            Arc::new(store)
+        } else {
+            etcd_store(&a.etcd, &a.etcd_prefix).await?
+        };
+        let name = a
+            .name
+            .clone()
+            .unwrap_or_else(|| format!("control-{}", std::process::id()));
+        let cfg = shoal_control::ControlConfig {
+            meta_addr: a.listen.0,
+            http_addr: a.http_addr,
+            election_ttl: a.election_ttl,
+            name,
+        };
+        let c = shoal_control::Control::start(cfg, meta, metrics).await?;
+        if a.child.ready_json {
+            let ready = serde_json::json!({
+                "meta": c.meta_addr().map(|m| m.to_string()),
+                "http": c.http_addr().to_string(),
+                "pid": std::process::id(),
+            });
+            println!("{ready}");
+        }
+        let token = tokio_util::sync::CancellationToken::new();
+        watch_parent(&a.child, token.clone());
+        stop_signal(&token).await?;
+        tracing::info!("shutting down");
+        c.shutdown().await;
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+/// `shoal ca`.
+pub(crate) fn ca(op: CaOp) -> anyhow::Result<ExitCode> {
+    match op {
+        CaOp::Init { dir, nodes } => {
+            std::fs::create_dir_all(&dir).with_context(|| format!("--dir {}", dir.display()))?;
+            let ca = shoal_transport::DevCa::generate()?;
+            ca.save(&dir)?;
+            for n in &nodes {
+                ca.issue(n)?.save(&dir, n)?;
+            }
+            println!(
+                "cluster CA in {} ({} node certificate(s))",
+                dir.display(),
+                nodes.len()
+            );
+        }
+        CaOp::Issue { dir, node } => {
+            let ca = shoal_transport::DevCa::load(&dir)?;
+            let files = ca.issue(&node)?.save(&dir, &node)?;
+            println!("{}", files.cert.display());
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The development CA of a local cluster: loaded from `dir`, or created there, with a
+/// certificate for each node.
+fn ensure_tls(dir: &Path, nodes: &[String]) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let ca = if dir.join("ca.pem").exists() {
+        shoal_transport::DevCa::load(dir)?
+    } else {
+        let ca = shoal_transport::DevCa::generate()?;
+        ca.save(dir)?;
+        ca
+    };
+    for n in nodes {
+        if !dir.join(format!("{n}.pem")).exists() {
+            ca.issue(n)?.save(dir, n)?;
+        }
+    }
+    Ok(())
+}
+
+/// A component process started by `up`; killed when dropped.
+struct Proc {
+    name: String,
+    child: Child,
+    ready: serde_json::Value,
+}
+
+impl Proc {
+    fn spawn(name: &str, args: &[String]) -> anyhow::Result<Proc> {
+        let exe = std::env::current_exe().context("finding the shoal binary")?;
+        let mut child = Command::new(exe)
+            .args(args)
+            .arg("--ready-json")
+            .arg("--exit-with-parent")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .with_context(|| format!("starting {name}"))?;
+        let mut line = String::new();
+        let out = child.stdout.take().context("child stdout")?;
+        BufReader::new(out)
+            .read_line(&mut line)
+            .with_context(|| format!("waiting for {name}"))?;
+        let ready: serde_json::Value = match serde_json::from_str(&line) {
+            Ok(v) => v,
+            Err(_) => {
+                let status = child.wait().ok();
+                anyhow::bail!("{name} did not start ({status:?}); see its error above");
+            }
+        };
+        Ok(Proc {
+            name: name.to_string(),
+            child,
+            ready,
+        })
+    }
+
+    fn stop(&mut self, grace: Duration) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        tracing::warn!(component = %self.name, "did not stop in time; killing it");
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+#[derive(serde::Serialize)]
+struct NodeUp {
+    id: String,
+    socket_dir: String,
+    dataworker_socket: String,
+    peer_addr: Option<String>,
+    http: Option<String>,
+    metrics: Option<String>,
+    health: Option<String>,
+    pid: u64,
+}
+
+/// `shoal up --nodes N` (or with `--etcd`): control and one dataworker process per node.
+pub(crate) fn up_cluster(a: UpArgs) -> anyhow::Result<ExitCode> {
+    init_logging("info");
+    anyhow::ensure!(
+        (1..=64).contains(&a.nodes),
+        "--nodes {}: between 1 and 64",
+        a.nodes
+    );
+    let base: PathBuf = a
+        .worker
+        .socket_dir
+        .clone()
+        .unwrap_or_else(default_socket_dir);
+    let names: Vec<String> = (1..=a.nodes).map(|i| format!("node-{i}")).collect();
+    let tls = base.join("tls");
+    ensure_tls(&tls, &names)?;
+    let etcd = a.worker.cluster.etcd.join(",");
+    let mut control_args: Vec<String> = vec![
+        "control".into(),
+        "--listen".into(),
+        "127.0.0.1:0".into(),
+        "--http-addr".into(),
+        "127.0.0.1:0".into(),
+        "--data-dir".into(),
+        base.join("control").display().to_string(),
+    ];
+    if !etcd.is_empty() {
+        control_args.extend(["--etcd".into(), etcd.clone()]);
+        control_args.extend(["--etcd-prefix".into(), a.worker.cluster.etcd_prefix.clone()]);
+    }
+    let mut control = Proc::spawn("control", &control_args)?;
+    let meta = control.ready["meta"].as_str().map(str::to_string);
+    let mut nodes = Vec::new();
+    for n in &names {
+        let mut args: Vec<String> = vec![
+            "dataworker".into(),
+            "--node-id".into(),
+            n.clone(),
+            "--socket-dir".into(),
+            base.join(n).display().to_string(),
+            "--shm-size".into(),
+            a.worker.shm_size.to_string(),
+            "--tls-dir".into(),
+            tls.display().to_string(),
+            "--lease-ttl".into(),
+            humantime::format_duration(a.worker.cluster.lease_ttl).to_string(),
+        ];
+        if a.worker.shm_populate {
+            args.push("--shm-populate".into());
+        }
+        if let Some(d) = &a.worker.spill_dir {
+            args.extend(["--spill-dir".into(), d.join(n).display().to_string()]);
+        }
+        if etcd.is_empty() {
+            let m = meta.clone().context("control did not report its metadata API")?;
+            args.extend(["--meta".into(), m]);
+        } else {
+            args.extend(["--etcd".into(), etcd.clone()]);
+            args.extend(["--etcd-prefix".into(), a.worker.cluster.etcd_prefix.clone()]);
+        }
+        nodes.push(Proc::spawn(n, &args)?);
+    }
+    let node_info: Vec<NodeUp> = nodes
+        .iter()
+        .map(|p| {
+            let s = |k: &str| p.ready[k].as_str().map(str::to_string);
+            let http = s("http");
+            NodeUp {
+                id: p.name.clone(),
+                socket_dir: base.join(&p.name).display().to_string(),
+                dataworker_socket: s("socket").unwrap_or_default(),
+                peer_addr: s("peer_addr"),
+                metrics: http.as_ref().map(|h| format!("http://{h}/metrics")),
+                health: http.as_ref().map(|h| format!("http://{h}/health")),
+                http,
+                pid: p.ready["pid"].as_u64().unwrap_or(0),
+            }
+        })
+        .collect();
+    let first = node_info
+        .first()
+        .map(|n| n.dataworker_socket.clone())
+        .unwrap_or_default();
+    let info = serde_json::json!({
+        "control": {
+            "meta": meta,
+            "http": control.ready["http"],
+            "pid": control.ready["pid"],
+            "etcd": if etcd.is_empty() { None } else { Some(etcd.clone()) },
+        },
+        "nodes": node_info,
+        "env": { "SHOAL_DATAWORKER_SOCKET": first },
+    });
+    if a.json {
+        println!("{info}");
+    } else {
+        println!("shoal is up: control + {} node(s)", node_info.len());
+        println!(
+            "  control: http {} metadata {}",
+            control.ready["http"].as_str().unwrap_or("?"),
+            if etcd.is_empty() {
+                meta.clone().unwrap_or_default()
+            } else {
+                format!("etcd {etcd}")
+            }
+        );
+        for n in &node_info {
+            println!(
+                "  {}: socket {}  quic {}  health {}",
+                n.id,
+                n.dataworker_socket,
+                n.peer_addr.as_deref().unwrap_or("-"),
+                n.health.as_deref().unwrap_or("-")
+            );
+        }
+        println!();
+        println!("In another terminal (any node's socket reaches the whole cluster):");
+        println!("  export SHOAL_DATAWORKER_SOCKET={first}");
+        println!("  shoal put hello ./some-file");
+        if let Some(last) = node_info.last() {
+            println!(
+                "  shoal get hello -o copy --socket {}",
+                last.dataworker_socket
+            );
+        }
+        println!();
+        println!("Ctrl-C stops it.");
+    }
+    use std::io::Write;
+    std::io::stdout().flush()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let token = tokio_util::sync::CancellationToken::new();
+        stop_signal(&token).await
+    })?;
+    tracing::info!("shutting down");
+    for n in nodes.iter_mut().rev() {
+        n.stop(Duration::from_secs(5));
+    }
+    control.stop(Duration::from_secs(5));
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,367 @@
+//! A real cluster on this machine: `shoal up --nodes 3` (control + three dataworker processes),
+//! driven through the CLI and the SDK as a user would, including killing a node.
+#![allow(clippy::unwrap_used)] // test setup panics on failure by design
+use shoal_sdk::blocking::Client;
+use shoal_sdk::ErrorCode;
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const SHOAL: &str = env!("CARGO_BIN_EXE_shoal");
+const TTL: Duration = Duration::from_secs(2);
+
+struct Up {
+    child: Child,
+    info: serde_json::Value,
+    dir: tempfile::TempDir,
+}
+
+impl Up {
+    fn start(nodes: u32, extra: &[&str]) -> Up {
+        let dir = tempfile::tempdir().unwrap();
+        let mut child = Command::new(SHOAL)
+            .args(["up", "--json", "--shm-size", "512MiB", "--lease-ttl", "2s"])
+            .args(["--nodes", &nodes.to_string()])
+            .args(extra)
+            .arg("--socket-dir")
+            .arg(dir.path())
+            .env("SHOAL_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let info: serde_json::Value =
+            serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"));
+        Up { child, info, dir }
+    }
+
+    fn socket(&self, node: usize) -> String {
+        self.info["nodes"][node]["dataworker_socket"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    }
+
+    fn pid(&self, node: usize) -> i32 {
+        self.info["nodes"][node]["pid"].as_i64().unwrap() as i32
+    }
+
+    fn shoal(&self, node: usize, args: &[&str], stdin: Option<&[u8]>) -> Output {
+        let mut c = Command::new(SHOAL)
+            .args(args)
+            .env("SHOAL_DATAWORKER_SOCKET", self.socket(node))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut input = c.stdin.take().unwrap();
+        if let Some(data) = stdin {
+            input.write_all(data).unwrap();
+        }
+        drop(input);
+        c.wait_with_output().unwrap()
+    }
+
+    fn kill_node(&self, node: usize) {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.pid(node)),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+    }
+
+    /// Waits until node `node` sees `n` members.
+    fn wait_members(&self, node: usize, n: usize) {
+        let c = Client::connect(self.socket(node)).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while c.status().unwrap().members.len() != n {
+            assert!(Instant::now() < deadline, "cluster never had {n} members");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let _ = self.child.wait();
+    }
+}
+
+fn ok(o: &Output) -> Vec<u8> {
+    assert!(
+        o.status.success(),
+        "failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    o.stdout.clone()
+}
+
+fn payload(n: usize) -> Vec<u8> {
+    (0..n).map(|i| (i * 31 % 251) as u8).collect()
+}
+
+fn cluster_put_get_and_node_loss(up: &Up) {
+    up.wait_members(0, 3);
+    up.wait_members(2, 3);
+    // A file put on node 1 is read byte-exact on node 3 through the CLI.
+    let data = payload(3 << 20);
+    let file = up.dir.path().join("in.bin");
+    std::fs::write(&file, &data).unwrap();
+    ok(&up.shoal(0, &["put", "big", file.to_str().unwrap()], None));
+    let out = up.dir.path().join("out.bin");
+    ok(&up.shoal(2, &["get", "big", "-o", out.to_str().unwrap()], None));
+    assert_eq!(std::fs::read(&out).unwrap(), data);
+    // A get that waits for an object sealed later on another node completes.
+    let reader = std::thread::spawn({
+        let sock = up.socket(1);
+        move || {
+            let c = Client::connect(sock).unwrap();
+            c.get("later", Duration::from_secs(10)).map(|v| v.to_vec())
+        }
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    ok(&up.shoal(0, &["put", "later", "-"], Some(b"sealed later")));
+    assert_eq!(reader.join().unwrap().unwrap(), b"sealed later");
+    // Status lists the nodes with their health.
+    let s = String::from_utf8(ok(&up.shoal(2, &["status"], None))).unwrap();
+    assert!(s.contains("node-1") && s.contains("node-3"), "{s}");
+
+    // Node 2 holds an object alone; node 3 holds a replica of `big`.
+    ok(&up.shoal(1, &["put", "only-on-2", "-"], Some(b"doomed")));
+    let c3 = Client::connect(up.socket(2)).unwrap();
+    let before = c3.status().unwrap();
+    up.kill_node(1);
+    let t = Instant::now();
+    let e = loop {
+        match c3.get("only-on-2", Duration::ZERO) {
+            Err(e) if e.code() == ErrorCode::ObjectLost => break e,
+            Err(e) => assert!(
+                matches!(e.code(), ErrorCode::Unavailable | ErrorCode::Timeout),
+                "{e}"
+            ),
+            Ok(_) => panic!("read an object whose only copy is gone"),
+        }
+        assert!(t.elapsed() < TTL + Duration::from_secs(4), "no ObjectLost");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(
+        t.elapsed() <= TTL + Duration::from_secs(2),
+        "ObjectLost took {:?}: {e}",
+        t.elapsed()
+    );
+    // Everything else keeps working: the replicated object on both survivors, new puts.
+    assert_eq!(&c3.get("big", Duration::ZERO).unwrap()[..], &data[..]);
+    let c1 = Client::connect(up.socket(0)).unwrap();
+    assert_eq!(&c1.get("later", Duration::ZERO).unwrap()[..], b"sealed later");
+    c1.put("after-loss", b"still fine").unwrap();
+    assert_eq!(
+        &c3.get("after-loss", Duration::from_secs(5)).unwrap()[..],
+        b"still fine"
+    );
+    let after = c3.status().unwrap();
+    assert_eq!(after.members.len(), 2);
+    assert!(after.used_bytes >= before.used_bytes);
+}
+
+#[test]
+fn three_nodes_put_get_and_lose_one() {
+    let up = Up::start(3, &[]);
+    cluster_put_get_and_node_loss(&up);
+}
+
+#[test]
+fn delete_removes_every_copy_and_the_reader_arena_does_not_leak() {
+    let up = Up::start(2, &[]);
+    up.wait_members(1, 2);
+    let (c1, c2) = (
+        Client::connect(up.socket(0)).unwrap(),
+        Client::connect(up.socket(1)).unwrap(),
+    );
+    let empty = c2.status().unwrap().used_bytes;
+    c1.put("x", &payload(100_000)).unwrap();
+    assert_eq!(c2.get("x", Duration::ZERO).unwrap().len(), 100_000);
+    assert!(c2.status().unwrap().used_bytes > empty);
+    c1.delete("x").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while c2.status().unwrap().used_bytes != empty {
+        assert!(Instant::now() < deadline, "replica not dropped");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let e = c2.get("x", Duration::ZERO).unwrap_err();
+    assert_eq!(e.code(), ErrorCode::NotFound, "{e}");
+    // Deleting an id sealed only on the other node works too.
+    c1.put("y", b"y").unwrap();
+    c2.delete("y").unwrap();
+    assert_eq!(
+        c1.get("y", Duration::ZERO).unwrap_err().code(),
+        ErrorCode::NotFound
+    );
+}
+
+#[test]
+fn holder_killed_mid_transfer_leaks_nothing_on_the_reader() {
+    let up = Up::start(2, &[]);
+    up.wait_members(1, 2);
+    let (c1, c2) = (
+        Client::connect(up.socket(0)).unwrap(),
+        Client::connect(up.socket(1)).unwrap(),
+    );
+    let empty = c2.status().unwrap().used_bytes;
+    let mut b = c1.create("huge", 256 << 20).unwrap();
+    b.as_mut_slice().fill(9);
+    c1.seal(b).unwrap();
+    let sock = up.socket(1);
+    let reader = std::thread::spawn(move || {
+        let c = Client::connect(sock).unwrap();
+        c.get("huge", Duration::ZERO).map(|v| v.len())
+    });
+    std::thread::sleep(Duration::from_millis(30));
+    up.kill_node(0);
+    match reader.join().unwrap() {
+        Ok(n) => assert_eq!(n, 256 << 20, "a pull that finished is whole"),
+        Err(e) => assert!(
+            matches!(
+                e.code(),
+                ErrorCode::ObjectLost | ErrorCode::Unavailable | ErrorCode::Timeout
+            ),
+            "{e}"
+        ),
+    }
+    // No half-written object is visible, and the partial buffer went back to the arena.
+    let listed = c2.list("", 10).unwrap();
+    assert!(listed.iter().all(|e| e.sealed), "{listed:?}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let s = c2.status().unwrap();
+        let complete = c2.contains("huge").unwrap();
+        if !complete && s.used_bytes == empty || complete {
+            break;
+        }
+        assert!(Instant::now() < deadline, "partial buffer leaked: {s:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn control_down_keeps_the_data_path() {
+    let up = Up::start(2, &[]);
+    up.wait_members(1, 2);
+    let (c1, c2) = (
+        Client::connect(up.socket(0)).unwrap(),
+        Client::connect(up.socket(1)).unwrap(),
+    );
+    c1.put("before", b"replicated").unwrap();
+    assert_eq!(&c2.get("before", Duration::ZERO).unwrap()[..], b"replicated");
+    let control = up.info["control"]["pid"].as_i64().unwrap() as i32;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(control),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    // Longer than a lease: the nodes keep their last view instead of dropping each other.
+    std::thread::sleep(TTL + Duration::from_secs(1));
+    c1.put("local", b"put while control is down").unwrap();
+    assert_eq!(
+        &c1.get("local", Duration::ZERO).unwrap()[..],
+        b"put while control is down"
+    );
+    assert_eq!(&c2.get("before", Duration::ZERO).unwrap()[..], b"replicated");
+    // Node-to-node transfer does not need control either.
+    assert_eq!(
+        &c2.get("local", Duration::ZERO).unwrap()[..],
+        b"put while control is down"
+    );
+}
+
+#[test]
+fn a_corrupt_metadata_file_stops_control_with_a_clear_message() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("meta.db"), b"this is not a shoal metadata file").unwrap();
+    let o = Command::new(SHOAL)
+        .args(["control", "--listen", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
+        .arg("--data-dir")
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("meta.db"), "{err}");
+}
+
+#[test]
+fn etcd_cluster_put_get_and_lose_one() {
+    let Some(etcd) = Etcd::start() else {
+        panic!("etcd is not installed: scripts/test.sh installs etcd-server");
+    };
+    if !cfg!(feature = "etcd") {
+        // The binary was built without etcd support; the test script builds with it.
+        let o = Command::new(SHOAL)
+            .args(["up", "--nodes", "2", "--etcd", &etcd.url])
+            .output()
+            .unwrap();
+        assert!(!o.status.success());
+        assert!(String::from_utf8_lossy(&o.stderr).contains("etcd"));
+        return;
+    }
+    let up = Up::start(3, &["--etcd", &etcd.url]);
+    cluster_put_get_and_node_loss(&up);
+}
+
+/// A real etcd on free loopback ports with its data in a temporary directory.
+struct Etcd {
+    child: Child,
+    url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Etcd {
+    fn start() -> Option<Etcd> {
+        let free = || {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port()
+        };
+        let (client, peer) = (free(), free());
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("http://127.0.0.1:{client}");
+        let peer_url = format!("http://127.0.0.1:{peer}");
+        let child = Command::new("etcd")
+            .arg("--data-dir")
+            .arg(dir.path())
+            .args(["--name", "default", "--listen-client-urls", &url])
+            .args(["--advertise-client-urls", &url, "--listen-peer-urls", &peer_url])
+            .args(["--initial-advertise-peer-urls", &peer_url])
+            .args(["--initial-cluster", &format!("default={peer_url}")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .ok()?;
+        let e = Etcd {
+            child,
+            url,
+            _dir: dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", client)).is_err() {
+            assert!(Instant::now() < deadline, "etcd did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Some(e)
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

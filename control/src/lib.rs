@@ -1,0 +1,265 @@
+//! shoal's control plane (`shoal control`): it keeps the cluster's metadata and watches its
+//! membership, and answers operators over HTTP.
+//!
+//! - **Metadata.** Control serves a [`MetaStore`] to the nodes over TCP ([`shoal_meta::serve`]):
+//!   its embedded, file-persisted [`shoal_meta::MemStore`] on one machine, or etcd (nodes may
+//!   also talk to etcd directly). Control is never on the data path: nodes keep serving
+//!   local and already-known remote objects while it is down.
+//! - **Leadership.** Several control processes may share one etcd; they elect a leader with
+//!   [`shoal_meta::Election`] (a lease plus a create-if-absent transaction). Standbys answer
+//!   every read and say who leads.
+//! - **HTTP.** `/health`, `/v1/nodes`, `/v1/leader`, `/metrics`.
+//!
+//! Holds no `unsafe` and never reads the environment: everything comes in through
+//! [`ControlConfig`].
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+mod http;
+
+use shoal_meta::{Election, MetaStore, Role};
+use shoal_protocol::NodeRecord;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// Key prefix of node records (written by the dataworkers).
+pub const NODES_PREFIX: &str = "nodes/";
+/// Key of the control leader record.
+pub const LEADER_KEY: &str = "control/leader";
+
+/// Everything a control process needs, validated once at start.
+#[derive(Debug, Clone)]
+pub struct ControlConfig {
+    /// Where the metadata API is served to nodes (None: not served).
+    pub meta_addr: Option<SocketAddr>,
+    /// Where the HTTP API is served.
+    pub http_addr: SocketAddr,
+    /// Lease TTL of the leader record: a dead leader is replaced within it.
+    pub election_ttl: Duration,
+    /// Name of this control process in the leader record.
+    pub name: String,
+}
+
+/// Why control did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The metadata API address could not be bound.
+    #[error("metadata API {addr} (--listen): {source}")]
+    MetaListen {
+        /// Address.
+        addr: SocketAddr,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The HTTP address could not be bound.
+    #[error("HTTP API {addr} (--http-addr): {source}")]
+    HttpListen {
+        /// Address.
+        addr: SocketAddr,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// What the leader record says (JSON).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LeaderInfo {
+    /// Control process name.
+    pub name: String,
+    /// Its HTTP API.
+    pub http_addr: String,
+}
+
+/// State the HTTP API reads.
+#[derive(Debug)]
+pub(crate) struct View {
+    pub(crate) name: String,
+    pub(crate) nodes: RwLock<BTreeMap<String, NodeRecord>>,
+    pub(crate) role: tokio::sync::watch::Receiver<Role>,
+    pub(crate) meta: Arc<dyn MetaStore>,
+}
+
+impl View {
+    pub(crate) fn role(&self) -> (&'static str, Option<LeaderInfo>) {
+        match &*self.role.borrow() {
+            Role::Leader => ("leader", None),
+            Role::Follower { leader } => ("standby", serde_json::from_slice(leader).ok()),
+            Role::Candidate => ("candidate", None),
+        }
+    }
+}
+
+/// A running control process.
+#[derive(Debug)]
+pub struct Control {
+    view: Arc<View>,
+    election: Option<Election>,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+    meta_addr: Option<SocketAddr>,
+    http_addr: SocketAddr,
+}
+
+impl Control {
+    /// Binds the APIs, starts the election and the membership watch. Must run in a runtime.
+    pub async fn start(
+        cfg: ControlConfig,
+        meta: Arc<dyn MetaStore>,
+        metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+    ) -> Result<Control, StartError> {
+        let shutdown = CancellationToken::new();
+        let tasks = TaskTracker::new();
+        let meta_listener = match cfg.meta_addr {
+            Some(addr) => Some(
+                tokio::net::TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| StartError::MetaListen { addr, source })?,
+            ),
+            None => None,
+        };
+        let http = tokio::net::TcpListener::bind(cfg.http_addr)
+            .await
+            .map_err(|source| StartError::HttpListen {
+                addr: cfg.http_addr,
+                source,
+            })?;
+        let http_addr = http.local_addr().unwrap_or(cfg.http_addr);
+        let meta_addr = meta_listener.as_ref().and_then(|l| l.local_addr().ok());
+        if let Some(l) = meta_listener {
+            tasks.spawn(shoal_meta::serve(meta.clone(), l, shutdown.clone()));
+        }
+        let leader = LeaderInfo {
+            name: cfg.name.clone(),
+            http_addr: http_addr.to_string(),
+        };
+        let election = Election::start(
+            meta.clone(),
+            LEADER_KEY.to_string(),
+            serde_json::to_vec(&leader).unwrap_or_default(),
+            cfg.election_ttl,
+        );
+        let view = Arc::new(View {
+            name: cfg.name.clone(),
+            nodes: RwLock::new(BTreeMap::new()),
+            role: election.subscribe(),
+            meta: meta.clone(),
+        });
+        tasks.spawn(watch_nodes(view.clone(), shutdown.clone()));
+        tasks.spawn(log_role(view.clone(), shutdown.clone()));
+        tasks.spawn(http::serve(http, view.clone(), metrics, shutdown.clone()));
+        tracing::info!(name = %cfg.name, http = %http_addr, meta = ?meta_addr, "control ready");
+        Ok(Control {
+            view,
+            election: Some(election),
+            shutdown,
+            tasks,
+            meta_addr,
+            http_addr,
+        })
+    }
+
+    /// Where nodes reach the metadata API.
+    pub fn meta_addr(&self) -> Option<SocketAddr> {
+        self.meta_addr
+    }
+
+    /// Where the HTTP API is served.
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_addr
+    }
+
+    /// Whether this process leads now.
+    pub fn is_leader(&self) -> bool {
+        matches!(*self.view.role.borrow(), Role::Leader)
+    }
+
+    /// The nodes registered now.
+    pub fn nodes(&self) -> Vec<NodeRecord> {
+        read(&self.view.nodes).values().cloned().collect()
+    }
+
+    /// Resigns leadership, stops the APIs and waits for every task.
+    pub async fn shutdown(mut self) {
+        if let Some(e) = self.election.take() {
+            e.stop().await;
+        }
+        self.shutdown.cancel();
+        self.tasks.close();
+        self.tasks.wait().await;
+        tracing::info!("control stopped");
+    }
+}
+
+pub(crate) fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    l.read().unwrap_or_else(|p| p.into_inner())
+}
+
+async fn log_role(view: Arc<View>, shutdown: CancellationToken) {
+    let mut rx = view.role.clone();
+    loop {
+        let (role, leader) = view.role();
+        tracing::info!(name = %view.name, role, leader = ?leader.map(|l| l.name), "control role");
+        metrics::gauge!("shoal_control_leader").set(if role == "leader" { 1.0 } else { 0.0 });
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            r = rx.changed() => if r.is_err() { break },
+        }
+    }
+}
+
+/// Keeps `view.nodes` equal to the `nodes/` keys: range, then watch from that revision;
+/// again after the watch breaks (store unreachable), keeping the last view meanwhile.
+async fn watch_nodes(view: Arc<View>, shutdown: CancellationToken) {
+    loop {
+        let stream = match view.meta.range(NODES_PREFIX).await {
+            Ok((kvs, rev)) => {
+                let nodes = kvs
+                    .iter()
+                    .filter_map(|kv| serde_json::from_slice::<NodeRecord>(&kv.value).ok())
+                    .map(|r| (r.node_id.clone(), r))
+                    .collect();
+                *view.nodes.write().unwrap_or_else(|p| p.into_inner()) = nodes;
+                view.meta.watch(NODES_PREFIX, rev).await.ok()
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "membership read failed");
+                None
+            }
+        };
+        if let Some(mut s) = stream {
+            loop {
+                let ev = tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    ev = s.recv() => ev,
+                };
+                let Some(ev) = ev else { break };
+                let mut nodes = view.nodes.write().unwrap_or_else(|p| p.into_inner());
+                match ev {
+                    shoal_meta::WatchEvent::Put(kv) => {
+                        if let Ok(r) = serde_json::from_slice::<NodeRecord>(&kv.value) {
+                            tracing::info!(node = %r.node_id, addr = %r.peer_addr, "node registered");
+                            nodes.insert(r.node_id.clone(), r);
+                        }
+                    }
+                    shoal_meta::WatchEvent::Delete { key, .. } => {
+                        if let Some(id) = key.strip_prefix(NODES_PREFIX) {
+                            tracing::warn!(node = %id, "node left (lease ended)");
+                            nodes.remove(id);
+                        }
+                    }
+                }
+                metrics::gauge!("shoal_cluster_nodes").set(nodes.len() as f64);
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+        }
+    }
+}
