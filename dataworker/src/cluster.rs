@@ -99,10 +99,15 @@ fn wire(code: ErrorCode, msg: impl Into<String>) -> WireError {
 }
 
 fn transport_err(e: &shoal_transport::TransportError) -> WireError {
-    let code = if e.is_unreachable() {
-        ErrorCode::Unavailable
-    } else {
-        ErrorCode::Internal
+    use shoal_transport::TransportError as T;
+    let code = match e {
+        T::Refused { .. } => ErrorCode::PermissionDenied,
+        T::FrameTooLarge { .. }
+        | T::Malformed { .. }
+        | T::Decode { .. }
+        | T::UnexpectedBody { .. } => ErrorCode::ProtocolError,
+        e if e.is_unreachable() => ErrorCode::Unavailable,
+        _ => ErrorCode::Internal,
     };
     wire(code, e.to_string())
 }
@@ -689,6 +694,7 @@ impl Cluster {
                 match self.transfer(shared, id, size, addr, deadline).await {
                     Ok(()) => return Ok(()),
                     Err(e) if e.code == ErrorCode::AlreadyExists => return Ok(()),
+                    Err(e) if e.code == ErrorCode::PermissionDenied => return Err(e),
                     Err(e) => {
                         tracing::debug!(%id, holder = %h, error = %e, "pull from holder failed");
                         failed_holders.insert(h.clone());
@@ -722,6 +728,8 @@ impl Cluster {
             let owners = self.owners(id);
             let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
             let mut unreachable = None;
+            // Whether some owner failed in a way that may pass (down, slow): worth retrying.
+            let mut transient = false;
             for (i, owner) in owners.iter().enumerate() {
                 // Only the primary owner parks a waiting get; the others answer at once.
                 let wait_for = if wait && i == 0 { remaining } else { Duration::ZERO };
@@ -737,10 +745,13 @@ impl Cluster {
                     match tokio::time::timeout(wait_for + CALL_TIMEOUT, call).await {
                         Ok(Ok(r)) => r,
                         Ok(Err(e)) => {
-                            unreachable = Some(transport_err(&e));
+                            let e = transport_err(&e);
+                            transient |= e.code == ErrorCode::Unavailable;
+                            unreachable.get_or_insert(e);
                             continue;
                         }
                         Err(_) => {
+                            transient = true;
                             unreachable = Some(wire(ErrorCode::Timeout, "owner did not answer"));
                             continue;
                         }
@@ -771,7 +782,7 @@ impl Cluster {
             let err = unreachable.unwrap_or_else(|| {
                 wire(ErrorCode::NotFound, format!("{id} not found in the cluster"))
             });
-            if err.code == ErrorCode::NotFound && !wait {
+            if !transient || (err.code == ErrorCode::NotFound && !wait) {
                 return Err(err);
             }
             // Owners unreachable: retry until the deadline (membership may change meanwhile).

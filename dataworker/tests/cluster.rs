@@ -1,0 +1,182 @@
+//! Several dataworkers in one process sharing an embedded metadata store: remote gets over
+//! QUIC, waiting gets across nodes, deletes, node departure, and peers that break the rules.
+#![allow(clippy::unwrap_used)] // test setup panics on failure by design
+use shoal_dataworker::{ClusterConfig, ClusterParts, Config, Dataworker};
+use shoal_meta::{MemStore, MetaStore};
+use shoal_sdk::{Client, ErrorCode};
+use shoal_transport::{DevCa, NodeTls};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+struct Node {
+    worker: Option<Dataworker>,
+    _dir: tempfile::TempDir,
+}
+
+impl Node {
+    async fn start(id: &str, meta: Arc<dyn MetaStore>, tls: NodeTls) -> Node {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = Config::new(dir.path());
+        cfg.node_id = id.into();
+        cfg.shm_size = 64 << 20;
+        let mut c = ClusterConfig::new("127.0.0.1:0".parse().unwrap());
+        c.lease_ttl = Duration::from_secs(1);
+        cfg.cluster = Some(c);
+        let worker = Dataworker::start_with(cfg, None, Some(ClusterParts { meta, tls }))
+            .await
+            .unwrap();
+        Node {
+            worker: Some(worker),
+            _dir: dir,
+        }
+    }
+
+    fn w(&self) -> &Dataworker {
+        self.worker.as_ref().unwrap()
+    }
+
+    async fn client(&self) -> Client {
+        Client::connect(self.w().socket_path()).await.unwrap()
+    }
+
+    async fn stop(&mut self) {
+        if let Some(w) = self.worker.take() {
+            w.shutdown().await;
+        }
+    }
+}
+
+async fn wait_members(n: &Node, want: usize) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while n.w().status().members.len() != want {
+        assert!(Instant::now() < deadline, "never saw {want} members");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn cluster(ca: &DevCa, n: usize) -> (Arc<dyn MetaStore>, Vec<Node>) {
+    let meta: Arc<dyn MetaStore> = Arc::new(MemStore::open(None, "").unwrap());
+    let mut nodes = Vec::new();
+    for i in 0..n {
+        let id = format!("n{i}");
+        let tls = NodeTls::from_node_cert(&ca.issue(&id).unwrap()).unwrap();
+        nodes.push(Node::start(&id, meta.clone(), tls).await);
+    }
+    for node in &nodes {
+        wait_members(node, n).await;
+    }
+    (meta, nodes)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remote_get_wait_delete_and_departure() {
+    let ca = DevCa::generate().unwrap();
+    let (_meta, mut nodes) = cluster(&ca, 3).await;
+    let (a, c) = (nodes[0].client().await, nodes[2].client().await);
+
+    // Sealed on one node, read on another: byte-exact, then served locally.
+    let data: Vec<u8> = (0..5_000_000u32).map(|i| (i % 253) as u8).collect();
+    let mut b = a.create("big", data.len() as u64).await.unwrap();
+    b.as_mut_slice().copy_from_slice(&data);
+    b.seal().await.unwrap();
+    let v = c.get("big", Duration::ZERO).await.unwrap();
+    assert_eq!(&v[..], &data[..]);
+    drop(v);
+    assert!(c.contains("big").await.unwrap(), "the replica is local now");
+
+    // Zero-size objects travel too.
+    a.put("empty", b"").await.unwrap();
+    assert_eq!(c.get("empty", Duration::ZERO).await.unwrap().len(), 0);
+
+    // A get that waits for an object not sealed anywhere yet completes when it is.
+    let waiter = {
+        let c = nodes[1].client().await;
+        tokio::spawn(async move { c.get("later", Duration::from_secs(10)).await.map(|v| v.to_vec()) })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    a.put("later", b"here").await.unwrap();
+    assert_eq!(waiter.await.unwrap().unwrap(), b"here");
+
+    // Missing everywhere: NotFound at once with no timeout, Timeout with one.
+    assert_eq!(
+        c.get("nowhere", Duration::ZERO).await.unwrap_err().code(),
+        ErrorCode::NotFound
+    );
+    assert_eq!(
+        c.get("nowhere", Duration::from_millis(200))
+            .await
+            .unwrap_err()
+            .code(),
+        ErrorCode::Timeout
+    );
+
+    // Delete on the reader removes every copy.
+    c.delete("big").await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while a.contains("big").await.unwrap() {
+        assert!(Instant::now() < deadline, "primary survived the delete");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        a.get("big", Duration::ZERO).await.unwrap_err().code(),
+        ErrorCode::NotFound
+    );
+
+    // A node leaves: its only copies are lost (fast), the rest of the cluster keeps working.
+    let b_client = nodes[1].client().await;
+    b_client.put("only-on-1", b"x").await.unwrap();
+    drop(b_client);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    nodes[1].stop().await;
+    let t = Instant::now();
+    loop {
+        match c.get("only-on-1", Duration::ZERO).await {
+            Err(e) if e.code() == ErrorCode::ObjectLost => break,
+            Err(e) => assert!(t.elapsed() < Duration::from_secs(5), "{e}"),
+            Ok(_) => panic!("read an object whose only copy is gone"),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    a.put("after", b"fine").await.unwrap();
+    assert_eq!(&c.get("after", Duration::ZERO).await.unwrap()[..], b"fine");
+    for n in &mut nodes {
+        n.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peers_outside_the_ca_and_garbage_are_refused() {
+    let ca = DevCa::generate().unwrap();
+    let (meta, mut nodes) = cluster(&ca, 2).await;
+    let a = nodes[0].client().await;
+    a.put("secret", b"for members only").await.unwrap();
+
+    // A node with a certificate from another CA registers, but no member talks to it.
+    let rogue_ca = DevCa::generate().unwrap();
+    let tls = NodeTls::from_node_cert(&rogue_ca.issue("rogue").unwrap()).unwrap();
+    let mut rogue = Node::start("rogue", meta.clone(), tls).await;
+    wait_members(&rogue, 3).await;
+    let r = rogue.client().await;
+    let e = r.get("secret", Duration::ZERO).await.unwrap_err();
+    assert!(
+        matches!(e.code(), ErrorCode::PermissionDenied | ErrorCode::NotFound),
+        "{e}"
+    );
+
+    // Garbage datagrams on a member's QUIC port change nothing.
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let target = nodes[0].w().peer_addr().unwrap();
+    for i in 0..200u32 {
+        let junk: Vec<u8> = (0..1200).map(|j| (i * 7 + j) as u8).collect();
+        sock.send_to(&junk, target).unwrap();
+    }
+    let b = nodes[1].client().await;
+    assert_eq!(
+        &b.get("secret", Duration::ZERO).await.unwrap()[..],
+        b"for members only"
+    );
+    rogue.stop().await;
+    for n in &mut nodes {
+        n.stop().await;
+    }
+}

@@ -1,0 +1,24 @@
+//! shoal's node-to-node transport: QUIC (quinn) with mutual TLS under a cluster CA.
+//!
+//! - [`pki`](DevCa): a development cluster CA, node certificates, and the TLS 1.3 configurations
+//!   built from them (usable for QUIC and for plain TCP + TLS).
+//! - [`Endpoint`]: one UDP socket per node, both client and server. A request is one
+//!   bidirectional stream: `[u32 LE len][postcard request]` one way,
+//!   `[u32 LE len][postcard response][u64 LE body_len][body]` back. Bodies stream into a caller's
+//!   sink without an intermediate buffer; several fetches share one connection in parallel.
+//!
+//! Every peer, client or server, must present a certificate signed by the cluster CA carrying the
+//! name [`SERVER_NAME`]. This crate knows nothing about shoal's protocol types
+//! (`shoal-protocol`); callers map [`TransportError::is_unreachable`] to their own codes. It reads
+//! no environment variables and uses the `ring` crypto provider only.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+mod endpoint;
+mod pki;
+mod wire;
+
+pub use endpoint::{Body, Congestion, Endpoint, Reply, Service, TransportConfig, TransportError};
+pub use pki::{
+    DevCa, NodeCert, NodeTls, PkiError, TlsFiles, ALPN, CA_CERT_FILE, CA_KEY_FILE, SERVER_NAME,
+};
