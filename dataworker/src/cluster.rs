@@ -679,10 +679,18 @@ impl Cluster {
     ) -> Result<(), WireError> {
         let mut failed_holders: HashSet<String> = HashSet::new();
         loop {
-            let (size, holders) = self.locate(id, deadline, wait).await?;
+            let (size, mut holders) = self.locate(id, deadline, wait).await?;
             if holders.contains(&self.node_id) {
-                // Registered here: it is local (or being sealed here).
-                return Ok(());
+                if wait || shared.has_sealed(id) {
+                    // Registered here: it is local, or being sealed here and a waiting get
+                    // sees it through the local waiters.
+                    return Ok(());
+                }
+                // A registration older than a local delete: not a copy to read.
+                holders.retain(|h| *h != self.node_id);
+                if holders.is_empty() {
+                    return Err(wire(ErrorCode::NotFound, format!("{id} not found")));
+                }
             }
             let mut last_err = None;
             let untried: Vec<&String> = holders

@@ -511,6 +511,9 @@ impl Shared {
                     .map_err(store_err)?;
                 self.forget_spilled(gen, spilled);
                 Self::wake(g, Namespace::Object, &id);
+                // Queued behind this copy's registration, so the owners end up without it
+                // whichever of the two they hear first.
+                self.cluster_note(Note::Gone(id));
                 Response::Ok
             }
             Request::Contains { ids } => Response::Bools(
@@ -735,14 +738,13 @@ impl Shared {
 
     /// Drops the local copy of a deleted object (views still alive keep their bytes).
     pub(crate) fn drop_copy(&self, id: &ObjectId) {
-        let mut g = self.lock();
-        let g = &mut *g;
-        if let Ok((gen, spilled)) =
-            g.store
-                .delete(Namespace::Object, id, &mut IndexPins(&mut g.index))
-        {
-            self.forget_spilled(gen, spilled);
-        }
-        Self::wake(g, Namespace::Object, id);
+        let _ = self.handle(PEER_CLIENT, Request::Delete { id: id.clone() });
+    }
+
+    /// Whether `id` is sealed here (in memory or spilled).
+    pub(crate) fn has_sealed(&self, id: &ObjectId) -> bool {
+        self.lock()
+            .store
+            .contains(Namespace::Object, id, self.now_ms())
     }
 }

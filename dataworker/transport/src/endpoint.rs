@@ -633,6 +633,40 @@ impl quinn::crypto::HmacKey for ResetKey {
 
 /// Binds the UDP socket; returns it with its effective receive buffer size (as the kernel reports
 /// it: twice the usable size).
+/// Random 8-byte connection ids. Unlike quinn's default generator it accepts every id as
+/// plausible, so that a restarted node answers packets of its previous incarnation with a
+/// stateless reset (quinn's default validates ids with a per-process key, and stays silent).
+struct CidGenerator {
+    rng: &'static dyn rustls::crypto::SecureRandom,
+    fallback_counter: u64,
+}
+
+impl quinn::ConnectionIdGenerator for CidGenerator {
+    fn generate_cid(&mut self) -> quinn::ConnectionId {
+        let mut id = [0u8; 8];
+        if self.rng.fill(&mut id).is_err() {
+            // The OS random source failed: fall back to a counter mixed with the clock (ids need
+            // to be unique and unguessable by off-path attackers, not secret).
+            self.fallback_counter += 1;
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64);
+            id = (nanos.rotate_left(17)
+                ^ self.fallback_counter.wrapping_mul(0x9E37_79B9_7F4A_7C15))
+            .to_le_bytes();
+        }
+        quinn::ConnectionId::new(&id)
+    }
+
+    fn cid_len(&self) -> usize {
+        8
+    }
+
+    fn cid_lifetime(&self) -> Option<Duration> {
+        None
+    }
+}
+
 fn bind_socket(cfg: &TransportConfig) -> Result<(UdpSocket, usize), TransportError> {
     let addr = cfg.listen;
     let err = |source| TransportError::Bind { addr, source };
@@ -706,6 +740,13 @@ impl Endpoint {
             Some(key) => quinn::EndpointConfig::new(Arc::new(key)),
             None => quinn::EndpointConfig::default(),
         };
+        let rng = crate::pki::crypto_provider().secure_random;
+        endpoint_config.cid_generator(move || {
+            Box::new(CidGenerator {
+                rng,
+                fallback_counter: 0,
+            })
+        });
         endpoint_config
             .max_udp_payload_size(cfg.mtu_upper_bound.max(cfg.loopback_mtu).max(1200))
             .map_err(|_| TransportError::InvalidConfig {

@@ -27,7 +27,7 @@ enum Req {
     /// Never answers; the server sends a message on `stalled` when it starts waiting and bumps
     /// `stalls_dropped` when the handler is dropped.
     Stall,
-    /// Answers after the given number of milliseconds.
+    /// Answers after the given number of milliseconds (sends on `stalled` when it starts).
     Slow(u64),
 }
 
@@ -75,6 +75,7 @@ impl Service for TestService {
                 unreachable!()
             }
             Req::Slow(ms) => {
+                let _ = self.stalled.send(()).await;
                 tokio::time::sleep(Duration::from_millis(ms)).await;
                 Reply::new(Resp::Done)
             }
@@ -594,6 +595,8 @@ async fn shutdown_waits_for_in_flight_then_resets_stragglers() {
         let client = client.clone();
         async move { client.call::<_, Resp>(peer, &Req::Stall).await }
     });
+    // Both requests are being handled.
+    server.stalled.recv().await.unwrap();
     server.stalled.recv().await.unwrap();
     server.shutdown.cancel();
     // The slow call completes within the grace period; the stalled one is reset after it.
