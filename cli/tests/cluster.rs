@@ -9,6 +9,9 @@ use std::time::{Duration, Instant};
 
 const SHOAL: &str = env!("CARGO_BIN_EXE_shoal");
 const TTL: Duration = Duration::from_secs(2);
+/// Registration with the directory owners is asynchronous (it lands within milliseconds of
+/// a seal): a get right after a put on another node gives it this long.
+const SETTLE: Duration = Duration::from_secs(5);
 
 struct Up {
     child: Child,
@@ -135,6 +138,8 @@ fn cluster_put_get_and_node_loss(up: &Up) {
 
     // Node 2 holds an object alone; node 3 holds a replica of `big`.
     ok(&up.shoal(1, &["put", "only-on-2", "-"], Some(b"doomed")));
+    // Let its registration reach the directory owners (asynchronous, milliseconds).
+    std::thread::sleep(Duration::from_millis(200));
     let c3 = Client::connect(up.socket(2)).unwrap();
     let before = c3.status().unwrap();
     up.kill_node(1);
@@ -186,7 +191,7 @@ fn delete_removes_every_copy_and_the_reader_arena_does_not_leak() {
     );
     let empty = c2.status().unwrap().used_bytes;
     c1.put("x", &payload(100_000)).unwrap();
-    assert_eq!(c2.get("x", Duration::ZERO).unwrap().len(), 100_000);
+    assert_eq!(c2.get("x", SETTLE).unwrap().len(), 100_000);
     assert!(c2.status().unwrap().used_bytes > empty);
     c1.delete("x").unwrap();
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -198,6 +203,7 @@ fn delete_removes_every_copy_and_the_reader_arena_does_not_leak() {
     assert_eq!(e.code(), ErrorCode::NotFound, "{e}");
     // Deleting an id sealed only on the other node works too.
     c1.put("y", b"y").unwrap();
+    assert_eq!(&c2.get("y", SETTLE).unwrap()[..], b"y");
     c2.delete("y").unwrap();
     assert_eq!(
         c1.get("y", Duration::ZERO).unwrap_err().code(),
@@ -220,7 +226,7 @@ fn holder_killed_mid_transfer_leaks_nothing_on_the_reader() {
     let sock = up.socket(1);
     let reader = std::thread::spawn(move || {
         let c = Client::connect(sock).unwrap();
-        c.get("huge", Duration::ZERO).map(|v| v.len())
+        c.get("huge", SETTLE).map(|v| v.len())
     });
     std::thread::sleep(Duration::from_millis(30));
     up.kill_node(0);
@@ -258,7 +264,7 @@ fn control_down_keeps_the_data_path() {
         Client::connect(up.socket(1)).unwrap(),
     );
     c1.put("before", b"replicated").unwrap();
-    assert_eq!(&c2.get("before", Duration::ZERO).unwrap()[..], b"replicated");
+    assert_eq!(&c2.get("before", SETTLE).unwrap()[..], b"replicated");
     let control = up.info["control"]["pid"].as_i64().unwrap() as i32;
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(control),
@@ -275,7 +281,7 @@ fn control_down_keeps_the_data_path() {
     assert_eq!(&c2.get("before", Duration::ZERO).unwrap()[..], b"replicated");
     // Node-to-node transfer does not need control either.
     assert_eq!(
-        &c2.get("local", Duration::ZERO).unwrap()[..],
+        &c2.get("local", SETTLE).unwrap()[..],
         b"put while control is down"
     );
 }
@@ -363,5 +369,88 @@ impl Drop for Etcd {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// GET `path` on `addr` (HTTP/1.0), the JSON body.
+fn http_json(addr: &str, path: &str) -> Option<serde_json::Value> {
+    use std::io::Read;
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: shoal\r\n\r\n").ok()?;
+    let mut body = String::new();
+    s.read_to_string(&mut body).ok()?;
+    serde_json::from_str(body.split_once("\r\n\r\n")?.1).ok()
+}
+
+struct ControlProc {
+    child: Child,
+    http: String,
+}
+
+impl ControlProc {
+    fn start(etcd: &str, name: &str) -> ControlProc {
+        let mut child = Command::new(SHOAL)
+            .args(["control", "--listen", "off", "--http-addr", "127.0.0.1:0"])
+            .args(["--etcd", etcd, "--election-ttl", "2s", "--name", name])
+            .args(["--ready-json", "--exit-with-parent"])
+            .env("SHOAL_LOG", "warn")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let ready: serde_json::Value =
+            serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"));
+        ControlProc {
+            child,
+            http: ready["http"].as_str().unwrap().to_string(),
+        }
+    }
+
+    fn role(&self) -> Option<String> {
+        http_json(&self.http, "/v1/leader").map(|v| v["role"].as_str().unwrap_or("").to_string())
+    }
+}
+
+impl Drop for ControlProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+#[cfg(feature = "etcd")]
+fn control_leader_failover_on_etcd() {
+    let etcd = Etcd::start().expect("etcd is not installed: scripts/test.sh installs etcd-server");
+    let a = ControlProc::start(&etcd.url, "a");
+    let b = ControlProc::start(&etcd.url, "b");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (leader, standby) = loop {
+        match (a.role().as_deref(), b.role().as_deref()) {
+            (Some("leader"), Some("standby")) => break (a, b),
+            (Some("standby"), Some("leader")) => break (b, a),
+            other => assert!(Instant::now() < deadline, "no single leader: {other:?}"),
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    // The standby answers and names the leader.
+    let v = http_json(&standby.http, "/v1/nodes").unwrap();
+    assert_eq!(v["role"], "standby");
+    assert!(v["leader"]["http_addr"].is_string(), "{v}");
+    let mut leader = leader;
+    leader.child.kill().unwrap();
+    let killed = Instant::now();
+    while standby.role().as_deref() != Some("leader") {
+        assert!(
+            killed.elapsed() < TTL + Duration::from_secs(2),
+            "standby did not take over within the lease TTL + 2 s"
+        );
+        std::thread::sleep(Duration::from_millis(50));
     }
 }

@@ -8,6 +8,10 @@ use shoal_transport::{DevCa, NodeTls};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+/// Registration with the directory owners is asynchronous (it lands within milliseconds of
+/// a seal): a get right after a put on another node gives it this long.
+const SETTLE: Duration = Duration::from_secs(5);
+
 struct Node {
     worker: Option<Dataworker>,
     _dir: tempfile::TempDir,
@@ -79,14 +83,14 @@ async fn remote_get_wait_delete_and_departure() {
     let mut b = a.create("big", data.len() as u64).await.unwrap();
     b.as_mut_slice().copy_from_slice(&data);
     b.seal().await.unwrap();
-    let v = c.get("big", Duration::ZERO).await.unwrap();
+    let v = c.get("big", SETTLE).await.unwrap();
     assert_eq!(&v[..], &data[..]);
     drop(v);
     assert!(c.contains("big").await.unwrap(), "the replica is local now");
 
     // Zero-size objects travel too.
     a.put("empty", b"").await.unwrap();
-    assert_eq!(c.get("empty", Duration::ZERO).await.unwrap().len(), 0);
+    assert_eq!(c.get("empty", SETTLE).await.unwrap().len(), 0);
 
     // A get that waits for an object not sealed anywhere yet completes when it is.
     let waiter = {
@@ -138,7 +142,7 @@ async fn remote_get_wait_delete_and_departure() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     a.put("after", b"fine").await.unwrap();
-    assert_eq!(&c.get("after", Duration::ZERO).await.unwrap()[..], b"fine");
+    assert_eq!(&c.get("after", SETTLE).await.unwrap()[..], b"fine");
     for n in &mut nodes {
         n.stop().await;
     }
@@ -172,11 +176,99 @@ async fn peers_outside_the_ca_and_garbage_are_refused() {
     }
     let b = nodes[1].client().await;
     assert_eq!(
-        &b.get("secret", Duration::ZERO).await.unwrap()[..],
+        &b.get("secret", SETTLE).await.unwrap()[..],
         b"for members only"
     );
     rogue.stop().await;
     for n in &mut nodes {
         n.stop().await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_node_rejoins_without_resurrecting_its_old_objects() {
+    let ca = DevCa::generate().unwrap();
+    let (meta, mut nodes) = cluster(&ca, 2).await;
+    let (a, b) = (nodes[0].client().await, nodes[1].client().await);
+    b.put("old-life", b"gone with the process").await.unwrap();
+    // Registration is asynchronous: a get that may wait sees it as soon as it lands.
+    assert_eq!(
+        a.get("old-life", Duration::from_secs(2)).await.unwrap().len(),
+        21
+    );
+    a.delete("old-life").await.unwrap();
+    b.put("lost-with-it", b"only here").await.unwrap();
+    drop(b);
+    nodes[1].stop().await;
+    wait_members(&nodes[0], 1).await;
+    // Same node id, new process (new incarnation, empty arena).
+    let tls = NodeTls::from_node_cert(&ca.issue("n1").unwrap()).unwrap();
+    nodes[1] = Node::start("n1", meta.clone(), tls).await;
+    wait_members(&nodes[0], 2).await;
+    let b = nodes[1].client().await;
+    for id in ["old-life", "lost-with-it"] {
+        let e = a.get(id, Duration::ZERO).await.unwrap_err();
+        assert!(
+            matches!(e.code(), ErrorCode::NotFound | ErrorCode::ObjectLost),
+            "{id}: {e}"
+        );
+    }
+    b.put("new-life", b"fresh").await.unwrap();
+    assert_eq!(
+        &a.get("new-life", Duration::from_secs(2)).await.unwrap()[..],
+        b"fresh"
+    );
+    for n in &mut nodes {
+        n.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metadata_outage_keeps_the_data_path_and_registration_resumes() {
+    let ca = DevCa::generate().unwrap();
+    // Control's embedded store, served over TCP as `shoal control` does.
+    let store: Arc<dyn MetaStore> = Arc::new(MemStore::open(None, "").unwrap());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let server = tokio::spawn(shoal_meta::serve(store.clone(), listener, stop.clone()));
+    let mut nodes = Vec::new();
+    for id in ["r0", "r1"] {
+        let tls = NodeTls::from_node_cert(&ca.issue(id).unwrap()).unwrap();
+        let meta: Arc<dyn MetaStore> = Arc::new(shoal_meta::RemoteStore::connect(addr));
+        nodes.push(Node::start(id, meta, tls).await);
+    }
+    wait_members(&nodes[0], 2).await;
+    wait_members(&nodes[1], 2).await;
+    let (a, b) = (nodes[0].client().await, nodes[1].client().await);
+    a.put("before", b"1").await.unwrap();
+    assert_eq!(&b.get("before", SETTLE).await.unwrap()[..], b"1");
+
+    // Control goes away for longer than a lease.
+    stop.cancel();
+    server.await.unwrap();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    a.put("during", b"2").await.unwrap();
+    assert_eq!(&a.get("during", Duration::ZERO).await.unwrap()[..], b"2");
+    assert_eq!(&b.get("during", SETTLE).await.unwrap()[..], b"2");
+    assert_eq!(nodes[0].w().status().members.len(), 2, "last view kept");
+
+    // Back on the same address: the leases had expired there; the nodes register again.
+    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let server = tokio::spawn(shoal_meta::serve(store.clone(), listener, stop.clone()));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (kvs, _) = store.range("nodes/").await.unwrap();
+        if kvs.len() == 2 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "nodes did not register again");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for n in &mut nodes {
+        n.stop().await;
+    }
+    stop.cancel();
+    server.await.unwrap();
 }

@@ -909,8 +909,8 @@ impl Endpoint {
 
     /// The cached connection to `peer`, connecting (once, shared by concurrent callers) if needed.
     async fn connection(&self, peer: SocketAddr) -> Result<quinn::Connection, TransportError> {
-        // A cached connection may turn out closed after the handshake wait: retry once.
-        for _ in 0..2 {
+        // Bounded: each round either returns or replaces a cached connection that died.
+        for _ in 0..3 {
             let slot = {
                 let mut conns = self.lock_conns();
                 match conns.get(&peer) {
@@ -925,13 +925,23 @@ impl Endpoint {
                     }
                 }
             };
+            let established_before = slot.conn.initialized();
             let result = slot
                 .conn
                 .get_or_init(|| self.connect(peer, slot.cancel.clone()))
                 .await;
             match result {
-                Ok(conn) if conn.close_reason().is_none() => return Ok(conn.clone()),
-                Ok(_) => self.evict(peer, &slot),
+                Ok(conn) => match conn.close_reason() {
+                    None => return Ok(conn.clone()),
+                    // A cached connection died since the liveness check: connect afresh.
+                    Some(_) if established_before => self.evict(peer, &slot),
+                    // Closed right after the handshake (e.g. the server refused our certificate
+                    // after the client side of the TLS 1.3 handshake had completed).
+                    Some(reason) => {
+                        self.evict(peer, &slot);
+                        return Err(lost(peer, reason));
+                    }
+                },
                 Err(failure) => {
                     self.evict(peer, &slot);
                     return Err(failure.clone().into_error(peer));
