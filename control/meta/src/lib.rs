@@ -2,19 +2,32 @@
 //! compare-and-swap transactions, leases with keepalive, watches) and its backends:
 //!
 //! - [`MemStore`]: embedded, in the control process, persisted to a local file;
-//! - [`RemoteStore`]: a client of a `MemStore` served by control over TCP ([`serve`]);
+//! - [`RemoteStore`]: a client of a store served by control over TCP ([`serve`]);
 //! - `EtcdStore` (feature `etcd`): a real etcd through `etcd-client`.
 //!
 //! Every backend keeps its keys under one configurable prefix, so clusters can share an etcd;
-//! callers always see keys relative to it. [`elect`] runs leader election over any backend.
+//! callers always see keys relative to it. Every backend enforces the same limits
+//! ([`MAX_KEY_LEN`], [`MAX_VALUE_LEN`], [`MAX_TXN_OPS`], [`MAX_TXN_BYTES`],
+//! [`MAX_LEASE_TTL`]). [`Election`] runs leader election over any backend.
 //!
 //! This crate never reads the environment and holds no `unsafe`.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+mod election;
+#[cfg(feature = "etcd")]
+mod etcd;
+mod keys;
+mod mem;
+mod remote;
 mod types;
 
+pub use election::{Election, Role};
+#[cfg(feature = "etcd")]
+pub use etcd::EtcdStore;
+pub use keys::{MAX_KEY_LEN, MAX_LEASE_TTL, MAX_TXN_BYTES, MAX_TXN_OPS, MAX_VALUE_LEN};
+pub use mem::{MemStore, MemStoreOptions};
+pub use remote::{serve, RemoteStore};
 pub use types::{
-    Compare, KeyValue, LeaseId, MetaError, MetaStore, Revision, Txn, TxnOp, WatchEvent,
-    WatchStream,
+    Compare, KeyValue, LeaseId, MetaError, MetaStore, Revision, Txn, TxnOp, WatchEvent, WatchStream,
 };
