@@ -249,7 +249,7 @@ async fn watch_nodes(view: Arc<View>, shutdown: CancellationToken) {
                     }
                     shoal_meta::WatchEvent::Delete { key, .. } => {
                         if let Some(id) = key.strip_prefix(NODES_PREFIX) {
-                            tracing::warn!(node = %id, "node left (lease ended)");
+                            tracing::warn!(node = %id, "node left (lease revoked or expired)");
                             nodes.remove(id);
                         }
                     }
