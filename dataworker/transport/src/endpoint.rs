@@ -78,14 +78,16 @@ pub struct TransportConfig {
     pub socket_buffer: usize,
     /// UDP payload size used before path MTU discovery has run, on non-loopback paths.
     pub initial_mtu: u16,
-    /// UDP payload size used from the start on loopback paths (loopback carries 64 KiB datagrams).
+    /// UDP payload size used from the start on loopback paths (loopback carries 64 KiB datagrams;
+    /// at most 65488 for IPv6). Datagrams above 6553 bytes are sent one per syscall.
     pub loopback_mtu: u16,
     /// Upper bound of path MTU discovery on non-loopback paths (largest UDP payload probed). Up to
     /// 6553, quinn batches 10 datagrams per send (GSO); above, it sends one datagram per syscall.
     pub mtu_upper_bound: u16,
     /// Congestion controller.
     pub congestion: Congestion,
-    /// Initial congestion window in bytes (`None`: the controller's default).
+    /// Initial congestion window in bytes (`None`: ten datagrams of the path's initial MTU, at
+    /// least 14720 bytes).
     pub initial_window: Option<u64>,
     /// Round-robin between streams of a connection (`false`: send streams in order).
     pub send_fairness: bool,

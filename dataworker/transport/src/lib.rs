@@ -1,15 +1,15 @@
 //! shoal's node-to-node transport: QUIC (quinn) with mutual TLS under a cluster CA.
 //!
-//! - [`pki`](DevCa): a development cluster CA, node certificates, and the TLS 1.3 configurations
-//!   built from them (usable for QUIC and for plain TCP + TLS).
+//! - PKI ([`DevCa`], [`NodeCert`], [`NodeTls`]): a development cluster CA, node certificates, and
+//!   the TLS 1.3 configurations built from them, for QUIC and for plain TCP + TLS.
 //! - [`Endpoint`]: one UDP socket per node, both client and server. A request is one
 //!   bidirectional stream: `[u32 LE len][postcard request]` one way,
-//!   `[u32 LE len][postcard response][u64 LE body_len][body]` back. Bodies stream into a caller's
-//!   sink without an intermediate buffer; several fetches share one connection in parallel.
+//!   `[u32 LE len][postcard response][u64 LE body_len][body]` back. Bodies go out without a copy
+//!   and stream into the caller's sink as they arrive; parallel fetches share one connection.
 //!
 //! Every peer, client or server, must present a certificate signed by the cluster CA carrying the
-//! name [`SERVER_NAME`]. This crate knows nothing about shoal's protocol types
-//! (`shoal-protocol`); callers map [`TransportError::is_unreachable`] to their own codes. It reads
+//! name [`SERVER_NAME`]. This crate knows nothing of shoal's protocol (`shoal-protocol` is not a
+//! dependency): callers map [`TransportError::is_unreachable`] to their own error codes. It reads
 //! no environment variables and uses the `ring` crypto provider only.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]

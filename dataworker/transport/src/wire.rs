@@ -73,6 +73,10 @@ fn exact_err(e: ReadExactError) -> FrameError {
     }
 }
 
+/// Initial allocation for a frame; it grows as bytes arrive, so an announced length costs nothing
+/// until the peer actually sends (and flow control bounds what it can send).
+const FRAME_INITIAL_CAPACITY: usize = 16 << 10;
+
 /// Reads one `[u32 LE len][body]` frame, refusing lengths above `max` before allocating.
 pub(crate) async fn read_frame(recv: &mut RecvStream, max: usize) -> Result<Vec<u8>, FrameError> {
     let mut header = [0u8; FRAME_HEADER];
@@ -85,8 +89,14 @@ pub(crate) async fn read_frame(recv: &mut RecvStream, max: usize) -> Result<Vec<
             max,
         });
     }
-    let mut buf = vec![0u8; len_usize];
-    recv.read_exact(&mut buf).await.map_err(exact_err)?;
+    let mut buf = Vec::with_capacity(len_usize.min(FRAME_INITIAL_CAPACITY));
+    while buf.len() < len_usize {
+        match recv.read_chunk(len_usize - buf.len(), true).await {
+            Ok(Some(chunk)) => buf.extend_from_slice(&chunk.bytes),
+            Ok(None) => return Err(FrameError::Truncated),
+            Err(e) => return Err(FrameError::Read(e)),
+        }
+    }
     Ok(buf)
 }
 
