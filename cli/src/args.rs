@@ -272,7 +272,11 @@ pub(crate) struct ControlArgs {
     #[arg(long, env = "SHOAL_CONTROL_LISTEN", default_value = "127.0.0.1:7700", value_parser = parse_http_addr)]
     pub(crate) listen: HttpAddr,
     /// Address of the HTTP API (/health, /v1/nodes, /v1/leader, /metrics).
-    #[arg(long, env = "SHOAL_CONTROL_HTTP_ADDR", default_value = "127.0.0.1:7701")]
+    #[arg(
+        long,
+        env = "SHOAL_CONTROL_HTTP_ADDR",
+        default_value = "127.0.0.1:7701"
+    )]
     pub(crate) http_addr: SocketAddr,
     /// Where the embedded metadata store keeps its file [default: <socket dir>/control].
     #[arg(long, env = "SHOAL_DATA_DIR")]

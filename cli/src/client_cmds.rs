@@ -142,7 +142,10 @@ async fn run_async(cmd: Command) -> anyhow::Result<ExitCode> {
                             ),
                             None => ("down", "-".to_string()),
                         };
-                        println!("{:<12} {:<8} {:<22} {:>24}", m.node_id, state, m.peer_addr, used);
+                        println!(
+                            "{:<12} {:<8} {:<22} {:>24}",
+                            m.node_id, state, m.peer_addr, used
+                        );
                     }
                 }
             }
@@ -165,7 +168,8 @@ fn health(addr: &str) -> Option<serde_json::Value> {
     let t = std::time::Duration::from_secs(1);
     let mut s = std::net::TcpStream::connect_timeout(&addr, t).ok()?;
     s.set_read_timeout(Some(t)).ok()?;
-    s.write_all(b"GET /health HTTP/1.0\r\nHost: shoal\r\n\r\n").ok()?;
+    s.write_all(b"GET /health HTTP/1.0\r\nHost: shoal\r\n\r\n")
+        .ok()?;
     let mut body = String::new();
     s.read_to_string(&mut body).ok()?;
     let (_, json) = body.split_once("\r\n\r\n")?;

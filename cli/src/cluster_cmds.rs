@@ -287,7 +287,9 @@ pub(crate) fn up_cluster(a: UpArgs) -> anyhow::Result<ExitCode> {
             args.extend(["--spill-dir".into(), d.join(n).display().to_string()]);
         }
         if etcd.is_empty() {
-            let m = meta.clone().context("control did not report its metadata API")?;
+            let m = meta
+                .clone()
+                .context("control did not report its metadata API")?;
             args.extend(["--meta".into(), m]);
         } else {
             args.extend(["--etcd".into(), etcd.clone()]);

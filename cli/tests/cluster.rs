@@ -164,7 +164,10 @@ fn cluster_put_get_and_node_loss(up: &Up) {
     // Everything else keeps working: the replicated object on both survivors, new puts.
     assert_eq!(&c3.get("big", Duration::ZERO).unwrap()[..], &data[..]);
     let c1 = Client::connect(up.socket(0)).unwrap();
-    assert_eq!(&c1.get("later", Duration::ZERO).unwrap()[..], b"sealed later");
+    assert_eq!(
+        &c1.get("later", Duration::ZERO).unwrap()[..],
+        b"sealed later"
+    );
     c1.put("after-loss", b"still fine").unwrap();
     assert_eq!(
         &c3.get("after-loss", Duration::from_secs(5)).unwrap()[..],
@@ -278,7 +281,10 @@ fn control_down_keeps_the_data_path() {
         &c1.get("local", Duration::ZERO).unwrap()[..],
         b"put while control is down"
     );
-    assert_eq!(&c2.get("before", Duration::ZERO).unwrap()[..], b"replicated");
+    assert_eq!(
+        &c2.get("before", Duration::ZERO).unwrap()[..],
+        b"replicated"
+    );
     // Node-to-node transfer does not need control either.
     assert_eq!(
         &c2.get("local", SETTLE).unwrap()[..],
@@ -289,9 +295,19 @@ fn control_down_keeps_the_data_path() {
 #[test]
 fn a_corrupt_metadata_file_stops_control_with_a_clear_message() {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("meta.db"), b"this is not a shoal metadata file").unwrap();
+    std::fs::write(
+        dir.path().join("meta.db"),
+        b"this is not a shoal metadata file",
+    )
+    .unwrap();
     let o = Command::new(SHOAL)
-        .args(["control", "--listen", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
+        .args([
+            "control",
+            "--listen",
+            "127.0.0.1:0",
+            "--http-addr",
+            "127.0.0.1:0",
+        ])
         .arg("--data-dir")
         .arg(dir.path())
         .output()
@@ -344,7 +360,12 @@ impl Etcd {
             .arg("--data-dir")
             .arg(dir.path())
             .args(["--name", "default", "--listen-client-urls", &url])
-            .args(["--advertise-client-urls", &url, "--listen-peer-urls", &peer_url])
+            .args([
+                "--advertise-client-urls",
+                &url,
+                "--listen-peer-urls",
+                &peer_url,
+            ])
             .args(["--initial-advertise-peer-urls", &peer_url])
             .args(["--initial-cluster", &format!("default={peer_url}")])
             .stdout(Stdio::null())

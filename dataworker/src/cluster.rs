@@ -83,6 +83,9 @@ pub(crate) struct Cluster {
     pulls: Mutex<HashMap<ObjectId, watch::Receiver<PullResult>>>,
     notes: mpsc::Sender<Note>,
     start: Instant,
+    /// The worker's tasks and shutdown: pulls run there, detached from the gets that wait.
+    tasks: TaskTracker,
+    shutdown: CancellationToken,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -119,6 +122,8 @@ impl Cluster {
         cfg: ClusterConfig,
         meta: Arc<dyn MetaStore>,
         endpoint: Endpoint,
+        tasks: TaskTracker,
+        shutdown: CancellationToken,
     ) -> (Arc<Cluster>, mpsc::Receiver<Note>) {
         let incarnation = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -143,6 +148,8 @@ impl Cluster {
             pulls: Mutex::new(HashMap::new()),
             notes: tx,
             start: Instant::now(),
+            tasks,
+            shutdown,
         };
         (Arc::new(c), rx)
     }
@@ -200,19 +207,21 @@ impl Cluster {
         shared: &Arc<Shared>,
         notes: mpsc::Receiver<Note>,
         record: NodeRecord,
-        tasks: &TaskTracker,
-        shutdown: &CancellationToken,
     ) {
         let svc = Arc::new(PeerService {
             shared: shared.clone(),
             cluster: self.clone(),
         });
-        let server = self.endpoint.serve(svc, shutdown.clone());
-        tasks.spawn(async move {
+        let server = self.endpoint.serve(svc, self.shutdown.clone());
+        self.tasks.spawn(async move {
             let _ = server.await;
         });
-        tasks.spawn(self.clone().membership(record, shutdown.clone()));
-        tasks.spawn(self.clone().outbox(shared.clone(), notes, shutdown.clone()));
+        self.tasks
+            .spawn(self.clone().membership(record, self.shutdown.clone()));
+        self.tasks.spawn(
+            self.clone()
+                .outbox(shared.clone(), notes, self.shutdown.clone()),
+        );
     }
 
     // ----- membership -----
@@ -397,6 +406,9 @@ impl Cluster {
         shutdown: CancellationToken,
     ) {
         let mut retry: Option<tokio::time::Instant> = None;
+        // After a failed round, re-register everything after 1 s, then 2 s, ... up to the
+        // resync interval: an owner that stays unreachable costs a bounded amount of work.
+        let mut backoff = Duration::from_secs(1);
         loop {
             let first = tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -424,8 +436,11 @@ impl Cluster {
                     _ => {}
                 }
             }
-            if !self.send_registrations(held, gone).await {
-                retry = Some(tokio::time::Instant::now() + Duration::from_secs(1));
+            if self.send_registrations(held, gone).await {
+                backoff = Duration::from_secs(1);
+            } else {
+                retry = Some(tokio::time::Instant::now() + backoff);
+                backoff = (backoff * 2).min(self.cfg.resync_interval);
             }
         }
     }
@@ -560,7 +575,10 @@ impl Cluster {
                     }
                 }
             };
-            if tokio::time::timeout_at(deadline, rx.changed()).await.is_err() {
+            if tokio::time::timeout_at(deadline, rx.changed())
+                .await
+                .is_err()
+            {
                 self.dir().waiters.retain(|_, tx| tx.receiver_count() > 0);
                 return PeerResponse::Error(wire(
                     ErrorCode::Timeout,
@@ -613,19 +631,30 @@ impl Cluster {
     }
 
     async fn tell_call(&self, node: &str, req: PeerRequest) -> Result<PeerResponse, WireError> {
-        let addr = self
-            .addr_of(node)
-            .ok_or_else(|| wire(ErrorCode::Unavailable, format!("node {node} is not a member")))?;
+        let addr = self.addr_of(node).ok_or_else(|| {
+            wire(
+                ErrorCode::Unavailable,
+                format!("node {node} is not a member"),
+            )
+        })?;
         match tokio::time::timeout(CALL_TIMEOUT, self.endpoint.call(addr, &req)).await {
             Ok(Ok(r)) => Ok(r),
             Ok(Err(e)) => Err(transport_err(&e)),
-            Err(_) => Err(wire(ErrorCode::Timeout, format!("node {node} did not answer"))),
+            Err(_) => Err(wire(
+                ErrorCode::Timeout,
+                format!("node {node} did not answer"),
+            )),
         }
     }
 
     /// Makes `id` local: finds it (waiting until `deadline` for it to be sealed when `wait`),
     /// pulls it from a holder and seals it here as a replica. Concurrent pulls of one id share
     /// the work. `Ok` means it is local now (or was meanwhile sealed here).
+    ///
+    /// The work runs in its own task, not in the caller's future: a get that gives up (its
+    /// connection closed, its deadline passed) never cancels a transfer half-way, so the
+    /// transfer always ends by sealing or freeing its buffer. It stops at its own deadline or
+    /// at shutdown.
     pub(crate) async fn pull(
         self: &Arc<Self>,
         shared: &Arc<Shared>,
@@ -633,26 +662,29 @@ impl Cluster {
         deadline: tokio::time::Instant,
         wait: bool,
     ) -> Result<(), WireError> {
-        let (mut rx, leader) = {
-            let mut p = self.pulls.lock().unwrap_or_else(|p| p.into_inner());
-            match p.get(id) {
-                Some(rx) => (rx.clone(), None),
-                None => {
-                    let (tx, rx) = watch::channel(None);
-                    p.insert(id.clone(), rx.clone());
-                    (rx, Some(tx))
+        let mut rx =
+            {
+                let mut p = self.pulls.lock().unwrap_or_else(|p| p.into_inner());
+                match p.get(id) {
+                    Some(rx) => rx.clone(),
+                    None => {
+                        let (tx, rx) = watch::channel(None);
+                        p.insert(id.clone(), rx.clone());
+                        let (c, s, id) = (self.clone(), shared.clone(), id.clone());
+                        self.tasks.spawn(async move {
+                        let r = tokio::select! {
+                            r = c.pull_once(&s, &id, deadline, wait) => r,
+                            _ = c.shutdown.cancelled() => {
+                                Err(wire(ErrorCode::Unavailable, "the dataworker is shutting down"))
+                            }
+                        };
+                        c.pulls.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+                        let _ = tx.send(Some(r));
+                    });
+                        rx
+                    }
                 }
-            }
-        };
-        if let Some(tx) = leader {
-            let r = self.pull_once(shared, id, deadline, wait).await;
-            self.pulls
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(id);
-            let _ = tx.send(Some(r.clone()));
-            return r;
-        }
+            };
         loop {
             if let Some(r) = rx.borrow().clone() {
                 return r;
@@ -698,7 +730,9 @@ impl Cluster {
                 .filter(|h| !failed_holders.contains(*h))
                 .collect();
             for h in untried {
-                let Some(addr) = self.addr_of(h) else { continue };
+                let Some(addr) = self.addr_of(h) else {
+                    continue;
+                };
                 match self.transfer(shared, id, size, addr, deadline).await {
                     Ok(()) => return Ok(()),
                     Err(e) if e.code == ErrorCode::AlreadyExists => return Ok(()),
@@ -714,7 +748,10 @@ impl Cluster {
             // answers ObjectLost, or names a new holder).
             if tokio::time::Instant::now() + Duration::from_millis(200) >= deadline {
                 return Err(last_err.unwrap_or_else(|| {
-                    wire(ErrorCode::Timeout, format!("{id}: no holder answered in time"))
+                    wire(
+                        ErrorCode::Timeout,
+                        format!("{id}: no holder answered in time"),
+                    )
                 }));
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
@@ -740,11 +777,17 @@ impl Cluster {
             let mut transient = false;
             for (i, owner) in owners.iter().enumerate() {
                 // Only the primary owner parks a waiting get; the others answer at once.
-                let wait_for = if wait && i == 0 { remaining } else { Duration::ZERO };
+                let wait_for = if wait && i == 0 {
+                    remaining
+                } else {
+                    Duration::ZERO
+                };
                 let resp = if *owner == self.node_id {
                     self.locate_here(id, wait_for).await
                 } else {
-                    let Some(addr) = self.addr_of(owner) else { continue };
+                    let Some(addr) = self.addr_of(owner) else {
+                        continue;
+                    };
                     let req = PeerRequest::Locate {
                         id: id.clone(),
                         wait_ms: wait_for.as_millis() as u64,
@@ -788,7 +831,10 @@ impl Cluster {
                 }
             }
             let err = unreachable.unwrap_or_else(|| {
-                wire(ErrorCode::NotFound, format!("{id} not found in the cluster"))
+                wire(
+                    ErrorCode::NotFound,
+                    format!("{id} not found in the cluster"),
+                )
             });
             if !transient || (err.code == ErrorCode::NotFound && !wait) {
                 return Err(err);
@@ -869,10 +915,19 @@ impl Cluster {
         }
         let mut result = Ok(());
         loop {
-            let next = tokio::time::timeout_at(deadline, set.join_next()).await;
+            let next = tokio::select! {
+                n = tokio::time::timeout_at(deadline, set.join_next()) => n,
+                _ = self.shutdown.cancelled() => {
+                    result = Err(wire(ErrorCode::Unavailable, "the dataworker is shutting down"));
+                    break;
+                }
+            };
             match next {
                 Err(_) => {
-                    result = Err(wire(ErrorCode::Timeout, format!("{id}: transfer timed out")));
+                    result = Err(wire(
+                        ErrorCode::Timeout,
+                        format!("{id}: transfer timed out"),
+                    ));
                     break;
                 }
                 Ok(None) => break,
@@ -979,7 +1034,10 @@ impl Service for PeerService {
                         let n = len.min(v.len - off);
                         metrics::counter!("shoal_serve_bytes_total").increment(n);
                         Reply {
-                            resp: PeerResponse::Fetched { size: v.len, len: n },
+                            resp: PeerResponse::Fetched {
+                                size: v.len,
+                                len: n,
+                            },
                             body: Some(Box::new(PinnedBytes {
                                 shared: self.shared.clone(),
                                 gen: v.gen,

@@ -5,13 +5,13 @@
 //! through a bounded channel. When the connection ends for any reason (EOF, SIGKILL of the
 //! client, a malformed frame, shutdown), every pin and unsealed buffer of the client is
 //! released before the task returns.
-use crate::ring::RingClient;
 use crate::ops;
+use crate::ring::RingClient;
 use crate::state::{GetMode, GetOutcome, Shared};
 use bytes::BytesMut;
 use shoal_protocol::{
-    encode_frame, ClientFrame, CtlLayout, ErrorCode, FrameDecoder, Hello, Request,
-    Response, ServerFrame, WireError, PROTOCOL_VERSION,
+    encode_frame, ClientFrame, CtlLayout, ErrorCode, FrameDecoder, Hello, Request, Response,
+    ServerFrame, WireError, PROTOCOL_VERSION,
 };
 use shoal_shm::Mailbox;
 use std::io::{Read, Write};

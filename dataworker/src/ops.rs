@@ -41,7 +41,11 @@ pub(crate) async fn get(
         Duration::from_millis(timeout_ms).min(shared.cfg.max_get_timeout)
     } else {
         cluster.as_ref().map_or(Duration::ZERO, |_| {
-            shared.cfg.cluster.as_ref().map_or(Duration::ZERO, |c| c.pull_timeout)
+            shared
+                .cfg
+                .cluster
+                .as_ref()
+                .map_or(Duration::ZERO, |c| c.pull_timeout)
         })
     };
     if timeout.is_zero() {
@@ -77,7 +81,16 @@ pub(crate) async fn get(
                 _ = changed(first) => false,
                 Some(done) = pulls.join_next(), if !pulls.is_empty() => {
                     if let Ok((id, Err(e))) = done {
-                        settled.insert(id, e);
+                        // A shared pull started by a get with a nearer deadline, or one that
+                        // did not wait: this get may still wait, so it pulls again.
+                        let retry = tokio::time::Instant::now() < deadline
+                            && (e.code == ErrorCode::Timeout
+                                || (wait_for_seal && e.code == ErrorCode::NotFound));
+                        if retry {
+                            started.remove(&id);
+                        } else {
+                            settled.insert(id, e);
+                        }
                     }
                     false
                 }

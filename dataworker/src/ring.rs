@@ -205,7 +205,11 @@ fn serve_one(
             let resp = match f.req {
                 Request::Get { ids, timeout_ms: 0 } => {
                     // In a cluster a miss may be sealed on another node: pull it in a task.
-                    let mode = if in_cluster { GetMode::Wait } else { GetMode::NoWait };
+                    let mode = if in_cluster {
+                        GetMode::Wait
+                    } else {
+                        GetMode::NoWait
+                    };
                     match shared.try_get(rc.client, &ids, mode) {
                         GetOutcome::Done(r) => r,
                         GetOutcome::Wait(_) => {

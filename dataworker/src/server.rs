@@ -180,8 +180,14 @@ impl Dataworker {
                     });
                 }
             };
-            let (c, notes) =
-                Cluster::new(shared.cfg.node_id.clone(), ccfg, parts.meta, endpoint);
+            let (c, notes) = Cluster::new(
+                shared.cfg.node_id.clone(),
+                ccfg,
+                parts.meta,
+                endpoint,
+                tasks.clone(),
+                shutdown.clone(),
+            );
             let record = NodeRecord {
                 node_id: shared.cfg.node_id.clone(),
                 incarnation: c.incarnation,
@@ -192,7 +198,7 @@ impl Dataworker {
                 pid: std::process::id(),
             };
             let _ = shared.cluster.set(c.clone());
-            c.spawn(&shared, notes, record, &tasks, &shutdown);
+            c.spawn(&shared, notes, record);
         }
         tasks.spawn(accept_loop(
             shared.clone(),

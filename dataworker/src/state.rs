@@ -3,8 +3,10 @@
 //! Everything that changes the store happens under one mutex, in short critical sections with
 //! no await inside. Work that must finish before the arena memory is reused (spill writes,
 //! restores, writing key bytes) is done inside the same section.
+use crate::cluster::{Cluster, Note};
 use crate::spill::SpillDir;
 use crate::Config;
+use shoal_protocol::HeldObject;
 use shoal_protocol::{
     ErrorCode, KvEntry, Namespace, ObjectId, Request, Response, StatusInfo, ViewDesc, WireError,
 };
@@ -12,8 +14,6 @@ use shoal_shm::{key_hash, Arena, Ctl, IndexEntry, IndexWriter};
 use shoal_store::{
     ClientId, Evicted, ExternalPins, Gen, Lookup, Placement, Store, StoreConfig, StoreError,
 };
-use crate::cluster::{Cluster, Note};
-use shoal_protocol::HeldObject;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Instant;
@@ -643,11 +643,7 @@ impl Shared {
             spills: s.spills,
             spilled_now: s.spilled_now,
             zombies: s.zombies,
-            members: self
-                .cluster
-                .get()
-                .map(|c| c.members())
-                .unwrap_or_default(),
+            members: self.cluster.get().map(|c| c.members()).unwrap_or_default(),
         }
     }
 

@@ -95,7 +95,11 @@ async fn remote_get_wait_delete_and_departure() {
     // A get that waits for an object not sealed anywhere yet completes when it is.
     let waiter = {
         let c = nodes[1].client().await;
-        tokio::spawn(async move { c.get("later", Duration::from_secs(10)).await.map(|v| v.to_vec()) })
+        tokio::spawn(async move {
+            c.get("later", Duration::from_secs(10))
+                .await
+                .map(|v| v.to_vec())
+        })
     };
     tokio::time::sleep(Duration::from_millis(200)).await;
     a.put("later", b"here").await.unwrap();
@@ -193,7 +197,10 @@ async fn a_restarted_node_rejoins_without_resurrecting_its_old_objects() {
     b.put("old-life", b"gone with the process").await.unwrap();
     // Registration is asynchronous: a get that may wait sees it as soon as it lands.
     assert_eq!(
-        a.get("old-life", Duration::from_secs(2)).await.unwrap().len(),
+        a.get("old-life", Duration::from_secs(2))
+            .await
+            .unwrap()
+            .len(),
         21
     );
     a.delete("old-life").await.unwrap();

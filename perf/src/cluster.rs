@@ -217,7 +217,10 @@ fn remote_large(
         let d = t.elapsed();
         let (s1, r1) = cluster.cpu();
         anyhow::ensure!(v.len() as u64 == size, "short object");
-        anyhow::ensure!(v[v.len() - 1] == ((size as usize - 1) / 4096) as u8, "bytes differ");
+        anyhow::ensure!(
+            v[v.len() - 1] == ((size as usize - 1) / 4096) as u8,
+            "bytes differ"
+        );
         drop(v);
         lat.record(d);
         secs += d.as_secs_f64();
@@ -283,7 +286,10 @@ fn stream_baseline(
             Box::new(tcp)
         };
         for _ in 0..reps {
-            let (s0, r0) = (cpu_secs(peer_pid).unwrap_or(0.0), cpu_secs(me).unwrap_or(0.0));
+            let (s0, r0) = (
+                cpu_secs(peer_pid).unwrap_or(0.0),
+                cpu_secs(me).unwrap_or(0.0),
+            );
             let t = Instant::now();
             stream.write_all(&size.to_le_bytes()).await?;
             stream.flush().await?;

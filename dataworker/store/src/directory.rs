@@ -137,7 +137,10 @@ impl Directory {
         let mut lost = Vec::new();
         self.entries.retain(|id, e| {
             e.holders.retain(|n, inc| !gone(n, *inc));
-            if e.primary.as_ref().is_some_and(|p| !e.holders.contains_key(p)) {
+            if e.primary
+                .as_ref()
+                .is_some_and(|p| !e.holders.contains_key(p))
+            {
                 e.primary = None;
             }
             if e.holders.is_empty() {
@@ -285,7 +288,10 @@ impl Directory {
         for (id, e) in &self.entries {
             assert!(!e.holders.is_empty(), "{id} has no holder");
             if let Some(p) = &e.primary {
-                assert!(e.holders.contains_key(p), "{id}: primary {p} is not a holder");
+                assert!(
+                    e.holders.contains_key(p),
+                    "{id}: primary {p} is not a holder"
+                );
             }
             assert!(
                 !matches!(self.tombs.get(id), Some((Tomb::Lost, _))),
@@ -373,7 +379,10 @@ mod tests {
         let mut holders = d.delete(&id("x"), 1);
         holders.sort();
         assert_eq!(holders, vec!["a".to_string(), "b".to_string()]);
-        assert_eq!(d.register("b", 1, rec("x", false), 2), Err(Refused::Deleted));
+        assert_eq!(
+            d.register("b", 1, rec("x", false), 2),
+            Err(Refused::Deleted)
+        );
         assert_eq!(d.locate(&id("x"), 2), Locate::Unknown);
         // A new put of the same id is a new object.
         d.register("a", 1, rec("x", true), 3).unwrap();

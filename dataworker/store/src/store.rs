@@ -300,16 +300,13 @@ impl Store {
     }
 
     fn evictable(&self, gen: Gen, ext: &dyn ExternalPins) -> bool {
-        self.entries
-            .get(&gen)
-            .is_some_and(|e| {
-                e.state == State::Sealed
-                    && e.named
-                    && e.pins == 0
-                    && e.mem.is_some()
-                    && (e.replica || self.cfg.spill || !self.cfg.keep_primaries)
-            })
-            && !ext.is_pinned(gen)
+        self.entries.get(&gen).is_some_and(|e| {
+            e.state == State::Sealed
+                && e.named
+                && e.pins == 0
+                && e.mem.is_some()
+                && (e.replica || self.cfg.spill || !self.cfg.keep_primaries)
+        }) && !ext.is_pinned(gen)
     }
 
     /// Evicts the least recently used candidate. Returns `None` when nothing can go.

@@ -196,7 +196,9 @@ fn in_a_cluster_only_replicas_are_evicted_without_spill() {
     s.seal(&id("replica"), 1, 2).unwrap();
     assert!(s.is_replica(&id("replica")) && !s.is_replica(&id("primary")));
     // Past the high watermark: the replica goes (though the primary is older), not spilled.
-    let (_, ev) = s.create(&id("new"), 20 * KB, 1, &mut NoExternalPins).unwrap();
+    let (_, ev) = s
+        .create(&id("new"), 20 * KB, 1, &mut NoExternalPins)
+        .unwrap();
     assert_eq!(ev.len(), 1);
     assert_eq!(ev[0].id, id("replica"));
     assert!(ev[0].replica && !ev[0].spill);
