@@ -116,7 +116,7 @@ pub(crate) enum CaOp {
         #[arg(long, value_delimiter = ',')]
         nodes: Vec<String>,
     },
-    /// Issue a node certificate (<node>.pem, <node>.key) from the CA in a directory.
+    /// Issue a node certificate (NODE.pem, NODE.key) from the CA in a directory.
     Issue {
         /// Directory holding ca.pem and ca.key.
         #[arg(long)]
@@ -235,16 +235,16 @@ pub(crate) struct ClusterArgs {
     /// UDP address for QUIC from other dataworkers (port 0 picks one).
     #[arg(long, env = "SHOAL_PEER_ADDR", default_value = "127.0.0.1:0")]
     pub(crate) peer_addr: SocketAddr,
-    /// Directory with ca.pem, <node-id>.pem and <node-id>.key (see `shoal ca init`).
+    /// Directory with ca.pem, NODE_ID.pem and NODE_ID.key (see `shoal ca init`).
     #[arg(long, env = "SHOAL_TLS_DIR")]
     pub(crate) tls_dir: Option<PathBuf>,
-    /// Cluster CA certificate (PEM) [default: <tls-dir>/ca.pem].
+    /// Cluster CA certificate (PEM) [default: TLS_DIR/ca.pem].
     #[arg(long, env = "SHOAL_CA_CERT")]
     pub(crate) ca_cert: Option<PathBuf>,
-    /// This node's certificate (PEM) [default: <tls-dir>/<node-id>.pem].
+    /// This node's certificate (PEM) [default: TLS_DIR/NODE_ID.pem].
     #[arg(long, env = "SHOAL_NODE_CERT")]
     pub(crate) node_cert: Option<PathBuf>,
-    /// This node's private key (PEM) [default: <tls-dir>/<node-id>.key].
+    /// This node's private key (PEM) [default: TLS_DIR/NODE_ID.key].
     #[arg(long, env = "SHOAL_NODE_KEY")]
     pub(crate) node_key: Option<PathBuf>,
     /// Membership lease TTL: a node that stops renewing leaves the ring after this.
@@ -278,7 +278,7 @@ pub(crate) struct ControlArgs {
         default_value = "127.0.0.1:7701"
     )]
     pub(crate) http_addr: SocketAddr,
-    /// Where the embedded metadata store keeps its file [default: <socket dir>/control].
+    /// Where the embedded metadata store keeps its file [default: the socket directory's `control/`].
     #[arg(long, env = "SHOAL_DATA_DIR")]
     pub(crate) data_dir: Option<PathBuf>,
     /// Keep metadata in etcd instead (comma-separated client URLs); enables leader election
@@ -291,7 +291,7 @@ pub(crate) struct ControlArgs {
     /// Leader lease TTL: a dead leader is replaced within it.
     #[arg(long, env = "SHOAL_ELECTION_TTL", default_value = "5s", value_parser = parse_duration)]
     pub(crate) election_ttl: Duration,
-    /// This process's name in the leader record [default: control-<pid>].
+    /// This process's name in the leader record [default: control-PID].
     #[arg(long, env = "SHOAL_CONTROL_NAME")]
     pub(crate) name: Option<String>,
     #[command(flatten)]
