@@ -1,0 +1,3 @@
+//! shoal's per-node agent.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
