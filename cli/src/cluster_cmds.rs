@@ -95,6 +95,7 @@ pub(crate) fn control(a: ControlArgs) -> anyhow::Result<ExitCode> {
             http_addr: a.http_addr,
             election_ttl: a.election_ttl,
             name,
+            max_invoke_body: shoal_control::DEFAULT_MAX_INVOKE_BODY,
         };
         let c = shoal_control::Control::start(cfg, meta, metrics).await?;
         if a.child.ready_json {

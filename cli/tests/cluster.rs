@@ -394,6 +394,7 @@ impl Drop for Etcd {
 }
 
 /// GET `path` on `addr` (HTTP/1.0), the JSON body.
+#[cfg(feature = "etcd")]
 fn http_json(addr: &str, path: &str) -> Option<serde_json::Value> {
     use std::io::Read;
     let mut s = std::net::TcpStream::connect(addr).ok()?;
@@ -404,11 +405,13 @@ fn http_json(addr: &str, path: &str) -> Option<serde_json::Value> {
     serde_json::from_str(body.split_once("\r\n\r\n")?.1).ok()
 }
 
+#[cfg(feature = "etcd")]
 struct ControlProc {
     child: Child,
     http: String,
 }
 
+#[cfg(feature = "etcd")]
 impl ControlProc {
     fn start(etcd: &str, name: &str) -> ControlProc {
         let mut child = Command::new(SHOAL)
@@ -438,6 +441,7 @@ impl ControlProc {
     }
 }
 
+#[cfg(feature = "etcd")]
 impl Drop for ControlProc {
     fn drop(&mut self) {
         let _ = self.child.kill();

@@ -1,67 +1,18 @@
-//! Control's HTTP API (JSON): `/health`, `/v1/nodes`, `/v1/leader`, `/metrics`. Every answer
-//! says whether this process leads; a standby answers reads itself and names the leader.
-use crate::{read, View};
-use bytes::Bytes;
-use http_body_util::Full;
-use hyper::{Method, Request, Response, StatusCode};
+//! Control's HTTP server: accepts connections (at most [`MAX_CONNECTIONS`] at once, each
+//! with a header read timeout) and hands every request to the router. A connection that
+//! breaks the protocol is answered (400) and closed by hyper; the others are unaffected.
+use crate::router;
+use crate::View;
 use metrics_exporter_prometheus::PrometheusHandle;
-use serde_json::json;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-fn reply(status: StatusCode, ctype: &str, body: String) -> Response<Full<Bytes>> {
-    let mut r = Response::new(Full::new(Bytes::from(body)));
-    *r.status_mut() = status;
-    if let Ok(v) = ctype.parse() {
-        r.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
-    }
-    r
-}
-
-fn json_reply(status: StatusCode, v: serde_json::Value) -> Response<Full<Bytes>> {
-    reply(status, "application/json", v.to_string())
-}
-
-fn route(
-    req: &Request<hyper::body::Incoming>,
-    view: &View,
-    metrics: Option<&PrometheusHandle>,
-) -> Response<Full<Bytes>> {
-    let (role, leader) = view.role();
-    let mut resp = match (req.method(), req.uri().path()) {
-        (&Method::GET, "/health") | (&Method::GET, "/healthz") => json_reply(
-            StatusCode::OK,
-            json!({"status": "ok", "name": view.name, "role": role, "leader": leader}),
-        ),
-        (&Method::GET, "/v1/leader") => json_reply(
-            StatusCode::OK,
-            json!({"role": role, "name": view.name, "leader": leader}),
-        ),
-        (&Method::GET, "/v1/nodes") => {
-            let nodes: Vec<_> = read(&view.nodes).values().cloned().collect();
-            json_reply(
-                StatusCode::OK,
-                json!({"role": role, "leader": leader, "nodes": nodes}),
-            )
-        }
-        (&Method::GET, "/metrics") => match metrics {
-            Some(h) => reply(StatusCode::OK, "text/plain; version=0.0.4", h.render()),
-            None => json_reply(
-                StatusCode::NOT_FOUND,
-                json!({"code": "NotFound", "message": "metrics are not enabled"}),
-            ),
-        },
-        (_, path) => json_reply(
-            StatusCode::NOT_FOUND,
-            json!({"code": "NotFound", "message": format!("no route {} {path}", req.method())}),
-        ),
-    };
-    if let Ok(v) = role.parse() {
-        resp.headers_mut().insert("x-shoal-role", v);
-    }
-    resp
-}
+/// Most HTTP connections served at once; further ones wait in the listen backlog.
+pub(crate) const MAX_CONNECTIONS: usize = 1024;
+/// How long a client may take to send a request's headers.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub(crate) async fn serve(
     listener: TcpListener,
@@ -71,25 +22,39 @@ pub(crate) async fn serve(
 ) {
     let metrics = Arc::new(metrics);
     let conns = tokio_util::task::TaskTracker::new();
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
+        let permit = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            p = slots.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+        };
         let (stream, _) = tokio::select! {
             _ = shutdown.cancelled() => break,
             r = listener.accept() => match r {
                 Ok(s) => s,
                 Err(e) => {
                     tracing::warn!(error = %e, "http accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
             },
         };
         let (view, metrics, shutdown) = (view.clone(), metrics.clone(), shutdown.clone());
         conns.spawn(async move {
+            let _permit = permit;
             let svc = hyper::service::service_fn(move |req| {
-                let resp = route(&req, &view, metrics.as_ref().as_ref());
-                async move { Ok::<_, std::convert::Infallible>(resp) }
+                let (view, metrics) = (view.clone(), metrics.clone());
+                async move {
+                    let resp = router::handle(req, &view, metrics.as_ref().as_ref()).await;
+                    Ok::<_, std::convert::Infallible>(resp)
+                }
             });
             let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
                 .serve_connection(hyper_util::rt::TokioIo::new(stream), svc);
             tokio::pin!(conn);
             tokio::select! {

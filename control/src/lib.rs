@@ -8,7 +8,12 @@
 //! - **Leadership.** Several control processes may share one etcd; they elect a leader with
 //!   [`shoal_meta::Election`] (a lease plus a create-if-absent transaction). Standbys answer
 //!   every read and say who leads.
-//! - **HTTP.** `/health`, `/v1/nodes`, `/v1/leader`, `/metrics`.
+//! - **Registry.** Functions and pools, validated and stored in the metadata store
+//!   ([`Registry`]); instance records written by the agents are listed from it.
+//! - **HTTP.** A JSON REST API ([`api_routes`] lists it; `openapi.json` documents it and is
+//!   served at `/v1/openapi.json`): functions, pools, instances, invoke, plus `/health`,
+//!   `/v1/nodes`, `/v1/leader`, `/metrics`. Writes go to the leader; a standby answers them
+//!   with 503 `Unavailable` naming the leader, and serves every read itself.
 //!
 //! Holds no `unsafe` and never reads the environment: everything comes in through
 //! [`ControlConfig`].
@@ -16,6 +21,15 @@
 #![warn(missing_docs)]
 
 mod http;
+mod registry;
+mod router;
+
+pub use registry::{
+    validate_name, CodeSource, FunctionSpec, InstanceRecord, Pool, Registry, RegistryError,
+    Resources, FUNCTIONS_PREFIX, INSTANCES_PREFIX, MAX_CONCURRENCY, MAX_CPU_MILLI, MAX_ENTRIES,
+    MAX_INSTANCES, MAX_MEM_MIB, MAX_NAME_LEN, MAX_POOL_CPU_MILLI, MAX_POOL_MEM_MIB, MAX_STRING_LEN,
+    POOLS_PREFIX,
+};
 
 use shoal_meta::{Election, MetaStore, Role};
 use shoal_protocol::NodeRecord;
@@ -30,6 +44,22 @@ use tokio_util::task::TaskTracker;
 pub const NODES_PREFIX: &str = "nodes/";
 /// Key of the control leader record.
 pub const LEADER_KEY: &str = "control/leader";
+/// Default limit of an invoke request body: 6 MiB.
+pub const DEFAULT_MAX_INVOKE_BODY: usize = 6 << 20;
+/// Largest JSON request body the HTTP API reads: 1 MiB.
+pub const MAX_JSON_BODY: usize = router::MAX_JSON_BODY;
+
+/// Every (method, path template) the HTTP API serves, e.g. `("GET", "/v1/functions/{name}")`.
+/// This is the router's own table; `openapi.json` is tested against it.
+pub fn api_routes() -> Vec<(&'static str, &'static str)> {
+    router::ROUTES
+        .iter()
+        .map(|r| (r.verb.as_str(), r.path))
+        .collect()
+}
+
+/// The OpenAPI 3.0 document of the HTTP API (served at `/v1/openapi.json`).
+pub const OPENAPI_JSON: &str = router::OPENAPI;
 
 /// Everything a control process needs, validated once at start.
 #[derive(Debug, Clone)]
@@ -42,6 +72,8 @@ pub struct ControlConfig {
     pub election_ttl: Duration,
     /// Name of this control process in the leader record.
     pub name: String,
+    /// Largest invoke request body, in bytes ([`DEFAULT_MAX_INVOKE_BODY`] unless configured).
+    pub max_invoke_body: usize,
 }
 
 /// Why control did not start.
@@ -83,6 +115,8 @@ pub(crate) struct View {
     pub(crate) nodes: RwLock<BTreeMap<String, NodeRecord>>,
     pub(crate) role: tokio::sync::watch::Receiver<Role>,
     pub(crate) meta: Arc<dyn MetaStore>,
+    pub(crate) registry: Registry,
+    pub(crate) max_invoke_body: usize,
 }
 
 impl View {
@@ -149,6 +183,8 @@ impl Control {
             nodes: RwLock::new(BTreeMap::new()),
             role: election.subscribe(),
             meta: meta.clone(),
+            registry: Registry::new(meta.clone()),
+            max_invoke_body: cfg.max_invoke_body,
         });
         tasks.spawn(watch_nodes(view.clone(), shutdown.clone()));
         tasks.spawn(log_role(view.clone(), shutdown.clone()));

@@ -1,0 +1,483 @@
+//! Control's REST API: the route table (`ROUTES`, the single source of truth that
+//! `openapi.json` is tested against) and one handler per route.
+//!
+//! Conventions:
+//! - JSON in and out. Errors are `{"code": "<ErrorCode name>", "message": "..."}` with the
+//!   HTTP status derived from the code alone (`status_of`): `NotFound` 404,
+//!   `AlreadyExists` 409 (also a stale-version update, whose message starts with
+//!   "version conflict"), `InvalidArgument` 400, `TooLarge` 413, `Unavailable` 503,
+//!   anything else 500. The one exception: a known path with an unknown method is 405 with
+//!   code `InvalidArgument` and an `Allow` header.
+//! - Request bodies are bounded: `MAX_JSON_BODY` (1 MiB) for JSON, the configured
+//!   `max_invoke_body` for invoke. A declared `Content-Length` over the limit is refused
+//!   before reading; otherwise reading stops at the first chunk that crosses it.
+//! - Writes (routes marked `write`) are served only by the leader. A standby answers 503
+//!   `Unavailable` naming the leader's HTTP address, so clients retry there; reads are
+//!   served by any control. Writes stay safe if leadership moves mid-request: they are
+//!   store transactions, not read-modify-write on local state.
+use crate::registry::{FunctionSpec, Pool, RegistryError};
+use crate::{read, LeaderInfo, View};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::{Request, Response, StatusCode};
+use metrics_exporter_prometheus::PrometheusHandle;
+use serde_json::json;
+use shoal_meta::Role;
+use shoal_protocol::ErrorCode;
+
+/// Largest JSON request body.
+pub(crate) const MAX_JSON_BODY: usize = 1 << 20;
+
+/// The OpenAPI document of `ROUTES`, served at `/v1/openapi.json`.
+pub(crate) const OPENAPI: &str = include_str!("../openapi.json");
+
+/// HTTP methods the API uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Verb {
+    Get,
+    Post,
+    Put,
+    Delete,
+}
+
+impl Verb {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Verb::Get => "GET",
+            Verb::Post => "POST",
+            Verb::Put => "PUT",
+            Verb::Delete => "DELETE",
+        }
+    }
+
+    fn of(m: &hyper::Method) -> Option<Verb> {
+        match *m {
+            hyper::Method::GET => Some(Verb::Get),
+            hyper::Method::POST => Some(Verb::Post),
+            hyper::Method::PUT => Some(Verb::Put),
+            hyper::Method::DELETE => Some(Verb::Delete),
+            _ => None,
+        }
+    }
+}
+
+/// What a route does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Op {
+    Health,
+    Leader,
+    Nodes,
+    Metrics,
+    OpenApi,
+    ListFunctions,
+    CreateFunction,
+    GetFunction,
+    UpdateFunction,
+    DeleteFunction,
+    FunctionInstances,
+    Invoke,
+    ListInstances,
+    ListPools,
+    CreatePool,
+    GetPool,
+    DeletePool,
+}
+
+/// One route: method, path template (`{param}` matches one non-empty segment), handler, and
+/// whether only the leader may serve it.
+#[derive(Debug)]
+pub(crate) struct Route {
+    pub(crate) verb: Verb,
+    pub(crate) path: &'static str,
+    op: Op,
+    write: bool,
+}
+
+const fn r(verb: Verb, path: &'static str, op: Op, write: bool) -> Route {
+    Route {
+        verb,
+        path,
+        op,
+        write,
+    }
+}
+
+/// Every route the API serves.
+pub(crate) const ROUTES: &[Route] = &[
+    r(Verb::Get, "/health", Op::Health, false),
+    r(Verb::Get, "/healthz", Op::Health, false),
+    r(Verb::Get, "/metrics", Op::Metrics, false),
+    r(Verb::Get, "/v1/leader", Op::Leader, false),
+    r(Verb::Get, "/v1/nodes", Op::Nodes, false),
+    r(Verb::Get, "/v1/openapi.json", Op::OpenApi, false),
+    r(Verb::Get, "/v1/functions", Op::ListFunctions, false),
+    r(Verb::Post, "/v1/functions", Op::CreateFunction, true),
+    r(Verb::Get, "/v1/functions/{name}", Op::GetFunction, false),
+    r(Verb::Put, "/v1/functions/{name}", Op::UpdateFunction, true),
+    r(
+        Verb::Delete,
+        "/v1/functions/{name}",
+        Op::DeleteFunction,
+        true,
+    ),
+    r(
+        Verb::Get,
+        "/v1/functions/{name}/instances",
+        Op::FunctionInstances,
+        false,
+    ),
+    r(Verb::Post, "/v1/functions/{name}/invoke", Op::Invoke, false),
+    r(Verb::Get, "/v1/instances", Op::ListInstances, false),
+    r(Verb::Get, "/v1/pools", Op::ListPools, false),
+    r(Verb::Post, "/v1/pools", Op::CreatePool, true),
+    r(Verb::Get, "/v1/pools/{name}", Op::GetPool, false),
+    r(Verb::Delete, "/v1/pools/{name}", Op::DeletePool, true),
+];
+
+/// The path parameter of a match (every template has at most one).
+fn match_path<'p>(template: &str, path: &'p str) -> Option<Option<&'p str>> {
+    let mut param = None;
+    let mut t = template.split('/');
+    let mut p = path.split('/');
+    loop {
+        match (t.next(), p.next()) {
+            (None, None) => return Some(param),
+            (Some(ts), Some(ps)) => {
+                if ts.starts_with('{') && ts.ends_with('}') {
+                    if ps.is_empty() {
+                        return None;
+                    }
+                    param = Some(ps);
+                } else if ts != ps {
+                    return None;
+                }
+            }
+            _ => return None,
+        }
+    }
+}
+
+/// An error answer: a stable code and a message for people.
+#[derive(Debug)]
+pub(crate) struct ApiError {
+    code: ErrorCode,
+    message: String,
+}
+
+impl ApiError {
+    fn new(code: ErrorCode, message: impl Into<String>) -> ApiError {
+        ApiError {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<RegistryError> for ApiError {
+    fn from(e: RegistryError) -> ApiError {
+        ApiError::new(e.code(), e.to_string())
+    }
+}
+
+/// The HTTP status of an error code.
+pub(crate) fn status_of(code: ErrorCode) -> StatusCode {
+    match code {
+        ErrorCode::NotFound => StatusCode::NOT_FOUND,
+        ErrorCode::AlreadyExists => StatusCode::CONFLICT,
+        ErrorCode::InvalidArgument | ErrorCode::InvalidId => StatusCode::BAD_REQUEST,
+        ErrorCode::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+        ErrorCode::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+type Resp = Response<Full<Bytes>>;
+
+pub(crate) fn reply(status: StatusCode, ctype: &str, body: impl Into<Bytes>) -> Resp {
+    let mut r = Response::new(Full::new(body.into()));
+    *r.status_mut() = status;
+    if let Ok(v) = ctype.parse() {
+        r.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
+    }
+    r
+}
+
+fn json_reply<T: serde::Serialize>(status: StatusCode, v: &T) -> Resp {
+    match serde_json::to_vec(v) {
+        Ok(b) => reply(status, "application/json", b),
+        Err(e) => error_reply(&ApiError::new(
+            ErrorCode::Internal,
+            format!("encoding the answer: {e}"),
+        )),
+    }
+}
+
+fn error_reply(e: &ApiError) -> Resp {
+    let body = json!({"code": e.code.name(), "message": e.message});
+    reply(status_of(e.code), "application/json", body.to_string())
+}
+
+/// Reads a body of at most `limit` bytes.
+async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Bytes, ApiError> {
+    let too_large = || {
+        ApiError::new(
+            ErrorCode::TooLarge,
+            format!("request body is over the limit of {limit} bytes"),
+        )
+    };
+    let declared = req
+        .headers()
+        .get(hyper::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(too_large());
+    }
+    match http_body_util::Limited::new(req.into_body(), limit)
+        .collect()
+        .await
+    {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
+        Err(e) => Err(ApiError::new(
+            ErrorCode::InvalidArgument,
+            format!("reading the request body: {e}"),
+        )),
+    }
+}
+
+async fn read_json<T: for<'de> serde::Deserialize<'de>>(
+    req: Request<Incoming>,
+) -> Result<T, ApiError> {
+    let body = read_body(req, MAX_JSON_BODY).await?;
+    serde_json::from_slice(&body).map_err(|e| {
+        ApiError::new(
+            ErrorCode::InvalidArgument,
+            format!("invalid JSON body: {e}"),
+        )
+    })
+}
+
+fn require_leader(view: &View) -> Result<(), ApiError> {
+    match &*view.role.borrow() {
+        Role::Leader => Ok(()),
+        Role::Follower { leader } => {
+            let msg = match serde_json::from_slice::<LeaderInfo>(leader) {
+                Ok(l) => format!(
+                    "this control is a standby; send writes to the leader {} at http://{}",
+                    l.name, l.http_addr
+                ),
+                Err(_) => "this control is a standby; the leader record is unreadable".into(),
+            };
+            Err(ApiError::new(ErrorCode::Unavailable, msg))
+        }
+        Role::Candidate => Err(ApiError::new(
+            ErrorCode::Unavailable,
+            "no control leads yet (election in progress); retry shortly",
+        )),
+    }
+}
+
+/// Answers one request.
+pub(crate) async fn handle(
+    req: Request<Incoming>,
+    view: &View,
+    metrics: Option<&PrometheusHandle>,
+) -> Resp {
+    let path = req.uri().path().to_string();
+    let (role, _) = view.role();
+    let matched: Vec<(&Route, Option<&str>)> = ROUTES
+        .iter()
+        .filter_map(|r| match_path(r.path, &path).map(|p| (r, p)))
+        .collect();
+    let verb = Verb::of(req.method());
+    let found = matched.iter().find(|(r, _)| Some(r.verb) == verb);
+    let (template, mut resp) = match found {
+        Some((route, param)) => {
+            let param = param.unwrap_or_default().to_string();
+            let result = if route.write {
+                require_leader(view)
+            } else {
+                Ok(())
+            };
+            let resp = match result {
+                Ok(()) => dispatch(route.op, &param, req, view, metrics).await,
+                Err(e) => Err(e),
+            };
+            (route.path, resp.unwrap_or_else(|e| error_reply(&e)))
+        }
+        None if matched.is_empty() => (
+            "unknown",
+            error_reply(&ApiError::new(
+                ErrorCode::NotFound,
+                format!("no route {} {path}", req.method()),
+            )),
+        ),
+        None => {
+            let allow: Vec<&str> = matched.iter().map(|(r, _)| r.verb.as_str()).collect();
+            let mut resp = error_reply(&ApiError::new(
+                ErrorCode::InvalidArgument,
+                format!("{path} does not take {}", req.method()),
+            ));
+            *resp.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
+            if let Ok(v) = allow.join(", ").parse() {
+                resp.headers_mut().insert(hyper::header::ALLOW, v);
+            }
+            ("unknown", resp)
+        }
+    };
+    metrics::counter!(
+        "shoal_control_http_requests_total",
+        "route" => template,
+        "status" => resp.status().as_str().to_string()
+    )
+    .increment(1);
+    if let Ok(v) = role.parse() {
+        resp.headers_mut().insert("x-shoal-role", v);
+    }
+    resp
+}
+
+async fn dispatch(
+    op: Op,
+    name: &str,
+    req: Request<Incoming>,
+    view: &View,
+    metrics: Option<&PrometheusHandle>,
+) -> Result<Resp, ApiError> {
+    let reg = &view.registry;
+    let (role, leader) = view.role();
+    Ok(match op {
+        Op::Health => json_reply(
+            StatusCode::OK,
+            &json!({"status": "ok", "name": view.name, "role": role, "leader": leader}),
+        ),
+        Op::Leader => json_reply(
+            StatusCode::OK,
+            &json!({"role": role, "name": view.name, "leader": leader}),
+        ),
+        Op::Nodes => {
+            let nodes: Vec<_> = read(&view.nodes).values().cloned().collect();
+            json_reply(
+                StatusCode::OK,
+                &json!({"role": role, "leader": leader, "nodes": nodes}),
+            )
+        }
+        Op::Metrics => match metrics {
+            Some(h) => reply(StatusCode::OK, "text/plain; version=0.0.4", h.render()),
+            None => {
+                return Err(ApiError::new(
+                    ErrorCode::NotFound,
+                    "metrics are not enabled",
+                ))
+            }
+        },
+        Op::OpenApi => reply(StatusCode::OK, "application/json", OPENAPI),
+        Op::ListFunctions => json_reply(
+            StatusCode::OK,
+            &json!({"functions": reg.list_functions().await?}),
+        ),
+        Op::CreateFunction => {
+            let spec: FunctionSpec = read_json(req).await?;
+            json_reply(StatusCode::CREATED, &reg.create_function(spec).await?)
+        }
+        Op::GetFunction => json_reply(StatusCode::OK, &reg.get_function(name).await?),
+        Op::UpdateFunction => {
+            let spec: FunctionSpec = read_json(req).await?;
+            json_reply(StatusCode::OK, &reg.update_function(name, spec).await?)
+        }
+        Op::DeleteFunction => {
+            reg.delete_function(name).await?;
+            json_reply(StatusCode::OK, &json!({"deleted": name}))
+        }
+        Op::FunctionInstances => json_reply(
+            StatusCode::OK,
+            &json!({"instances": reg.function_instances(name).await?}),
+        ),
+        Op::ListInstances => json_reply(
+            StatusCode::OK,
+            &json!({"instances": reg.all_instances().await?}),
+        ),
+        Op::Invoke => {
+            reg.get_function(name).await?;
+            let _args = read_body(req, view.max_invoke_body).await?;
+            return Err(ApiError::new(
+                ErrorCode::Unavailable,
+                "no proxy is connected yet",
+            ));
+        }
+        Op::ListPools => json_reply(StatusCode::OK, &json!({"pools": reg.list_pools().await?})),
+        Op::CreatePool => {
+            let pool: Pool = read_json(req).await?;
+            json_reply(StatusCode::CREATED, &reg.create_pool(pool).await?)
+        }
+        Op::GetPool => json_reply(StatusCode::OK, &reg.get_pool(name).await?),
+        Op::DeletePool => {
+            reg.delete_pool(name).await?;
+            json_reply(StatusCode::OK, &json!({"deleted": name}))
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn templates_match() {
+        assert_eq!(match_path("/v1/functions", "/v1/functions"), Some(None));
+        assert_eq!(
+            match_path("/v1/functions/{name}", "/v1/functions/a"),
+            Some(Some("a"))
+        );
+        assert_eq!(match_path("/v1/functions/{name}", "/v1/functions/"), None);
+        assert_eq!(match_path("/v1/functions/{name}", "/v1/functions"), None);
+        assert_eq!(
+            match_path("/v1/functions/{name}", "/v1/functions/a/instances"),
+            None
+        );
+        assert_eq!(match_path("/v1/functions", "/v1/functions/"), None);
+    }
+
+    #[test]
+    fn no_route_is_ambiguous() {
+        for a in ROUTES {
+            for b in ROUTES {
+                if std::ptr::eq(a, b) || a.verb != b.verb {
+                    continue;
+                }
+                let probe = a.path.replace("{name}", "x");
+                assert!(
+                    match_path(b.path, &probe).is_none(),
+                    "{} {} overlaps {}",
+                    a.verb.as_str(),
+                    a.path,
+                    b.path
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn statuses() {
+        assert_eq!(status_of(ErrorCode::NotFound), StatusCode::NOT_FOUND);
+        assert_eq!(status_of(ErrorCode::AlreadyExists), StatusCode::CONFLICT);
+        assert_eq!(
+            status_of(ErrorCode::InvalidArgument),
+            StatusCode::BAD_REQUEST
+        );
+        assert_eq!(
+            status_of(ErrorCode::TooLarge),
+            StatusCode::PAYLOAD_TOO_LARGE
+        );
+        assert_eq!(
+            status_of(ErrorCode::Unavailable),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        assert_eq!(
+            status_of(ErrorCode::Internal),
+            StatusCode::INTERNAL_SERVER_ERROR
+        );
+    }
+}
