@@ -1,3 +1,31 @@
-//! shoal's per-node agent.
+//! shoal's per-node agent: the function agent and runtime manager.
+//!
+//! One agent runs per node. It materialises a function's code package into a per-instance
+//! directory ([`fetch`]), runs instances as supervised processes with restart policies,
+//! per-instance logs and graceful stop ([`Supervisor`]), confines them with cgroup CPU and
+//! memory limits when the node allows it ([`Limiter`]), and reports node capacity and use
+//! ([`NodeResources`]).
+//!
+//! This crate is a library: watching assignments from control and serving status is the job
+//! of the binary that wires it up. It reads no environment variables and holds no global state;
+//! everything is passed in. It must never depend on control-plane crates.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
+
+mod cgroup;
+mod package;
+mod resources;
+mod supervisor;
+
+pub use cgroup::{CgroupError, CgroupHandle, Limiter, LimiterKind};
+pub use package::{
+    dir_digest, fetch, fetch_with_limits, file_digest, FetchError, FetchLimits, PackageSource,
+};
+pub use resources::{
+    parse_meminfo, parse_pid_rss, parse_pid_stat, parse_proc_stat, used_milli, CpuSampler,
+    CpuTimes, NodeResources, ProcessUsage, ResourceError,
+};
+pub use supervisor::{
+    InstanceError, InstanceSpec, InstanceState, InstanceStatus, Limits, LogStream, RestartPolicy,
+    StartError, Supervisor, SupervisorConfig,
+};
