@@ -36,6 +36,8 @@ pub enum ErrorCode {
     ObjectLost,
     /// The service is shutting down or unreachable.
     Unavailable,
+    /// The function instance handling a call failed (crashed or disconnected) mid-call.
+    InstanceFailed,
     /// A code this build does not know.
     Unknown(u16),
 }
@@ -59,6 +61,7 @@ impl ErrorCode {
             Self::TooLarge => 13,
             Self::ObjectLost => 14,
             Self::Unavailable => 15,
+            Self::InstanceFailed => 16,
             Self::Unknown(n) => n,
         }
     }
@@ -81,6 +84,7 @@ impl ErrorCode {
             13 => Self::TooLarge,
             14 => Self::ObjectLost,
             15 => Self::Unavailable,
+            16 => Self::InstanceFailed,
             n => Self::Unknown(n),
         }
     }
@@ -103,6 +107,7 @@ impl ErrorCode {
             Self::TooLarge => "TooLarge",
             Self::ObjectLost => "ObjectLost",
             Self::Unavailable => "Unavailable",
+            Self::InstanceFailed => "InstanceFailed",
             Self::Unknown(_) => "Unknown",
         }
     }

@@ -1,0 +1,104 @@
+//! Function calls: what callers, function instances and a node's proxy say to each other on
+//! the proxy's Unix socket (same framing as the dataworker's: `[u32 len][u8 version][postcard]`).
+//!
+//! A connection starts with [`CallerFrame::Hello`], naming its role. A caller sends `Call`s and
+//! gets a `Reply` per call id, in any order (many calls in flight on one connection). An
+//! instance receives `Invoke`s (at most its declared concurrency at once) and answers each with
+//! `Result`. Arguments and results travel inline up to the proxy's inline limit; larger ones
+//! are objects in the node's dataworker, named by id.
+use crate::{ObjectId, WireError};
+use serde::{Deserialize, Serialize};
+
+/// Argument or result bytes of a call.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Payload {
+    /// The bytes themselves (at most the inline limit).
+    Inline(Vec<u8>),
+    /// An object in the dataworker holding the bytes.
+    Object(ObjectId),
+}
+
+/// Who is on the other end of a proxy connection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Role {
+    /// Makes calls.
+    Caller,
+    /// A function instance that serves calls.
+    Instance {
+        /// Function name.
+        function: String,
+        /// Instance id (unique on the node).
+        instance_id: String,
+        /// Calls it handles at once.
+        concurrency: u32,
+    },
+}
+
+/// A frame from a caller or an instance to the proxy.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CallerFrame {
+    /// First frame on a connection.
+    Hello {
+        /// [`crate::PROTOCOL_VERSION`] of the client.
+        version: u8,
+        /// What this connection is.
+        role: Role,
+    },
+    /// Call a function (caller role).
+    Call {
+        /// Caller-chosen id, echoed in the reply.
+        id: u64,
+        /// Function name.
+        function: String,
+        /// A specific instance, or any.
+        instance: Option<String>,
+        /// Argument.
+        args: Payload,
+        /// Deadline relative to now; the call fails with `Timeout` past it.
+        timeout_ms: u64,
+        /// Trace id carried to the instance.
+        trace_id: u64,
+    },
+    /// The result of an `Invoke` (instance role).
+    Result {
+        /// The invoke's id.
+        id: u64,
+        /// What the handler returned.
+        result: Result<Payload, WireError>,
+    },
+}
+
+/// A frame from the proxy.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ProxyFrame {
+    /// The connection is accepted.
+    Welcome {
+        /// Node id of the proxy.
+        node_id: String,
+        /// Largest payload that may travel inline.
+        inline_limit: u64,
+    },
+    /// The connection is refused; the proxy closes it next.
+    Refused(WireError),
+    /// Run a call (to an instance).
+    Invoke {
+        /// Id to answer with.
+        id: u64,
+        /// Function name.
+        function: String,
+        /// Argument.
+        args: Payload,
+        /// Time left, in milliseconds.
+        timeout_ms: u64,
+        /// Trace id.
+        trace_id: u64,
+    },
+    /// The outcome of a call (to a caller).
+    Reply {
+        /// The call's id.
+        id: u64,
+        /// Result bytes, or the error (`NotFound` for an unknown function, `Overloaded`,
+        /// `Timeout`, `InstanceFailed`, ...).
+        result: Result<Payload, WireError>,
+    },
+}

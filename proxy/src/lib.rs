@@ -1,0 +1,2 @@
+//! shoal's per-node function proxy.
+#![warn(missing_docs)]
