@@ -88,6 +88,19 @@ pub(crate) enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Functions: deploy, list, invoke, remove (through control's REST API).
+    Fn {
+        /// Control's HTTP API (host:port) [default: the address `shoal control` uses].
+        #[arg(
+            long,
+            env = "SHOAL_CONTROL",
+            default_value = "127.0.0.1:7701",
+            global = true
+        )]
+        control: String,
+        #[command(subcommand)]
+        op: FnOp,
+    },
     /// Run the benchmark suite.
     Bench(BenchArgs),
     /// Serve bytes over TCP (+ TLS) for `shoal bench cluster`'s baseline (internal).
@@ -123,6 +136,60 @@ pub(crate) enum CaOp {
         dir: PathBuf,
         /// Node id.
         node: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum FnOp {
+    /// Register a function (or update it) with its code and command.
+    Deploy {
+        /// Function name (lowercase letters, digits and dashes).
+        name: String,
+        /// Code: a directory, a .tar.gz archive, shoal://OBJECT or s3://BUCKET/KEY.
+        #[arg(long)]
+        path: String,
+        /// Digest of the package ("sha256:HEX").
+        #[arg(long)]
+        digest: Option<String>,
+        /// Instances kept running.
+        #[arg(long, default_value_t = 1)]
+        min: u32,
+        /// Most instances.
+        #[arg(long, default_value_t = 1)]
+        max: u32,
+        /// Calls one instance handles at once.
+        #[arg(long, default_value_t = 1)]
+        concurrency: u32,
+        /// CPU per instance, in thousandths of a core.
+        #[arg(long = "cpu-milli", default_value_t = 500)]
+        cpu_milli: u32,
+        /// Memory per instance, in MiB.
+        #[arg(long = "mem-mib", default_value_t = 256)]
+        mem_mib: u32,
+        /// Environment for the process (KEY=VALUE, repeatable).
+        #[arg(long)]
+        env: Vec<String>,
+        /// The command that starts an instance, after `--` (relative to the package).
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// List functions and their instances.
+    Ls {
+        /// One JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Call a function through control's frontend and print the result.
+    Invoke {
+        /// Function name.
+        name: String,
+        /// Argument: text, `@file`, or `-` for stdin (empty when omitted).
+        data: Option<String>,
+    },
+    /// Remove a function.
+    Rm {
+        /// Function name.
+        name: String,
     },
 }
 

@@ -327,7 +327,10 @@ pub(crate) fn up_cluster(a: UpArgs) -> anyhow::Result<ExitCode> {
             "etcd": if etcd.is_empty() { None } else { Some(etcd.clone()) },
         },
         "nodes": node_info,
-        "env": { "SHOAL_DATAWORKER_SOCKET": first },
+        "env": {
+            "SHOAL_DATAWORKER_SOCKET": first,
+            "SHOAL_CONTROL": control.ready["http"],
+        },
     });
     if a.json {
         println!("{info}");
@@ -354,6 +357,10 @@ pub(crate) fn up_cluster(a: UpArgs) -> anyhow::Result<ExitCode> {
         println!();
         println!("In another terminal (any node's socket reaches the whole cluster):");
         println!("  export SHOAL_DATAWORKER_SOCKET={first}");
+        println!(
+            "  export SHOAL_CONTROL={}",
+            control.ready["http"].as_str().unwrap_or("")
+        );
         println!("  shoal put hello ./some-file");
         if let Some(last) = node_info.last() {
             println!(

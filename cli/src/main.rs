@@ -4,6 +4,7 @@
 mod args;
 mod client_cmds;
 mod cluster_cmds;
+mod fn_cmds;
 mod serve;
 
 use clap::Parser;
@@ -37,6 +38,7 @@ fn run(cli: args::Cli) -> anyhow::Result<ExitCode> {
         Dataworker(a) => serve::dataworker(a),
         Control(a) => cluster_cmds::control(a),
         Ca { op } => cluster_cmds::ca(op),
+        Fn { control, op } => fn_cmds::run(&control, op),
         Bench(a) => serve::bench(a),
         BenchPeer {
             tls_dir,

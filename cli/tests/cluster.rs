@@ -479,3 +479,58 @@ fn control_leader_failover_on_etcd() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+#[test]
+fn functions_through_the_rest_api() {
+    let up = Up::start(2, &[]);
+    let control = up.info["env"]["SHOAL_CONTROL"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let code = up.dir.path().join("echo-pkg");
+    std::fs::create_dir_all(&code).unwrap();
+    let fn_cmd = |args: &[&str]| {
+        Command::new(SHOAL)
+            .arg("fn")
+            .args(args)
+            .env("SHOAL_CONTROL", &control)
+            .output()
+            .unwrap()
+    };
+    let deployed = String::from_utf8(ok(&fn_cmd(&[
+        "deploy",
+        "echo",
+        "--path",
+        code.to_str().unwrap(),
+        "--min",
+        "1",
+        "--",
+        "./echo",
+    ])))
+    .unwrap();
+    assert!(deployed.contains("version 1"), "{deployed}");
+    // Deploying again updates it.
+    let again = String::from_utf8(ok(&fn_cmd(&[
+        "deploy",
+        "echo",
+        "--path",
+        code.to_str().unwrap(),
+        "--",
+        "./echo",
+        "--loud",
+    ])))
+    .unwrap();
+    assert!(again.contains("version 2"), "{again}");
+    let ls = String::from_utf8(ok(&fn_cmd(&["ls"]))).unwrap();
+    assert!(ls.contains("echo"), "{ls}");
+    // Errors are one clear line with the stable code.
+    let o = fn_cmd(&["invoke", "nope", "hello"]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.starts_with("error: NotFound"), "{err}");
+    let o = fn_cmd(&["deploy", "Bad_Name", "--path", "/tmp", "--", "x"]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("InvalidArgument"));
+    ok(&fn_cmd(&["rm", "echo"]));
+    let ls = String::from_utf8(ok(&fn_cmd(&["ls"]))).unwrap();
+    assert!(!ls.contains("echo "), "{ls}");
+}
