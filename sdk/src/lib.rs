@@ -17,11 +17,13 @@
 #![warn(missing_docs)]
 
 pub mod blocking;
+mod call;
 mod client;
 mod conn;
 mod error;
 mod view;
 
+pub use call::{serve, CallClient, FunctionInstance};
 pub use client::{Client, ConnectOptions, SetOptions, SOCKET_ENV};
 pub use error::Error;
 pub use shoal_protocol::{ErrorCode, ListEntry, ObjectId, StatusInfo};
