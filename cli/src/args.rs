@@ -24,6 +24,8 @@ pub(crate) enum Command {
     Dataworker(DataworkerArgs),
     /// Run the control plane (membership, metadata, leader election, HTTP API).
     Control(ControlArgs),
+    /// Run one node's function proxy (routes calls between callers and instances).
+    Proxy(ProxyArgs),
     /// Development certificate authority for the cluster's mutual TLS.
     Ca {
         #[command(subcommand)]
@@ -179,12 +181,19 @@ pub(crate) enum FnOp {
         #[arg(long)]
         json: bool,
     },
-    /// Call a function through control's frontend and print the result.
+    /// Call a function and print the result: through this node's proxy (`--proxy` or
+    /// `SHOAL_PROXY_SOCKET`), else through control's REST frontend.
     Invoke {
         /// Function name.
         name: String,
         /// Argument: text, `@file`, or `-` for stdin (empty when omitted).
         data: Option<String>,
+        /// The node's proxy socket.
+        #[arg(long, env = "SHOAL_PROXY_SOCKET")]
+        proxy: Option<PathBuf>,
+        /// Give up after this long.
+        #[arg(long, default_value = "30s", value_parser = parse_duration)]
+        timeout: Duration,
     },
     /// Remove a function.
     Rm {
@@ -331,6 +340,27 @@ pub(crate) struct ChildArgs {
     /// Shut down when standard input closes (the parent `shoal up` went away).
     #[arg(long, hide = true)]
     pub(crate) exit_with_parent: bool,
+}
+
+#[derive(Debug, Args, Clone)]
+pub(crate) struct ProxyArgs {
+    /// Node id.
+    #[arg(long, env = "SHOAL_NODE_ID", default_value = "node-0")]
+    pub(crate) node_id: String,
+    /// Directory for the node's sockets (`proxy.sock`) [default: as the dataworker's].
+    #[arg(long, env = "SHOAL_SOCKET_DIR")]
+    pub(crate) socket_dir: Option<PathBuf>,
+    /// IO engine: auto (io_uring when the kernel allows it), uring or tokio.
+    #[arg(long, env = "SHOAL_PROXY_ENGINE", default_value = "auto", value_parser = ["auto", "uring", "tokio"])]
+    pub(crate) engine: String,
+    /// Largest argument or result carried inline.
+    #[arg(long, env = "SHOAL_INLINE_LIMIT", default_value = "64KiB", value_parser = parse_size)]
+    pub(crate) inline_limit: u64,
+    /// Calls waiting per function before new ones get `Overloaded`.
+    #[arg(long, env = "SHOAL_PROXY_MAX_QUEUE", default_value_t = 1024)]
+    pub(crate) max_queue: usize,
+    #[command(flatten)]
+    pub(crate) child: ChildArgs,
 }
 
 #[derive(Debug, Args, Clone)]

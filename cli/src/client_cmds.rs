@@ -153,6 +153,7 @@ async fn run_async(cmd: Command) -> anyhow::Result<ExitCode> {
         Command::Up(_)
         | Command::Dataworker(_)
         | Command::Control(_)
+        | Command::Proxy(_)
         | Command::Ca { .. }
         | Command::Fn { .. }
         | Command::Bench(_)

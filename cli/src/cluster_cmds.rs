@@ -1,5 +1,5 @@
 //! Cluster commands: `shoal control`, `shoal ca`, and `shoal up` with several nodes.
-use crate::args::{default_socket_dir, CaOp, ChildArgs, ControlArgs, UpArgs};
+use crate::args::{default_socket_dir, CaOp, ChildArgs, ControlArgs, ProxyArgs, UpArgs};
 use crate::serve::{init_logging, install_metrics, stop_signal};
 use anyhow::Context;
 use shoal_meta::MetaStore;
@@ -111,6 +111,46 @@ pub(crate) fn control(a: ControlArgs) -> anyhow::Result<ExitCode> {
         stop_signal(&token).await?;
         tracing::info!("shutting down");
         c.shutdown().await;
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+/// `shoal proxy`.
+pub(crate) fn proxy(a: ProxyArgs) -> anyhow::Result<ExitCode> {
+    init_logging("info");
+    let dir = a
+        .socket_dir
+        .clone()
+        .unwrap_or_else(|| default_socket_dir().join(&a.node_id));
+    std::fs::create_dir_all(&dir).with_context(|| format!("--socket-dir {}", dir.display()))?;
+    let mut cfg = shoal_proxy::ProxyConfig::new(a.node_id.clone(), dir.join("proxy.sock"));
+    cfg.inline_limit = a.inline_limit;
+    cfg.max_queue = a.max_queue;
+    cfg.engine = match a.engine.as_str() {
+        "uring" => shoal_proxy::EngineKind::Uring,
+        "tokio" => shoal_proxy::EngineKind::Tokio,
+        _ => shoal_proxy::EngineKind::Auto,
+    };
+    let p = shoal_proxy::Proxy::start(cfg).context("starting the proxy")?;
+    tracing::info!(node = %a.node_id, socket = %p.socket_path().display(), engine = ?p.engine(), "proxy ready");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        if a.child.ready_json {
+            let ready = serde_json::json!({
+                "node": a.node_id,
+                "socket": p.socket_path().display().to_string(),
+                "engine": format!("{:?}", p.engine()),
+                "pid": std::process::id(),
+            });
+            println!("{ready}");
+        }
+        let token = tokio_util::sync::CancellationToken::new();
+        watch_parent(&a.child, token.clone());
+        stop_signal(&token).await?;
+        tracing::info!("shutting down");
+        p.shutdown().await;
         Ok(ExitCode::SUCCESS)
     })
 }
@@ -227,6 +267,8 @@ struct NodeUp {
     id: String,
     socket_dir: String,
     dataworker_socket: String,
+    proxy_socket: String,
+    proxy_pid: u64,
     peer_addr: Option<String>,
     http: Option<String>,
     metrics: Option<String>,
@@ -267,6 +309,7 @@ pub(crate) fn up_cluster(a: UpArgs) -> anyhow::Result<ExitCode> {
     let mut control = Proc::spawn("control", &control_args)?;
     let meta = control.ready["meta"].as_str().map(str::to_string);
     let mut nodes = Vec::new();
+    let mut proxies = Vec::new();
     for n in &names {
         let mut args: Vec<String> = vec![
             "dataworker".into(),
@@ -297,16 +340,27 @@ pub(crate) fn up_cluster(a: UpArgs) -> anyhow::Result<ExitCode> {
             args.extend(["--etcd-prefix".into(), a.worker.cluster.etcd_prefix.clone()]);
         }
         nodes.push(Proc::spawn(n, &args)?);
+        let proxy_args: Vec<String> = vec![
+            "proxy".into(),
+            "--node-id".into(),
+            n.clone(),
+            "--socket-dir".into(),
+            base.join(n).display().to_string(),
+        ];
+        proxies.push(Proc::spawn(&format!("{n} proxy"), &proxy_args)?);
     }
     let node_info: Vec<NodeUp> = nodes
         .iter()
-        .map(|p| {
+        .zip(&proxies)
+        .map(|(p, px)| {
             let s = |k: &str| p.ready[k].as_str().map(str::to_string);
             let http = s("http");
             NodeUp {
                 id: p.name.clone(),
                 socket_dir: base.join(&p.name).display().to_string(),
                 dataworker_socket: s("socket").unwrap_or_default(),
+                proxy_socket: px.ready["socket"].as_str().unwrap_or_default().to_string(),
+                proxy_pid: px.ready["pid"].as_u64().unwrap_or(0),
                 peer_addr: s("peer_addr"),
                 metrics: http.as_ref().map(|h| format!("http://{h}/metrics")),
                 health: http.as_ref().map(|h| format!("http://{h}/health")),
@@ -319,6 +373,10 @@ pub(crate) fn up_cluster(a: UpArgs) -> anyhow::Result<ExitCode> {
         .first()
         .map(|n| n.dataworker_socket.clone())
         .unwrap_or_default();
+    let first_proxy = node_info
+        .first()
+        .map(|n| n.proxy_socket.clone())
+        .unwrap_or_default();
     let info = serde_json::json!({
         "control": {
             "meta": meta,
@@ -329,6 +387,7 @@ pub(crate) fn up_cluster(a: UpArgs) -> anyhow::Result<ExitCode> {
         "nodes": node_info,
         "env": {
             "SHOAL_DATAWORKER_SOCKET": first,
+            "SHOAL_PROXY_SOCKET": first_proxy,
             "SHOAL_CONTROL": control.ready["http"],
         },
     });
@@ -357,6 +416,7 @@ pub(crate) fn up_cluster(a: UpArgs) -> anyhow::Result<ExitCode> {
         println!();
         println!("In another terminal (any node's socket reaches the whole cluster):");
         println!("  export SHOAL_DATAWORKER_SOCKET={first}");
+        println!("  export SHOAL_PROXY_SOCKET={first_proxy}");
         println!(
             "  export SHOAL_CONTROL={}",
             control.ready["http"].as_str().unwrap_or("")
@@ -381,7 +441,7 @@ pub(crate) fn up_cluster(a: UpArgs) -> anyhow::Result<ExitCode> {
         stop_signal(&token).await
     })?;
     tracing::info!("shutting down");
-    for n in nodes.iter_mut().rev() {
+    for n in proxies.iter_mut().chain(nodes.iter_mut()).rev() {
         n.stop(Duration::from_secs(5));
     }
     control.stop(Duration::from_secs(5));

@@ -100,6 +100,24 @@ fn code_source(path: &str) -> anyhow::Result<CodeSource> {
     }
 }
 
+/// One call through the node's proxy.
+fn invoke_via_proxy(
+    proxy: &std::path::Path,
+    name: &str,
+    arg: &[u8],
+    timeout: Duration,
+) -> anyhow::Result<Vec<u8>> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let c = shoal_sdk::CallClient::connect(proxy)
+            .await
+            .with_context(|| format!("cannot reach the proxy at {}", proxy.display()))?;
+        Ok(c.invoke(name, arg, timeout).await?)
+    })
+}
+
 pub(crate) fn run(control: &str, op: FnOp) -> anyhow::Result<ExitCode> {
     match op {
         FnOp::Deploy {
@@ -224,7 +242,12 @@ pub(crate) fn run(control: &str, op: FnOp) -> anyhow::Result<ExitCode> {
             check(s, &body)?;
             println!("removed {name}");
         }
-        FnOp::Invoke { name, data } => {
+        FnOp::Invoke {
+            name,
+            data,
+            proxy,
+            timeout,
+        } => {
             let arg = match data.as_deref() {
                 None => Vec::new(),
                 Some("-") => {
@@ -237,15 +260,21 @@ pub(crate) fn run(control: &str, op: FnOp) -> anyhow::Result<ExitCode> {
                     None => d.as_bytes().to_vec(),
                 },
             };
-            let (s, body) = request_as(
-                control,
-                "POST",
-                &format!("/v1/functions/{name}/invoke"),
-                Some(&arg),
-                "application/octet-stream",
-            )?;
-            check(s, &body)?;
-            std::io::stdout().write_all(&body)?;
+            let out = match proxy {
+                Some(p) => invoke_via_proxy(&p, &name, &arg, timeout)?,
+                None => {
+                    let (s, body) = request_as(
+                        control,
+                        "POST",
+                        &format!("/v1/functions/{name}/invoke"),
+                        Some(&arg),
+                        "application/octet-stream",
+                    )?;
+                    check(s, &body)?;
+                    body
+                }
+            };
+            std::io::stdout().write_all(&out)?;
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -534,3 +534,34 @@ fn functions_through_the_rest_api() {
     let ls = String::from_utf8(ok(&fn_cmd(&["ls"]))).unwrap();
     assert!(!ls.contains("echo "), "{ls}");
 }
+
+#[test]
+fn a_call_through_the_nodes_proxy() {
+    let up = Up::start(2, &[]);
+    let proxy = up.info["nodes"][0]["proxy_socket"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // A function instance on node 1, served with the SDK.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let instance = rt
+        .block_on(shoal_sdk::FunctionInstance::register(
+            &proxy, "echo", "echo-1", 4,
+        ))
+        .unwrap();
+    rt.spawn(instance.run(|arg: Vec<u8>| async move { Ok(arg) }));
+    let o = Command::new(SHOAL)
+        .args(["fn", "invoke", "echo", "hello", "--proxy", &proxy])
+        .output()
+        .unwrap();
+    assert_eq!(ok(&o), b"hello");
+    let o = Command::new(SHOAL)
+        .args(["fn", "invoke", "nope", "x", "--proxy", &proxy])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&o.stderr).starts_with("error: NotFound"));
+}
