@@ -7,12 +7,13 @@ cd "$(dirname "$0")/.."
 
 step() { printf '\n==> %s\n' "$*"; }
 
-# redis-server: the local benchmark's baseline; etcd: the metadata backend's tests and the
+# redis-server and nats-server: benchmark baselines; etcd: the metadata backend's tests and the
 # etcd cluster test; protoc: building etcd-client.
 need=()
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
 command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)
+command -v nats-server >/dev/null 2>&1 || need+=(nats-server)
 if [ ${#need[@]} -gt 0 ]; then
   step "installing ${need[*]}"
   if [ "$(id -u)" -eq 0 ]; then
@@ -44,6 +45,7 @@ cargo test --workspace --all-features --locked
 
 # Smoke runs with the binary the tests just built: they prove the suites work, not how fast
 # (benchmarks are not tests; `shoal bench` with a release build measures).
-step "shoal bench local --quick / shoal bench cluster --quick (smoke runs)"
+step "shoal bench local|cluster|calls --quick (smoke runs)"
 ./target/debug/shoal bench local --quick
 ./target/debug/shoal bench cluster --quick
+./target/debug/shoal bench calls --quick

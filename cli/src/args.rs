@@ -414,7 +414,7 @@ pub(crate) struct UpArgs {
 #[derive(Debug, Args)]
 pub(crate) struct BenchArgs {
     /// Which suite.
-    #[arg(value_parser = ["local", "cluster"])]
+    #[arg(value_parser = ["local", "cluster", "calls"])]
     pub(crate) suite: String,
     /// A short smoke run (seconds, not minutes).
     #[arg(long)]

@@ -171,6 +171,15 @@ pub(crate) fn up(a: UpArgs) -> anyhow::Result<ExitCode> {
 /// `shoal bench`.
 pub(crate) fn bench(a: BenchArgs) -> anyhow::Result<ExitCode> {
     init_logging("warn");
+    if a.suite == "calls" {
+        let opts = shoal_perf::CallsOptions {
+            quick: a.quick,
+            table: !a.json_only,
+            only: a.only,
+        };
+        shoal_perf::run_calls(&opts)?;
+        return Ok(ExitCode::SUCCESS);
+    }
     if a.suite == "cluster" {
         let opts = shoal_perf::ClusterOptions {
             quick: a.quick,

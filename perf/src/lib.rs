@@ -1,6 +1,6 @@
 //! shoal's benchmark suite. Every figure is measured in the same run as its baseline (memcpy,
 //! a raw Unix-socket round trip, a real `redis-server`; for the cluster, TCP + TLS and a raw
-//! TCP round trip) and printed as JSON lines with the
+//! TCP round trip; for calls, nats-server) and printed as JSON lines with the
 //! fields of DESIGN.md §9; a table of ratios against the targets follows.
 //!
 //! Benchmarks are not tests: nothing here fails because a number is slow. A missed target is
@@ -9,6 +9,7 @@
 #![warn(missing_docs)]
 
 mod baseline;
+mod calls;
 mod cluster;
 mod harness;
 mod local;
@@ -16,6 +17,7 @@ mod record;
 mod report;
 
 pub use baseline::{memcpy_bandwidth, tcp_round_trip, uds_round_trip, RedisServer, RespClient};
+pub use calls::{run_calls, CallsOptions};
 pub use cluster::{run_cluster, serve_bytes, ClusterOptions};
 pub use harness::{run_single, run_threads, RunSpec};
 pub use local::{run_local, LocalOptions};
