@@ -6,15 +6,19 @@
 //! memory limits when the node allows it ([`Limiter`]), and reports node capacity and use
 //! ([`NodeResources`]).
 //!
-//! This crate is a library: watching assignments from control and serving status is the job
-//! of the binary that wires it up. It reads no environment variables and holds no global state;
-//! everything is passed in. It must never depend on control-plane crates.
+//! [`Agent`] wires these to the metadata store: it registers the node's capacity under a lease
+//! and runs the instance records control assigns to the node, reporting their state back.
+//!
+//! It reads no environment variables and holds no global state; everything is passed in. It
+//! uses `shoal-control` only for the record and spec types; `shoal-control` must never depend
+//! on this crate.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 mod cgroup;
 mod package;
 mod resources;
+mod runtime;
 mod supervisor;
 
 pub use cgroup::{CgroupError, CgroupHandle, Limiter, LimiterKind};
@@ -25,6 +29,7 @@ pub use resources::{
     parse_meminfo, parse_pid_rss, parse_pid_stat, parse_proc_stat, used_milli, CpuSampler,
     CpuTimes, NodeResources, ProcessUsage, ResourceError,
 };
+pub use runtime::{Agent, AgentConfig, AgentError, MAX_RESTARTS, RESTART_BACKOFF, USE_REFRESH};
 pub use supervisor::{
     InstanceError, InstanceSpec, InstanceState, InstanceStatus, Limits, LogStream, RestartPolicy,
     StartError, Supervisor, SupervisorConfig,

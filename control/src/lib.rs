@@ -10,6 +10,10 @@
 //!   every read and say who leads.
 //! - **Registry.** Functions and pools, validated and stored in the metadata store
 //!   ([`Registry`]); instance records written by the agents are listed from it.
+//! - **Placement.** While leading, control keeps each function's instance records between its
+//!   minimum and maximum on the nodes that have a live agent (`agents/<node>`), replacing lost
+//!   and failed ones and deleting those of removed functions; the agents run what the records
+//!   say ([`AgentRecord`], [`instance_key`]).
 //! - **HTTP.** A JSON REST API ([`api_routes`] lists it; `openapi.json` documents it and is
 //!   served at `/v1/openapi.json`): functions, pools, instances, invoke, plus `/health`,
 //!   `/v1/nodes`, `/v1/leader`, `/metrics`. Writes go to the leader; a standby answers them
@@ -21,9 +25,14 @@
 #![warn(missing_docs)]
 
 mod http;
+mod placement;
 mod registry;
 mod router;
 
+pub use placement::{
+    instance_key, AgentRecord, AGENTS_PREFIX, FAILED_RETRY, MAX_WRITES_PER_PASS, NODE_LOST_GRACE,
+    PLACEMENT_INTERVAL, STATE_SCHEDULED, STATE_STOPPING,
+};
 pub use registry::{
     validate_name, CodeSource, FunctionSpec, InstanceRecord, Pool, Registry, RegistryError,
     Resources, FUNCTIONS_PREFIX, INSTANCES_PREFIX, MAX_CONCURRENCY, MAX_CPU_MILLI, MAX_ENTRIES,
@@ -188,6 +197,11 @@ impl Control {
         });
         tasks.spawn(watch_nodes(view.clone(), shutdown.clone()));
         tasks.spawn(log_role(view.clone(), shutdown.clone()));
+        tasks.spawn(placement::run(
+            meta.clone(),
+            election.subscribe(),
+            shutdown.clone(),
+        ));
         tasks.spawn(http::serve(http, view.clone(), metrics, shutdown.clone()));
         tracing::info!(name = %cfg.name, http = %http_addr, meta = ?meta_addr, "control ready");
         Ok(Control {

@@ -176,6 +176,9 @@ pub struct InstanceRecord {
     /// Process id on the node.
     #[serde(default)]
     pub pid: Option<u32>,
+    /// Version of the function the instance was scheduled for (set by placement).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub function_version: Option<u64>,
 }
 
 /// Why a registry operation failed.

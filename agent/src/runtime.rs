@@ -1,0 +1,684 @@
+//! The agent runtime: runs on a node what the metadata store assigns to it.
+//!
+//! [`Agent::start`] owns two tasks:
+//!
+//! - **Registration.** `agents/<node id>` ([`AgentRecord`]: capacity, use, whether limits are
+//!   enforced) is written under a lease of [`AgentConfig::lease_ttl`] and kept alive; the use
+//!   figures are refreshed every [`USE_REFRESH`]. A lost lease is granted again and the record
+//!   rewritten. Shutdown revokes the lease, so control sees the node go at once.
+//! - **Assignments.** `instances/` is read, then watched from that revision (read again when
+//!   the watch ends). A record whose `node` is this node and whose `state` is `scheduled`,
+//!   `starting` or `running` and that this agent does not run yet is started: the function's
+//!   package is fetched into `<work_dir>/<instance id>` and run through the [`Supervisor`]
+//!   ([`RestartPolicy::OnFailure`] with back-off). A per-instance reporter writes every status
+//!   change back into the record (`state`, `reason`, `pid`) with a transaction on the record's
+//!   mod revision, and never over a record that control marked `stopping` or moved. A deleted
+//!   (or `stopping`) record stops the process: SIGTERM, SIGKILL after [`AgentConfig::grace`].
+//!
+//! [`Agent::shutdown`] stops every instance and waits for their processes to be gone.
+//! Fetching a package runs on the blocking pool; the assignment loop waits for it, so
+//! assignments are handled one at a time.
+use crate::cgroup::Limiter;
+use crate::package::{fetch, PackageSource};
+use crate::resources::{CpuSampler, NodeResources};
+use crate::supervisor::{
+    InstanceSpec, InstanceState, InstanceStatus, RestartPolicy, Supervisor, SupervisorConfig,
+};
+use shoal_control::{
+    AgentRecord, CodeSource, FunctionSpec, InstanceRecord, AGENTS_PREFIX, FUNCTIONS_PREFIX,
+    INSTANCES_PREFIX, STATE_STOPPING,
+};
+use shoal_meta::{Compare, LeaseId, MetaError, MetaStore, Txn, TxnOp, WatchEvent};
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// How often the use figures of the agent record are refreshed.
+pub const USE_REFRESH: Duration = Duration::from_secs(5);
+/// Most restarts of a failing instance before it is reported `failed`.
+pub const MAX_RESTARTS: u32 = 5;
+/// Delay before the first restart of a failing instance (doubled each time, up to 10 s).
+pub const RESTART_BACKOFF: Duration = Duration::from_millis(500);
+/// Most attempts of one compare-and-swap record update.
+const MAX_CAS_ATTEMPTS: usize = 5;
+/// Pause before reading `instances/` again after the store failed.
+const RETRY_PAUSE: Duration = Duration::from_millis(300);
+
+/// Everything an agent needs, passed in by the binary.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentConfig {
+    /// This node's id (as in `nodes/<id>` and in instance records' `node`).
+    pub node_id: String,
+    /// Instance packages are unpacked into `<work_dir>/<instance id>`.
+    pub work_dir: PathBuf,
+    /// Instance logs (`<id>.out`, `<id>.err`).
+    pub log_dir: PathBuf,
+    /// The proxy's socket, given to instances as `SHOAL_PROXY_SOCKET`.
+    pub proxy_socket: PathBuf,
+    /// The dataworker's socket, given to instances as `SHOAL_DATAWORKER_SOCKET`.
+    pub dataworker_socket: PathBuf,
+    /// TTL of the lease the agent record lives under (at least one second).
+    pub lease_ttl: Duration,
+    /// Time between SIGTERM and SIGKILL when stopping an instance.
+    pub grace: Duration,
+}
+
+/// Why the agent did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// A configuration value is not acceptable.
+    #[error("invalid agent config `{field}`: {reason}")]
+    InvalidConfig {
+        /// Field name.
+        field: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A directory could not be created.
+    #[error("create directory {path}")]
+    Dir {
+        /// The directory.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The node's resources could not be read.
+    #[error("sample node resources")]
+    Resources(#[source] crate::resources::ResourceError),
+    /// Registering `agents/<node id>` failed.
+    #[error("register agent record")]
+    Register(#[source] MetaError),
+}
+
+/// A running agent. Stop it with [`Agent::shutdown`]; dropping it stops the instances too,
+/// without waiting.
+#[derive(Debug)]
+pub struct Agent {
+    node_id: String,
+    stop: CancellationToken,
+    tasks: TaskTracker,
+}
+
+fn invalid(field: &'static str, reason: impl Into<String>) -> AgentError {
+    AgentError::InvalidConfig {
+        field,
+        reason: reason.into(),
+    }
+}
+
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(src) = cur {
+        s.push_str(": ");
+        s.push_str(&src.to_string());
+        cur = src.source();
+    }
+    s
+}
+
+/// Capacity and use, sampled now.
+fn agent_record(
+    cfg: &AgentConfig,
+    sample: &NodeResources,
+    limiter: &Limiter,
+    instances: u64,
+) -> AgentRecord {
+    AgentRecord {
+        node_id: cfg.node_id.clone(),
+        cpu_milli: u64::from(sample.cpu_cores).saturating_mul(1000),
+        mem_total_mib: sample.mem_total_mib,
+        cpu_used_milli: u64::from(sample.cpu_used_milli),
+        mem_available_mib: sample.mem_available_mib,
+        instances,
+        limits_enforced: limiter.can_limit(),
+        limits_reason: limiter.reason().map(str::to_string),
+    }
+}
+
+fn encode<T: serde::Serialize>(v: &T) -> Result<Vec<u8>, MetaError> {
+    serde_json::to_vec(v).map_err(|e| MetaError::Backend(e.to_string()))
+}
+
+impl Agent {
+    /// Validates `cfg`, creates the directories, registers `agents/<node id>` and starts the
+    /// registration and assignment tasks. Must be called within a Tokio runtime.
+    pub async fn start(cfg: AgentConfig, meta: Arc<dyn MetaStore>) -> Result<Agent, AgentError> {
+        if cfg.node_id.is_empty() || cfg.node_id.contains('/') || cfg.node_id.len() > 128 {
+            return Err(invalid(
+                "node_id",
+                "must be 1 to 128 characters without '/'",
+            ));
+        }
+        if cfg.lease_ttl < Duration::from_secs(1) {
+            return Err(invalid("lease_ttl", "must be at least one second"));
+        }
+        for dir in [&cfg.work_dir, &cfg.log_dir] {
+            std::fs::create_dir_all(dir).map_err(|source| AgentError::Dir {
+                path: dir.clone(),
+                source,
+            })?;
+        }
+        let limiter = Limiter::detect(None);
+        let mut cpu = CpuSampler::new().map_err(AgentError::Resources)?;
+        let sample =
+            NodeResources::sample(&cfg.work_dir, &mut cpu).map_err(AgentError::Resources)?;
+        let record = agent_record(&cfg, &sample, &limiter, 0);
+        let lease = register(meta.as_ref(), &cfg, &record)
+            .await
+            .map_err(AgentError::Register)?;
+        tracing::info!(node = %cfg.node_id, cpu_milli = record.cpu_milli, mem_mib = record.mem_total_mib, limits = record.limits_enforced, "agent registered");
+
+        let stop = CancellationToken::new();
+        let tasks = TaskTracker::new();
+        let running = Arc::new(AtomicU64::new(0));
+        let cfg = Arc::new(cfg);
+        tasks.spawn(keep_registered(
+            meta.clone(),
+            cfg.clone(),
+            lease,
+            cpu,
+            limiter.clone(),
+            running.clone(),
+            stop.clone(),
+        ));
+        let supervisor = Supervisor::new(SupervisorConfig::default(), limiter);
+        let rt = Runtime {
+            meta,
+            cfg: cfg.clone(),
+            sup: supervisor,
+            tracked: HashMap::new(),
+            reporters: TaskTracker::new(),
+            reporters_stop: CancellationToken::new(),
+            running,
+        };
+        tasks.spawn(rt.run(stop.clone()));
+        Ok(Agent {
+            node_id: cfg.node_id.clone(),
+            stop,
+            tasks,
+        })
+    }
+
+    /// This agent's node id.
+    pub fn node_id(&self) -> &str {
+        &self.node_id
+    }
+
+    /// Stops every instance (SIGTERM, SIGKILL after the grace), waits for their processes to
+    /// be gone, and revokes the agent's lease.
+    pub async fn shutdown(self) {
+        self.stop.cancel();
+        self.tasks.close();
+        self.tasks.wait().await;
+        tracing::info!(node = %self.node_id, "agent stopped");
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// Grants a lease and writes the record under it.
+async fn register(
+    meta: &dyn MetaStore,
+    cfg: &AgentConfig,
+    record: &AgentRecord,
+) -> Result<LeaseId, MetaError> {
+    let lease = meta.grant(cfg.lease_ttl).await?;
+    let key = format!("{AGENTS_PREFIX}{}", cfg.node_id);
+    meta.put(&key, encode(record)?, Some(lease)).await?;
+    Ok(lease)
+}
+
+/// Keeps the lease alive (every third of its TTL) and the use figures fresh; revokes the
+/// lease on stop.
+async fn keep_registered(
+    meta: Arc<dyn MetaStore>,
+    cfg: Arc<AgentConfig>,
+    mut lease: LeaseId,
+    mut cpu: CpuSampler,
+    limiter: Limiter,
+    running: Arc<AtomicU64>,
+    stop: CancellationToken,
+) {
+    let tick = (cfg.lease_ttl / 3).max(Duration::from_millis(100));
+    let mut last_refresh = tokio::time::Instant::now();
+    let mut lost = false;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = tokio::time::sleep(tick) => {}
+        }
+        if !lost {
+            match meta.keep_alive(lease).await {
+                Ok(_) => {}
+                Err(MetaError::LeaseNotFound(_)) => lost = true,
+                Err(e) => {
+                    tracing::warn!(error = %e, "agent lease keep-alive failed");
+                    continue;
+                }
+            }
+        }
+        let refresh = lost || last_refresh.elapsed() >= USE_REFRESH;
+        if !refresh {
+            continue;
+        }
+        let sample = match NodeResources::sample(&cfg.work_dir, &mut cpu) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %chain(&e), "sampling node resources failed");
+                continue;
+            }
+        };
+        let record = agent_record(&cfg, &sample, &limiter, running.load(Ordering::Relaxed));
+        let result = if lost {
+            register(meta.as_ref(), &cfg, &record).await.map(|l| {
+                tracing::warn!(node = %cfg.node_id, "agent lease was lost; registered again");
+                lease = l;
+                lost = false;
+            })
+        } else {
+            match encode(&record) {
+                Ok(v) => meta
+                    .put(&format!("{AGENTS_PREFIX}{}", cfg.node_id), v, Some(lease))
+                    .await
+                    .map(|_| ()),
+                Err(e) => Err(e),
+            }
+        };
+        match result {
+            Ok(()) => last_refresh = tokio::time::Instant::now(),
+            Err(MetaError::LeaseNotFound(_)) => lost = true,
+            Err(e) => tracing::warn!(error = %e, "agent record refresh failed"),
+        }
+    }
+    if let Err(e) = meta.revoke(lease).await {
+        tracing::warn!(error = %e, "revoking the agent lease failed");
+    }
+}
+
+/// An instance this agent handles (running, or failed before it could run).
+#[derive(Debug)]
+struct Tracked {
+    key: String,
+    reporter: Option<CancellationToken>,
+    supervised: bool,
+}
+
+/// The assignment loop's state; owned by its task.
+#[derive(Debug)]
+struct Runtime {
+    meta: Arc<dyn MetaStore>,
+    cfg: Arc<AgentConfig>,
+    sup: Supervisor,
+    tracked: HashMap<String, Tracked>,
+    reporters: TaskTracker,
+    reporters_stop: CancellationToken,
+    running: Arc<AtomicU64>,
+}
+
+fn runnable(state: &str) -> bool {
+    matches!(state, "scheduled" | "starting" | "running")
+}
+
+/// The record fields for a supervisor status: (state, reason, pid).
+fn record_fields(st: &InstanceStatus) -> (&'static str, Option<String>, Option<u32>) {
+    match &st.state {
+        InstanceState::Starting => ("starting", None, st.pid),
+        InstanceState::Running => ("running", None, st.pid),
+        InstanceState::Restarting { attempt } => (
+            "starting",
+            Some(format!("restarting (attempt {attempt})")),
+            None,
+        ),
+        InstanceState::Exited { code: 0 } => ("exited", Some("exited with code 0".into()), None),
+        InstanceState::Exited { code } => {
+            ("failed", Some(format!("exited with code {code}")), None)
+        }
+        InstanceState::Failed { reason } => ("failed", Some(reason.clone()), None),
+        InstanceState::Stopped { .. } => ("exited", Some("stopped".into()), None),
+    }
+}
+
+/// Writes (state, reason, pid) into the record at `key` by compare-and-swap on its mod
+/// revision. Leaves the record alone when it is gone, moved to another node, or marked
+/// `stopping` by control. Returns whether the record now says what was asked.
+async fn update_record(
+    meta: &dyn MetaStore,
+    key: &str,
+    node: &str,
+    state: &str,
+    reason: Option<String>,
+    pid: Option<u32>,
+) -> Result<bool, MetaError> {
+    for _ in 0..MAX_CAS_ATTEMPTS {
+        let Some(kv) = meta.get(key).await? else {
+            return Ok(false);
+        };
+        let Ok(mut rec) = serde_json::from_slice::<InstanceRecord>(&kv.value) else {
+            return Ok(false);
+        };
+        if rec.node != node || rec.state == STATE_STOPPING {
+            return Ok(false);
+        }
+        if rec.state == state && rec.reason == reason && rec.pid == pid {
+            return Ok(true);
+        }
+        rec.state = state.to_string();
+        rec.reason = reason.clone();
+        rec.pid = pid;
+        let txn = Txn {
+            compare: vec![Compare::ModRevision(key.to_string(), kv.mod_revision)],
+            success: vec![TxnOp::Put {
+                key: key.to_string(),
+                value: encode(&rec)?,
+                lease: None,
+            }],
+            failure: vec![],
+        };
+        if meta.txn(txn).await? {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// Reports every status change of one instance into its record until stopped or the
+/// instance's task ends.
+async fn report(
+    meta: Arc<dyn MetaStore>,
+    key: String,
+    node: String,
+    mut rx: watch::Receiver<InstanceStatus>,
+    stop: CancellationToken,
+) {
+    loop {
+        let (state, reason, pid) = record_fields(&rx.borrow_and_update().clone());
+        if let Err(e) = update_record(meta.as_ref(), &key, &node, state, reason, pid).await {
+            tracing::warn!(%key, error = %e, "instance state not written");
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            r = rx.changed() => if r.is_err() { return },
+        }
+    }
+}
+
+fn instance_id_of(key: &str) -> Option<&str> {
+    key.strip_prefix(INSTANCES_PREFIX)?.rsplit('/').next()
+}
+
+impl Runtime {
+    async fn run(mut self, stop: CancellationToken) {
+        'outer: loop {
+            let (kvs, rev) = match self.meta.range(INSTANCES_PREFIX).await {
+                Ok(v) => v,
+                Err(e) => {
+                    tracing::warn!(error = %e, "reading instances failed");
+                    tokio::select! {
+                        _ = stop.cancelled() => break 'outer,
+                        _ = tokio::time::sleep(RETRY_PAUSE) => continue,
+                    }
+                }
+            };
+            let mut present = Vec::with_capacity(kvs.len());
+            for kv in &kvs {
+                if let Some(id) = self.on_put(&kv.key, &kv.value).await {
+                    present.push(id);
+                }
+            }
+            let gone: Vec<String> = self
+                .tracked
+                .keys()
+                .filter(|id| !present.contains(id))
+                .cloned()
+                .collect();
+            for id in gone {
+                self.stop_instance(&id).await;
+            }
+            let mut stream = match self.meta.watch(INSTANCES_PREFIX, rev).await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "watching instances failed");
+                    tokio::select! {
+                        _ = stop.cancelled() => break 'outer,
+                        _ = tokio::time::sleep(RETRY_PAUSE) => continue,
+                    }
+                }
+            };
+            loop {
+                let ev = tokio::select! {
+                    _ = stop.cancelled() => break 'outer,
+                    ev = stream.recv() => ev,
+                };
+                match ev {
+                    None => break,
+                    Some(WatchEvent::Put(kv)) => {
+                        self.on_put(&kv.key, &kv.value).await;
+                    }
+                    Some(WatchEvent::Delete { key, .. }) => {
+                        let id = instance_id_of(&key).map(str::to_string);
+                        if let Some(id) = id {
+                            if self.tracked.get(&id).is_some_and(|t| t.key == key) {
+                                self.stop_instance(&id).await;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        // Shutdown: reporters first (the records stay as they are; control sees the lease
+        // go), then every process.
+        self.reporters_stop.cancel();
+        self.reporters.close();
+        let statuses = self.sup.shutdown().await;
+        self.reporters.wait().await;
+        tracing::info!(instances = statuses.len(), "agent instances stopped");
+    }
+
+    /// Handles one record; returns its instance id when it is this node's and tracked.
+    async fn on_put(&mut self, key: &str, value: &[u8]) -> Option<String> {
+        let rec: InstanceRecord = match serde_json::from_slice(value) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(%key, error = %e, "skipping unreadable instance record");
+                return None;
+            }
+        };
+        let tracked = self.tracked.get(&rec.id).is_some_and(|t| t.key == key);
+        if rec.node != self.cfg.node_id || rec.state == STATE_STOPPING {
+            if tracked {
+                self.stop_instance(&rec.id).await;
+            }
+            return None;
+        }
+        if !tracked && runnable(&rec.state) {
+            self.launch(key, &rec).await;
+        }
+        self.tracked.contains_key(&rec.id).then(|| rec.id.clone())
+    }
+
+    /// Records a failure that happened before the process could run.
+    async fn fail(&mut self, key: &str, rec: &InstanceRecord, reason: String) {
+        tracing::warn!(instance = %rec.id, function = %rec.function, %reason, "instance failed");
+        self.tracked.insert(
+            rec.id.clone(),
+            Tracked {
+                key: key.to_string(),
+                reporter: None,
+                supervised: false,
+            },
+        );
+        if let Err(e) = update_record(
+            self.meta.as_ref(),
+            key,
+            &self.cfg.node_id,
+            "failed",
+            Some(reason),
+            None,
+        )
+        .await
+        {
+            tracing::warn!(%key, error = %e, "instance state not written");
+        }
+    }
+
+    async fn launch(&mut self, key: &str, rec: &InstanceRecord) {
+        let fkey = format!("{FUNCTIONS_PREFIX}{}", rec.function);
+        let spec = match self.meta.get(&fkey).await {
+            Ok(Some(kv)) => match serde_json::from_slice::<FunctionSpec>(&kv.value) {
+                Ok(s) => s,
+                Err(e) => {
+                    let reason = format!("function record {fkey} is unreadable: {e}");
+                    return self.fail(key, rec, reason).await;
+                }
+            },
+            Ok(None) => {
+                let reason = format!("function {} not found", rec.function);
+                return self.fail(key, rec, reason).await;
+            }
+            Err(e) => {
+                // Not this instance's fault: leave it for the next re-read.
+                tracing::warn!(instance = %rec.id, error = %e, "reading the function failed");
+                return;
+            }
+        };
+        let source = match &spec.code {
+            CodeSource::Dir { path } => PackageSource::Dir(PathBuf::from(path)),
+            CodeSource::TarGz { path } => PackageSource::TarGz(PathBuf::from(path)),
+            other => {
+                let reason = format!("code source {other} is not supported by this agent yet");
+                return self.fail(key, rec, reason).await;
+            }
+        };
+        let _ = update_record(
+            self.meta.as_ref(),
+            key,
+            &self.cfg.node_id,
+            "starting",
+            Some("fetching package".into()),
+            None,
+        )
+        .await;
+        let dest = self.cfg.work_dir.join(&rec.id);
+        let digest = spec.digest.clone();
+        let fetched = {
+            let (source, dest) = (source.clone(), dest.clone());
+            tokio::task::spawn_blocking(move || {
+                if dest.exists() {
+                    std::fs::remove_dir_all(&dest)
+                        .map_err(|e| format!("clear {}: {e}", dest.display()))?;
+                }
+                fetch(&source, &dest, digest.as_deref()).map_err(|e| chain(&e))
+            })
+            .await
+        };
+        let workdir = match fetched {
+            Ok(Ok(p)) => p,
+            Ok(Err(reason)) => {
+                let what = match &source {
+                    PackageSource::Dir(p) | PackageSource::TarGz(p) => p.display().to_string(),
+                };
+                let reason = format!("fetch package {what}: {reason}");
+                return self.fail(key, rec, reason).await;
+            }
+            Err(e) => return self.fail(key, rec, format!("fetch package: {e}")).await,
+        };
+        let mut command = spec.command.clone();
+        if let Some(first) = command.first_mut() {
+            if let Some(rel) = first.strip_prefix("./") {
+                *first = workdir.join(rel).display().to_string();
+            }
+        }
+        let mut env: BTreeMap<String, String> = spec.env.clone();
+        env.insert(
+            "SHOAL_PROXY_SOCKET".into(),
+            self.cfg.proxy_socket.display().to_string(),
+        );
+        env.insert(
+            "SHOAL_DATAWORKER_SOCKET".into(),
+            self.cfg.dataworker_socket.display().to_string(),
+        );
+        let ispec = InstanceSpec {
+            id: rec.id.clone(),
+            function: rec.function.clone(),
+            command,
+            workdir,
+            env,
+            log_dir: self.cfg.log_dir.clone(),
+            restart: RestartPolicy::OnFailure {
+                max_restarts: MAX_RESTARTS,
+                backoff_initial: RESTART_BACKOFF,
+                backoff_max: Duration::from_secs(10),
+            },
+            cpu_milli: spec.resources.cpu_milli,
+            mem_mib: u64::from(spec.resources.mem_mib),
+            grace: self.cfg.grace,
+        };
+        let rx = match self.sup.start(ispec) {
+            Ok(rx) => rx,
+            Err(e) => return self.fail(key, rec, format!("start: {}", chain(&e))).await,
+        };
+        tracing::info!(instance = %rec.id, function = %rec.function, "instance started");
+        let token = self.reporters_stop.child_token();
+        self.reporters.spawn(report(
+            self.meta.clone(),
+            key.to_string(),
+            self.cfg.node_id.clone(),
+            rx,
+            token.clone(),
+        ));
+        self.tracked.insert(
+            rec.id.clone(),
+            Tracked {
+                key: key.to_string(),
+                reporter: Some(token),
+                supervised: true,
+            },
+        );
+        self.count();
+    }
+
+    /// Stops and forgets one instance, and removes its package directory.
+    async fn stop_instance(&mut self, id: &str) {
+        let Some(t) = self.tracked.remove(id) else {
+            return;
+        };
+        if let Some(r) = &t.reporter {
+            r.cancel();
+        }
+        if t.supervised {
+            match self.sup.stop(id).await {
+                Ok(st) => tracing::info!(instance = %id, state = ?st.state, "instance stopped"),
+                Err(e) => tracing::warn!(instance = %id, error = %e, "stopping instance failed"),
+            }
+            self.sup.remove(id);
+        }
+        let dir = self.cfg.work_dir.join(id);
+        let _ = tokio::task::spawn_blocking(move || remove_dir(&dir)).await;
+        self.count();
+    }
+
+    fn count(&self) {
+        let n = self.tracked.values().filter(|t| t.supervised).count();
+        self.running
+            .store(u64::try_from(n).unwrap_or(u64::MAX), Ordering::Relaxed);
+    }
+}
+
+fn remove_dir(dir: &Path) {
+    if let Err(e) = std::fs::remove_dir_all(dir) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            tracing::warn!(dir = %dir.display(), error = %e, "removing instance directory failed");
+        }
+    }
+}
