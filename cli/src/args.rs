@@ -26,6 +26,8 @@ pub(crate) enum Command {
     Control(ControlArgs),
     /// Run one node's function proxy (routes calls between callers and instances).
     Proxy(ProxyArgs),
+    /// Run one node's agent (starts, limits and reports the function instances placed here).
+    Agent(AgentArgs),
     /// Development certificate authority for the cluster's mutual TLS.
     Ca {
         #[command(subcommand)]
@@ -359,6 +361,34 @@ pub(crate) struct ProxyArgs {
     /// Calls waiting per function before new ones get `Overloaded`.
     #[arg(long, env = "SHOAL_PROXY_MAX_QUEUE", default_value_t = 1024)]
     pub(crate) max_queue: usize,
+    #[command(flatten)]
+    pub(crate) child: ChildArgs,
+}
+
+#[derive(Debug, Args, Clone)]
+pub(crate) struct AgentArgs {
+    /// Node id.
+    #[arg(long, env = "SHOAL_NODE_ID", default_value = "node-0")]
+    pub(crate) node_id: String,
+    /// Directory of the node's sockets (the proxy's and the dataworker's), where the agent
+    /// also keeps `agent/work` and `agent/logs` [default: as the dataworker's].
+    #[arg(long, env = "SHOAL_SOCKET_DIR")]
+    pub(crate) socket_dir: Option<PathBuf>,
+    /// Control's metadata API (host:port).
+    #[arg(long, env = "SHOAL_META")]
+    pub(crate) meta: Option<String>,
+    /// etcd client URLs instead (comma-separated).
+    #[arg(long, env = "SHOAL_ETCD", value_delimiter = ',')]
+    pub(crate) etcd: Vec<String>,
+    /// Key prefix in etcd.
+    #[arg(long, env = "SHOAL_ETCD_PREFIX", default_value = "/shoal/")]
+    pub(crate) etcd_prefix: String,
+    /// TTL of the agent's lease.
+    #[arg(long, env = "SHOAL_LEASE_TTL", default_value = "10s", value_parser = parse_duration)]
+    pub(crate) lease_ttl: Duration,
+    /// Time between SIGTERM and SIGKILL when an instance is stopped.
+    #[arg(long, env = "SHOAL_STOP_GRACE", default_value = "5s", value_parser = parse_duration)]
+    pub(crate) grace: Duration,
     #[command(flatten)]
     pub(crate) child: ChildArgs,
 }

@@ -154,6 +154,7 @@ async fn run_async(cmd: Command) -> anyhow::Result<ExitCode> {
         | Command::Dataworker(_)
         | Command::Control(_)
         | Command::Proxy(_)
+        | Command::Agent(_)
         | Command::Ca { .. }
         | Command::Fn { .. }
         | Command::Bench(_)

@@ -1,5 +1,5 @@
 //! Cluster commands: `shoal control`, `shoal ca`, and `shoal up` with several nodes.
-use crate::args::{default_socket_dir, CaOp, ChildArgs, ControlArgs, ProxyArgs, UpArgs};
+use crate::args::{default_socket_dir, AgentArgs, CaOp, ChildArgs, ControlArgs, ProxyArgs, UpArgs};
 use crate::serve::{init_logging, install_metrics, stop_signal};
 use anyhow::Context;
 use shoal_meta::MetaStore;
@@ -151,6 +151,49 @@ pub(crate) fn proxy(a: ProxyArgs) -> anyhow::Result<ExitCode> {
         stop_signal(&token).await?;
         tracing::info!("shutting down");
         p.shutdown().await;
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+/// `shoal agent`.
+pub(crate) fn agent(a: AgentArgs) -> anyhow::Result<ExitCode> {
+    init_logging("info");
+    let dir = a
+        .socket_dir
+        .clone()
+        .unwrap_or_else(|| default_socket_dir().join(&a.node_id));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(async {
+        let meta = meta_store(a.meta.as_deref(), &a.etcd, &a.etcd_prefix).await?;
+        let cfg = shoal_agent::AgentConfig {
+            node_id: a.node_id.clone(),
+            work_dir: dir.join("agent").join("work"),
+            log_dir: dir.join("agent").join("logs"),
+            proxy_socket: dir.join("proxy.sock"),
+            dataworker_socket: dir.join("dataworker.sock"),
+            lease_ttl: a.lease_ttl,
+            grace: a.grace,
+        };
+        let agent = shoal_agent::Agent::start(cfg, meta)
+            .await
+            .context("starting the agent")?;
+        if a.child.ready_json {
+            let ready = serde_json::json!({
+                "node": a.node_id,
+                "work_dir": dir.join("agent").display().to_string(),
+                "pid": std::process::id(),
+            });
+            println!("{ready}");
+        }
+        let token = tokio_util::sync::CancellationToken::new();
+        watch_parent(&a.child, token.clone());
+        stop_signal(&token).await?;
+        tracing::info!("shutting down: stopping every instance");
+        agent.shutdown().await;
         Ok(ExitCode::SUCCESS)
     })
 }
@@ -310,6 +353,7 @@ pub(crate) fn up_cluster(a: UpArgs) -> anyhow::Result<ExitCode> {
     let meta = control.ready["meta"].as_str().map(str::to_string);
     let mut nodes = Vec::new();
     let mut proxies = Vec::new();
+    let mut agents = Vec::new();
     for n in &names {
         let mut args: Vec<String> = vec![
             "dataworker".into(),
@@ -348,6 +392,25 @@ pub(crate) fn up_cluster(a: UpArgs) -> anyhow::Result<ExitCode> {
             base.join(n).display().to_string(),
         ];
         proxies.push(Proc::spawn(&format!("{n} proxy"), &proxy_args)?);
+        let mut agent_args: Vec<String> = vec![
+            "agent".into(),
+            "--node-id".into(),
+            n.clone(),
+            "--socket-dir".into(),
+            base.join(n).display().to_string(),
+            "--lease-ttl".into(),
+            humantime::format_duration(a.worker.cluster.lease_ttl).to_string(),
+        ];
+        if etcd.is_empty() {
+            let m = meta
+                .clone()
+                .context("control did not report its metadata API")?;
+            agent_args.extend(["--meta".into(), m]);
+        } else {
+            agent_args.extend(["--etcd".into(), etcd.clone()]);
+            agent_args.extend(["--etcd-prefix".into(), a.worker.cluster.etcd_prefix.clone()]);
+        }
+        agents.push(Proc::spawn(&format!("{n} agent"), &agent_args)?);
     }
     let node_info: Vec<NodeUp> = nodes
         .iter()
@@ -441,7 +504,13 @@ pub(crate) fn up_cluster(a: UpArgs) -> anyhow::Result<ExitCode> {
         stop_signal(&token).await
     })?;
     tracing::info!("shutting down");
-    for n in proxies.iter_mut().chain(nodes.iter_mut()).rev() {
+    // Agents first (they stop the instances), then proxies, then dataworkers.
+    for n in nodes
+        .iter_mut()
+        .chain(proxies.iter_mut())
+        .chain(agents.iter_mut())
+        .rev()
+    {
         n.stop(Duration::from_secs(5));
     }
     control.stop(Duration::from_secs(5));

@@ -38,6 +38,7 @@ fn run(cli: args::Cli) -> anyhow::Result<ExitCode> {
         Dataworker(a) => serve::dataworker(a),
         Control(a) => cluster_cmds::control(a),
         Proxy(a) => cluster_cmds::proxy(a),
+        Agent(a) => cluster_cmds::agent(a),
         Ca { op } => cluster_cmds::ca(op),
         Fn { control, op } => fn_cmds::run(&control, op),
         Bench(a) => serve::bench(a),

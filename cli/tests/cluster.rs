@@ -565,3 +565,95 @@ fn a_call_through_the_nodes_proxy() {
         .unwrap();
     assert!(String::from_utf8_lossy(&o.stderr).starts_with("error: NotFound"));
 }
+
+/// The `echo` example (cli/examples/echo.rs), built with the tests.
+fn echo_example() -> std::path::PathBuf {
+    let p = std::path::Path::new(SHOAL)
+        .parent()
+        .unwrap()
+        .join("examples")
+        .join("echo");
+    assert!(p.exists(), "{} is not built", p.display());
+    p
+}
+
+#[test]
+fn deploy_place_start_invoke_and_recover() {
+    let up = Up::start(2, &[]);
+    let control = up.info["env"]["SHOAL_CONTROL"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let pkg = up.dir.path().join("echo-pkg");
+    std::fs::create_dir_all(&pkg).unwrap();
+    std::fs::copy(echo_example(), pkg.join("echo")).unwrap();
+    let shoal_fn = |args: &[&str], proxy: Option<&str>| {
+        let mut c = Command::new(SHOAL);
+        c.arg("fn").args(args).env("SHOAL_CONTROL", &control);
+        if let Some(p) = proxy {
+            c.env("SHOAL_PROXY_SOCKET", p);
+        }
+        c.output().unwrap()
+    };
+    ok(&shoal_fn(
+        &[
+            "deploy",
+            "echo",
+            "--path",
+            pkg.to_str().unwrap(),
+            "--min",
+            "1",
+            "--",
+            "./echo",
+        ],
+        None,
+    ));
+    // Placed on a node, started by that node's agent, registered with that node's proxy.
+    let running = |deadline: Instant| loop {
+        let ls: serde_json::Value =
+            serde_json::from_slice(&ok(&shoal_fn(&["ls", "--json"], None))).unwrap();
+        let insts = ls["instances"]["instances"]
+            .as_array()
+            .or_else(|| ls["instances"].as_array())
+            .cloned()
+            .unwrap_or_default();
+        if let Some(i) = insts.iter().find(|i| i["state"] == "running") {
+            break i.clone();
+        }
+        assert!(Instant::now() < deadline, "no running instance: {ls}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let inst = running(Instant::now() + Duration::from_secs(20));
+    let node = inst["node"].as_str().unwrap();
+    let idx = (0..2).find(|i| up.info["nodes"][*i]["id"] == node).unwrap();
+    let proxy = up.info["nodes"][idx]["proxy_socket"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let invoke = || {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let o = shoal_fn(&["invoke", "echo", "hello"], Some(&proxy));
+            if o.status.success() {
+                return o.stdout;
+            }
+            // The instance may still be connecting to its proxy.
+            assert!(
+                Instant::now() < deadline,
+                "{}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    assert_eq!(invoke(), b"hello");
+    // Kill the instance's process: the agent restarts it and calls work again.
+    let pid = inst["pid"].as_i64().unwrap() as i32;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    assert_eq!(invoke(), b"hello");
+    ok(&shoal_fn(&["rm", "echo"], None));
+}
