@@ -44,7 +44,7 @@ async fn etcd_store(_: &[String], _: &str) -> anyhow::Result<Arc<dyn MetaStore>>
 
 /// Shuts the component down when standard input closes: `shoal up` holds the other end, so
 /// its children never outlive it, even when it is killed.
-pub(crate) fn watch_parent(child: &ChildArgs, token: tokio_util::sync::CancellationToken) {
+fn watch_parent(child: &ChildArgs, token: tokio_util::sync::CancellationToken) {
     if !child.exit_with_parent {
         return;
     }
@@ -60,6 +60,20 @@ pub(crate) fn watch_parent(child: &ChildArgs, token: tokio_util::sync::Cancellat
             }
             token.cancel();
         });
+}
+
+/// Prints the component's ready line when `shoal up` asked for one, then waits for Ctrl-C,
+/// SIGTERM, `token`, or (with `--exit-with-parent`) the parent going away.
+pub(crate) async fn ready_then_wait(
+    child: &ChildArgs,
+    ready: serde_json::Value,
+    token: tokio_util::sync::CancellationToken,
+) -> anyhow::Result<()> {
+    if child.ready_json {
+        println!("{ready}");
+    }
+    watch_parent(child, token.clone());
+    stop_signal(&token).await
 }
 
 /// `shoal control`.
@@ -98,17 +112,12 @@ pub(crate) fn control(a: ControlArgs) -> anyhow::Result<ExitCode> {
             max_invoke_body: shoal_control::DEFAULT_MAX_INVOKE_BODY,
         };
         let c = shoal_control::Control::start(cfg, meta, metrics).await?;
-        if a.child.ready_json {
-            let ready = serde_json::json!({
-                "meta": c.meta_addr().map(|m| m.to_string()),
-                "http": c.http_addr().to_string(),
-                "pid": std::process::id(),
-            });
-            println!("{ready}");
-        }
-        let token = tokio_util::sync::CancellationToken::new();
-        watch_parent(&a.child, token.clone());
-        stop_signal(&token).await?;
+        let ready = serde_json::json!({
+            "meta": c.meta_addr().map(|m| m.to_string()),
+            "http": c.http_addr().to_string(),
+            "pid": std::process::id(),
+        });
+        ready_then_wait(&a.child, ready, tokio_util::sync::CancellationToken::new()).await?;
         tracing::info!("shutting down");
         c.shutdown().await;
         Ok(ExitCode::SUCCESS)
@@ -137,18 +146,13 @@ pub(crate) fn proxy(a: ProxyArgs) -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()?;
     rt.block_on(async {
-        if a.child.ready_json {
-            let ready = serde_json::json!({
-                "node": a.node_id,
-                "socket": p.socket_path().display().to_string(),
-                "engine": format!("{:?}", p.engine()),
-                "pid": std::process::id(),
-            });
-            println!("{ready}");
-        }
-        let token = tokio_util::sync::CancellationToken::new();
-        watch_parent(&a.child, token.clone());
-        stop_signal(&token).await?;
+        let ready = serde_json::json!({
+            "node": a.node_id,
+            "socket": p.socket_path().display().to_string(),
+            "engine": format!("{:?}", p.engine()),
+            "pid": std::process::id(),
+        });
+        ready_then_wait(&a.child, ready, tokio_util::sync::CancellationToken::new()).await?;
         tracing::info!("shutting down");
         p.shutdown().await;
         Ok(ExitCode::SUCCESS)
@@ -181,17 +185,12 @@ pub(crate) fn agent(a: AgentArgs) -> anyhow::Result<ExitCode> {
         let agent = shoal_agent::Agent::start(cfg, meta)
             .await
             .context("starting the agent")?;
-        if a.child.ready_json {
-            let ready = serde_json::json!({
-                "node": a.node_id,
-                "work_dir": dir.join("agent").display().to_string(),
-                "pid": std::process::id(),
-            });
-            println!("{ready}");
-        }
-        let token = tokio_util::sync::CancellationToken::new();
-        watch_parent(&a.child, token.clone());
-        stop_signal(&token).await?;
+        let ready = serde_json::json!({
+            "node": a.node_id,
+            "work_dir": dir.join("agent").display().to_string(),
+            "pid": std::process::id(),
+        });
+        ready_then_wait(&a.child, ready, tokio_util::sync::CancellationToken::new()).await?;
         tracing::info!("shutting down: stopping every instance");
         agent.shutdown().await;
         Ok(ExitCode::SUCCESS)

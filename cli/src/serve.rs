@@ -75,19 +75,14 @@ pub(crate) fn dataworker(a: DataworkerArgs) -> anyhow::Result<ExitCode> {
     let metrics = install_metrics();
     runtime(a.worker_threads)?.block_on(async {
         let w = start_worker(&a, metrics).await?;
-        if a.child.ready_json {
-            let ready = serde_json::json!({
-                "node": a.node_id,
-                "socket": w.socket_path().display().to_string(),
-                "http": w.http_addr().map(|h| h.to_string()),
-                "peer_addr": w.peer_addr().map(|p| p.to_string()),
-                "pid": std::process::id(),
-            });
-            println!("{ready}");
-        }
-        let token = w.shutdown_token();
-        crate::cluster_cmds::watch_parent(&a.child, token.clone());
-        stop_signal(&token).await?;
+        let ready = serde_json::json!({
+            "node": a.node_id,
+            "socket": w.socket_path().display().to_string(),
+            "http": w.http_addr().map(|h| h.to_string()),
+            "peer_addr": w.peer_addr().map(|p| p.to_string()),
+            "pid": std::process::id(),
+        });
+        crate::cluster_cmds::ready_then_wait(&a.child, ready, w.shutdown_token()).await?;
         tracing::info!("shutting down");
         w.shutdown().await;
         Ok(ExitCode::SUCCESS)
