@@ -311,6 +311,7 @@ struct NodeUp {
     dataworker_socket: String,
     proxy_socket: String,
     proxy_pid: u64,
+    agent_pid: u64,
     peer_addr: Option<String>,
     http: Option<String>,
     metrics: Option<String>,
@@ -414,7 +415,8 @@ pub(crate) fn up_cluster(a: UpArgs) -> anyhow::Result<ExitCode> {
     let node_info: Vec<NodeUp> = nodes
         .iter()
         .zip(&proxies)
-        .map(|(p, px)| {
+        .zip(&agents)
+        .map(|((p, px), ag)| {
             let s = |k: &str| p.ready[k].as_str().map(str::to_string);
             let http = s("http");
             NodeUp {
@@ -423,6 +425,7 @@ pub(crate) fn up_cluster(a: UpArgs) -> anyhow::Result<ExitCode> {
                 dataworker_socket: s("socket").unwrap_or_default(),
                 proxy_socket: px.ready["socket"].as_str().unwrap_or_default().to_string(),
                 proxy_pid: px.ready["pid"].as_u64().unwrap_or(0),
+                agent_pid: ag.ready["pid"].as_u64().unwrap_or(0),
                 peer_addr: s("peer_addr"),
                 metrics: http.as_ref().map(|h| format!("http://{h}/metrics")),
                 health: http.as_ref().map(|h| format!("http://{h}/health")),

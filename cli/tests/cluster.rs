@@ -657,3 +657,111 @@ fn deploy_place_start_invoke_and_recover() {
     assert_eq!(invoke(), b"hello");
     ok(&shoal_fn(&["rm", "echo"], None));
 }
+
+#[test]
+fn warm_calls_survive_control_and_lost_nodes_are_replaced() {
+    let up = Up::start(2, &[]);
+    let control = up.info["env"]["SHOAL_CONTROL"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let pkg = up.dir.path().join("echo-pkg");
+    std::fs::create_dir_all(&pkg).unwrap();
+    std::fs::copy(echo_example(), pkg.join("echo")).unwrap();
+    let shoal_fn = |args: &[&str], proxy: Option<&str>| {
+        let mut c = Command::new(SHOAL);
+        c.arg("fn").args(args).env("SHOAL_CONTROL", &control);
+        if let Some(p) = proxy {
+            c.env("SHOAL_PROXY_SOCKET", p);
+        }
+        c.output().unwrap()
+    };
+    ok(&shoal_fn(
+        &[
+            "deploy",
+            "echo",
+            "--path",
+            pkg.to_str().unwrap(),
+            "--min",
+            "1",
+            "--",
+            "./echo",
+        ],
+        None,
+    ));
+    let running_on = |deadline: Instant, not: Option<&str>| loop {
+        let o = shoal_fn(&["ls", "--json"], None);
+        if o.status.success() {
+            let ls: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+            let insts = ls["instances"]["instances"]
+                .as_array()
+                .or_else(|| ls["instances"].as_array())
+                .cloned()
+                .unwrap_or_default();
+            if let Some(i) = insts
+                .iter()
+                .find(|i| i["state"] == "running" && Some(i["node"].as_str().unwrap()) != not)
+            {
+                break i["node"].as_str().unwrap().to_string();
+            }
+        }
+        assert!(Instant::now() < deadline, "no running instance");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let node = running_on(Instant::now() + Duration::from_secs(20), None);
+    let idx = (0..2).find(|i| up.info["nodes"][*i]["id"] == node).unwrap();
+    let proxy = up.info["nodes"][idx]["proxy_socket"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let invoke = |proxy: &str| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let o = shoal_fn(&["invoke", "echo", "warm"], Some(proxy));
+            if o.status.success() {
+                return o.stdout;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    assert_eq!(invoke(&proxy), b"warm");
+
+    // The node's agent dies (with it, the node's ability to run instances): after its lease
+    // and the placement grace, the instance is placed and started on the other node.
+    let agent_pid = up.info["nodes"][idx]["agent_pid"].as_i64().unwrap() as i32;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(agent_pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let killed = Instant::now();
+    let other = running_on(killed + TTL + Duration::from_secs(10), Some(&node));
+    assert_ne!(other, node);
+    assert!(
+        killed.elapsed() <= TTL + Duration::from_secs(5),
+        "replaced on {other} only after {:?}",
+        killed.elapsed()
+    );
+    let other_idx = 1 - idx;
+    let other_proxy = up.info["nodes"][other_idx]["proxy_socket"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(invoke(&other_proxy), b"warm");
+
+    // Control goes away: warm calls keep flowing (the call path never asks it).
+    let control_pid = up.info["control"]["pid"].as_i64().unwrap() as i32;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(control_pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    for _ in 0..5 {
+        assert_eq!(invoke(&other_proxy), b"warm");
+    }
+}

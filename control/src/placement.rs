@@ -39,7 +39,7 @@ pub const PLACEMENT_INTERVAL: Duration = Duration::from_secs(2);
 pub const FAILED_RETRY: Duration = Duration::from_secs(30);
 /// How long this leader must have seen an instance's node without an agent before the
 /// instance counts as lost and is replaced (covers a leader change and agent restarts).
-pub const NODE_LOST_GRACE: Duration = Duration::from_secs(5);
+pub const NODE_LOST_GRACE: Duration = Duration::from_secs(2);
 /// Most records written or deleted in one pass; the rest waits for the next one.
 pub const MAX_WRITES_PER_PASS: usize = 256;
 /// How long a reservation is held within a pass.
