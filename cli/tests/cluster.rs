@@ -71,11 +71,7 @@ impl Up {
     }
 
     fn kill_node(&self, node: usize) {
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.pid(node)),
-            nix::sys::signal::Signal::SIGKILL,
-        )
-        .unwrap();
+        kill(i64::from(self.pid(node)));
     }
 
     /// Waits until node `node` sees `n` members.
@@ -268,12 +264,7 @@ fn control_down_keeps_the_data_path() {
     );
     c1.put("before", b"replicated").unwrap();
     assert_eq!(&c2.get("before", SETTLE).unwrap()[..], b"replicated");
-    let control = up.info["control"]["pid"].as_i64().unwrap() as i32;
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(control),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
+    kill(up.info["control"]["pid"].as_i64().unwrap());
     // Longer than a lease: the nodes keep their last view instead of dropping each other.
     std::thread::sleep(TTL + Duration::from_secs(1));
     c1.put("local", b"put while control is down").unwrap();
@@ -483,20 +474,9 @@ fn control_leader_failover_on_etcd() {
 #[test]
 fn functions_through_the_rest_api() {
     let up = Up::start(2, &[]);
-    let control = up.info["env"]["SHOAL_CONTROL"]
-        .as_str()
-        .unwrap()
-        .to_string();
     let code = up.dir.path().join("echo-pkg");
     std::fs::create_dir_all(&code).unwrap();
-    let fn_cmd = |args: &[&str]| {
-        Command::new(SHOAL)
-            .arg("fn")
-            .args(args)
-            .env("SHOAL_CONTROL", &control)
-            .output()
-            .unwrap()
-    };
+    let fn_cmd = |args: &[&str]| up.shoal_fn(args, None);
     let deployed = String::from_utf8(ok(&fn_cmd(&[
         "deploy",
         "echo",
@@ -577,67 +557,86 @@ fn echo_example() -> std::path::PathBuf {
     p
 }
 
-#[test]
-fn deploy_place_start_invoke_and_recover() {
-    let up = Up::start(2, &[]);
-    let control = up.info["env"]["SHOAL_CONTROL"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let pkg = up.dir.path().join("echo-pkg");
-    std::fs::create_dir_all(&pkg).unwrap();
-    std::fs::copy(echo_example(), pkg.join("echo")).unwrap();
-    let shoal_fn = |args: &[&str], proxy: Option<&str>| {
+/// SIGKILL.
+fn kill(pid: i64) {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+}
+
+/// `shoal fn` commands against a cluster started by `up`.
+impl Up {
+    fn shoal_fn(&self, args: &[&str], proxy: Option<&str>) -> Output {
         let mut c = Command::new(SHOAL);
-        c.arg("fn").args(args).env("SHOAL_CONTROL", &control);
+        c.arg("fn").args(args).env(
+            "SHOAL_CONTROL",
+            self.info["env"]["SHOAL_CONTROL"].as_str().unwrap(),
+        );
         if let Some(p) = proxy {
             c.env("SHOAL_PROXY_SOCKET", p);
         }
         c.output().unwrap()
-    };
-    ok(&shoal_fn(
-        &[
-            "deploy",
-            "echo",
-            "--path",
-            pkg.to_str().unwrap(),
-            "--min",
-            "1",
-            "--",
-            "./echo",
-        ],
-        None,
-    ));
-    // Placed on a node, started by that node's agent, registered with that node's proxy.
-    let running = |deadline: Instant| loop {
-        let ls: serde_json::Value =
-            serde_json::from_slice(&ok(&shoal_fn(&["ls", "--json"], None))).unwrap();
-        let insts = ls["instances"]["instances"]
-            .as_array()
-            .or_else(|| ls["instances"].as_array())
-            .cloned()
-            .unwrap_or_default();
-        if let Some(i) = insts.iter().find(|i| i["state"] == "running") {
-            break i.clone();
+    }
+
+    /// Deploys the echo example with one instance.
+    fn deploy_echo(&self) {
+        let pkg = self.dir.path().join("echo-pkg");
+        std::fs::create_dir_all(&pkg).unwrap();
+        std::fs::copy(echo_example(), pkg.join("echo")).unwrap();
+        let path = pkg.to_str().unwrap();
+        let args = [
+            "deploy", "echo", "--path", path, "--min", "1", "--", "./echo",
+        ];
+        ok(&self.shoal_fn(&args, None));
+    }
+
+    /// Waits for a running instance (not on node `not_on`); its record.
+    fn running_instance(&self, deadline: Instant, not_on: Option<&str>) -> serde_json::Value {
+        loop {
+            let o = self.shoal_fn(&["ls", "--json"], None);
+            if o.status.success() {
+                let ls: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+                let insts = ls["instances"]["instances"]
+                    .as_array()
+                    .or_else(|| ls["instances"].as_array())
+                    .cloned()
+                    .unwrap_or_default();
+                if let Some(i) = insts
+                    .iter()
+                    .find(|i| i["state"] == "running" && i["node"].as_str() != not_on)
+                {
+                    return i.clone();
+                }
+            }
+            assert!(Instant::now() < deadline, "no running instance");
+            std::thread::sleep(Duration::from_millis(100));
         }
-        assert!(Instant::now() < deadline, "no running instance: {ls}");
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    let inst = running(Instant::now() + Duration::from_secs(20));
-    let node = inst["node"].as_str().unwrap();
-    let idx = (0..2).find(|i| up.info["nodes"][*i]["id"] == node).unwrap();
-    let proxy = up.info["nodes"][idx]["proxy_socket"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let invoke = || {
+    }
+
+    /// Index of node `id` in `up`'s answer.
+    fn node_index(&self, id: &str) -> usize {
+        (0..self.info["nodes"].as_array().unwrap().len())
+            .find(|i| self.info["nodes"][*i]["id"] == id)
+            .unwrap()
+    }
+
+    fn proxy(&self, node: usize) -> String {
+        self.info["nodes"][node]["proxy_socket"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    }
+
+    /// Calls echo through `proxy` until it answers (the instance may still be connecting).
+    fn invoke_echo(&self, proxy: &str, arg: &str) -> Vec<u8> {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            let o = shoal_fn(&["invoke", "echo", "hello"], Some(&proxy));
+            let o = self.shoal_fn(&["invoke", "echo", arg], Some(proxy));
             if o.status.success() {
                 return o.stdout;
             }
-            // The instance may still be connecting to its proxy.
             assert!(
                 Instant::now() < deadline,
                 "{}",
@@ -645,123 +644,50 @@ fn deploy_place_start_invoke_and_recover() {
             );
             std::thread::sleep(Duration::from_millis(100));
         }
-    };
-    assert_eq!(invoke(), b"hello");
+    }
+}
+
+#[test]
+fn deploy_place_start_invoke_and_recover() {
+    let up = Up::start(2, &[]);
+    up.deploy_echo();
+    // Placed on a node, started by that node's agent, registered with that node's proxy.
+    let inst = up.running_instance(Instant::now() + Duration::from_secs(20), None);
+    let proxy = up.proxy(up.node_index(inst["node"].as_str().unwrap()));
+    assert_eq!(up.invoke_echo(&proxy, "hello"), b"hello");
     // Kill the instance's process: the agent restarts it and calls work again.
-    let pid = inst["pid"].as_i64().unwrap() as i32;
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
-    assert_eq!(invoke(), b"hello");
-    ok(&shoal_fn(&["rm", "echo"], None));
+    kill(inst["pid"].as_i64().unwrap());
+    assert_eq!(up.invoke_echo(&proxy, "hello"), b"hello");
+    ok(&up.shoal_fn(&["rm", "echo"], None));
 }
 
 #[test]
 fn warm_calls_survive_control_and_lost_nodes_are_replaced() {
     let up = Up::start(2, &[]);
-    let control = up.info["env"]["SHOAL_CONTROL"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let pkg = up.dir.path().join("echo-pkg");
-    std::fs::create_dir_all(&pkg).unwrap();
-    std::fs::copy(echo_example(), pkg.join("echo")).unwrap();
-    let shoal_fn = |args: &[&str], proxy: Option<&str>| {
-        let mut c = Command::new(SHOAL);
-        c.arg("fn").args(args).env("SHOAL_CONTROL", &control);
-        if let Some(p) = proxy {
-            c.env("SHOAL_PROXY_SOCKET", p);
-        }
-        c.output().unwrap()
-    };
-    ok(&shoal_fn(
-        &[
-            "deploy",
-            "echo",
-            "--path",
-            pkg.to_str().unwrap(),
-            "--min",
-            "1",
-            "--",
-            "./echo",
-        ],
-        None,
-    ));
-    let running_on = |deadline: Instant, not: Option<&str>| loop {
-        let o = shoal_fn(&["ls", "--json"], None);
-        if o.status.success() {
-            let ls: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-            let insts = ls["instances"]["instances"]
-                .as_array()
-                .or_else(|| ls["instances"].as_array())
-                .cloned()
-                .unwrap_or_default();
-            if let Some(i) = insts
-                .iter()
-                .find(|i| i["state"] == "running" && Some(i["node"].as_str().unwrap()) != not)
-            {
-                break i["node"].as_str().unwrap().to_string();
-            }
-        }
-        assert!(Instant::now() < deadline, "no running instance");
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    let node = running_on(Instant::now() + Duration::from_secs(20), None);
-    let idx = (0..2).find(|i| up.info["nodes"][*i]["id"] == node).unwrap();
-    let proxy = up.info["nodes"][idx]["proxy_socket"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let invoke = |proxy: &str| {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let o = shoal_fn(&["invoke", "echo", "warm"], Some(proxy));
-            if o.status.success() {
-                return o.stdout;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{}",
-                String::from_utf8_lossy(&o.stderr)
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    };
-    assert_eq!(invoke(&proxy), b"warm");
+    up.deploy_echo();
+    let inst = up.running_instance(Instant::now() + Duration::from_secs(20), None);
+    let node = inst["node"].as_str().unwrap().to_string();
+    let idx = up.node_index(&node);
+    assert_eq!(up.invoke_echo(&up.proxy(idx), "warm"), b"warm");
 
     // The node's agent dies (with it, the node's ability to run instances): after its lease
     // and the placement grace, the instance is placed and started on the other node.
-    let agent_pid = up.info["nodes"][idx]["agent_pid"].as_i64().unwrap() as i32;
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(agent_pid),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
+    kill(up.info["nodes"][idx]["agent_pid"].as_i64().unwrap());
     let killed = Instant::now();
-    let other = running_on(killed + TTL + Duration::from_secs(10), Some(&node));
+    let other = up.running_instance(killed + TTL + Duration::from_secs(10), Some(&node));
+    let other = other["node"].as_str().unwrap();
     assert_ne!(other, node);
     assert!(
         killed.elapsed() <= TTL + Duration::from_secs(5),
         "replaced on {other} only after {:?}",
         killed.elapsed()
     );
-    let other_idx = 1 - idx;
-    let other_proxy = up.info["nodes"][other_idx]["proxy_socket"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    assert_eq!(invoke(&other_proxy), b"warm");
+    let other_proxy = up.proxy(up.node_index(other));
+    assert_eq!(up.invoke_echo(&other_proxy, "warm"), b"warm");
 
     // Control goes away: warm calls keep flowing (the call path never asks it).
-    let control_pid = up.info["control"]["pid"].as_i64().unwrap() as i32;
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(control_pid),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
+    kill(up.info["control"]["pid"].as_i64().unwrap());
     for _ in 0..5 {
-        assert_eq!(invoke(&other_proxy), b"warm");
+        assert_eq!(up.invoke_echo(&other_proxy, "warm"), b"warm");
     }
 }
