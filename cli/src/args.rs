@@ -301,30 +301,13 @@ pub(crate) struct DataworkerArgs {
 /// How a dataworker joins a cluster (it runs standalone without `--meta` or `--etcd`).
 #[derive(Debug, Args, Clone)]
 pub(crate) struct ClusterArgs {
-    /// Join the cluster whose control serves metadata at this address (host:port).
-    #[arg(long, env = "SHOAL_META")]
-    pub(crate) meta: Option<String>,
-    /// Join the cluster whose metadata lives in etcd (comma-separated client URLs).
-    #[arg(long, env = "SHOAL_ETCD", value_delimiter = ',')]
-    pub(crate) etcd: Vec<String>,
-    /// Key prefix in etcd (clusters sharing an etcd use different prefixes).
-    #[arg(long, env = "SHOAL_ETCD_PREFIX", default_value = "/shoal/")]
-    pub(crate) etcd_prefix: String,
+    #[command(flatten)]
+    pub(crate) store: MetaArgs,
     /// UDP address for QUIC from other dataworkers (port 0 picks one).
     #[arg(long, env = "SHOAL_PEER_ADDR", default_value = "127.0.0.1:0")]
     pub(crate) peer_addr: SocketAddr,
-    /// Directory with ca.pem, NODE_ID.pem and NODE_ID.key (see `shoal ca init`).
-    #[arg(long, env = "SHOAL_TLS_DIR")]
-    pub(crate) tls_dir: Option<PathBuf>,
-    /// Cluster CA certificate (PEM) [default: TLS_DIR/ca.pem].
-    #[arg(long, env = "SHOAL_CA_CERT")]
-    pub(crate) ca_cert: Option<PathBuf>,
-    /// This node's certificate (PEM) [default: TLS_DIR/NODE_ID.pem].
-    #[arg(long, env = "SHOAL_NODE_CERT")]
-    pub(crate) node_cert: Option<PathBuf>,
-    /// This node's private key (PEM) [default: TLS_DIR/NODE_ID.key].
-    #[arg(long, env = "SHOAL_NODE_KEY")]
-    pub(crate) node_key: Option<PathBuf>,
+    #[command(flatten)]
+    pub(crate) tls: TlsArgs,
     /// Membership lease TTL: a node that stops renewing leaves the ring after this.
     #[arg(long, env = "SHOAL_LEASE_TTL", default_value = "10s", value_parser = parse_duration)]
     pub(crate) lease_ttl: Duration,
@@ -361,6 +344,18 @@ pub(crate) struct ProxyArgs {
     /// Calls waiting per function before new ones get `Overloaded`.
     #[arg(long, env = "SHOAL_PROXY_MAX_QUEUE", default_value_t = 1024)]
     pub(crate) max_queue: usize,
+    /// With a metadata store (`--meta` or `--etcd`), the proxy joins the cluster: it forwards
+    /// calls to other nodes' proxies and takes theirs, over TLS with the cluster CA.
+    #[command(flatten)]
+    pub(crate) store: MetaArgs,
+    #[command(flatten)]
+    pub(crate) tls: TlsArgs,
+    /// TCP address for calls from other proxies (port 0 picks one).
+    #[arg(long, env = "SHOAL_PROXY_PEER_ADDR", default_value = "127.0.0.1:0")]
+    pub(crate) peer_listen: SocketAddr,
+    /// TTL of the lease the proxy's record lives under.
+    #[arg(long, env = "SHOAL_LEASE_TTL", default_value = "10s", value_parser = parse_duration)]
+    pub(crate) lease_ttl: Duration,
     #[command(flatten)]
     pub(crate) child: ChildArgs,
 }
@@ -374,15 +369,8 @@ pub(crate) struct AgentArgs {
     /// also keeps `agent/work` and `agent/logs` [default: as the dataworker's].
     #[arg(long, env = "SHOAL_SOCKET_DIR")]
     pub(crate) socket_dir: Option<PathBuf>,
-    /// Control's metadata API (host:port).
-    #[arg(long, env = "SHOAL_META")]
-    pub(crate) meta: Option<String>,
-    /// etcd client URLs instead (comma-separated).
-    #[arg(long, env = "SHOAL_ETCD", value_delimiter = ',')]
-    pub(crate) etcd: Vec<String>,
-    /// Key prefix in etcd.
-    #[arg(long, env = "SHOAL_ETCD_PREFIX", default_value = "/shoal/")]
-    pub(crate) etcd_prefix: String,
+    #[command(flatten)]
+    pub(crate) store: MetaArgs,
     /// TTL of the agent's lease.
     #[arg(long, env = "SHOAL_LEASE_TTL", default_value = "10s", value_parser = parse_duration)]
     pub(crate) lease_ttl: Duration,
@@ -498,12 +486,59 @@ impl ConnArgs {
     }
 }
 
-impl ClusterArgs {
-    /// Whether the node joins a cluster.
+/// Where the cluster's metadata lives.
+#[derive(Debug, Args, Clone)]
+pub(crate) struct MetaArgs {
+    /// Join the cluster whose control serves metadata at this address (host:port).
+    #[arg(long, env = "SHOAL_META")]
+    pub(crate) meta: Option<String>,
+    /// Join the cluster whose metadata lives in etcd (comma-separated client URLs).
+    #[arg(long, env = "SHOAL_ETCD", value_delimiter = ',')]
+    pub(crate) etcd: Vec<String>,
+    /// Key prefix in etcd (clusters sharing an etcd use different prefixes).
+    #[arg(long, env = "SHOAL_ETCD_PREFIX", default_value = "/shoal/")]
+    pub(crate) etcd_prefix: String,
+}
+
+impl MetaArgs {
+    /// Whether a metadata store is named.
     pub(crate) fn enabled(&self) -> bool {
         self.meta.is_some() || !self.etcd.is_empty()
     }
 
+    /// Connects to the named store.
+    pub(crate) async fn connect(
+        &self,
+    ) -> anyhow::Result<std::sync::Arc<dyn shoal_meta::MetaStore>> {
+        crate::cluster_cmds::meta_store(self.meta.as_deref(), &self.etcd, &self.etcd_prefix).await
+    }
+}
+
+/// A node's TLS material (the cluster CA, its certificate and key).
+#[derive(Debug, Args, Clone)]
+pub(crate) struct TlsArgs {
+    /// Directory with ca.pem, NODE_ID.pem and NODE_ID.key (see `shoal ca init`).
+    #[arg(long, env = "SHOAL_TLS_DIR")]
+    pub(crate) tls_dir: Option<PathBuf>,
+    /// Cluster CA certificate (PEM) [default: TLS_DIR/ca.pem].
+    #[arg(long, env = "SHOAL_CA_CERT")]
+    pub(crate) ca_cert: Option<PathBuf>,
+    /// This node's certificate (PEM) [default: TLS_DIR/NODE_ID.pem].
+    #[arg(long, env = "SHOAL_NODE_CERT")]
+    pub(crate) node_cert: Option<PathBuf>,
+    /// This node's private key (PEM) [default: TLS_DIR/NODE_ID.key].
+    #[arg(long, env = "SHOAL_NODE_KEY")]
+    pub(crate) node_key: Option<PathBuf>,
+}
+
+impl ClusterArgs {
+    /// Whether the node joins a cluster.
+    pub(crate) fn enabled(&self) -> bool {
+        self.store.enabled()
+    }
+}
+
+impl TlsArgs {
     /// The TLS files of `node`, from the explicit paths or the TLS directory.
     pub(crate) fn tls_files(&self, node: &str) -> anyhow::Result<shoal_transport::TlsFiles> {
         let from_dir = |name: String| self.tls_dir.as_ref().map(|d| d.join(name));

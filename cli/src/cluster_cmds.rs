@@ -140,16 +140,29 @@ pub(crate) fn proxy(a: ProxyArgs) -> anyhow::Result<ExitCode> {
         "tokio" => shoal_proxy::EngineKind::Tokio,
         _ => shoal_proxy::EngineKind::Auto,
     };
-    let p = shoal_proxy::Proxy::start(cfg).context("starting the proxy")?;
-    tracing::info!(node = %a.node_id, socket = %p.socket_path().display(), engine = ?p.engine(), "proxy ready");
+    // The metadata client's connection lives on this runtime, which runs until shutdown.
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     rt.block_on(async {
+        if a.store.enabled() {
+            let files = a.tls.tls_files(&a.node_id)?;
+            let tls = shoal_transport::NodeTls::load(&files)?;
+            cfg.peer = Some(shoal_proxy::PeerConfig {
+                listen: a.peer_listen,
+                advertise: None,
+                tls,
+                meta: a.store.connect().await?,
+                lease_ttl: a.lease_ttl,
+            });
+        }
+        let p = shoal_proxy::Proxy::start(cfg).context("starting the proxy")?;
+        tracing::info!(node = %a.node_id, socket = %p.socket_path().display(), engine = ?p.engine(), peer = ?p.peer_addr(), "proxy ready");
         let ready = serde_json::json!({
             "node": a.node_id,
             "socket": p.socket_path().display().to_string(),
             "engine": format!("{:?}", p.engine()),
+            "peer_addr": p.peer_addr().map(|a| a.to_string()),
             "pid": std::process::id(),
         });
         ready_then_wait(&a.child, ready, tokio_util::sync::CancellationToken::new()).await?;
@@ -172,7 +185,7 @@ pub(crate) fn agent(a: AgentArgs) -> anyhow::Result<ExitCode> {
         .build()
         .context("starting the async runtime")?;
     rt.block_on(async {
-        let meta = meta_store(a.meta.as_deref(), &a.etcd, &a.etcd_prefix).await?;
+        let meta = a.store.connect().await?;
         let cfg = shoal_agent::AgentConfig {
             node_id: a.node_id.clone(),
             work_dir: dir.join("agent").join("work"),
@@ -310,6 +323,7 @@ struct NodeUp {
     socket_dir: String,
     dataworker_socket: String,
     proxy_socket: String,
+    proxy_peer_addr: Option<String>,
     proxy_pid: u64,
     agent_pid: u64,
     peer_addr: Option<String>,
@@ -335,7 +349,7 @@ pub(crate) fn up_cluster(a: UpArgs) -> anyhow::Result<ExitCode> {
     let names: Vec<String> = (1..=a.nodes).map(|i| format!("node-{i}")).collect();
     let tls = base.join("tls");
     ensure_tls(&tls, &names)?;
-    let etcd = a.worker.cluster.etcd.join(",");
+    let etcd = a.worker.cluster.store.etcd.join(",");
     let mut control_args: Vec<String> = vec![
         "control".into(),
         "--listen".into(),
@@ -347,10 +361,27 @@ pub(crate) fn up_cluster(a: UpArgs) -> anyhow::Result<ExitCode> {
     ];
     if !etcd.is_empty() {
         control_args.extend(["--etcd".into(), etcd.clone()]);
-        control_args.extend(["--etcd-prefix".into(), a.worker.cluster.etcd_prefix.clone()]);
+        control_args.extend([
+            "--etcd-prefix".into(),
+            a.worker.cluster.store.etcd_prefix.clone(),
+        ]);
     }
     let mut control = Proc::spawn("control", &control_args)?;
     let meta = control.ready["meta"].as_str().map(str::to_string);
+    // How every node component reaches the metadata store.
+    let store_args: Vec<String> = if etcd.is_empty() {
+        let m = meta
+            .clone()
+            .context("control did not report its metadata API")?;
+        vec!["--meta".into(), m]
+    } else {
+        vec![
+            "--etcd".into(),
+            etcd.clone(),
+            "--etcd-prefix".into(),
+            a.worker.cluster.store.etcd_prefix.clone(),
+        ]
+    };
     let mut nodes = Vec::new();
     let mut proxies = Vec::new();
     let mut agents = Vec::new();
@@ -374,23 +405,20 @@ pub(crate) fn up_cluster(a: UpArgs) -> anyhow::Result<ExitCode> {
         if let Some(d) = &a.worker.spill_dir {
             args.extend(["--spill-dir".into(), d.join(n).display().to_string()]);
         }
-        if etcd.is_empty() {
-            let m = meta
-                .clone()
-                .context("control did not report its metadata API")?;
-            args.extend(["--meta".into(), m]);
-        } else {
-            args.extend(["--etcd".into(), etcd.clone()]);
-            args.extend(["--etcd-prefix".into(), a.worker.cluster.etcd_prefix.clone()]);
-        }
+        args.extend(store_args.iter().cloned());
         nodes.push(Proc::spawn(n, &args)?);
-        let proxy_args: Vec<String> = vec![
+        let mut proxy_args: Vec<String> = vec![
             "proxy".into(),
             "--node-id".into(),
             n.clone(),
             "--socket-dir".into(),
             base.join(n).display().to_string(),
+            "--tls-dir".into(),
+            tls.display().to_string(),
+            "--lease-ttl".into(),
+            humantime::format_duration(a.worker.cluster.lease_ttl).to_string(),
         ];
+        proxy_args.extend(store_args.iter().cloned());
         proxies.push(Proc::spawn(&format!("{n} proxy"), &proxy_args)?);
         let mut agent_args: Vec<String> = vec![
             "agent".into(),
@@ -401,15 +429,7 @@ pub(crate) fn up_cluster(a: UpArgs) -> anyhow::Result<ExitCode> {
             "--lease-ttl".into(),
             humantime::format_duration(a.worker.cluster.lease_ttl).to_string(),
         ];
-        if etcd.is_empty() {
-            let m = meta
-                .clone()
-                .context("control did not report its metadata API")?;
-            agent_args.extend(["--meta".into(), m]);
-        } else {
-            agent_args.extend(["--etcd".into(), etcd.clone()]);
-            agent_args.extend(["--etcd-prefix".into(), a.worker.cluster.etcd_prefix.clone()]);
-        }
+        agent_args.extend(store_args.iter().cloned());
         agents.push(Proc::spawn(&format!("{n} agent"), &agent_args)?);
     }
     let node_info: Vec<NodeUp> = nodes
@@ -424,6 +444,7 @@ pub(crate) fn up_cluster(a: UpArgs) -> anyhow::Result<ExitCode> {
                 socket_dir: base.join(&p.name).display().to_string(),
                 dataworker_socket: s("socket").unwrap_or_default(),
                 proxy_socket: px.ready["socket"].as_str().unwrap_or_default().to_string(),
+                proxy_peer_addr: px.ready["peer_addr"].as_str().map(str::to_string),
                 proxy_pid: px.ready["pid"].as_u64().unwrap_or(0),
                 agent_pid: ag.ready["pid"].as_u64().unwrap_or(0),
                 peer_addr: s("peer_addr"),

@@ -52,14 +52,9 @@ async fn start_worker(
 ) -> anyhow::Result<Dataworker> {
     let cfg = a.to_config()?;
     let parts = if a.cluster.enabled() {
-        let files = a.cluster.tls_files(&a.node_id)?;
+        let files = a.cluster.tls.tls_files(&a.node_id)?;
         let tls = shoal_transport::NodeTls::load(&files)?;
-        let meta = crate::cluster_cmds::meta_store(
-            a.cluster.meta.as_deref(),
-            &a.cluster.etcd,
-            &a.cluster.etcd_prefix,
-        )
-        .await?;
+        let meta = a.cluster.store.connect().await?;
         Some(shoal_dataworker::ClusterParts { meta, tls })
     } else {
         None

@@ -691,3 +691,35 @@ fn warm_calls_survive_control_and_lost_nodes_are_replaced() {
         assert_eq!(up.invoke_echo(&other_proxy, "warm"), b"warm");
     }
 }
+
+#[test]
+fn calls_cross_nodes_and_a_killed_node_is_replaced() {
+    let up = Up::start(2, &[]);
+    up.deploy_echo();
+    let inst = up.running_instance(Instant::now() + Duration::from_secs(20), None);
+    let node = inst["node"].as_str().unwrap().to_string();
+    let idx = up.node_index(&node);
+    let other_idx = 1 - idx;
+    // Through the other node's proxy: forwarded over mTLS to the instance's node.
+    assert_eq!(up.invoke_echo(&up.proxy(other_idx), "hello"), b"hello");
+    assert_eq!(up.invoke_echo(&up.proxy(idx), "local"), b"local");
+
+    // The whole node dies at once (dataworker, proxy, agent and the instance).
+    let n = &up.info["nodes"][idx];
+    for pid in ["agent_pid", "proxy_pid", "pid"] {
+        kill(n[pid].as_i64().unwrap());
+    }
+    kill(inst["pid"].as_i64().unwrap());
+    let killed = Instant::now();
+    let replaced = up.running_instance(killed + TTL + Duration::from_secs(10), Some(&node));
+    assert!(
+        killed.elapsed() <= TTL + Duration::from_secs(5),
+        "replaced only after {:?}",
+        killed.elapsed()
+    );
+    assert_eq!(
+        replaced["node"].as_str().unwrap(),
+        up.info["nodes"][other_idx]["id"]
+    );
+    assert_eq!(up.invoke_echo(&up.proxy(other_idx), "again"), b"again");
+}

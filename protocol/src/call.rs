@@ -32,6 +32,12 @@ pub enum Role {
         /// Calls it handles at once.
         concurrency: u32,
     },
+    /// Another node's proxy forwarding calls (on the network listener only): its calls are
+    /// served by this node's instances and never forwarded again.
+    Peer {
+        /// The forwarding proxy's node id.
+        node_id: String,
+    },
 }
 
 /// A frame from a caller or an instance to the proxy.

@@ -109,7 +109,7 @@ pub(crate) fn start_tokio(
                             _ = stop2.cancelled() => break,
                             r = listener.accept() => match r {
                                 Ok((stream, _)) => {
-                                    tracker.spawn(tokio_conn(shared.clone(), stream));
+                                    tracker.spawn(serve_stream(shared.clone(), stream, Phase::Hello));
                                 }
                                 Err(e) => {
                                     tracing::warn!(error = %e, "accept failed");
@@ -128,14 +128,19 @@ pub(crate) fn start_tokio(
     Ok(EngineThread { stop, done, thread })
 }
 
-async fn tokio_conn(shared: Arc<Shared>, stream: tokio::net::UnixStream) {
+/// Serves one connection on a tokio stream (a Unix socket, or a peer proxy's TLS stream),
+/// starting in `first` phase.
+pub(crate) async fn serve_stream<S>(shared: Arc<Shared>, stream: S, first: Phase)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite,
+{
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let Conn {
         id,
         mut rx,
         admitted,
     } = shared.open_conn();
-    let (mut rd, mut wr) = stream.into_split();
+    let (mut rd, mut wr) = tokio::io::split(stream);
     let closed = CancellationToken::new();
     let writer = async {
         let mut out = Vec::new();
@@ -154,7 +159,7 @@ async fn tokio_conn(shared: Arc<Shared>, stream: tokio::net::UnixStream) {
             return;
         }
         let decoder = shared.decoder();
-        let mut phase = Phase::Hello;
+        let mut phase = first;
         let mut buf = BytesMut::with_capacity(READ_CHUNK);
         let r: Result<(), ConnError> = async {
             loop {

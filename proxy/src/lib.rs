@@ -12,19 +12,28 @@
 //!
 //! The routing decisions live in the sans-IO `router` module (instances, slots, queues,
 //! deadlines; `now` passed in); the engines (tokio or io_uring, each on its own thread)
-//! only move frames. Local calls only: calls never leave the node. Payloads are forwarded
-//! as they are; the proxy never reads dataworker objects. This crate reads no environment
-//! variables.
+//! only move frames. With a [`PeerConfig`], the proxy also listens for other proxies
+//! (TLS over TCP with the cluster's mutual TLS), publishes `proxies/<node>` in the metadata
+//! store, and keeps a table of remote routes from a watch on it: a call goes to a local
+//! instance first, then to the least-loaded remote node running the function, and crosses
+//! the network at most once. Payloads are forwarded as they are; the proxy never reads
+//! dataworker objects. This crate reads no environment variables.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 mod engine;
+mod peer;
 mod router;
+mod routes;
 mod shared;
 
+pub use routes::{ProxyRecord, PROXIES_PREFIX};
 use shared::Shared;
+use shoal_meta::MetaStore;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 /// Which IO engine serves the socket.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -56,6 +65,23 @@ pub struct ProxyConfig {
     pub max_frame: usize,
     /// IO engine (default [`EngineKind::Auto`]).
     pub engine: EngineKind,
+    /// Forwarding to and from other nodes' proxies (default none: local calls only).
+    pub peer: Option<PeerConfig>,
+}
+
+/// How a proxy reaches the rest of the cluster.
+#[derive(Debug, Clone)]
+pub struct PeerConfig {
+    /// Address of the listener for other proxies (port 0: any free port).
+    pub listen: SocketAddr,
+    /// Address published in `proxies/<node>` (default: the bound listener address).
+    pub advertise: Option<SocketAddr>,
+    /// This node's certificate and the cluster CA.
+    pub tls: shoal_transport::NodeTls,
+    /// The metadata store: routes are read from it, the proxy record written to it.
+    pub meta: Arc<dyn MetaStore>,
+    /// TTL of the lease `proxies/<node>` lives under.
+    pub lease_ttl: Duration,
 }
 
 impl ProxyConfig {
@@ -69,6 +95,7 @@ impl ProxyConfig {
             max_connections: 4096,
             max_frame: 1 << 20,
             engine: EngineKind::Auto,
+            peer: None,
         }
     }
 }
@@ -100,6 +127,17 @@ pub enum StartError {
     /// The engine thread could not be spawned.
     #[error("spawning the engine thread: {0}")]
     Thread(std::io::Error),
+    /// The node's TLS material is unusable.
+    #[error("TLS: {0}")]
+    Tls(String),
+    /// The peer listener could not be bound.
+    #[error("peer listener {addr}: {source}")]
+    Peer {
+        /// The address.
+        addr: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
 }
 
 /// A running proxy. Stop it with [`Proxy::shutdown`]; dropping it without that leaves the
@@ -109,6 +147,7 @@ pub struct Proxy {
     engine: EngineKind,
     socket_path: PathBuf,
     thread: engine::EngineThread,
+    peer: Option<peer::PeerThread>,
 }
 
 fn prepare_socket(path: &Path) -> Result<(), StartError> {
@@ -147,6 +186,7 @@ impl Proxy {
         prepare_socket(&cfg.socket_path)?;
         let path = cfg.socket_path.clone();
         let wanted = cfg.engine;
+        let peer_cfg = cfg.peer.clone();
         let shared = Arc::new(Shared::new(cfg));
         let bind = || {
             std::os::unix::net::UnixListener::bind(&path).map_err(|source| StartError::Socket {
@@ -155,25 +195,51 @@ impl Proxy {
             })
         };
         let (engine, thread) = match wanted {
-            EngineKind::Uring => (EngineKind::Uring, engine::start_uring(shared, bind()?)?),
-            EngineKind::Tokio => (EngineKind::Tokio, engine::start_tokio(shared, bind()?)?),
+            EngineKind::Uring => (
+                EngineKind::Uring,
+                engine::start_uring(shared.clone(), bind()?)?,
+            ),
+            EngineKind::Tokio => (
+                EngineKind::Tokio,
+                engine::start_tokio(shared.clone(), bind()?)?,
+            ),
             EngineKind::Auto => match engine::start_uring(shared.clone(), bind()?) {
                 Ok(t) => (EngineKind::Uring, t),
                 Err(StartError::Uring(e)) => {
                     tracing::warn!(error = %e, "io_uring unavailable; using the tokio engine");
                     // The failed attempt dropped its listener; bind afresh.
                     let _ = std::fs::remove_file(&path);
-                    (EngineKind::Tokio, engine::start_tokio(shared, bind()?)?)
+                    (
+                        EngineKind::Tokio,
+                        engine::start_tokio(shared.clone(), bind()?)?,
+                    )
                 }
                 Err(e) => return Err(e),
             },
         };
-        tracing::info!(socket = %path.display(), ?engine, "proxy started");
+        let peer = match peer_cfg {
+            Some(p) => match peer::start(shared, p) {
+                Ok(t) => Some(t),
+                Err(e) => {
+                    stop_engine(thread, &path);
+                    return Err(e);
+                }
+            },
+            None => None,
+        };
+        let peer_addr = peer.as_ref().map(|p| p.addr);
+        tracing::info!(socket = %path.display(), ?engine, ?peer_addr, "proxy started");
         Ok(Proxy {
             engine,
             socket_path: path,
             thread,
+            peer,
         })
+    }
+
+    /// The bound address of the listener for other proxies, if any.
+    pub fn peer_addr(&self) -> Option<SocketAddr> {
+        self.peer.as_ref().map(|p| p.addr)
     }
 
     /// The engine that actually runs (never `Auto`).
@@ -186,15 +252,33 @@ impl Proxy {
         &self.socket_path
     }
 
-    /// Stops accepting, fails calls in flight or queued with `Unavailable`, closes every
-    /// connection, waits for the engine thread, and removes the socket file.
+    /// Stops accepting, withdraws `proxies/<node>`, fails calls in flight or queued with
+    /// `Unavailable`, closes every connection, waits for the engine and peer threads, and
+    /// removes the socket file.
     pub async fn shutdown(self) {
+        if let Some(p) = &self.peer {
+            p.stop.cancel();
+        }
         let engine::EngineThread { stop, done, thread } = self.thread;
         stop.cancel();
         let _ = done.await;
         if thread.join().is_err() {
             tracing::error!("the proxy engine thread panicked");
         }
+        if let Some(p) = self.peer {
+            // Peer connections ended with the engine's shutdown (their queues were dropped).
+            let joined = tokio::task::spawn_blocking(move || p.thread.join()).await;
+            if !matches!(joined, Ok(Ok(()))) {
+                tracing::error!("the proxy peer thread panicked");
+            }
+        }
         let _ = std::fs::remove_file(&self.socket_path);
     }
+}
+
+/// Stops an engine that started, from synchronous code (a later start step failed).
+fn stop_engine(t: engine::EngineThread, path: &Path) {
+    t.stop.cancel();
+    let _ = t.thread.join();
+    let _ = std::fs::remove_file(path);
 }

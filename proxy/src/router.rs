@@ -8,9 +8,16 @@
 //!   answered with `Overloaded` at once.
 //!
 //! A call goes to the instance it names, or else to the least-loaded instance of its function
-//! with a free slot; if there is none it waits in its function's FIFO queue until a slot frees,
-//! an instance registers, or its deadline passes. Calls in flight on an instance that goes
-//! away fail with `InstanceFailed`; queued calls stay queued (the only retry).
+//! with a free slot, local instances first: a *remote route* (another node's proxy, standing
+//! for that node's instances of the function, with their summed concurrency) is used only
+//! when no local instance has a free slot. If there is none it waits in its function's FIFO
+//! queue until a slot frees, an instance registers, or its deadline passes. Calls that came
+//! from another proxy are `local_only`: they never go to a remote route, so a call crosses
+//! the network at most once. Calls in flight on an instance that goes away fail with
+//! `InstanceFailed`; queued calls stay queued. A call that a remote route gives back
+//! unstarted ([`Router::bounce`]: its proxy had no free instance, or could not be reached)
+//! goes to another instance with a free slot that it has not tried, or fails with the
+//! route's error; these are the only retries, as no instance has seen the call.
 use shoal_protocol::{ErrorCode, Payload, WireError};
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
@@ -35,6 +42,8 @@ pub(crate) enum Action {
         args: Payload,
         timeout_ms: u64,
         trace_id: u64,
+        /// The instance the caller named, if any (a remote route passes it on).
+        target: Option<String>,
     },
 }
 
@@ -47,6 +56,8 @@ pub(crate) struct CallRequest {
     pub(crate) args: Payload,
     pub(crate) timeout: Duration,
     pub(crate) trace_id: u64,
+    /// Served by local instances only (the call came from another proxy).
+    pub(crate) local_only: bool,
 }
 
 #[derive(Debug)]
@@ -56,6 +67,38 @@ struct Instance {
     concurrency: usize,
     /// Invoke ids running here.
     running: HashSet<u64>,
+    /// Set for a remote route (another node's proxy).
+    remote: Option<RemoteRoute>,
+}
+
+#[derive(Debug)]
+struct RemoteRoute {
+    /// Instance ids of the function on that node (a call naming one of them goes there).
+    instance_ids: BTreeSet<String>,
+    /// Takes no new calls; removed when its last call ends.
+    retired: bool,
+}
+
+impl Instance {
+    /// Whether a call naming instance `want` (or any, with `None`) may run here.
+    fn serves(&self, want: Option<&str>) -> bool {
+        match want {
+            None => true,
+            Some(w) => {
+                self.instance_id == w
+                    || self
+                        .remote
+                        .as_ref()
+                        .is_some_and(|r| r.instance_ids.contains(w))
+            }
+        }
+    }
+
+    fn may_take(&self, call: &Call, conn: ConnId) -> bool {
+        self.serves(call.instance.as_deref())
+            && !(call.local_only && self.remote.is_some())
+            && !call.tried.contains(&conn)
+    }
 }
 
 #[derive(Debug, Default)]
@@ -77,6 +120,9 @@ struct Call {
     deadline: Instant,
     /// The instance connection running it, if dispatched.
     running_on: Option<ConnId>,
+    local_only: bool,
+    /// Remote routes that gave the call back unstarted.
+    tried: Vec<ConnId>,
 }
 
 /// The router's state. See the module docs for its invariants.
@@ -152,6 +198,7 @@ impl Router {
                 instance_id: instance_id.to_owned(),
                 concurrency: concurrency as usize,
                 running: HashSet::new(),
+                remote: None,
             },
         );
         self.functions
@@ -162,6 +209,92 @@ impl Router {
         let mut out = Vec::new();
         self.fill(conn, now, &mut out);
         Ok(out)
+    }
+
+    /// Adds or updates the remote route `conn`: node `node`'s proxy, serving `function` with
+    /// `instance_ids` and `concurrency` calls at once in all. Queued calls it may take are
+    /// dispatched to it. A retired route is taken back into service.
+    pub(crate) fn set_remote(
+        &mut self,
+        conn: ConnId,
+        function: &str,
+        node: &str,
+        instance_ids: BTreeSet<String>,
+        concurrency: u32,
+        now: Instant,
+    ) -> Vec<Action> {
+        let mut out = Vec::new();
+        if self.closed {
+            return out;
+        }
+        match self.instances.get_mut(&conn) {
+            Some(inst) => {
+                inst.concurrency = concurrency.max(1) as usize;
+                let was_retired = inst.remote.as_ref().is_some_and(|r| r.retired);
+                inst.remote = Some(RemoteRoute {
+                    instance_ids,
+                    retired: false,
+                });
+                if was_retired {
+                    self.functions
+                        .entry(function.to_owned())
+                        .or_default()
+                        .instances
+                        .push(conn);
+                }
+            }
+            None => {
+                self.instances.insert(
+                    conn,
+                    Instance {
+                        function: function.to_owned(),
+                        instance_id: format!("@{node}"),
+                        concurrency: concurrency.max(1) as usize,
+                        running: HashSet::new(),
+                        remote: Some(RemoteRoute {
+                            instance_ids,
+                            retired: false,
+                        }),
+                    },
+                );
+                self.functions
+                    .entry(function.to_owned())
+                    .or_default()
+                    .instances
+                    .push(conn);
+            }
+        }
+        self.fill(conn, now, &mut out);
+        out
+    }
+
+    /// The remote route `conn` takes no new calls; its calls in flight still complete, and it
+    /// is forgotten when the last one ends.
+    pub(crate) fn retire(&mut self, conn: ConnId) {
+        let Some(inst) = self.instances.get_mut(&conn) else {
+            return;
+        };
+        let Some(remote) = inst.remote.as_mut() else {
+            return;
+        };
+        remote.retired = true;
+        let function = inst.function.clone();
+        if let Some(f) = self.functions.get_mut(&function) {
+            f.instances.retain(|c| *c != conn);
+        }
+        self.reap(conn);
+        self.gc_function(&function);
+    }
+
+    /// Forgets a retired route with nothing in flight.
+    fn reap(&mut self, conn: ConnId) {
+        let idle_retired = self
+            .instances
+            .get(&conn)
+            .is_some_and(|i| i.running.is_empty() && i.remote.as_ref().is_some_and(|r| r.retired));
+        if idle_retired {
+            self.instances.remove(&conn);
+        }
     }
 
     /// A caller's call arrives.
@@ -188,35 +321,22 @@ impl Router {
                 format!("no instance of function {}", req.function),
             ));
         }
-        let candidates: Vec<ConnId> = match &req.instance {
-            Some(want) => {
-                let found: Vec<ConnId> = f
-                    .instances
-                    .iter()
-                    .copied()
-                    .filter(|c| {
-                        self.instances
-                            .get(c)
-                            .is_some_and(|i| &i.instance_id == want)
-                    })
-                    .collect();
-                if found.is_empty() {
-                    return reply(err(
-                        ErrorCode::NotFound,
-                        format!("no instance {want} of function {}", req.function),
-                    ));
-                }
-                found
-            }
-            None => f.instances.clone(),
+        let usable = |c: &ConnId| {
+            self.instances.get(c).is_some_and(|i| {
+                i.serves(req.instance.as_deref()) && !(req.local_only && i.remote.is_some())
+            })
         };
-        // Least-loaded instance with a free slot (ties: first registered).
-        let target = candidates
-            .iter()
-            .filter_map(|c| self.instances.get(c).map(|i| (c, i)))
-            .filter(|(_, i)| i.running.len() < i.concurrency)
-            .min_by_key(|(_, i)| i.running.len())
-            .map(|(c, _)| *c);
+        let candidates: Vec<ConnId> = f.instances.iter().copied().filter(usable).collect();
+        if candidates.is_empty() {
+            return reply(err(
+                ErrorCode::NotFound,
+                match &req.instance {
+                    Some(want) => format!("no instance {want} of function {}", req.function),
+                    None => format!("no local instance of function {}", req.function),
+                },
+            ));
+        }
+        let target = self.pick(&candidates, &[]);
         // Only queue behind others when no slot is free; a queued call that could run now
         // would break FIFO only if the queue were non-empty while slots are free, which
         // `fill` never leaves behind.
@@ -240,6 +360,8 @@ impl Router {
                 trace_id: req.trace_id,
                 deadline,
                 running_on: None,
+                local_only: req.local_only,
+                tried: Vec::new(),
             },
         );
         self.deadlines.insert((deadline, invoke));
@@ -279,7 +401,78 @@ impl Router {
             });
         }
         self.fill(instance, now, &mut out);
+        self.reap(instance);
         out
+    }
+
+    /// Remote route `route` gives invoke `id` back unstarted (its proxy had no instance free,
+    /// or could not be reached): the call goes to another instance with a free slot that it
+    /// has not tried, or fails with `error`.
+    pub(crate) fn bounce(
+        &mut self,
+        route: ConnId,
+        id: u64,
+        error: WireError,
+        now: Instant,
+    ) -> Vec<Action> {
+        let mut out = Vec::new();
+        let running_here = self
+            .calls
+            .get(&id)
+            .is_some_and(|c| c.running_on == Some(route));
+        if !running_here {
+            return out;
+        }
+        if let Some(i) = self.instances.get_mut(&route) {
+            i.running.remove(&id);
+        }
+        let mut next = None;
+        if let Some(call) = self.calls.get_mut(&id) {
+            call.running_on = None;
+            call.tried.push(route);
+            let (want, local_only, tried) =
+                (call.instance.clone(), call.local_only, call.tried.clone());
+            if let Some(f) = self.functions.get(&call.function) {
+                let candidates: Vec<ConnId> = f
+                    .instances
+                    .iter()
+                    .copied()
+                    .filter(|c| {
+                        self.instances.get(c).is_some_and(|i| {
+                            i.serves(want.as_deref()) && !(local_only && i.remote.is_some())
+                        })
+                    })
+                    .collect();
+                next = self.pick(&candidates, &tried);
+            }
+        }
+        match next {
+            Some(conn) => self.dispatch(id, conn, now, &mut out),
+            None => {
+                if let Some(call) = self.remove_call(id) {
+                    out.push(Action::Reply {
+                        caller: call.caller,
+                        id: call.caller_id,
+                        result: Err(error),
+                    });
+                }
+            }
+        }
+        self.fill(route, now, &mut out);
+        self.reap(route);
+        out
+    }
+
+    /// The instance among `candidates` (not in `skip`) with a free slot: local before
+    /// remote, then fewest calls running, then first registered.
+    fn pick(&self, candidates: &[ConnId], skip: &[ConnId]) -> Option<ConnId> {
+        candidates
+            .iter()
+            .filter(|c| !skip.contains(c))
+            .filter_map(|c| self.instances.get(c).map(|i| (*c, i)))
+            .filter(|(_, i)| i.running.len() < i.concurrency)
+            .min_by_key(|(_, i)| (i.remote.is_some(), i.running.len()))
+            .map(|(c, _)| c)
     }
 
     /// Fails every call whose deadline is at or before `now` with `Timeout`.
@@ -309,6 +502,7 @@ impl Router {
         }
         for conn in freed {
             self.fill(conn, now, &mut out);
+            self.reap(conn);
         }
         out
     }
@@ -432,6 +626,7 @@ impl Router {
             args: call.args.clone(),
             timeout_ms: u64::try_from(left.as_millis()).unwrap_or(u64::MAX),
             trace_id: call.trace_id,
+            target: call.instance.clone(),
         });
     }
 
@@ -447,13 +642,13 @@ impl Router {
             let Some(f) = self.functions.get(&inst.function) else {
                 return;
             };
-            let pos = f.queue.iter().position(|id| {
-                self.calls.get(id).is_some_and(|c| {
-                    c.instance
-                        .as_ref()
-                        .is_none_or(|want| *want == inst.instance_id)
-                })
-            });
+            if inst.remote.as_ref().is_some_and(|r| r.retired) {
+                return;
+            }
+            let pos = f
+                .queue
+                .iter()
+                .position(|id| self.calls.get(id).is_some_and(|c| inst.may_take(c, conn)));
             let Some(pos) = pos else {
                 return;
             };
@@ -484,6 +679,7 @@ mod tests {
             args: Payload::Inline(vec![id as u8]),
             timeout: Duration::from_millis(timeout_ms),
             trace_id: 0,
+            local_only: false,
         }
     }
 
@@ -586,6 +782,82 @@ mod tests {
         assert_eq!(code(&out[0]), Some(ErrorCode::NotFound));
     }
 
+    fn ids(v: &[&str]) -> BTreeSet<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn local_first_then_remote_and_peers_stay_local() {
+        let now = Instant::now();
+        let mut r = Router::new(4);
+        r.register(10, "f", "a", 1, now).unwrap();
+        r.set_remote(20, "f", "n2", ids(&["b"]), 2, now);
+        let first = r.call(1, req(1, "f", None, 500), now);
+        assert!(matches!(first[0], Action::Invoke { instance: 10, .. }));
+        let second = r.call(1, req(2, "f", None, 500), now);
+        assert!(matches!(second[0], Action::Invoke { instance: 20, .. }));
+        // A call from another proxy waits for the local instance instead of going remote.
+        let mut peer = req(3, "f", None, 500);
+        peer.local_only = true;
+        assert!(r.call(2, peer, now).is_empty());
+        assert_eq!(r.queued("f"), 1);
+        // The remote route's free slot does not take it either.
+        let Action::Invoke { id, .. } = second[0] else {
+            unreachable!()
+        };
+        let out = r.result(20, id, Ok(Payload::Inline(vec![])), now);
+        assert_eq!(out.len(), 1, "only the reply: {out:?}");
+        // Only remote routes: a peer's call is NotFound, a caller's goes remote by name.
+        let mut r = Router::new(4);
+        r.set_remote(20, "f", "n2", ids(&["b"]), 2, now);
+        let mut peer = req(4, "f", None, 500);
+        peer.local_only = true;
+        assert_eq!(code(&r.call(2, peer, now)[0]), Some(ErrorCode::NotFound));
+        let named = r.call(1, req(5, "f", Some("b"), 500), now);
+        assert!(matches!(
+            &named[0],
+            Action::Invoke { instance: 20, target: Some(t), .. } if t == "b"
+        ));
+    }
+
+    #[test]
+    fn bounce_tries_another_route_once_then_fails() {
+        let now = Instant::now();
+        let mut r = Router::new(4);
+        r.set_remote(20, "f", "n2", ids(&["b"]), 1, now);
+        r.set_remote(21, "f", "n3", ids(&["c"]), 1, now);
+        let out = r.call(1, req(1, "f", None, 500), now);
+        let Action::Invoke { instance, id, .. } = out[0] else {
+            unreachable!()
+        };
+        let other = if instance == 20 { 21 } else { 20 };
+        let e = err(ErrorCode::NotFound, "gone");
+        let out = r.bounce(instance, id, e.clone(), now);
+        assert!(matches!(out[0], Action::Invoke { instance: i, .. } if i == other));
+        let out = r.bounce(other, id, e, now);
+        assert_eq!(code(&out[0]), Some(ErrorCode::NotFound));
+        assert!(r.calls.is_empty());
+    }
+
+    #[test]
+    fn retired_route_finishes_its_calls_and_takes_no_more() {
+        let now = Instant::now();
+        let mut r = Router::new(4);
+        r.set_remote(20, "f", "n2", ids(&["b"]), 2, now);
+        let out = r.call(1, req(1, "f", None, 500), now);
+        let Action::Invoke { id, .. } = out[0] else {
+            unreachable!()
+        };
+        r.retire(20);
+        assert_eq!(
+            code(&r.call(1, req(2, "f", None, 500), now)[0]),
+            Some(ErrorCode::NotFound)
+        );
+        let out = r.result(20, id, Ok(Payload::Inline(vec![7])), now);
+        assert!(matches!(&out[0], Action::Reply { result: Ok(_), .. }));
+        assert!(r.instances.is_empty(), "reaped once idle");
+    }
+
     #[derive(Debug, Clone)]
     enum Op {
         Register {
@@ -608,6 +880,17 @@ mod tests {
         Disconnect {
             conn: u8,
         },
+        Remote {
+            conn: u8,
+            function: u8,
+            conc: u8,
+        },
+        Retire {
+            conn: u8,
+        },
+        Bounce {
+            pick: u8,
+        },
     }
 
     fn op() -> impl Strategy<Value = Op> {
@@ -628,6 +911,13 @@ mod tests {
             any::<u8>().prop_map(|pick| Op::Answer { pick }),
             (0u8..60).prop_map(|ms| Op::Tick { ms }),
             (0u8..6).prop_map(|conn| Op::Disconnect { conn }),
+            (0u8..2, 0u8..2, 1u8..4).prop_map(|(conn, function, conc)| Op::Remote {
+                conn,
+                function,
+                conc
+            }),
+            (0u8..2).prop_map(|conn| Op::Retire { conn }),
+            any::<u8>().prop_map(|pick| Op::Bounce { pick }),
         ]
     }
 
@@ -695,6 +985,7 @@ mod tests {
                             args: Payload::Inline(vec![]),
                             timeout: Duration::from_millis(u64::from(timeout)),
                             trace_id: 0,
+                            local_only: false,
                         }, now);
                         apply(&r, out, &mut in_flight, &conc, &mut replies);
                     }
@@ -708,6 +999,32 @@ mod tests {
                         let (conn, id) = all[usize::from(pick) % all.len()];
                         in_flight.get_mut(&conn).unwrap().remove(&id);
                         let out = r.result(conn, id, Ok(Payload::Inline(vec![])), now);
+                        apply(&r, out, &mut in_flight, &conc, &mut replies);
+                    }
+                    Op::Remote { conn, function, conc: c } => {
+                        // Route conns are 200+n; a route keeps its function.
+                        let conn = 200 + ConnId::from(conn);
+                        let function = r.instances.get(&conn).map_or(format!("f{function}"), |i| i.function.clone());
+                        let out = r.set_remote(conn, &function, "n", BTreeSet::new(), u32::from(c), now);
+                        // Lowering a route's concurrency below its calls in flight is allowed
+                        // (its instances went away); it only stops new dispatches.
+                        conc.insert(conn, usize::from(c).max(r.running(conn)));
+                        in_flight.entry(conn).or_default();
+                        apply(&r, out, &mut in_flight, &conc, &mut replies);
+                    }
+                    Op::Retire { conn } => {
+                        r.retire(200 + ConnId::from(conn));
+                    }
+                    Op::Bounce { pick } => {
+                        let all: Vec<(ConnId, u64)> = {
+                            let mut v: Vec<_> = in_flight.iter().filter(|(c, _)| **c >= 200).flat_map(|(c, s)| s.iter().map(move |i| (*c, *i))).collect();
+                            v.sort_unstable();
+                            v
+                        };
+                        if all.is_empty() { continue; }
+                        let (conn, id) = all[usize::from(pick) % all.len()];
+                        in_flight.get_mut(&conn).unwrap().remove(&id);
+                        let out = r.bounce(conn, id, err(ErrorCode::Overloaded, "busy"), now);
                         apply(&r, out, &mut in_flight, &conc, &mut replies);
                     }
                     Op::Tick { ms } => {

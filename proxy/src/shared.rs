@@ -4,7 +4,9 @@
 //! Lock order: `router` before `conns`. Actions are pushed onto connections' bounded queues
 //! with `try_send` while the router lock is held, so frames reach each connection in the
 //! order the router decided them (a `Welcome` always precedes the first `Invoke`). A
-//! connection whose queue is full is closed rather than waited for.
+//! connection whose queue is full is closed rather than waited for. A remote route's
+//! "connection" is the forwarder of the node it leads to ([`Outbox::Route`]); an invoke its
+//! queue cannot take is given back to the router unstarted.
 use crate::router::{Action, CallRequest, ConnId, Router};
 use crate::ProxyConfig;
 use bytes::BytesMut;
@@ -38,9 +40,37 @@ pub(crate) enum ConnError {
 /// Where a connection is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Phase {
+    /// A Unix socket connection, before its `Hello`.
     Hello,
+    /// A network connection from another proxy, before its `Hello` (only `Peer` is taken).
+    PeerHello,
     Caller,
+    /// Another proxy: a caller whose calls only local instances serve.
+    Peer,
     Instance,
+}
+
+/// Where the frames for one router connection go.
+#[derive(Debug, Clone)]
+pub(crate) enum Outbox {
+    /// A socket connection's outbound queue.
+    Socket(mpsc::Sender<ProxyFrame>),
+    /// A remote route: the forwarder of the node it leads to.
+    Route(mpsc::Sender<Forward>),
+}
+
+/// An invoke a forwarder carries to another node's proxy.
+#[derive(Debug)]
+pub(crate) struct Forward {
+    /// The remote route it was dispatched to.
+    pub(crate) route: ConnId,
+    /// Invoke id (unique in this proxy); the call id on the peer connection.
+    pub(crate) id: u64,
+    pub(crate) function: String,
+    pub(crate) target: Option<String>,
+    pub(crate) args: Payload,
+    pub(crate) timeout_ms: u64,
+    pub(crate) trace_id: u64,
 }
 
 /// One accepted connection's handle on the shared state.
@@ -57,7 +87,7 @@ pub(crate) struct Conn {
 pub(crate) struct Shared {
     pub(crate) cfg: ProxyConfig,
     router: Mutex<Router>,
-    conns: Mutex<HashMap<ConnId, mpsc::Sender<ProxyFrame>>>,
+    conns: Mutex<HashMap<ConnId, Outbox>>,
     next_conn: AtomicU64,
     active: AtomicUsize,
     timer: Notify,
@@ -67,9 +97,11 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-fn push(conns: &mut HashMap<ConnId, mpsc::Sender<ProxyFrame>>, conn: ConnId, frame: ProxyFrame) {
-    let Some(tx) = conns.get(&conn) else {
-        return; // gone; replies to it are dropped
+type Conns = HashMap<ConnId, Outbox>;
+
+fn push(conns: &mut Conns, conn: ConnId, frame: ProxyFrame) {
+    let Some(Outbox::Socket(tx)) = conns.get(&conn) else {
+        return; // gone (replies to it are dropped), or a route (never a caller)
     };
     if let Err(e) = tx.try_send(frame) {
         if matches!(e, mpsc::error::TrySendError::Full(_)) {
@@ -79,30 +111,58 @@ fn push(conns: &mut HashMap<ConnId, mpsc::Sender<ProxyFrame>>, conn: ConnId, fra
     }
 }
 
-fn apply(conns: &mut HashMap<ConnId, mpsc::Sender<ProxyFrame>>, actions: Vec<Action>) {
-    for a in actions {
-        match a {
-            Action::Reply { caller, id, result } => {
-                push(conns, caller, ProxyFrame::Reply { id, result });
-            }
-            Action::Invoke {
-                instance,
-                id,
-                function,
-                args,
-                timeout_ms,
-                trace_id,
-            } => push(
-                conns,
-                instance,
-                ProxyFrame::Invoke {
+/// Sends the router's actions, and gives back to it (as unstarted) every invoke a route's
+/// forwarder could not take, until nothing is left to send.
+fn apply(router: &mut Router, conns: &mut Conns, mut actions: Vec<Action>) {
+    while !actions.is_empty() {
+        let mut bounced = Vec::new();
+        for a in actions {
+            match a {
+                Action::Reply { caller, id, result } => {
+                    push(conns, caller, ProxyFrame::Reply { id, result });
+                }
+                Action::Invoke {
+                    instance,
                     id,
                     function,
                     args,
                     timeout_ms,
                     trace_id,
+                    target,
+                } => match conns.get(&instance) {
+                    Some(Outbox::Route(tx)) => {
+                        let fwd = Forward {
+                            route: instance,
+                            id,
+                            function,
+                            target,
+                            args,
+                            timeout_ms,
+                            trace_id,
+                        };
+                        if tx.try_send(fwd).is_err() {
+                            bounced.push((instance, id));
+                        }
+                    }
+                    _ => push(
+                        conns,
+                        instance,
+                        ProxyFrame::Invoke {
+                            id,
+                            function,
+                            args,
+                            timeout_ms,
+                            trace_id,
+                        },
+                    ),
                 },
-            ),
+            }
+        }
+        let now = Instant::now();
+        actions = Vec::new();
+        for (route, id) in bounced {
+            let e = WireError::new(ErrorCode::Overloaded, "the forwarder's queue is full");
+            actions.extend(router.bounce(route, id, e, now));
         }
     }
 }
@@ -146,7 +206,7 @@ impl Shared {
                 admitted: false,
             };
         }
-        lock(&self.conns).insert(id, tx);
+        lock(&self.conns).insert(id, Outbox::Socket(tx));
         Conn {
             id,
             rx,
@@ -163,7 +223,7 @@ impl Shared {
         let actions = router.disconnect(id);
         let mut conns = lock(&self.conns);
         conns.remove(&id);
-        apply(&mut conns, actions);
+        apply(&mut router, &mut conns, actions);
         self.active.fetch_sub(1, Ordering::AcqRel);
     }
 
@@ -183,7 +243,7 @@ impl Shared {
 
     fn refuse(&self, conn: ConnId, e: WireError) -> ConnError {
         let mut conns = lock(&self.conns);
-        if let Some(tx) = conns.get(&conn) {
+        if let Some(Outbox::Socket(tx)) = conns.get(&conn) {
             let _ = tx.try_send(ProxyFrame::Refused(e.clone()));
         }
         // Dropping the queue lets the writer flush the refusal and close.
@@ -198,7 +258,7 @@ impl Shared {
         frame: CallerFrame,
     ) -> Result<(), ConnError> {
         match (*phase, frame) {
-            (Phase::Hello, CallerFrame::Hello { version, role }) => {
+            (Phase::Hello | Phase::PeerHello, CallerFrame::Hello { version, role }) => {
                 if version != PROTOCOL_VERSION {
                     return Err(self.refuse(
                         conn,
@@ -213,6 +273,20 @@ impl Shared {
                     inline_limit: self.cfg.inline_limit,
                 };
                 match role {
+                    Role::Peer { node_id } => {
+                        push(&mut lock(&self.conns), conn, welcome);
+                        tracing::debug!(conn, peer = %node_id, "peer proxy connected");
+                        *phase = Phase::Peer;
+                    }
+                    _ if *phase == Phase::PeerHello => {
+                        return Err(self.refuse(
+                            conn,
+                            WireError::new(
+                                ErrorCode::PermissionDenied,
+                                "only proxies may connect to the peer listener",
+                            ),
+                        ));
+                    }
                     Role::Caller => {
                         push(&mut lock(&self.conns), conn, welcome);
                         *phase = Phase::Caller;
@@ -233,7 +307,7 @@ impl Shared {
                             Ok(actions) => {
                                 let mut conns = lock(&self.conns);
                                 push(&mut conns, conn, welcome);
-                                apply(&mut conns, actions);
+                                apply(&mut router, &mut conns, actions);
                                 tracing::debug!(conn, %function, %instance_id, concurrency, "instance registered");
                                 *phase = Phase::Instance;
                             }
@@ -246,12 +320,12 @@ impl Shared {
                 }
                 Ok(())
             }
-            (Phase::Hello, _) => Err(self.refuse(
+            (Phase::Hello | Phase::PeerHello, _) => Err(self.refuse(
                 conn,
                 WireError::new(ErrorCode::ProtocolError, "the first frame must be Hello"),
             )),
             (
-                Phase::Caller,
+                phase @ (Phase::Caller | Phase::Peer),
                 CallerFrame::Call {
                     id,
                     function,
@@ -286,10 +360,11 @@ impl Shared {
                     args,
                     timeout: Duration::from_millis(timeout_ms),
                     trace_id,
+                    local_only: phase == Phase::Peer,
                 };
                 let mut router = lock(&self.router);
                 let actions = router.call(conn, req, Instant::now());
-                apply(&mut lock(&self.conns), actions);
+                apply(&mut router, &mut lock(&self.conns), actions);
                 drop(router);
                 self.timer.notify_one();
                 Ok(())
@@ -297,7 +372,7 @@ impl Shared {
             (Phase::Instance, CallerFrame::Result { id, result }) => {
                 let mut router = lock(&self.router);
                 let actions = router.result(conn, id, result, Instant::now());
-                apply(&mut lock(&self.conns), actions);
+                apply(&mut router, &mut lock(&self.conns), actions);
                 Ok(())
             }
             (p, f) => Err(ConnError::Protocol(format!(
@@ -325,7 +400,7 @@ impl Shared {
                 _ = tokio::time::sleep_until(wait) => {
                     let mut router = lock(&self.router);
                     let actions = router.tick(Instant::now());
-                    apply(&mut lock(&self.conns), actions);
+                    apply(&mut router, &mut lock(&self.conns), actions);
                 }
             }
         }
@@ -337,7 +412,58 @@ impl Shared {
         let mut router = lock(&self.router);
         let actions = router.shutdown();
         let mut conns = lock(&self.conns);
-        apply(&mut conns, actions);
+        apply(&mut router, &mut conns, actions);
         conns.clear();
+    }
+
+    /// A fresh id for a remote route.
+    pub(crate) fn route_id(&self) -> ConnId {
+        self.next_conn.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Adds or updates remote route `route` (node `node`'s instances of `function`), whose
+    /// invokes go to `forwarder`.
+    pub(crate) fn set_route(
+        &self,
+        route: ConnId,
+        function: &str,
+        node: &str,
+        instance_ids: std::collections::BTreeSet<String>,
+        concurrency: u32,
+        forwarder: mpsc::Sender<Forward>,
+    ) {
+        let mut router = lock(&self.router);
+        let mut conns = lock(&self.conns);
+        conns.insert(route, Outbox::Route(forwarder));
+        let actions = router.set_remote(
+            route,
+            function,
+            node,
+            instance_ids,
+            concurrency,
+            Instant::now(),
+        );
+        apply(&mut router, &mut conns, actions);
+    }
+
+    /// Remote route `route` takes no new calls; those in flight still complete.
+    pub(crate) fn retire_route(&self, route: ConnId) {
+        let mut router = lock(&self.router);
+        router.retire(route);
+        lock(&self.conns).remove(&route);
+    }
+
+    /// The answer to a forwarded invoke.
+    pub(crate) fn route_result(&self, route: ConnId, id: u64, result: Result<Payload, WireError>) {
+        let mut router = lock(&self.router);
+        let actions = router.result(route, id, result, Instant::now());
+        apply(&mut router, &mut lock(&self.conns), actions);
+    }
+
+    /// A forwarded invoke that never reached an instance: try another, or fail with `error`.
+    pub(crate) fn route_bounce(&self, route: ConnId, id: u64, error: WireError) {
+        let mut router = lock(&self.router);
+        let actions = router.bounce(route, id, error, Instant::now());
+        apply(&mut router, &mut lock(&self.conns), actions);
     }
 }

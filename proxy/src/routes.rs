@@ -1,0 +1,363 @@
+//! The remote route table: which other nodes run instances of which functions, fed by a
+//! watch on the metadata store.
+//!
+//! [`RouteView`] is the sans-IO part: the `instances/`, `functions/` and `proxies/` records
+//! go in, the routes come out ([`RouteView::routes`]): one per (node, function) with a
+//! `running` instance on another node whose proxy is registered, carrying that proxy's
+//! address, the instance ids, and their summed concurrency.
+//!
+//! [`feed_loop`] reads the store, watches it from that revision, and hands every new table
+//! to [`RouteTable::apply`], which adds, updates and retires the router's remote routes and
+//! starts one forwarder per node. When the store is unreachable the last table stays in
+//! force, so warm calls keep flowing without control. [`register_loop`] holds this proxy's
+//! own `proxies/<node>` record under a lease.
+use crate::peer::{spawn_forwarder, Forwarders};
+use crate::shared::Shared;
+use serde::{Deserialize, Serialize};
+use shoal_control::{FunctionSpec, InstanceRecord, FUNCTIONS_PREFIX, INSTANCES_PREFIX};
+use shoal_meta::{LeaseId, MetaError, MetaStore, WatchEvent};
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// Where proxies publish their peer listener: `proxies/<node id>` holds a [`ProxyRecord`].
+pub const PROXIES_PREFIX: &str = "proxies/";
+/// Pause before reading the store again after it failed.
+const RETRY_PAUSE: Duration = Duration::from_millis(300);
+
+/// A proxy's entry in the metadata store (JSON).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProxyRecord {
+    /// Node id.
+    pub node_id: String,
+    /// Address of its peer listener (TLS over TCP, cluster mTLS).
+    pub peer_addr: SocketAddr,
+}
+
+/// One remote route as the metadata implies it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct RouteSpec {
+    pub(crate) addr: SocketAddr,
+    pub(crate) instance_ids: BTreeSet<String>,
+    pub(crate) concurrency: u32,
+}
+
+/// (node, function).
+pub(crate) type RouteKey = (String, String);
+
+/// The records routes are computed from.
+#[derive(Debug, Default)]
+pub(crate) struct RouteView {
+    instances: BTreeMap<String, InstanceRecord>,
+    functions: BTreeMap<String, FunctionSpec>,
+    proxies: BTreeMap<String, ProxyRecord>,
+}
+
+impl RouteView {
+    /// A view of `kvs` (any keys; those outside the three prefixes are ignored).
+    pub(crate) fn from_kvs(kvs: impl IntoIterator<Item = (String, Vec<u8>)>) -> Self {
+        let mut v = RouteView::default();
+        for (k, val) in kvs {
+            v.put(&k, &val);
+        }
+        v
+    }
+
+    /// A key was written. Undecodable values are treated as absent.
+    pub(crate) fn put(&mut self, key: &str, value: &[u8]) {
+        if key.starts_with(INSTANCES_PREFIX) {
+            match serde_json::from_slice(value) {
+                Ok(r) => self.instances.insert(key.to_owned(), r),
+                Err(_) => self.instances.remove(key),
+            };
+        } else if let Some(name) = key.strip_prefix(FUNCTIONS_PREFIX) {
+            match serde_json::from_slice(value) {
+                Ok(f) => self.functions.insert(name.to_owned(), f),
+                Err(_) => self.functions.remove(name),
+            };
+        } else if let Some(node) = key.strip_prefix(PROXIES_PREFIX) {
+            match serde_json::from_slice(value) {
+                Ok(p) => self.proxies.insert(node.to_owned(), p),
+                Err(_) => self.proxies.remove(node),
+            };
+        }
+    }
+
+    /// A key was deleted.
+    pub(crate) fn delete(&mut self, key: &str) {
+        if key.starts_with(INSTANCES_PREFIX) {
+            self.instances.remove(key);
+        } else if let Some(name) = key.strip_prefix(FUNCTIONS_PREFIX) {
+            self.functions.remove(name);
+        } else if let Some(node) = key.strip_prefix(PROXIES_PREFIX) {
+            self.proxies.remove(node);
+        }
+    }
+
+    /// The remote routes seen from node `me`.
+    pub(crate) fn routes(&self, me: &str) -> BTreeMap<RouteKey, RouteSpec> {
+        let mut out: BTreeMap<RouteKey, RouteSpec> = BTreeMap::new();
+        for inst in self.instances.values() {
+            if inst.node == me || inst.state != "running" {
+                continue;
+            }
+            let Some(proxy) = self.proxies.get(&inst.node) else {
+                continue;
+            };
+            let per = self
+                .functions
+                .get(&inst.function)
+                .map_or(1, |f| f.concurrency.max(1));
+            let r = out
+                .entry((inst.node.clone(), inst.function.clone()))
+                .or_insert_with(|| RouteSpec {
+                    addr: proxy.peer_addr,
+                    instance_ids: BTreeSet::new(),
+                    concurrency: 0,
+                });
+            r.instance_ids.insert(inst.id.clone());
+            r.concurrency = r.concurrency.saturating_add(per);
+        }
+        out
+    }
+}
+
+/// The routes in force in the router, and the forwarders they use.
+#[derive(Debug)]
+pub(crate) struct RouteTable {
+    shared: Arc<Shared>,
+    active: BTreeMap<RouteKey, (u64, RouteSpec)>,
+    forwarders: Forwarders,
+}
+
+impl RouteTable {
+    pub(crate) fn new(shared: Arc<Shared>, forwarders: Forwarders) -> Self {
+        Self {
+            shared,
+            active: BTreeMap::new(),
+            forwarders,
+        }
+    }
+
+    /// Makes `wanted` the routes in force: new and changed ones are set in the router,
+    /// vanished ones retired (their calls in flight still complete), and forwarders of nodes
+    /// no route leads to any more are let go.
+    pub(crate) fn apply(&mut self, wanted: BTreeMap<RouteKey, RouteSpec>) {
+        let gone: Vec<RouteKey> = self
+            .active
+            .keys()
+            .filter(|k| !wanted.contains_key(*k))
+            .cloned()
+            .collect();
+        for key in gone {
+            if let Some((route, _)) = self.active.remove(&key) {
+                tracing::info!(node = %key.0, function = %key.1, "remote route retired");
+                self.shared.retire_route(route);
+            }
+        }
+        for (key, spec) in wanted {
+            if self.active.get(&key).is_some_and(|(_, s)| *s == spec) {
+                continue;
+            }
+            let tx = match self.forwarders.get(&key.0, spec.addr) {
+                Some(tx) => tx,
+                None => spawn_forwarder(&self.shared, &mut self.forwarders, &key.0, spec.addr),
+            };
+            let route = match self.active.get(&key) {
+                Some((route, _)) => *route,
+                None => self.shared.route_id(),
+            };
+            tracing::info!(node = %key.0, function = %key.1, addr = %spec.addr, instances = spec.instance_ids.len(), concurrency = spec.concurrency, "remote route set");
+            self.shared.set_route(
+                route,
+                &key.1,
+                &key.0,
+                spec.instance_ids.clone(),
+                spec.concurrency,
+                tx,
+            );
+            self.active.insert(key, (route, spec));
+        }
+        let nodes: BTreeSet<&str> = self.active.keys().map(|(n, _)| n.as_str()).collect();
+        self.forwarders.retain(|node| nodes.contains(node));
+    }
+}
+
+/// Reads and watches the store until `stop`, keeping `table` in step with it.
+pub(crate) async fn feed_loop(
+    meta: Arc<dyn MetaStore>,
+    mut table: RouteTable,
+    me: String,
+    stop: CancellationToken,
+) {
+    'outer: loop {
+        let (kvs, rev) = match meta.range("").await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::debug!(error = %e, "reading routes failed; keeping the last table");
+                tokio::select! {
+                    _ = stop.cancelled() => break 'outer,
+                    _ = tokio::time::sleep(RETRY_PAUSE) => continue,
+                }
+            }
+        };
+        let mut view = RouteView::from_kvs(kvs.into_iter().map(|kv| (kv.key, kv.value)));
+        table.apply(view.routes(&me));
+        let mut stream = match meta.watch("", rev).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::debug!(error = %e, "watching routes failed; keeping the last table");
+                tokio::select! {
+                    _ = stop.cancelled() => break 'outer,
+                    _ = tokio::time::sleep(RETRY_PAUSE) => continue,
+                }
+            }
+        };
+        loop {
+            let ev = tokio::select! {
+                _ = stop.cancelled() => break 'outer,
+                ev = stream.recv() => ev,
+            };
+            let Some(ev) = ev else {
+                break; // the watch broke: read again
+            };
+            // Take every event already queued before recomputing.
+            let mut next = Some(ev);
+            while let Some(ev) = next {
+                match ev {
+                    WatchEvent::Put(kv) => view.put(&kv.key, &kv.value),
+                    WatchEvent::Delete { key, .. } => view.delete(&key),
+                }
+                next = stream.try_recv().ok();
+            }
+            table.apply(view.routes(&me));
+        }
+    }
+}
+
+/// Holds `proxies/<node>` under a lease of `ttl` until `stop` (then revokes it), granting
+/// a new lease and rewriting the record whenever the old one is lost or the store was down.
+pub(crate) async fn register_loop(
+    meta: Arc<dyn MetaStore>,
+    record: ProxyRecord,
+    ttl: Duration,
+    stop: CancellationToken,
+) {
+    let key = format!("{PROXIES_PREFIX}{}", record.node_id);
+    let value = match serde_json::to_vec(&record) {
+        Ok(v) => v,
+        Err(e) => {
+            tracing::error!(error = %e, "encoding the proxy record failed");
+            return;
+        }
+    };
+    let tick = (ttl / 3).max(Duration::from_millis(100));
+    let mut lease: Option<LeaseId> = None;
+    loop {
+        let r: Result<(), MetaError> = async {
+            match lease {
+                Some(l) => meta.keep_alive(l).await.map(|_| ()),
+                None => {
+                    let l = meta.grant(ttl).await?;
+                    meta.put(&key, value.clone(), Some(l)).await?;
+                    tracing::info!(node = %record.node_id, addr = %record.peer_addr, "proxy registered");
+                    lease = Some(l);
+                    Ok(())
+                }
+            }
+        }
+        .await;
+        match r {
+            Ok(()) => {}
+            Err(MetaError::LeaseNotFound(_)) => lease = None,
+            Err(e) => tracing::debug!(error = %e, "proxy registration failed; retrying"),
+        }
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = tokio::time::sleep(if lease.is_some() { tick } else { RETRY_PAUSE }) => {}
+        }
+    }
+    if let Some(l) = lease {
+        if let Err(e) = meta.revoke(l).await {
+            tracing::debug!(error = %e, "revoking the proxy lease failed");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn inst(id: &str, function: &str, node: &str, state: &str) -> (String, Vec<u8>) {
+        let r = InstanceRecord {
+            id: id.into(),
+            function: function.into(),
+            node: node.into(),
+            state: state.into(),
+            reason: None,
+            pid: None,
+            function_version: None,
+        };
+        (
+            format!("{INSTANCES_PREFIX}{function}/{id}"),
+            serde_json::to_vec(&r).unwrap(),
+        )
+    }
+
+    fn proxy(node: &str, port: u16) -> (String, Vec<u8>) {
+        let r = ProxyRecord {
+            node_id: node.into(),
+            peer_addr: SocketAddr::from(([127, 0, 0, 1], port)),
+        };
+        (
+            format!("{PROXIES_PREFIX}{node}"),
+            serde_json::to_vec(&r).unwrap(),
+        )
+    }
+
+    #[test]
+    fn routes_are_running_remote_instances_with_a_proxy() {
+        let view = RouteView::from_kvs([
+            inst("a", "echo", "n1", "running"),
+            inst("b", "echo", "n2", "running"),
+            inst("c", "echo", "n2", "running"),
+            inst("d", "echo", "n3", "running"), // no proxy on n3
+            inst("e", "echo", "n2", "starting"),
+            inst("f", "wc", "n2", "failed"),
+            proxy("n1", 1),
+            proxy("n2", 2),
+            ("nodes/n2".into(), b"ignored".to_vec()),
+        ]);
+        let r = view.routes("n1");
+        assert_eq!(r.len(), 1);
+        let spec = &r[&("n2".to_string(), "echo".to_string())];
+        assert_eq!(spec.addr.port(), 2);
+        assert_eq!(spec.concurrency, 2, "two instances, concurrency 1 each");
+        assert_eq!(
+            spec.instance_ids.iter().cloned().collect::<Vec<_>>(),
+            ["b", "c"]
+        );
+        // Seen from n2, its own instances are local; n1's instance is the route.
+        let r2 = view.routes("n2");
+        assert_eq!(
+            r2.keys().cloned().collect::<Vec<_>>(),
+            [("n1".to_string(), "echo".to_string())]
+        );
+    }
+
+    #[test]
+    fn deletes_and_garbage_remove_routes() {
+        let mut view = RouteView::from_kvs([inst("b", "echo", "n2", "running"), proxy("n2", 2)]);
+        assert_eq!(view.routes("n1").len(), 1);
+        view.delete(&format!("{PROXIES_PREFIX}n2"));
+        assert!(view.routes("n1").is_empty());
+        let (k, v) = proxy("n2", 3);
+        view.put(&k, &v);
+        assert_eq!(view.routes("n1").len(), 1);
+        view.put(&format!("{INSTANCES_PREFIX}echo/b"), b"not json");
+        assert!(view.routes("n1").is_empty());
+    }
+}
