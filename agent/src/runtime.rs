@@ -608,6 +608,7 @@ impl Runtime {
             "SHOAL_DATAWORKER_SOCKET".into(),
             self.cfg.dataworker_socket.display().to_string(),
         );
+        env.insert("SHOAL_CONCURRENCY".into(), spec.concurrency.to_string());
         let ispec = InstanceSpec {
             id: rec.id.clone(),
             function: rec.function.clone(),

@@ -117,6 +117,7 @@ async fn control_places_and_agent_runs() {
             election_ttl: Duration::from_secs(2),
             name: "test-control".into(),
             max_invoke_body: DEFAULT_MAX_INVOKE_BODY,
+            frontend: Default::default(),
         },
         store.clone(),
         None,

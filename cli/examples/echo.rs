@@ -1,31 +1,29 @@
 //! A function instance that echoes its argument.
 //!
-//! Usage: `echo [PROXY_SOCKET]`; the socket defaults to `$SHOAL_PROXY_SOCKET`, the instance id
-//! to `$SHOAL_INSTANCE_ID` (else `echo-<pid>`), the function name to `$SHOAL_FUNCTION` (else
-//! `echo`). Serves until the proxy closes the connection.
+//! Run by an agent, it reads everything from the environment the agent sets
+//! ([`shoal_sdk::InstanceEnv`]: proxy and dataworker sockets, function, instance id,
+//! concurrency). By hand: `echo [PROXY_SOCKET]` (else `$SHOAL_PROXY_SOCKET`). Arguments and
+//! results above the proxy's inline limit travel as objects when `$SHOAL_DATAWORKER_SOCKET`
+//! is set. Serves until the proxy closes the connection.
 use std::process::ExitCode;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let Some(socket) = std::env::args()
-        .nth(1)
-        .or_else(|| std::env::var("SHOAL_PROXY_SOCKET").ok())
-    else {
-        eprintln!("usage: echo PROXY_SOCKET (or set SHOAL_PROXY_SOCKET)");
-        return ExitCode::from(2);
+    if let Some(socket) = std::env::args().nth(1) {
+        std::env::set_var("SHOAL_PROXY_SOCKET", socket);
+    }
+    let env = match shoal_sdk::InstanceEnv::from_env("echo") {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("usage: echo PROXY_SOCKET (or set SHOAL_PROXY_SOCKET): {e}");
+            return ExitCode::from(2);
+        }
     };
-    let instance = std::env::var("SHOAL_INSTANCE_ID")
-        .unwrap_or_else(|_| format!("echo-{}", std::process::id()));
-    let function = std::env::var("SHOAL_FUNCTION").unwrap_or_else(|_| "echo".to_owned());
-    match shoal_sdk::serve(
-        &socket,
-        &function,
-        &instance,
-        16,
-        |args| async move { Ok(args) },
-    )
-    .await
-    {
+    let served = match env.register().await {
+        Ok(inst) => inst.run(|args| async move { Ok(args) }).await,
+        Err(e) => Err(e),
+    };
+    match served {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("echo: {e}");

@@ -189,10 +189,19 @@ pub(crate) enum FnOp {
         /// Function name.
         name: String,
         /// Argument: text, `@file`, or `-` for stdin (empty when omitted).
+        #[arg(conflicts_with = "object")]
         data: Option<String>,
-        /// The node's proxy socket.
+        /// Pass the object with this id (already in the store) as the argument; needs the
+        /// proxy.
+        #[arg(long, requires = "proxy")]
+        object: Option<String>,
+        /// The node's proxy socket (else the call goes through control's REST frontend).
         #[arg(long, env = "SHOAL_PROXY_SOCKET")]
         proxy: Option<PathBuf>,
+        /// The node's dataworker socket: arguments and results above the inline limit
+        /// travel as objects through it.
+        #[arg(long, env = "SHOAL_DATAWORKER_SOCKET")]
+        socket: Option<PathBuf>,
         /// Give up after this long.
         #[arg(long, default_value = "30s", value_parser = parse_duration)]
         timeout: Duration,
@@ -409,6 +418,13 @@ pub(crate) struct ControlArgs {
     /// This process's name in the leader record [default: control-PID].
     #[arg(long, env = "SHOAL_CONTROL_NAME")]
     pub(crate) name: Option<String>,
+    /// A node proxy's socket: `POST /v1/functions/NAME/invoke` calls go through it
+    /// (without one, invoke answers 503).
+    #[arg(long, env = "SHOAL_CONTROL_PROXY_SOCKET")]
+    pub(crate) proxy_socket: Option<PathBuf>,
+    /// That node's dataworker socket, for invoke bodies above the proxy's inline limit.
+    #[arg(long, env = "SHOAL_CONTROL_DATAWORKER_SOCKET")]
+    pub(crate) dataworker_socket: Option<PathBuf>,
     #[command(flatten)]
     pub(crate) child: ChildArgs,
 }

@@ -110,6 +110,10 @@ pub(crate) fn control(a: ControlArgs) -> anyhow::Result<ExitCode> {
             election_ttl: a.election_ttl,
             name,
             max_invoke_body: shoal_control::DEFAULT_MAX_INVOKE_BODY,
+            frontend: shoal_control::FrontendConfig {
+                proxy_socket: a.proxy_socket.clone(),
+                dataworker_socket: a.dataworker_socket.clone(),
+            },
         };
         let c = shoal_control::Control::start(cfg, meta, metrics).await?;
         let ready = serde_json::json!({
@@ -358,6 +362,17 @@ pub(crate) fn up_cluster(a: UpArgs) -> anyhow::Result<ExitCode> {
         "127.0.0.1:0".into(),
         "--data-dir".into(),
         base.join("control").display().to_string(),
+        // The REST frontend calls through the first node (connected on the first call).
+        "--proxy-socket".into(),
+        base.join(&names[0])
+            .join("proxy.sock")
+            .display()
+            .to_string(),
+        "--dataworker-socket".into(),
+        base.join(&names[0])
+            .join("dataworker.sock")
+            .display()
+            .to_string(),
     ];
     if !etcd.is_empty() {
         control_args.extend(["--etcd".into(), etcd.clone()]);

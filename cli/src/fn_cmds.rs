@@ -100,21 +100,39 @@ fn code_source(path: &str) -> anyhow::Result<CodeSource> {
     }
 }
 
-/// One call through the node's proxy.
+/// One call through the node's proxy (with the node's dataworker for large payloads, when
+/// its socket is given).
 fn invoke_via_proxy(
     proxy: &std::path::Path,
+    store: Option<&std::path::Path>,
     name: &str,
-    arg: &[u8],
+    arg: shoal_sdk::Payload,
     timeout: Duration,
 ) -> anyhow::Result<Vec<u8>> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     rt.block_on(async {
-        let c = shoal_sdk::CallClient::connect(proxy)
-            .await
-            .with_context(|| format!("cannot reach the proxy at {}", proxy.display()))?;
-        Ok(c.invoke(name, arg, timeout).await?)
+        let store = match store {
+            Some(s) => Some(
+                shoal_sdk::Client::connect(s)
+                    .await
+                    .with_context(|| format!("cannot reach the dataworker at {}", s.display()))?,
+            ),
+            None => None,
+        };
+        let c = match store {
+            Some(st) => shoal_sdk::CallClient::connect_with_store(proxy, st).await,
+            None => shoal_sdk::CallClient::connect(proxy).await,
+        }
+        .with_context(|| format!("cannot reach the proxy at {}", proxy.display()))?;
+        Ok(match arg {
+            shoal_sdk::Payload::Inline(a) => c.invoke(name, &a, timeout).await?,
+            object => c
+                .invoke_payload(name, None, object, timeout)
+                .await?
+                .into_vec(),
+        })
     })
 }
 
@@ -245,7 +263,9 @@ pub(crate) fn run(control: &str, op: FnOp) -> anyhow::Result<ExitCode> {
         FnOp::Invoke {
             name,
             data,
+            object,
             proxy,
+            socket,
             timeout,
         } => {
             let arg = match data.as_deref() {
@@ -261,7 +281,15 @@ pub(crate) fn run(control: &str, op: FnOp) -> anyhow::Result<ExitCode> {
                 },
             };
             let out = match proxy {
-                Some(p) => invoke_via_proxy(&p, &name, &arg, timeout)?,
+                Some(p) => {
+                    let arg = match object {
+                        Some(id) => shoal_sdk::Payload::Object(
+                            shoal_sdk::ObjectId::new(id).context("--object")?,
+                        ),
+                        None => shoal_sdk::Payload::Inline(arg),
+                    };
+                    invoke_via_proxy(&p, socket.as_deref(), &name, arg, timeout)?
+                }
                 None => {
                     let (s, body) = request_as(
                         control,

@@ -24,11 +24,13 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+mod frontend;
 mod http;
 mod placement;
 mod registry;
 mod router;
 
+pub use frontend::FrontendConfig;
 pub use placement::{
     instance_key, AgentRecord, AGENTS_PREFIX, FAILED_RETRY, MAX_WRITES_PER_PASS, NODE_LOST_GRACE,
     PLACEMENT_INTERVAL, STATE_SCHEDULED, STATE_STOPPING,
@@ -83,6 +85,8 @@ pub struct ControlConfig {
     pub name: String,
     /// Largest invoke request body, in bytes ([`DEFAULT_MAX_INVOKE_BODY`] unless configured).
     pub max_invoke_body: usize,
+    /// Where invoke requests go.
+    pub frontend: FrontendConfig,
 }
 
 /// Why control did not start.
@@ -126,6 +130,7 @@ pub(crate) struct View {
     pub(crate) meta: Arc<dyn MetaStore>,
     pub(crate) registry: Registry,
     pub(crate) max_invoke_body: usize,
+    pub(crate) frontend: frontend::Frontend,
 }
 
 impl View {
@@ -194,6 +199,7 @@ impl Control {
             meta: meta.clone(),
             registry: Registry::new(meta.clone()),
             max_invoke_body: cfg.max_invoke_body,
+            frontend: frontend::Frontend::new(cfg.frontend.clone()),
         });
         tasks.spawn(watch_nodes(view.clone(), shutdown.clone()));
         tasks.spawn(log_role(view.clone(), shutdown.clone()));

@@ -5,8 +5,8 @@
 //! - JSON in and out. Errors are `{"code": "<ErrorCode name>", "message": "..."}` with the
 //!   HTTP status derived from the code alone (`status_of`): `NotFound` 404,
 //!   `AlreadyExists` 409 (also a stale-version update, whose message starts with
-//!   "version conflict"), `InvalidArgument` 400, `TooLarge` 413, `Unavailable` 503,
-//!   anything else 500. The one exception: a known path with an unknown method is 405 with
+//!   "version conflict"), `InvalidArgument` 400, `TooLarge` 413, `Overloaded` 429,
+//!   `InstanceFailed` 502, `Unavailable` 503, `Timeout` 504, anything else 500. The one exception: a known path with an unknown method is 405 with
 //!   code `InvalidArgument` and an `Allow` header.
 //! - Request bodies are bounded: `MAX_JSON_BODY` (1 MiB) for JSON, the configured
 //!   `max_invoke_body` for invoke. A declared `Content-Length` over the limit is refused
@@ -25,6 +25,7 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::json;
 use shoal_meta::Role;
 use shoal_protocol::ErrorCode;
+use std::time::Duration;
 
 /// Largest JSON request body.
 pub(crate) const MAX_JSON_BODY: usize = 1 << 20;
@@ -180,6 +181,32 @@ impl From<RegistryError> for ApiError {
     }
 }
 
+/// Default deadline of a call through the REST frontend.
+pub(crate) const DEFAULT_INVOKE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest deadline a caller may ask for.
+pub(crate) const MAX_INVOKE_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// The call's deadline: `timeout_ms` from the query string, else the default.
+fn invoke_timeout(query: Option<&str>) -> Result<Duration, ApiError> {
+    let Some(v) = query
+        .unwrap_or("")
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("timeout_ms="))
+    else {
+        return Ok(DEFAULT_INVOKE_TIMEOUT);
+    };
+    v.parse::<u64>()
+        .ok()
+        .map(Duration::from_millis)
+        .filter(|d| !d.is_zero() && *d <= MAX_INVOKE_TIMEOUT)
+        .ok_or_else(|| {
+            ApiError::new(
+                ErrorCode::InvalidArgument,
+                format!("timeout_ms={v}: a number of milliseconds from 1 to 3600000"),
+            )
+        })
+}
+
 /// The HTTP status of an error code.
 pub(crate) fn status_of(code: ErrorCode) -> StatusCode {
     match code {
@@ -187,7 +214,10 @@ pub(crate) fn status_of(code: ErrorCode) -> StatusCode {
         ErrorCode::AlreadyExists => StatusCode::CONFLICT,
         ErrorCode::InvalidArgument | ErrorCode::InvalidId => StatusCode::BAD_REQUEST,
         ErrorCode::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+        ErrorCode::Overloaded => StatusCode::TOO_MANY_REQUESTS,
+        ErrorCode::InstanceFailed => StatusCode::BAD_GATEWAY,
         ErrorCode::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        ErrorCode::Timeout => StatusCode::GATEWAY_TIMEOUT,
         _ => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }
@@ -401,11 +431,12 @@ async fn dispatch(
         ),
         Op::Invoke => {
             reg.get_function(name).await?;
-            let _args = read_body(req, view.max_invoke_body).await?;
-            return Err(ApiError::new(
-                ErrorCode::Unavailable,
-                "no proxy is connected yet",
-            ));
+            let timeout = invoke_timeout(req.uri().query())?;
+            let args = read_body(req, view.max_invoke_body).await?;
+            match view.frontend.invoke(name, &args, timeout).await {
+                Ok(out) => reply(StatusCode::OK, "application/octet-stream", out),
+                Err(e) => return Err(ApiError::new(e.code, e.message)),
+            }
         }
         Op::ListPools => json_reply(StatusCode::OK, &json!({"pools": reg.list_pools().await?})),
         Op::CreatePool => {

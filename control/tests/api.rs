@@ -19,6 +19,7 @@ fn config(max_invoke_body: usize) -> ControlConfig {
         election_ttl: Duration::from_secs(2),
         name: "test-control".into(),
         max_invoke_body,
+        frontend: Default::default(),
     }
 }
 
@@ -371,7 +372,7 @@ async fn invoke_answers() {
     let msg = request(a, "POST", "/v1/functions/f/invoke", &[7u8; 1024])
         .await
         .error(503, "Unavailable");
-    assert_eq!(msg, "no proxy is connected yet");
+    assert!(msg.contains("no proxy"), "{msg}");
     request(a, "POST", "/v1/functions/f/invoke", &[7u8; 1025])
         .await
         .error(413, "TooLarge");

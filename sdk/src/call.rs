@@ -10,10 +10,15 @@
 //! # Ok(()) }
 //! ```
 //!
-//! Arguments and results travel inline only: arguments above the proxy's inline limit fail
-//! with `TooLarge` (putting them into the dataworker as objects is not done yet), and so do
-//! results above it.
-use crate::Error;
+//! Arguments and results up to the proxy's inline limit travel in the call itself; larger ones
+//! travel as objects in the dataworker, named by id, when the caller (or the instance) has a
+//! dataworker [`Client`] ([`CallClient::connect_with_store`], [`FunctionInstance::with_store`]).
+//! The side that creates such an object for a call deletes it once the call is answered (the
+//! caller its argument; the caller, after reading it, the instance's result). Without a
+//! client, payloads above the limit fail with `TooLarge`. A handler that takes [`Data`] sees an
+//! object argument as a zero-copy [`View`], on whichever node the object lives (another node's
+//! object is pulled once).
+use crate::{Client, Error, View};
 use bytes::BytesMut;
 use shoal_protocol::{
     encode_frame, CallerFrame, ErrorCode, FrameDecoder, Payload, ProxyFrame, Role, WireError,
@@ -98,6 +103,81 @@ async fn handshake(
     }
 }
 
+/// An argument or a result: bytes, or a zero-copy view of an object in the dataworker.
+#[derive(Debug)]
+pub enum Data {
+    /// Bytes that travelled inline.
+    Bytes(Vec<u8>),
+    /// An object's bytes, mapped from shared memory.
+    Object(View),
+}
+
+impl Data {
+    /// The bytes.
+    pub fn as_bytes(&self) -> &[u8] {
+        match self {
+            Data::Bytes(b) => b,
+            Data::Object(v) => v.as_bytes(),
+        }
+    }
+
+    /// The bytes, owned (copies an object's).
+    pub fn into_vec(self) -> Vec<u8> {
+        match self {
+            Data::Bytes(b) => b,
+            Data::Object(v) => v.as_bytes().to_vec(),
+        }
+    }
+}
+
+impl std::ops::Deref for Data {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        self.as_bytes()
+    }
+}
+
+/// Longest wait for a payload object to appear, past the call's own deadline.
+const OBJECT_WAIT: Duration = Duration::from_secs(10);
+
+fn too_large(what: &str, len: usize, limit: u64) -> Error {
+    Error::Remote(WireError::new(
+        ErrorCode::TooLarge,
+        format!(
+            "{what} of {len} bytes exceeds the inline limit of {limit}, and no dataworker \
+             client was given to pass it as an object"
+        ),
+    ))
+}
+
+/// Stores `bytes` as a fresh object; its id.
+async fn put_object(store: &Client, bytes: &[u8]) -> Result<shoal_protocol::ObjectId, Error> {
+    let id = Client::generate_id();
+    store.put(id.as_str(), bytes).await?;
+    Ok(id)
+}
+
+/// The view of object `id`, waiting up to `wait` for it; the object is deleted once viewed
+/// when `consume` (the view stays valid).
+async fn view_object(
+    store: Option<&Client>,
+    id: &shoal_protocol::ObjectId,
+    wait: Duration,
+    consume: bool,
+) -> Result<View, Error> {
+    let store = store.ok_or_else(|| {
+        Error::Remote(WireError::new(
+            ErrorCode::InvalidArgument,
+            format!("payload is object {id}, and no dataworker client was given to read it"),
+        ))
+    })?;
+    let view = store.get(id.as_str(), wait).await?;
+    if consume {
+        let _ = store.delete(id.as_str()).await;
+    }
+    Ok(view)
+}
+
 type Pending = HashMap<u64, oneshot::Sender<Result<Payload, WireError>>>;
 
 #[derive(Debug, Default)]
@@ -114,6 +194,7 @@ struct ClientInner {
     next_id: AtomicU64,
     node_id: String,
     inline_limit: u64,
+    store: Option<Client>,
     tasks: [JoinHandle<()>; 2],
 }
 
@@ -146,10 +227,24 @@ impl Drop for PendingGuard<'_> {
 }
 
 impl CallClient {
-    /// Connects to the proxy at `proxy_socket` as a caller.
+    /// Connects to the proxy at `proxy_socket` as a caller. Payloads above the proxy's
+    /// inline limit fail with `TooLarge`; see [`CallClient::connect_with_store`].
     pub async fn connect(proxy_socket: impl AsRef<Path>) -> Result<CallClient, Error> {
+        Self::open(proxy_socket.as_ref(), None).await
+    }
+
+    /// Connects to the proxy at `proxy_socket` as a caller that passes payloads above the
+    /// inline limit as objects through `store` (a client of the same node's dataworker).
+    pub async fn connect_with_store(
+        proxy_socket: impl AsRef<Path>,
+        store: Client,
+    ) -> Result<CallClient, Error> {
+        Self::open(proxy_socket.as_ref(), Some(store)).await
+    }
+
+    async fn open(proxy_socket: &Path, store: Option<Client>) -> Result<CallClient, Error> {
         let (stream, mut buf, node_id, inline_limit) =
-            handshake(proxy_socket.as_ref(), Role::Caller).await?;
+            handshake(proxy_socket, Role::Caller).await?;
         let (mut rd, mut wr) = stream.into_split();
         let (tx, mut rx) = mpsc::channel::<Vec<u8>>(OUTBOUND_FRAMES);
         let calls = Arc::new(Mutex::new(Calls::default()));
@@ -191,6 +286,7 @@ impl CallClient {
                 next_id: AtomicU64::new(1),
                 node_id,
                 inline_limit,
+                store,
                 tasks: [reader, writer],
             }),
         })
@@ -215,7 +311,7 @@ impl CallClient {
         args: &[u8],
         timeout: Duration,
     ) -> Result<Vec<u8>, Error> {
-        self.call(function, None, args, timeout).await
+        self.call_bytes(function, None, args, timeout).await
     }
 
     /// Like [`CallClient::invoke`], on one named instance.
@@ -226,10 +322,34 @@ impl CallClient {
         args: &[u8],
         timeout: Duration,
     ) -> Result<Vec<u8>, Error> {
-        self.call(function, Some(instance), args, timeout).await
+        self.call_bytes(function, Some(instance), args, timeout)
+            .await
     }
 
-    async fn call(
+    /// Calls `function` (or its `instance`) with `args` as given: inline bytes, or the id of
+    /// an object already in the store (left there). An object result comes back as a
+    /// zero-copy view, and the result object is deleted (the view stays valid).
+    pub async fn invoke_payload(
+        &self,
+        function: &str,
+        instance: Option<&str>,
+        args: Payload,
+        timeout: Duration,
+    ) -> Result<Data, Error> {
+        if let Payload::Inline(a) = &args {
+            if a.len() as u64 > self.inner.inline_limit {
+                return Err(too_large("argument", a.len(), self.inner.inline_limit));
+            }
+        }
+        match self.call(function, instance, args, timeout).await? {
+            Payload::Inline(v) => Ok(Data::Bytes(v)),
+            Payload::Object(id) => Ok(Data::Object(
+                view_object(self.inner.store.as_ref(), &id, OBJECT_WAIT, true).await?,
+            )),
+        }
+    }
+
+    async fn call_bytes(
         &self,
         function: &str,
         instance: Option<&str>,
@@ -237,16 +357,32 @@ impl CallClient {
         timeout: Duration,
     ) -> Result<Vec<u8>, Error> {
         let inner = &*self.inner;
-        if args.len() as u64 > inner.inline_limit {
-            return Err(Error::Remote(WireError::new(
-                ErrorCode::TooLarge,
-                format!(
-                    "argument of {} bytes exceeds the inline limit of {} (objects are not supported yet)",
-                    args.len(),
-                    inner.inline_limit
-                ),
-            )));
+        if args.len() as u64 <= inner.inline_limit {
+            let r = self
+                .invoke_payload(function, instance, Payload::Inline(args.to_vec()), timeout)
+                .await?;
+            return Ok(r.into_vec());
         }
+        let store = inner
+            .store
+            .as_ref()
+            .ok_or_else(|| too_large("argument", args.len(), inner.inline_limit))?;
+        let id = put_object(store, args).await?;
+        let r = self
+            .invoke_payload(function, instance, Payload::Object(id.clone()), timeout)
+            .await;
+        let _ = store.delete(id.as_str()).await;
+        Ok(r?.into_vec())
+    }
+
+    async fn call(
+        &self,
+        function: &str,
+        instance: Option<&str>,
+        args: Payload,
+        timeout: Duration,
+    ) -> Result<Payload, Error> {
+        let inner = &*self.inner;
         let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         {
@@ -264,7 +400,7 @@ impl CallClient {
             id,
             function: function.to_owned(),
             instance: instance.map(str::to_owned),
-            args: Payload::Inline(args.to_vec()),
+            args,
             timeout_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
             trace_id: id,
         })?;
@@ -281,12 +417,7 @@ impl CallClient {
                 "no reply from the proxy past the deadline",
             )),
         };
-        match result? {
-            Payload::Inline(v) => Ok(v),
-            Payload::Object(id) => Err(Error::protocol(format!(
-                "result is object {id}; object results are not supported yet"
-            ))),
-        }
+        Ok(result?)
     }
 }
 
@@ -298,6 +429,7 @@ pub struct FunctionInstance {
     buf: BytesMut,
     node_id: String,
     inline_limit: u64,
+    store: Option<Client>,
 }
 
 impl FunctionInstance {
@@ -323,7 +455,16 @@ impl FunctionInstance {
             buf,
             node_id,
             inline_limit,
+            store: None,
         })
+    }
+
+    /// Reads object arguments and stores results above the inline limit as objects through
+    /// `store` (a client of the same node's dataworker). Without it, object arguments fail
+    /// with `InvalidArgument` and large results with `TooLarge`.
+    pub fn with_store(mut self, store: Client) -> FunctionInstance {
+        self.store = Some(store);
+        self
     }
 
     /// The proxy's node id.
@@ -334,22 +475,39 @@ impl FunctionInstance {
     /// Serves calls with `handler` until the proxy closes the connection (then `Ok`).
     /// Each call runs as its own task; a handler's `Err(message)` or panic reaches the
     /// caller as an `Internal` error. Dropping the returned future disconnects the instance
-    /// and aborts its running handlers.
+    /// and aborts its running handlers. Object arguments are copied into the `Vec`; use
+    /// [`FunctionInstance::run_data`] to read them in place.
     pub async fn run<F, Fut>(self, handler: F) -> Result<(), Error>
     where
         F: Fn(Vec<u8>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<Vec<u8>, String>> + Send + 'static,
+    {
+        let handler = Arc::new(handler);
+        self.run_data(move |d: Data| {
+            let h = handler.clone();
+            async move { h(d.into_vec()).await }
+        })
+        .await
+    }
+
+    /// Like [`FunctionInstance::run`], with the argument as [`Data`]: an object argument is a
+    /// zero-copy view of the object.
+    pub async fn run_data<F, Fut>(self, handler: F) -> Result<(), Error>
+    where
+        F: Fn(Data) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<Vec<u8>, String>> + Send + 'static,
     {
         let FunctionInstance {
             stream,
             mut buf,
             inline_limit,
+            store,
             ..
         } = self;
         let (mut rd, mut wr) = stream.into_split();
         let dec = FrameDecoder::new(max_frame(inline_limit));
         let handler = Arc::new(handler);
-        let mut tasks: JoinSet<Result<Vec<u8>, String>> = JoinSet::new();
+        let mut tasks: JoinSet<Result<Payload, WireError>> = JoinSet::new();
         let mut ids: HashMap<tokio::task::Id, u64> = HashMap::new();
         loop {
             while let Some(frame) = dec
@@ -357,22 +515,57 @@ impl FunctionInstance {
                 .map_err(|e| Error::protocol(e.to_string()))?
             {
                 match frame {
-                    ProxyFrame::Invoke { id, args, .. } => {
+                    ProxyFrame::Invoke {
+                        id,
+                        args,
+                        timeout_ms,
+                        ..
+                    } => {
                         let h = handler.clone();
-                        match args {
-                            Payload::Inline(a) => {
-                                let t = tasks.spawn(async move { h(a).await });
-                                ids.insert(t.id(), id);
+                        let store = store.clone();
+                        let t = tasks.spawn(async move {
+                            let data = match args {
+                                Payload::Inline(a) => Data::Bytes(a),
+                                Payload::Object(o) => {
+                                    let wait = Duration::from_millis(timeout_ms).min(OBJECT_WAIT);
+                                    match view_object(store.as_ref(), &o, wait, false).await {
+                                        Ok(v) => Data::Object(v),
+                                        Err(Error::Remote(e)) => return Err(e),
+                                        Err(e) => {
+                                            return Err(WireError::new(
+                                                ErrorCode::Internal,
+                                                format!("reading argument object {o}: {e}"),
+                                            ))
+                                        }
+                                    }
+                                }
+                            };
+                            let out = h(data)
+                                .await
+                                .map_err(|msg| WireError::new(ErrorCode::Internal, msg))?;
+                            if out.len() as u64 <= inline_limit {
+                                return Ok(Payload::Inline(out));
                             }
-                            Payload::Object(o) => {
-                                let e = WireError::new(
-                                    ErrorCode::InvalidArgument,
-                                    format!("object argument {o} is not supported yet"),
-                                );
-                                let out = encode(&CallerFrame::Result { id, result: Err(e) })?;
-                                wr.write_all(&out).await?;
+                            let Some(store) = store else {
+                                return Err(WireError::new(
+                                    ErrorCode::TooLarge,
+                                    format!(
+                                        "result of {} bytes exceeds the inline limit of \
+                                         {inline_limit}, and the instance has no dataworker client",
+                                        out.len()
+                                    ),
+                                ));
+                            };
+                            match put_object(&store, &out).await {
+                                Ok(id) => Ok(Payload::Object(id)),
+                                Err(Error::Remote(e)) => Err(e),
+                                Err(e) => Err(WireError::new(
+                                    ErrorCode::Internal,
+                                    format!("storing the result object: {e}"),
+                                )),
                             }
-                        }
+                        });
+                        ids.insert(t.id(), id);
                     }
                     other => {
                         return Err(Error::protocol(format!(
@@ -388,19 +581,14 @@ impl FunctionInstance {
                     }
                 }
                 Some(done) = tasks.join_next_with_id() => {
-                    let (task, r) = match done {
+                    let (task, result) = match done {
                         Ok((task, r)) => (task, r),
-                        Err(e) => (e.id(), Err(format!("handler panicked: {e}"))),
+                        Err(e) => (
+                            e.id(),
+                            Err(WireError::new(ErrorCode::Internal, format!("handler panicked: {e}"))),
+                        ),
                     };
                     let Some(id) = ids.remove(&task) else { continue };
-                    let result = match r {
-                        Ok(v) if v.len() as u64 > inline_limit => Err(WireError::new(
-                            ErrorCode::TooLarge,
-                            format!("result of {} bytes exceeds the inline limit of {inline_limit}", v.len()),
-                        )),
-                        Ok(v) => Ok(Payload::Inline(v)),
-                        Err(msg) => Err(WireError::new(ErrorCode::Internal, msg)),
-                    };
                     let out = encode(&CallerFrame::Result { id, result })?;
                     wr.write_all(&out).await?;
                 }
@@ -426,4 +614,62 @@ where
         .await?
         .run(handler)
         .await
+}
+
+/// How an agent describes an instance to its process, through the environment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InstanceEnv {
+    /// `SHOAL_PROXY_SOCKET` (required).
+    pub proxy_socket: std::path::PathBuf,
+    /// `SHOAL_DATAWORKER_SOCKET`, if set.
+    pub dataworker_socket: Option<std::path::PathBuf>,
+    /// `SHOAL_FUNCTION` (else `default_function`).
+    pub function: String,
+    /// `SHOAL_INSTANCE_ID` (else `<function>-<pid>`).
+    pub instance_id: String,
+    /// `SHOAL_CONCURRENCY` (else 1).
+    pub concurrency: u32,
+}
+
+impl InstanceEnv {
+    /// Reads the environment; `InvalidArgument` when `SHOAL_PROXY_SOCKET` is missing or
+    /// `SHOAL_CONCURRENCY` is not a positive number.
+    pub fn from_env(default_function: &str) -> Result<InstanceEnv, Error> {
+        let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        let invalid = |m: String| Error::Remote(WireError::new(ErrorCode::InvalidArgument, m));
+        let proxy_socket = var("SHOAL_PROXY_SOCKET")
+            .ok_or_else(|| invalid("SHOAL_PROXY_SOCKET is not set".into()))?
+            .into();
+        let function = var("SHOAL_FUNCTION").unwrap_or_else(|| default_function.to_owned());
+        let concurrency =
+            match var("SHOAL_CONCURRENCY") {
+                None => 1,
+                Some(c) => c.parse::<u32>().ok().filter(|n| *n > 0).ok_or_else(|| {
+                    invalid(format!("SHOAL_CONCURRENCY={c}: not a positive number"))
+                })?,
+            };
+        Ok(InstanceEnv {
+            proxy_socket,
+            dataworker_socket: var("SHOAL_DATAWORKER_SOCKET").map(Into::into),
+            instance_id: var("SHOAL_INSTANCE_ID")
+                .unwrap_or_else(|| format!("{function}-{}", std::process::id())),
+            function,
+            concurrency,
+        })
+    }
+
+    /// Registers with the proxy, with a dataworker client when a socket is named.
+    pub async fn register(&self) -> Result<FunctionInstance, Error> {
+        let inst = FunctionInstance::register(
+            &self.proxy_socket,
+            &self.function,
+            &self.instance_id,
+            self.concurrency,
+        )
+        .await?;
+        Ok(match &self.dataworker_socket {
+            Some(s) => inst.with_store(Client::connect(s).await?),
+            None => inst,
+        })
+    }
 }

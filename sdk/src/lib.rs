@@ -23,8 +23,9 @@ mod conn;
 mod error;
 mod view;
 
-pub use call::{serve, CallClient, FunctionInstance};
+pub use call::{serve, CallClient, Data, FunctionInstance, InstanceEnv};
 pub use client::{Client, ConnectOptions, SetOptions, SOCKET_ENV};
 pub use error::Error;
+pub use shoal_protocol::Payload;
 pub use shoal_protocol::{ErrorCode, ListEntry, ObjectId, StatusInfo};
 pub use view::{ObjectBuilder, View};
