@@ -84,10 +84,14 @@ pub(crate) enum Command {
         #[command(subcommand)]
         op: KvOp,
     },
-    /// Show the node: arena use, objects, pins, clients.
+    /// Show the node (arena use, objects, pins, clients), the cluster's nodes, and the
+    /// function instances on each node (from control).
     Status {
         #[command(flatten)]
         conn: ConnArgs,
+        /// Control's HTTP API (host:port), for the instances.
+        #[arg(long, env = "SHOAL_CONTROL", default_value = "127.0.0.1:7701")]
+        control: String,
         /// Print JSON.
         #[arg(long)]
         json: bool,

@@ -99,11 +99,20 @@ async fn run_async(cmd: Command) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Kv { conn, op } => return kv(&conn, op).await,
-        Command::Status { conn, json } => {
+        Command::Status {
+            conn,
+            control,
+            json,
+        } => {
             let c = connect(&conn).await?;
             let s = c.status().await?;
+            let instances = crate::fn_cmds::all_instances(&control);
             if json {
-                println!("{}", serde_json::to_string_pretty(&s)?);
+                let mut v = serde_json::to_value(&s)?;
+                if let (Some(obj), Ok(insts)) = (v.as_object_mut(), &instances) {
+                    obj.insert("instances".into(), serde_json::json!(insts));
+                }
+                println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
                 let pct = 100.0 * s.used_bytes as f64 / s.arena_bytes.max(1) as f64;
                 println!("node       {}", s.node_id);
@@ -148,6 +157,11 @@ async fn run_async(cmd: Command) -> anyhow::Result<ExitCode> {
                         );
                     }
                 }
+                println!();
+                match &instances {
+                    Ok(insts) => print_instances(insts),
+                    Err(e) => println!("instances  unknown (control at {control}: {e:#})"),
+                }
             }
         }
         Command::Up(_)
@@ -163,6 +177,39 @@ async fn run_async(cmd: Command) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Function instances grouped by node.
+fn print_instances(insts: &[serde_json::Value]) {
+    let mut by_node: std::collections::BTreeMap<&str, Vec<&serde_json::Value>> =
+        std::collections::BTreeMap::new();
+    for i in insts {
+        by_node
+            .entry(i["node"].as_str().unwrap_or("-"))
+            .or_default()
+            .push(i);
+    }
+    if by_node.is_empty() {
+        println!("instances  none");
+        return;
+    }
+    println!(
+        "{:<12} {:<20} {:<28} {:<9} {:>8}  reason",
+        "node", "function", "instance", "state", "pid"
+    );
+    for (node, list) in by_node {
+        for i in list {
+            println!(
+                "{:<12} {:<20} {:<28} {:<9} {:>8}  {}",
+                node,
+                i["function"].as_str().unwrap_or("?"),
+                i["id"].as_str().unwrap_or("?"),
+                i["state"].as_str().unwrap_or("?"),
+                i["pid"].as_u64().map_or("-".into(), |p| p.to_string()),
+                i["reason"].as_str().unwrap_or("")
+            );
+        }
+    }
 }
 
 /// A node's `/health` JSON, or `None` when it does not answer within a second.

@@ -83,6 +83,17 @@ fn json(body: &[u8]) -> anyhow::Result<serde_json::Value> {
     serde_json::from_slice(body).context("control answered with malformed JSON")
 }
 
+/// Every instance record control knows, as JSON objects.
+pub(crate) fn all_instances(control: &str) -> anyhow::Result<Vec<serde_json::Value>> {
+    let (s, body) = request(control, "GET", "/v1/instances", None)?;
+    check(s, &body)?;
+    Ok(json(&body)?
+        .get("instances")
+        .and_then(|v| v.as_array())
+        .cloned()
+        .unwrap_or_default())
+}
+
 /// Where code comes from, from what the user typed.
 fn code_source(path: &str) -> anyhow::Result<CodeSource> {
     if let Some(id) = path.strip_prefix("shoal://") {

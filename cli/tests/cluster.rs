@@ -57,6 +57,10 @@ impl Up {
         let mut c = Command::new(SHOAL)
             .args(args)
             .env("SHOAL_DATAWORKER_SOCKET", self.socket(node))
+            .env(
+                "SHOAL_CONTROL",
+                self.info["control"]["http"].as_str().unwrap(),
+            )
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -679,6 +683,14 @@ fn deploy_place_start_invoke_and_recover() {
     let inst = up.running_instance(Instant::now() + Duration::from_secs(20), None);
     let proxy = up.proxy(up.node_index(inst["node"].as_str().unwrap()));
     assert_eq!(up.invoke_echo(&proxy, "hello"), b"hello");
+    // `shoal status` lists the instance under its node.
+    let status = String::from_utf8(ok(&up.shoal(0, &["status"], None))).unwrap();
+    let line = status
+        .lines()
+        .find(|l| l.contains(inst["id"].as_str().unwrap()))
+        .unwrap_or_else(|| panic!("instance missing from status:\n{status}"));
+    assert!(line.starts_with(inst["node"].as_str().unwrap()), "{line}");
+    assert!(line.contains("running"), "{line}");
     // Kill the instance's process: the agent restarts it and calls work again.
     kill(inst["pid"].as_i64().unwrap());
     assert_eq!(up.invoke_echo(&proxy, "hello"), b"hello");
