@@ -8,6 +8,16 @@
 //! suite on a free loopback port; the responder echoes on subject `echo`; each requester
 //! publishes with its own inbox as reply subject and waits for the answer. Both carry 1 KiB
 //! each way.
+//!
+//! Cross-node (`call_remote_1k`): two proxies in this process, each on its own threads and
+//! with its own node certificate under one cluster CA, sharing an in-memory metadata store;
+//! the instance registers with node b's proxy, callers call through node a's, so every call
+//! crosses TLS-over-TCP loopback from proxy to proxy and back.
+//!
+//! Large arguments (`call_arg_1m`): 1 MiB argument, 8-byte result, same node; the handler
+//! reads every byte. `shoal_inline`: the bytes travel in the call (the proxy's inline limit
+//! raised to 2 MiB for this). `shoal_object`: the argument is an object already in the node's
+//! dataworker and the call carries its id; the instance reads it through a zero-copy view.
 use crate::baseline::find_on_path;
 use crate::{run_threads, Metric, Record, Report, RunSpec, Target};
 use anyhow::Context;
@@ -52,6 +62,22 @@ pub fn run_calls(opts: &CallsOptions) -> anyhow::Result<()> {
             }
         }
     }
+    if wants("call_remote") {
+        for clients in [1usize, 16] {
+            report.push(remote_calls(&spec, clients)?);
+            if let Some(n) = &nats {
+                // The same baseline, beside the cross-node figure.
+                let mut r = nats_calls(&spec, n.addr, clients)?;
+                r.bench = "call_remote_1k".into();
+                report.push(r);
+            }
+        }
+    }
+    if wants("call_arg_1m") {
+        for object in [false, true] {
+            report.push(large_arg_calls(&spec, object)?);
+        }
+    }
     if wants("proxy_forward") {
         for (engine, system) in [
             (EngineKind::Uring, "shoal_uring"),
@@ -84,7 +110,192 @@ fn targets() -> Vec<Target> {
     vec![
         t(1, Metric::P50RatioAtMost, 0.5),
         t(16, Metric::ThroughputRatioAtLeast, 3.0),
+        Target {
+            bench: "call_remote_1k".into(),
+            size_bytes: SIZE as u64,
+            clients: 1,
+            baseline: "nats".into(),
+            metric: Metric::P50RatioAtMost,
+            want: 1.0,
+        },
     ]
+}
+
+/// Echo instance handler: the argument back.
+async fn echo(arg: Vec<u8>) -> Result<Vec<u8>, String> {
+    Ok(arg)
+}
+
+/// Calls `function` with `arg` from `clients` threads, each with its own `CallClient` on
+/// `proxy` (and a dataworker client on `store`, when given).
+fn call_threads(
+    spec: &RunSpec,
+    clients: usize,
+    proxy: &std::path::Path,
+    arg: shoal_sdk::Payload,
+    want_len: usize,
+) -> anyhow::Result<(crate::Latencies, f64)> {
+    run_threads(
+        spec,
+        clients,
+        |_| -> anyhow::Result<_> {
+            let crt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let c = crt.block_on(shoal_sdk::CallClient::connect(proxy))?;
+            Ok((crt, c))
+        },
+        |(crt, c)| {
+            let out =
+                crt.block_on(c.invoke_payload("echo", None, arg.clone(), Duration::from_secs(10)))?;
+            anyhow::ensure!(out.len() == want_len, "reply of {} bytes", out.len());
+            Ok(())
+        },
+    )
+}
+
+/// Cross-node warm calls: callers on node a's proxy, the instance on node b's.
+fn remote_calls(spec: &RunSpec, clients: usize) -> anyhow::Result<Record> {
+    use shoal_meta::MetaStore;
+    let dir = tempfile::tempdir()?;
+    let ca = shoal_transport::DevCa::generate()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("bench-instance")
+        .enable_all()
+        .build()?;
+    let meta: std::sync::Arc<dyn MetaStore> = {
+        let _rt = rt.enter();
+        std::sync::Arc::new(shoal_meta::MemStore::open(None, "")?)
+    };
+    // Node b runs the instance; the records say so, as an agent and placement would.
+    let spec_json = serde_json::json!({
+        "name": "echo", "code": {"kind": "dir", "path": "/"}, "command": ["echo"],
+        "resources": {"cpu_milli": 100, "mem_mib": 64}, "concurrency": 16,
+    });
+    let inst_json = serde_json::json!({
+        "id": "echo-b", "function": "echo", "node": "b", "state": "running",
+    });
+    rt.block_on(async {
+        meta.put("functions/echo", serde_json::to_vec(&spec_json)?, None)
+            .await?;
+        meta.put(
+            "instances/echo/echo-b",
+            serde_json::to_vec(&inst_json)?,
+            None,
+        )
+        .await?;
+        anyhow::Ok(())
+    })?;
+    let start = |node: &str| -> anyhow::Result<Proxy> {
+        let mut cfg = ProxyConfig::new(node, dir.path().join(format!("{node}.sock")));
+        cfg.peer = Some(shoal_proxy::PeerConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            advertise: None,
+            tls: shoal_transport::NodeTls::from_node_cert(&ca.issue(node)?)?,
+            meta: meta.clone(),
+            lease_ttl: Duration::from_secs(10),
+        });
+        Ok(Proxy::start(cfg)?)
+    };
+    let (a, b) = (start("a")?, start("b")?);
+    let instance = rt.block_on(shoal_sdk::FunctionInstance::register(
+        b.socket_path(),
+        "echo",
+        "echo-b",
+        16,
+    ))?;
+    rt.spawn(instance.run(echo));
+    // Wait until node a routes to node b.
+    let caller = rt.block_on(shoal_sdk::CallClient::connect(a.socket_path()))?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while rt
+        .block_on(caller.invoke("echo", b"ping", Duration::from_secs(1)))
+        .is_err()
+    {
+        anyhow::ensure!(Instant::now() < deadline, "node a never routed to node b");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (lat, secs) = call_threads(
+        spec,
+        clients,
+        a.socket_path(),
+        shoal_sdk::Payload::Inline(vec![7u8; SIZE]),
+        SIZE,
+    )?;
+    rt.block_on(async {
+        a.shutdown().await;
+        b.shutdown().await;
+    });
+    Ok(Record::from_latencies(
+        "call_remote_1k",
+        "shoal",
+        SIZE as u64,
+        clients as u32,
+        &lat,
+        secs,
+    ))
+}
+
+const BIG: usize = 1 << 20;
+
+/// One caller, a 1 MiB argument inline or as an object id, an 8-byte result.
+fn large_arg_calls(spec: &RunSpec, object: bool) -> anyhow::Result<Record> {
+    let dir = tempfile::tempdir()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("bench-instance")
+        .enable_all()
+        .build()?;
+    let mut wcfg = shoal_dataworker::Config::new(dir.path().join("dw"));
+    wcfg.shm_size = 256 << 20;
+    wcfg.node_id = "bench".into();
+    let worker = rt.block_on(shoal_dataworker::Dataworker::start(wcfg, None))?;
+    let socket = worker.socket_path().to_owned();
+    let mut cfg = ProxyConfig::new("bench", dir.path().join("proxy.sock"));
+    cfg.inline_limit = 2 * BIG as u64;
+    cfg.max_frame = 4 * BIG;
+    let proxy = Proxy::start(cfg)?;
+    let store = rt.block_on(shoal_sdk::Client::connect(&socket))?;
+    let instance = rt
+        .block_on(shoal_sdk::FunctionInstance::register(
+            proxy.socket_path(),
+            "echo",
+            "sum-1",
+            16,
+        ))?
+        .with_store(store.clone());
+    rt.spawn(instance.run_data(|d: shoal_sdk::Data| async move {
+        let sum = d
+            .chunks_exact(8)
+            .map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
+            .fold(0u64, u64::wrapping_add);
+        Ok(sum.to_le_bytes().to_vec())
+    }));
+    let bytes: Vec<u8> = (0..BIG).map(|i| i as u8).collect();
+    let arg = if object {
+        let id = shoal_sdk::ObjectId::new("bench-arg-1m")?;
+        rt.block_on(store.put(id.as_str(), &bytes))?;
+        shoal_sdk::Payload::Object(id)
+    } else {
+        shoal_sdk::Payload::Inline(bytes)
+    };
+    let (lat, secs) = call_threads(spec, 1, proxy.socket_path(), arg, 8)?;
+    rt.block_on(proxy.shutdown());
+    drop(store);
+    rt.block_on(worker.shutdown());
+    Ok(Record::from_latencies(
+        "call_arg_1m",
+        if object {
+            "shoal_object"
+        } else {
+            "shoal_inline"
+        },
+        BIG as u64,
+        1,
+        &lat,
+        secs,
+    ))
 }
 
 /// CPU seconds of this process's threads whose name starts with `prefix`.

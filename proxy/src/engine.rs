@@ -53,6 +53,10 @@ fn encode_batch(first: ProxyFrame, rx: &mut mpsc::Receiver<ProxyFrame>, out: &mu
 fn log_end(conn: u64, r: Result<(), ConnError>) {
     match r {
         Ok(()) => tracing::debug!(conn, "connection closed"),
+        // A peer proxy that goes away without a TLS close_notify: an ordinary end.
+        Err(ConnError::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+            tracing::debug!(conn, error = %e, "connection closed")
+        }
         Err(e) => tracing::warn!(conn, error = %e, "closing connection"),
     }
 }
