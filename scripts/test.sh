@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every check shoal has: format, lints, docs, all tests, and a short benchmark smoke run.
-# Installs what the tests need (redis-server for the benchmark baselines) when it is missing.
+# Installs what the tests need (redis-server for the benchmark baselines, moto for the S3
+# tests) when it is missing.
 # Usage: scripts/test.sh            (from anywhere inside the repository)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,6 +26,15 @@ if [ ${#need[@]} -gt 0 ]; then
   else
     echo "warning: cannot install ${need[*]} (not root, no sudo); tests that need them will fail" >&2
   fi
+fi
+
+# moto: a real S3 server on loopback for the agent's s3:// package tests. Plain pip first; a
+# Python that is marked externally managed (PEP 668) needs --break-system-packages.
+if ! python3 -c 'import moto.server' >/dev/null 2>&1; then
+  step "installing moto[server]"
+  python3 -m pip install --quiet 'moto[server]' ||
+    python3 -m pip install --quiet --break-system-packages 'moto[server]' ||
+    echo "warning: cannot install moto[server]; the agent's S3 tests will fail" >&2
 fi
 
 export CARGO_INCREMENTAL=0

@@ -1,7 +1,8 @@
 //! shoal's per-node agent: the function agent and runtime manager.
 //!
 //! One agent runs per node. It materialises a function's code package into a per-instance
-//! directory ([`fetch`]), runs instances as supervised processes with restart policies,
+//! directory ([`fetch`]; `shoal://` and `s3://` archives are downloaded first by
+//! [`Downloader`]), runs instances as supervised processes with restart policies,
 //! per-instance logs and graceful stop ([`Supervisor`]), confines them with cgroup CPU and
 //! memory limits when the node allows it ([`Limiter`]), and reports node capacity and use
 //! ([`NodeResources`]).
@@ -9,14 +10,16 @@
 //! [`Agent`] wires these to the metadata store: it registers the node's capacity under a lease
 //! and runs the instance records control assigns to the node, reporting their state back.
 //!
-//! It reads no environment variables and holds no global state; everything is passed in. It
-//! uses `shoal-control` only for the record and spec types; `shoal-control` must never depend
-//! on this crate.
+//! It reads no environment variables (only [`S3Settings::from_env`] does, for the binary to
+//! call) and holds no global state; everything is passed in. It uses `shoal-control` only for
+//! the record and spec types; `shoal-control` must never depend on this crate.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 mod cgroup;
+mod logs;
 mod package;
+mod remote;
 mod resources;
 mod runtime;
 mod supervisor;
@@ -25,6 +28,7 @@ pub use cgroup::{CgroupError, CgroupHandle, Limiter, LimiterKind};
 pub use package::{
     dir_digest, fetch, fetch_with_limits, file_digest, FetchError, FetchLimits, PackageSource,
 };
+pub use remote::{Downloader, RemoteError, RemoteSource, S3Settings};
 pub use resources::{
     parse_meminfo, parse_pid_rss, parse_pid_stat, parse_proc_stat, used_milli, CpuSampler,
     CpuTimes, NodeResources, ProcessUsage, ResourceError,

@@ -9,17 +9,21 @@
 //! - **Assignments.** `instances/` is read, then watched from that revision (read again when
 //!   the watch ends). A record whose `node` is this node and whose `state` is `scheduled`,
 //!   `starting` or `running` and that this agent does not run yet is started: the function's
-//!   package is fetched into `<work_dir>/<instance id>` and run through the [`Supervisor`]
+//!   package is fetched into `<work_dir>/<instance id>` (a `shoal://` or `s3://` archive is
+//!   first downloaded to `<work_dir>/.staging/<instance id>.tar.gz`, removed afterwards) and
+//!   run through the [`Supervisor`]
 //!   ([`RestartPolicy::OnFailure`] with back-off). A per-instance reporter writes every status
 //!   change back into the record (`state`, `reason`, `pid`) with a transaction on the record's
 //!   mod revision, and never over a record that control marked `stopping` or moved. A deleted
 //!   (or `stopping`) record stops the process: SIGTERM, SIGKILL after [`AgentConfig::grace`].
 //!
 //! [`Agent::shutdown`] stops every instance and waits for their processes to be gone.
-//! Fetching a package runs on the blocking pool; the assignment loop waits for it, so
-//! assignments are handled one at a time.
+//! Downloading a remote package is async; unpacking runs on the blocking pool. The assignment
+//! loop waits for both, so assignments are handled one at a time. Every failure before the
+//! process runs is written into the record as `failed` with a reason naming the source.
 use crate::cgroup::Limiter;
 use crate::package::{fetch, PackageSource};
+use crate::remote::{Downloader, RemoteSource, S3Settings};
 use crate::resources::{CpuSampler, NodeResources};
 use crate::supervisor::{
     InstanceSpec, InstanceState, InstanceStatus, RestartPolicy, Supervisor, SupervisorConfig,
@@ -48,6 +52,9 @@ pub const RESTART_BACKOFF: Duration = Duration::from_millis(500);
 const MAX_CAS_ATTEMPTS: usize = 5;
 /// Pause before reading `instances/` again after the store failed.
 const RETRY_PAUSE: Duration = Duration::from_millis(300);
+/// Directory under the work dir where remote packages are downloaded to (instance ids never
+/// start with a dot, so it cannot clash with an instance's directory).
+const STAGING_DIR: &str = ".staging";
 
 /// Everything an agent needs, passed in by the binary.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -66,6 +73,12 @@ pub struct AgentConfig {
     pub lease_ttl: Duration,
     /// Time between SIGTERM and SIGKILL when stopping an instance.
     pub grace: Duration,
+    /// How to reach S3 for `s3://` packages (`shoal://` packages come from
+    /// `dataworker_socket`).
+    pub s3: S3Settings,
+    /// Where to serve instance logs over HTTP (port 0: any free port); the bound address is
+    /// published as `logs_addr` in the agent record.
+    pub logs_addr: std::net::SocketAddr,
 }
 
 /// Why the agent did not start.
@@ -94,6 +107,15 @@ pub enum AgentError {
     /// Registering `agents/<node id>` failed.
     #[error("register agent record")]
     Register(#[source] MetaError),
+    /// The log endpoint's address could not be bound.
+    #[error("log endpoint {addr}")]
+    Logs {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// A running agent. Stop it with [`Agent::shutdown`]; dropping it stops the instances too,
@@ -112,12 +134,17 @@ fn invalid(field: &'static str, reason: impl Into<String>) -> AgentError {
     }
 }
 
+/// An error and its sources, joined by `: `. A source whose message is already part of the
+/// text (some errors repeat their source in their own message) is not repeated.
 fn chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
     while let Some(src) = cur {
-        s.push_str(": ");
-        s.push_str(&src.to_string());
+        let msg = src.to_string();
+        if !s.contains(&msg) {
+            s.push_str(": ");
+            s.push_str(&msg);
+        }
         cur = src.source();
     }
     s
@@ -139,6 +166,7 @@ fn agent_record(
         instances,
         limits_enforced: limiter.can_limit(),
         limits_reason: limiter.reason().map(str::to_string),
+        logs_addr: Some(cfg.logs_addr.to_string()),
     }
 }
 
@@ -149,7 +177,10 @@ fn encode<T: serde::Serialize>(v: &T) -> Result<Vec<u8>, MetaError> {
 impl Agent {
     /// Validates `cfg`, creates the directories, registers `agents/<node id>` and starts the
     /// registration and assignment tasks. Must be called within a Tokio runtime.
-    pub async fn start(cfg: AgentConfig, meta: Arc<dyn MetaStore>) -> Result<Agent, AgentError> {
+    pub async fn start(
+        mut cfg: AgentConfig,
+        meta: Arc<dyn MetaStore>,
+    ) -> Result<Agent, AgentError> {
         if cfg.node_id.is_empty() || cfg.node_id.contains('/') || cfg.node_id.len() > 128 {
             return Err(invalid(
                 "node_id",
@@ -165,6 +196,19 @@ impl Agent {
                 source,
             })?;
         }
+        // Staged downloads left by an agent that died mid-fetch; none is in flight yet.
+        if let Err(e) = std::fs::remove_dir_all(cfg.work_dir.join(STAGING_DIR)) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(error = %e, "removing stale staged packages failed");
+            }
+        }
+        let logs = tokio::net::TcpListener::bind(cfg.logs_addr)
+            .await
+            .map_err(|source| AgentError::Logs {
+                addr: cfg.logs_addr,
+                source,
+            })?;
+        cfg.logs_addr = logs.local_addr().unwrap_or(cfg.logs_addr);
         let limiter = Limiter::detect(None);
         let mut cpu = CpuSampler::new().map_err(AgentError::Resources)?;
         let sample =
@@ -179,6 +223,7 @@ impl Agent {
         let tasks = TaskTracker::new();
         let running = Arc::new(AtomicU64::new(0));
         let cfg = Arc::new(cfg);
+        tasks.spawn(crate::logs::serve(logs, cfg.log_dir.clone(), stop.clone()));
         tasks.spawn(keep_registered(
             meta.clone(),
             cfg.clone(),
@@ -191,6 +236,7 @@ impl Agent {
         let supervisor = Supervisor::new(SupervisorConfig::default(), limiter);
         let rt = Runtime {
             meta,
+            downloader: Downloader::new(cfg.dataworker_socket.clone(), cfg.s3.clone()),
             cfg: cfg.clone(),
             sup: supervisor,
             tracked: HashMap::new(),
@@ -319,11 +365,21 @@ struct Tracked {
 struct Runtime {
     meta: Arc<dyn MetaStore>,
     cfg: Arc<AgentConfig>,
+    downloader: Downloader,
     sup: Supervisor,
     tracked: HashMap<String, Tracked>,
     reporters: TaskTracker,
     reporters_stop: CancellationToken,
     running: Arc<AtomicU64>,
+}
+
+/// Where an instance's package comes from.
+#[derive(Debug)]
+enum Source {
+    /// On this node's filesystem.
+    Local(PackageSource),
+    /// Downloaded first.
+    Remote(RemoteSource),
 }
 
 fn runnable(state: &str) -> bool {
@@ -553,11 +609,17 @@ impl Runtime {
             }
         };
         let source = match &spec.code {
-            CodeSource::Dir { path } => PackageSource::Dir(PathBuf::from(path)),
-            CodeSource::TarGz { path } => PackageSource::TarGz(PathBuf::from(path)),
-            other => {
-                let reason = format!("code source {other} is not supported by this agent yet");
-                return self.fail(key, rec, reason).await;
+            CodeSource::Dir { path } => Ok(Source::Local(PackageSource::Dir(path.into()))),
+            CodeSource::TarGz { path } => Ok(Source::Local(PackageSource::TarGz(path.into()))),
+            CodeSource::Object { id } => RemoteSource::object(id).map(Source::Remote),
+            CodeSource::S3 { url } => RemoteSource::parse_s3(url).map(Source::Remote),
+        };
+        let source = match source {
+            Ok(s) => s,
+            Err(e) => {
+                return self
+                    .fail(key, rec, format!("fetch package: {}", chain(&e)))
+                    .await
             }
         };
         let _ = update_record(
@@ -569,29 +631,12 @@ impl Runtime {
             None,
         )
         .await;
-        let dest = self.cfg.work_dir.join(&rec.id);
-        let digest = spec.digest.clone();
-        let fetched = {
-            let (source, dest) = (source.clone(), dest.clone());
-            tokio::task::spawn_blocking(move || {
-                if dest.exists() {
-                    std::fs::remove_dir_all(&dest)
-                        .map_err(|e| format!("clear {}: {e}", dest.display()))?;
-                }
-                fetch(&source, &dest, digest.as_deref()).map_err(|e| chain(&e))
-            })
+        let workdir = match self
+            .fetch_package(&rec.id, source, spec.digest.clone())
             .await
-        };
-        let workdir = match fetched {
-            Ok(Ok(p)) => p,
-            Ok(Err(reason)) => {
-                let what = match &source {
-                    PackageSource::Dir(p) | PackageSource::TarGz(p) => p.display().to_string(),
-                };
-                let reason = format!("fetch package {what}: {reason}");
-                return self.fail(key, rec, reason).await;
-            }
-            Err(e) => return self.fail(key, rec, format!("fetch package: {e}")).await,
+        {
+            Ok(p) => p,
+            Err(reason) => return self.fail(key, rec, reason).await,
         };
         let mut command = spec.command.clone();
         if let Some(first) = command.first_mut() {
@@ -647,6 +692,53 @@ impl Runtime {
             },
         );
         self.count();
+    }
+
+    /// Fetches the package of instance `id` into `<work_dir>/<id>` (emptied first). The error
+    /// is the reason to record: `fetch package ...` naming the source.
+    async fn fetch_package(
+        &self,
+        id: &str,
+        source: Source,
+        digest: Option<String>,
+    ) -> Result<PathBuf, String> {
+        let dest = self.cfg.work_dir.join(id);
+        {
+            let dest = dest.clone();
+            tokio::task::spawn_blocking(move || match std::fs::remove_dir_all(&dest) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    Err(format!("fetch package: clear {}: {e}", dest.display()))
+                }
+                _ => Ok(()),
+            })
+            .await
+            .map_err(|e| format!("fetch package: {e}"))??;
+        }
+        match source {
+            Source::Local(source) => {
+                let what = match &source {
+                    PackageSource::Dir(p) | PackageSource::TarGz(p) => p.display().to_string(),
+                };
+                match tokio::task::spawn_blocking(move || fetch(&source, &dest, digest.as_deref()))
+                    .await
+                {
+                    Ok(Ok(p)) => Ok(p),
+                    Ok(Err(e)) => Err(format!("fetch package {what}: {}", chain(&e))),
+                    Err(e) => Err(format!("fetch package {what}: {e}")),
+                }
+            }
+            Source::Remote(source) => {
+                let staged = self
+                    .cfg
+                    .work_dir
+                    .join(STAGING_DIR)
+                    .join(format!("{id}.tar.gz"));
+                self.downloader
+                    .fetch(&source, &staged, &dest, digest.as_deref())
+                    .await
+                    .map_err(|e| format!("fetch package: {}", chain(&e)))
+            }
+        }
     }
 
     /// Stops and forgets one instance, and removes its package directory.

@@ -276,7 +276,7 @@ pub struct Supervisor {
     root: CancellationToken,
 }
 
-fn valid_id(id: &str) -> bool {
+pub(crate) fn valid_id(id: &str) -> bool {
     !id.is_empty()
         && id.len() <= 128
         && id != "."
@@ -297,7 +297,7 @@ fn chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-fn log_path(dir: &Path, id: &str, stream: LogStream) -> PathBuf {
+pub(crate) fn log_path(dir: &Path, id: &str, stream: LogStream) -> PathBuf {
     dir.join(match stream {
         LogStream::Stdout => format!("{id}.out"),
         LogStream::Stderr => format!("{id}.err"),
@@ -479,22 +479,23 @@ impl Supervisor {
             .get(id)
             .ok_or_else(|| InstanceError::Unknown(id.to_string()))?;
         let path = log_path(&entry.log_dir, id, stream);
-        let err = |source| InstanceError::ReadLog {
-            path: path.clone(),
-            source,
-        };
-        let mut f = match fs::File::open(&path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(String::new()),
-            Err(e) => return Err(err(e)),
-        };
-        let len = f.metadata().map_err(err)?.len();
-        let start = len.saturating_sub(tail_bytes);
-        f.seek(SeekFrom::Start(start)).map_err(err)?;
-        let mut buf = Vec::new();
-        f.take(len - start).read_to_end(&mut buf).map_err(err)?;
-        Ok(String::from_utf8_lossy(&buf).into_owned())
+        read_tail(&path, tail_bytes).map_err(|source| InstanceError::ReadLog { path, source })
     }
+}
+
+/// The last `tail_bytes` of the file at `path` (lossy UTF-8); a missing file reads as empty.
+pub(crate) fn read_tail(path: &Path, tail_bytes: u64) -> io::Result<String> {
+    let mut f = match fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(String::new()),
+        Err(e) => return Err(e),
+    };
+    let len = f.metadata()?.len();
+    let start = len.saturating_sub(tail_bytes);
+    f.seek(SeekFrom::Start(start))?;
+    let mut buf = Vec::new();
+    f.take(len - start).read_to_end(&mut buf)?;
+    Ok(String::from_utf8_lossy(&buf).into_owned())
 }
 
 impl Drop for Supervisor {

@@ -1,10 +1,13 @@
 //! One `MemStore`, one `Control` (HTTP on 127.0.0.1:0) and one `Agent` in-process: functions
 //! posted over the REST API get instance records placed on the agent's node, which runs them
-//! and reports their state back.
+//! and reports their state back. Remote packages come from a real S3 server (moto) and a real
+//! dataworker.
 #![allow(clippy::unwrap_used)]
 
+mod support;
+
 use serde_json::{json, Value};
-use shoal_agent::{Agent, AgentConfig};
+use shoal_agent::{Agent, AgentConfig, S3Settings};
 use shoal_control::{Control, ControlConfig, InstanceRecord, DEFAULT_MAX_INVOKE_BODY};
 use shoal_meta::{MemStore, MetaStore};
 use std::future::Future;
@@ -88,6 +91,28 @@ async fn running(meta: &dyn MetaStore, function: &str) -> (InstanceRecord, u32) 
     .await
 }
 
+/// Waits until `/v1/instances` shows the one instance of `function` as `failed`; returns its
+/// JSON.
+async fn failed_instance(http: SocketAddr, function: &str) -> Value {
+    wait_for(&format!("{function} failed in /v1/instances"), || async {
+        let (status, v) = request(http, "GET", "/v1/instances", b"").await;
+        assert_eq!(status, 200, "{v}");
+        v["instances"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|i| i["function"] == function && i["state"] == "failed")
+            .cloned()
+    })
+    .await
+}
+
+async fn deploy(http: SocketAddr, spec: Value) {
+    let body = spec.to_string();
+    let (status, v) = request(http, "POST", "/v1/functions", body.as_bytes()).await;
+    assert!(status == 200 || status == 201, "{status} {v}");
+}
+
 fn alive(pid: u32) -> bool {
     // A reaped process has no /proc entry; a zombie would still say "Z".
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
@@ -137,6 +162,8 @@ async fn control_places_and_agent_runs() {
             dataworker_socket: tmp.path().join("dw.sock"),
             lease_ttl: Duration::from_secs(2),
             grace: Duration::from_millis(500),
+            s3: S3Settings::default(),
+            logs_addr: "127.0.0.1:0".parse().unwrap(),
         },
         store.clone(),
     )
@@ -169,6 +196,18 @@ async fn control_places_and_agent_runs() {
     .await;
     assert!(text.starts_with("started\n"), "{text}");
     assert!(text.contains(&format!("hello {} ", rec.id)), "{text}");
+    // The same log through control's REST API, which reads it from the agent.
+    let (status, v) = request(http, "GET", "/v1/functions/hello/logs?tail=4096", b"").await;
+    assert_eq!(status, 200, "{v}");
+    let inst = &v["instances"][0];
+    assert_eq!(inst["id"].as_str(), Some(rec.id.as_str()), "{v}");
+    assert!(
+        inst["stdout"].as_str().unwrap().starts_with("started\n"),
+        "{v}"
+    );
+    assert!(inst.get("error").is_none(), "{v}");
+    let (status, _) = request(http, "GET", "/v1/functions/nope/logs", b"").await;
+    assert_eq!(status, 404);
 
     // 2. Deleting the function removes the record and the process.
     let (status, v) = request(http, "DELETE", "/v1/functions/hello", b"").await;
@@ -218,4 +257,180 @@ async fn control_places_and_agent_runs() {
     // The agent's lease is revoked with it.
     assert!(store.get("agents/node-a").await.unwrap().is_none());
     control.shutdown().await;
+}
+
+/// Packages from `s3://` and `shoal://` go through the whole flow: a good one runs; a 404, a
+/// corrupt archive, a digest mismatch, a missing object and a command that is not in the
+/// package each end `failed` with a reason that says why, visible over the REST API.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remote_packages_run_or_fail_with_a_reason() {
+    use support::{digest, garbage, hello_package, Moto};
+
+    let moto = Moto::start();
+    moto.create_bucket("pkgs");
+    let good = hello_package();
+    moto.put("pkgs", "hello.tar.gz", &good);
+    moto.put("pkgs", "corrupt.tar.gz", &garbage());
+
+    let tmp = tempfile::tempdir().unwrap();
+    let dw_dir = tmp.path().join("dw");
+    std::fs::create_dir(&dw_dir).unwrap();
+    std::fs::set_permissions(&dw_dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut dw_cfg = shoal_dataworker::Config::new(&dw_dir);
+    dw_cfg.shm_size = 64 << 20;
+    let worker = shoal_dataworker::Dataworker::start(dw_cfg, None)
+        .await
+        .unwrap();
+    let client = shoal_sdk::Client::connect(worker.socket_path())
+        .await
+        .unwrap();
+    client.put("pkg-hello", &good).await.unwrap();
+
+    let store: Arc<dyn MetaStore> = Arc::new(MemStore::open(None, "").unwrap());
+    let control = Control::start(
+        ControlConfig {
+            meta_addr: None,
+            http_addr: "127.0.0.1:0".parse().unwrap(),
+            election_ttl: Duration::from_secs(2),
+            name: "test-control".into(),
+            max_invoke_body: DEFAULT_MAX_INVOKE_BODY,
+            frontend: Default::default(),
+        },
+        store.clone(),
+        None,
+    )
+    .await
+    .unwrap();
+    wait_for("leader", || async { control.is_leader().then_some(()) }).await;
+    let http = control.http_addr();
+    let work_dir = tmp.path().join("work");
+    let agent = Agent::start(
+        AgentConfig {
+            node_id: "node-a".into(),
+            work_dir: work_dir.clone(),
+            log_dir: tmp.path().join("logs"),
+            proxy_socket: tmp.path().join("proxy.sock"),
+            dataworker_socket: worker.socket_path().to_path_buf(),
+            lease_ttl: Duration::from_secs(2),
+            grace: Duration::from_millis(500),
+            s3: moto.settings(),
+            logs_addr: "127.0.0.1:0".parse().unwrap(),
+        },
+        store.clone(),
+    )
+    .await
+    .unwrap();
+
+    let spec = |name: &str, code: Value, digest: Option<String>, command: &str| {
+        let mut v = json!({
+            "name": name,
+            "code": code,
+            "command": [command],
+            "resources": {"cpu_milli": 100, "mem_mib": 16},
+            "min_instances": 1,
+        });
+        if let Some(d) = digest {
+            v["digest"] = json!(d);
+        }
+        v
+    };
+    let s3 = |url: &str| json!({"kind": "s3", "url": url});
+    let object = |id: &str| json!({"kind": "object", "id": id});
+
+    // Good packages from both sources run, with the digest checked.
+    let good_digest = Some(digest(&good));
+    deploy(
+        http,
+        spec(
+            "from-s3",
+            s3("s3://pkgs/hello.tar.gz"),
+            good_digest.clone(),
+            "./run.sh",
+        ),
+    )
+    .await;
+    deploy(
+        http,
+        spec(
+            "from-store",
+            object("pkg-hello"),
+            good_digest.clone(),
+            "./run.sh",
+        ),
+    )
+    .await;
+    let (rec, pid) = running(store.as_ref(), "from-s3").await;
+    assert!(alive(pid));
+    assert!(work_dir.join(&rec.id).join("lib/data.txt").is_file());
+    let (_, pid) = running(store.as_ref(), "from-store").await;
+    assert!(alive(pid));
+
+    // Each failure reaches `failed` with a reason naming the source and the cause.
+    let cases = [
+        (
+            spec(
+                "s3-missing",
+                s3("s3://pkgs/missing.tar.gz"),
+                None,
+                "./run.sh",
+            ),
+            vec!["fetch package", "s3://pkgs/missing.tar.gz not found (404)"],
+        ),
+        (
+            spec(
+                "s3-corrupt",
+                s3("s3://pkgs/corrupt.tar.gz"),
+                None,
+                "./run.sh",
+            ),
+            vec!["fetch package", "s3://pkgs/corrupt.tar.gz", "corrupt"],
+        ),
+        (
+            spec(
+                "s3-digest",
+                s3("s3://pkgs/hello.tar.gz"),
+                Some(digest(b"another package")),
+                "./run.sh",
+            ),
+            vec!["fetch package", "s3://pkgs/hello.tar.gz", "digest mismatch"],
+        ),
+        (
+            spec("store-missing", object("no-such-package"), None, "./run.sh"),
+            vec![
+                "fetch package",
+                "object no-such-package not found in the store",
+            ],
+        ),
+        (
+            spec(
+                "no-command",
+                s3("s3://pkgs/hello.tar.gz"),
+                None,
+                "./no-such-command",
+            ),
+            vec!["no-such-command"],
+        ),
+    ];
+    for (spec, _) in &cases {
+        deploy(http, spec.clone()).await;
+    }
+    for (spec, wanted) in &cases {
+        let name = spec["name"].as_str().unwrap();
+        let shown = failed_instance(http, name).await;
+        let reason = shown["reason"].as_str().unwrap_or_default();
+        for w in wanted {
+            assert!(reason.contains(w), "{name}: {reason:?} lacks {w:?}");
+        }
+        assert_eq!(shown["node"], "node-a");
+    }
+    // Every staged download is gone, whatever its outcome.
+    let staged: Vec<_> = std::fs::read_dir(work_dir.join(".staging"))
+        .unwrap()
+        .collect();
+    assert!(staged.is_empty(), "{staged:?}");
+
+    agent.shutdown().await;
+    control.shutdown().await;
+    drop(client);
+    worker.shutdown().await;
 }

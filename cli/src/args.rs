@@ -210,6 +210,17 @@ pub(crate) enum FnOp {
         #[arg(long, default_value = "30s", value_parser = parse_duration)]
         timeout: Duration,
     },
+    /// Show the tail of every instance's stdout and stderr (read from their agents).
+    Logs {
+        /// Function name.
+        name: String,
+        /// Bytes of each stream, at most.
+        #[arg(long, default_value = "64KiB", value_parser = parse_size)]
+        tail: u64,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Remove a function.
     Rm {
         /// Function name.
@@ -390,6 +401,9 @@ pub(crate) struct AgentArgs {
     /// Time between SIGTERM and SIGKILL when an instance is stopped.
     #[arg(long, env = "SHOAL_STOP_GRACE", default_value = "5s", value_parser = parse_duration)]
     pub(crate) grace: Duration,
+    /// Address of the agent's log endpoint (`shoal fn logs` reads instance logs there).
+    #[arg(long, env = "SHOAL_AGENT_LOGS_ADDR", default_value = "127.0.0.1:0")]
+    pub(crate) logs_addr: SocketAddr,
     #[command(flatten)]
     pub(crate) child: ChildArgs,
 }

@@ -198,6 +198,8 @@ pub(crate) fn agent(a: AgentArgs) -> anyhow::Result<ExitCode> {
             dataworker_socket: dir.join("dataworker.sock"),
             lease_ttl: a.lease_ttl,
             grace: a.grace,
+            s3: shoal_agent::S3Settings::from_env(),
+            logs_addr: a.logs_addr,
         };
         let agent = shoal_agent::Agent::start(cfg, meta)
             .await

@@ -266,6 +266,49 @@ pub(crate) fn run(control: &str, op: FnOp) -> anyhow::Result<ExitCode> {
                 );
             }
         }
+        FnOp::Logs {
+            name,
+            tail,
+            json: as_json,
+        } => {
+            let (s, body) = request(
+                control,
+                "GET",
+                &format!("/v1/functions/{name}/logs?tail={tail}"),
+                None,
+            )?;
+            check(s, &body)?;
+            let v = json(&body)?;
+            if as_json {
+                println!("{v}");
+                return Ok(ExitCode::SUCCESS);
+            }
+            let insts = v["instances"].as_array().cloned().unwrap_or_default();
+            if insts.is_empty() {
+                eprintln!("{name} has no instances");
+            }
+            let mut out = std::io::stdout().lock();
+            for i in insts {
+                let head = format!(
+                    "{} on {} ({})",
+                    i["id"].as_str().unwrap_or("?"),
+                    i["node"].as_str().unwrap_or("?"),
+                    i["state"].as_str().unwrap_or("?")
+                );
+                if let Some(e) = i["error"].as_str() {
+                    writeln!(out, "==> {head}: logs unavailable: {e}")?;
+                    continue;
+                }
+                for stream in ["stdout", "stderr"] {
+                    let text = i[stream].as_str().unwrap_or("");
+                    writeln!(out, "==> {head} {stream} <==")?;
+                    out.write_all(text.as_bytes())?;
+                    if !text.is_empty() && !text.ends_with('\n') {
+                        writeln!(out)?;
+                    }
+                }
+            }
+        }
         FnOp::Rm { name } => {
             let (s, body) = request(control, "DELETE", &format!("/v1/functions/{name}"), None)?;
             check(s, &body)?;

@@ -691,6 +691,13 @@ fn deploy_place_start_invoke_and_recover() {
         .unwrap_or_else(|| panic!("instance missing from status:\n{status}"));
     assert!(line.starts_with(inst["node"].as_str().unwrap()), "{line}");
     assert!(line.contains("running"), "{line}");
+    // `shoal fn logs` reads the instance's logs from its agent.
+    let logs = String::from_utf8(ok(&up.shoal_fn(&["logs", "echo"], None))).unwrap();
+    assert!(
+        logs.contains(&format!("==> {} on ", inst["id"].as_str().unwrap())),
+        "{logs}"
+    );
+    assert!(!logs.contains("unavailable"), "{logs}");
     // Kill the instance's process: the agent restarts it and calls work again.
     kill(inst["pid"].as_i64().unwrap());
     assert_eq!(up.invoke_echo(&proxy, "hello"), b"hello");

@@ -26,6 +26,7 @@
 
 mod frontend;
 mod http;
+mod logs;
 mod placement;
 mod registry;
 mod router;

@@ -74,6 +74,9 @@ pub struct AgentRecord {
     /// Why limits are not enforced, when they are not.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limits_reason: Option<String>,
+    /// Where the agent serves its instances' logs over HTTP (`host:port`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logs_addr: Option<String>,
 }
 
 /// The instance record key of `id` of `function`.

@@ -18,9 +18,9 @@
 use crate::registry::{FunctionSpec, Pool, RegistryError};
 use crate::{read, LeaderInfo, View};
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper::{Request, Response, StatusCode};
+use hyper::{Request, StatusCode};
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::json;
 use shoal_meta::Role;
@@ -78,6 +78,7 @@ enum Op {
     DeleteFunction,
     FunctionInstances,
     Invoke,
+    Logs,
     ListInstances,
     ListPools,
     CreatePool,
@@ -129,6 +130,7 @@ pub(crate) const ROUTES: &[Route] = &[
         false,
     ),
     r(Verb::Post, "/v1/functions/{name}/invoke", Op::Invoke, false),
+    r(Verb::Get, "/v1/functions/{name}/logs", Op::Logs, false),
     r(Verb::Get, "/v1/instances", Op::ListInstances, false),
     r(Verb::Get, "/v1/pools", Op::ListPools, false),
     r(Verb::Post, "/v1/pools", Op::CreatePool, true),
@@ -186,25 +188,38 @@ pub(crate) const DEFAULT_INVOKE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Longest deadline a caller may ask for.
 pub(crate) const MAX_INVOKE_TIMEOUT: Duration = Duration::from_secs(3600);
 
-/// The call's deadline: `timeout_ms` from the query string, else the default.
-fn invoke_timeout(query: Option<&str>) -> Result<Duration, ApiError> {
+/// Query parameter `key` as a number, else `default`.
+fn query_u64(query: Option<&str>, key: &str, default: u64) -> Result<u64, ApiError> {
     let Some(v) = query
         .unwrap_or("")
         .split('&')
-        .find_map(|kv| kv.strip_prefix("timeout_ms="))
+        .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
     else {
-        return Ok(DEFAULT_INVOKE_TIMEOUT);
+        return Ok(default);
     };
-    v.parse::<u64>()
-        .ok()
-        .map(Duration::from_millis)
-        .filter(|d| !d.is_zero() && *d <= MAX_INVOKE_TIMEOUT)
-        .ok_or_else(|| {
-            ApiError::new(
-                ErrorCode::InvalidArgument,
-                format!("timeout_ms={v}: a number of milliseconds from 1 to 3600000"),
-            )
-        })
+    v.parse::<u64>().map_err(|_| {
+        ApiError::new(
+            ErrorCode::InvalidArgument,
+            format!("{key}={v}: not a number"),
+        )
+    })
+}
+
+/// The call's deadline: `timeout_ms` from the query string, else the default.
+fn invoke_timeout(query: Option<&str>) -> Result<Duration, ApiError> {
+    let max = MAX_INVOKE_TIMEOUT.as_millis() as u64;
+    let ms = query_u64(
+        query,
+        "timeout_ms",
+        DEFAULT_INVOKE_TIMEOUT.as_millis() as u64,
+    )?;
+    if ms == 0 || ms > max {
+        return Err(ApiError::new(
+            ErrorCode::InvalidArgument,
+            format!("timeout_ms={ms}: a number of milliseconds from 1 to {max}"),
+        ));
+    }
+    Ok(Duration::from_millis(ms))
 }
 
 /// The HTTP status of an error code.
@@ -222,16 +237,7 @@ pub(crate) fn status_of(code: ErrorCode) -> StatusCode {
     }
 }
 
-type Resp = Response<Full<Bytes>>;
-
-pub(crate) fn reply(status: StatusCode, ctype: &str, body: impl Into<Bytes>) -> Resp {
-    let mut r = Response::new(Full::new(body.into()));
-    *r.status_mut() = status;
-    if let Ok(v) = ctype.parse() {
-        r.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
-    }
-    r
-}
+use shoal_httpd::{reply, Resp};
 
 fn json_reply<T: serde::Serialize>(status: StatusCode, v: &T) -> Resp {
     match serde_json::to_vec(v) {
@@ -425,6 +431,15 @@ async fn dispatch(
             StatusCode::OK,
             &json!({"instances": reg.function_instances(name).await?}),
         ),
+        Op::Logs => {
+            let tail = query_u64(req.uri().query(), "tail", crate::logs::DEFAULT_TAIL)?
+                .min(crate::logs::MAX_TAIL);
+            let instances = reg.function_instances(name).await?;
+            json_reply(
+                StatusCode::OK,
+                &crate::logs::tails(view.meta.as_ref(), instances, tail).await,
+            )
+        }
         Op::ListInstances => json_reply(
             StatusCode::OK,
             &json!({"instances": reg.all_instances().await?}),

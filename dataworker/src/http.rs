@@ -1,27 +1,17 @@
 //! `/metrics` (Prometheus text) and `/health` (JSON) over HTTP/1.
 use crate::state::Shared;
-use bytes::Bytes;
-use http_body_util::Full;
-use hyper::{Method, Request, Response, StatusCode};
+use hyper::{Method, Request, StatusCode};
 use metrics_exporter_prometheus::PrometheusHandle;
+use shoal_httpd::{reply, Resp};
 use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-
-fn reply(status: StatusCode, ctype: &str, body: String) -> Response<Full<Bytes>> {
-    let mut r = Response::new(Full::new(Bytes::from(body)));
-    *r.status_mut() = status;
-    if let Ok(v) = ctype.parse() {
-        r.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
-    }
-    r
-}
 
 fn route(
     req: &Request<hyper::body::Incoming>,
     shared: &Shared,
     metrics: Option<&PrometheusHandle>,
-) -> Response<Full<Bytes>> {
+) -> Resp {
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/health") | (&Method::GET, "/healthz") => {
             let s = match shared.handle(0, shoal_protocol::Request::Status) {
@@ -42,10 +32,10 @@ fn route(
             None => reply(
                 StatusCode::NOT_FOUND,
                 "text/plain",
-                "metrics are not enabled\n".into(),
+                "metrics are not enabled\n",
             ),
         },
-        _ => reply(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
+        _ => reply(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
     }
 }
 
@@ -56,33 +46,9 @@ pub(crate) async fn serve(
     shutdown: CancellationToken,
 ) {
     let metrics = Arc::new(metrics);
-    let conns = tokio_util::task::TaskTracker::new();
-    loop {
-        let (stream, _) = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            r = listener.accept() => match r {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::warn!(error = %e, "http accept failed");
-                    continue;
-                }
-            },
-        };
-        let (shared, metrics, shutdown) = (shared.clone(), metrics.clone(), shutdown.clone());
-        conns.spawn(async move {
-            let svc = hyper::service::service_fn(move |req| {
-                let resp = route(&req, &shared, metrics.as_ref().as_ref());
-                async move { Ok::<_, std::convert::Infallible>(resp) }
-            });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .serve_connection(hyper_util::rt::TokioIo::new(stream), svc);
-            tokio::pin!(conn);
-            tokio::select! {
-                r = conn.as_mut() => if let Err(e) = r { tracing::debug!(error = %e, "http connection closed") },
-                _ = shutdown.cancelled() => conn.as_mut().graceful_shutdown(),
-            }
-        });
-    }
-    conns.close();
-    conns.wait().await;
+    let handler = move |req: Request<hyper::body::Incoming>| {
+        let resp = route(&req, &shared, metrics.as_ref().as_ref());
+        async move { resp }
+    };
+    shoal_httpd::serve(listener, handler, shutdown).await;
 }

@@ -1,0 +1,92 @@
+//! `GET /v1/functions/{name}/logs`: the tail of every instance's stdout and stderr, read from
+//! the agents that run them. Each agent serves its node's log files over HTTP at the
+//! `logs_addr` of its record (`agents/<node>`); control asks each in turn, with a timeout,
+//! and reports an agent it cannot reach in that instance's `error` instead of failing the
+//! whole answer.
+use crate::placement::{AgentRecord, AGENTS_PREFIX};
+use crate::registry::InstanceRecord;
+use serde_json::{json, Value};
+use shoal_meta::MetaStore;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Bytes of each stream returned when the request does not say.
+pub(crate) const DEFAULT_TAIL: u64 = 64 << 10;
+/// Most bytes of each stream one request may ask for.
+pub(crate) const MAX_TAIL: u64 = 4 << 20;
+/// Longest wait for one agent.
+const AGENT_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// The log tails of `instances`, `tail` bytes of each stream at most.
+pub(crate) async fn tails(
+    meta: &dyn MetaStore,
+    instances: Vec<InstanceRecord>,
+    tail: u64,
+) -> Value {
+    let mut out = Vec::with_capacity(instances.len());
+    for inst in instances {
+        let logs = match agent_logs_addr(meta, &inst.node).await {
+            Ok(addr) => {
+                let path = format!("/v1/logs/{}?tail={tail}", inst.id);
+                match tokio::time::timeout(AGENT_TIMEOUT, http_get(&addr, &path)).await {
+                    Ok(Ok(v)) => Ok(v),
+                    Ok(Err(e)) => Err(format!("agent of node {} at {addr}: {e}", inst.node)),
+                    Err(_) => Err(format!("agent of node {} at {addr}: timed out", inst.node)),
+                }
+            }
+            Err(e) => Err(e),
+        };
+        let mut entry = json!({
+            "id": inst.id,
+            "node": inst.node,
+            "state": inst.state,
+        });
+        match logs {
+            Ok(v) => {
+                entry["stdout"] = v["stdout"].clone();
+                entry["stderr"] = v["stderr"].clone();
+            }
+            Err(e) => entry["error"] = json!(e),
+        }
+        out.push(entry);
+    }
+    json!({ "instances": out })
+}
+
+async fn agent_logs_addr(meta: &dyn MetaStore, node: &str) -> Result<String, String> {
+    let kv = meta
+        .get(&format!("{AGENTS_PREFIX}{node}"))
+        .await
+        .map_err(|e| format!("reading the agent record of node {node}: {e}"))?
+        .ok_or_else(|| format!("node {node} has no agent now"))?;
+    let rec: AgentRecord = serde_json::from_slice(&kv.value)
+        .map_err(|e| format!("the agent record of node {node} is unreadable: {e}"))?;
+    rec.logs_addr
+        .ok_or_else(|| format!("the agent of node {node} does not serve logs"))
+}
+
+/// GET `path` from `addr` (HTTP/1.0); the JSON body of a 200 answer.
+async fn http_get(addr: &str, path: &str) -> Result<Value, String> {
+    let mut s = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| e.to_string())?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: shoal\r\n\r\n").as_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut resp = Vec::new();
+    s.take(2 * MAX_TAIL + (64 << 10))
+        .read_to_end(&mut resp)
+        .await
+        .map_err(|e| e.to_string())?;
+    let split = resp
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or("malformed HTTP answer")?;
+    let head = String::from_utf8_lossy(&resp[..split]);
+    let status = head.split_whitespace().nth(1).unwrap_or("?");
+    let body = &resp[split + 4..];
+    if status != "200" {
+        return Err(format!("HTTP {status}: {}", String::from_utf8_lossy(body)));
+    }
+    serde_json::from_slice(body).map_err(|e| format!("malformed JSON: {e}"))
+}

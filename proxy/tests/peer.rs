@@ -1,0 +1,180 @@
+//! The proxy's network listener for other proxies: mutual TLS under the cluster CA, only the
+//! `Peer` role, and a malformed peer connection closed without disturbing the others.
+#![allow(clippy::unwrap_used)] // test setup panics on failure by design
+use bytes::BytesMut;
+use shoal_meta::{MemStore, MetaStore};
+use shoal_protocol::{
+    encode_frame, CallerFrame, ErrorCode, FrameDecoder, Payload, ProxyFrame, Role, PROTOCOL_VERSION,
+};
+use shoal_proxy::{PeerConfig, Proxy, ProxyConfig};
+use shoal_transport::{DevCa, NodeTls, SERVER_NAME};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_rustls::rustls::pki_types::ServerName;
+use tokio_rustls::TlsConnector;
+
+type Tls = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
+
+fn start(dir: &std::path::Path, ca: &DevCa, meta: Arc<dyn MetaStore>) -> Proxy {
+    let mut cfg = ProxyConfig::new("a", dir.join("a.sock"));
+    cfg.peer = Some(PeerConfig {
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        advertise: None,
+        tls: NodeTls::from_node_cert(&ca.issue("a").unwrap()).unwrap(),
+        meta,
+        lease_ttl: Duration::from_secs(5),
+    });
+    Proxy::start(cfg).unwrap()
+}
+
+async fn connect(addr: SocketAddr, ca: &DevCa, node: &str) -> std::io::Result<Tls> {
+    let tls = NodeTls::from_node_cert(&ca.issue(node).unwrap()).unwrap();
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    let name = ServerName::try_from(SERVER_NAME).unwrap().to_owned();
+    TlsConnector::from(tls.client_config().unwrap())
+        .connect(name, tcp)
+        .await
+}
+
+async fn send(s: &mut Tls, f: &CallerFrame) {
+    let mut out = Vec::new();
+    encode_frame(f, &mut out).unwrap();
+    s.write_all(&out).await.unwrap();
+}
+
+/// The next frame, or `None` when the proxy closed the connection.
+async fn recv(s: &mut Tls, buf: &mut BytesMut) -> Option<ProxyFrame> {
+    let dec = FrameDecoder::new(1 << 20);
+    loop {
+        if let Some(f) = dec.decode::<ProxyFrame>(buf).unwrap() {
+            return Some(f);
+        }
+        match tokio::time::timeout(Duration::from_secs(5), s.read_buf(buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return None,
+            Ok(Ok(_)) => {}
+            Err(_) => panic!("no answer from the proxy"),
+        }
+    }
+}
+
+fn hello(role: Role) -> CallerFrame {
+    CallerFrame::Hello {
+        version: PROTOCOL_VERSION,
+        role,
+    }
+}
+
+fn peer() -> Role {
+    Role::Peer {
+        node_id: "b".into(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_cluster_peers_get_in() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = DevCa::generate().unwrap();
+    let meta: Arc<dyn MetaStore> = Arc::new(MemStore::open(None, "").unwrap());
+    let proxy = start(dir.path(), &ca, meta.clone());
+    let addr = proxy.peer_addr().unwrap();
+
+    // The proxy publishes its listener.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while meta.get("proxies/a").await.unwrap().is_none() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no proxies/a record"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // A certificate from another CA: no session.
+    let other = DevCa::generate().unwrap();
+    let refused = match connect(addr, &other, "b").await {
+        Err(_) => true,
+        Ok(mut s) => {
+            send(&mut s, &hello(peer())).await;
+            recv(&mut s, &mut BytesMut::new()).await.is_none()
+        }
+    };
+    assert!(refused, "a foreign-CA peer was served");
+
+    // The cluster's CA, but not a proxy: refused with PermissionDenied.
+    let mut s = connect(addr, &ca, "b").await.unwrap();
+    send(&mut s, &hello(Role::Caller)).await;
+    match recv(&mut s, &mut BytesMut::new()).await {
+        Some(ProxyFrame::Refused(e)) => assert_eq!(e.code, ErrorCode::PermissionDenied),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_peer_is_closed_and_others_are_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = DevCa::generate().unwrap();
+    let meta: Arc<dyn MetaStore> = Arc::new(MemStore::open(None, "").unwrap());
+    let proxy = start(dir.path(), &ca, meta);
+    let addr = proxy.peer_addr().unwrap();
+    // A local instance that echoes.
+    let inst = shoal_sdk::FunctionInstance::register(proxy.socket_path(), "echo", "e-1", 4)
+        .await
+        .unwrap();
+    tokio::spawn(inst.run(|a: Vec<u8>| async move { Ok(a) }));
+
+    let mut good = connect(addr, &ca, "b").await.unwrap();
+    send(&mut good, &hello(peer())).await;
+    let mut gbuf = BytesMut::new();
+    assert!(matches!(
+        recv(&mut good, &mut gbuf).await,
+        Some(ProxyFrame::Welcome { .. })
+    ));
+
+    let mut bad = connect(addr, &ca, "c").await.unwrap();
+    send(&mut bad, &hello(peer())).await;
+    let mut bbuf = BytesMut::new();
+    recv(&mut bad, &mut bbuf).await.unwrap();
+    // A frame header announcing a 1 GiB body: the proxy closes that connection.
+    bad.write_all(&(1u32 << 30).to_le_bytes()).await.unwrap();
+    bad.write_all(&[PROTOCOL_VERSION, 0, 0, 0]).await.unwrap();
+    assert!(recv(&mut bad, &mut bbuf).await.is_none(), "bad peer kept");
+
+    // The good peer's call is served by the local instance.
+    let call = CallerFrame::Call {
+        id: 9,
+        function: "echo".into(),
+        instance: None,
+        args: Payload::Inline(b"over the network".to_vec()),
+        timeout_ms: 5000,
+        trace_id: 1,
+    };
+    send(&mut good, &call).await;
+    match recv(&mut good, &mut gbuf).await {
+        Some(ProxyFrame::Reply { id: 9, result }) => {
+            assert_eq!(
+                result.unwrap(),
+                Payload::Inline(b"over the network".to_vec())
+            )
+        }
+        other => panic!("expected the reply, got {other:?}"),
+    }
+    // A peer's call for a function with no local instance: NotFound, never forwarded on.
+    let call = CallerFrame::Call {
+        id: 10,
+        function: "elsewhere".into(),
+        instance: None,
+        args: Payload::Inline(vec![]),
+        timeout_ms: 5000,
+        trace_id: 2,
+    };
+    send(&mut good, &call).await;
+    match recv(&mut good, &mut gbuf).await {
+        Some(ProxyFrame::Reply { id: 10, result }) => {
+            assert_eq!(result.unwrap_err().code, ErrorCode::NotFound)
+        }
+        other => panic!("expected NotFound, got {other:?}"),
+    }
+    proxy.shutdown().await;
+}
