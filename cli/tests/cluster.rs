@@ -850,3 +850,100 @@ fn rest_frontend_and_large_payloads_as_objects() {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+#[test]
+#[cfg(feature = "etcd")]
+fn warm_calls_flow_through_a_leader_failover_on_etcd() {
+    let etcd = Etcd::start().expect("etcd is not installed: scripts/test.sh installs etcd-server");
+    let up = Up::start(2, &["--etcd", &etcd.url]);
+    let standby = ControlProc::start(&etcd.url, "standby");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while standby.role().as_deref() != Some("standby") {
+        assert!(
+            Instant::now() < deadline,
+            "the second control never stood by"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    up.deploy_echo();
+    let inst = up.running_instance(Instant::now() + Duration::from_secs(20), None);
+    let node = up.node_index(inst["node"].as_str().unwrap());
+    // Calls through the other node's proxy: forwarded, so the route table is exercised too.
+    let proxy = up.proxy(1 - node);
+    assert_eq!(up.invoke_echo(&proxy, "warm"), b"warm");
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let caller = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            let c = rt.block_on(shoal_sdk::CallClient::connect(&proxy)).unwrap();
+            let (mut ok, mut failed) = (0u64, Vec::new());
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                match rt.block_on(c.invoke("echo", b"in flight", Duration::from_secs(5))) {
+                    Ok(v) if v == b"in flight" => ok += 1,
+                    other => failed.push(format!("{other:?}")),
+                }
+            }
+            (ok, failed)
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    // The leader (up's control) dies; the standby takes over while calls keep flowing.
+    kill(up.info["control"]["pid"].as_i64().unwrap());
+    let killed = Instant::now();
+    while standby.role().as_deref() != Some("leader") {
+        assert!(
+            killed.elapsed() < Duration::from_secs(5) + Duration::from_secs(5),
+            "the standby did not take over"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (served, failed) = caller.join().unwrap();
+    assert!(
+        failed.is_empty(),
+        "{} calls failed: {:?}",
+        failed.len(),
+        &failed[..failed.len().min(3)]
+    );
+    assert!(served > 50, "only {served} calls in the failover window");
+
+    // The new leader places: a second function deployed through it runs.
+    let pkg = up.dir.path().join("echo-pkg");
+    let o = Command::new(SHOAL)
+        .args([
+            "fn",
+            "deploy",
+            "echo2",
+            "--path",
+            pkg.to_str().unwrap(),
+            "--min",
+            "1",
+            "--",
+            "./echo",
+        ])
+        .env("SHOAL_CONTROL", &standby.http)
+        .output()
+        .unwrap();
+    ok(&o);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let v = http_json(&standby.http, "/v1/functions/echo2/instances").unwrap_or_default();
+        let running = v["instances"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|i| i["state"] == "running"));
+        if running {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "echo2 never ran under the new leader: {v}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
