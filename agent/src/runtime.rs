@@ -79,6 +79,8 @@ pub struct AgentConfig {
     /// Where to serve instance logs over HTTP (port 0: any free port); the bound address is
     /// published as `logs_addr` in the agent record.
     pub logs_addr: std::net::SocketAddr,
+    /// The node's labels, published in the agent record for placement.
+    pub labels: BTreeMap<String, String>,
 }
 
 /// Why the agent did not start.
@@ -167,6 +169,7 @@ fn agent_record(
         limits_enforced: limiter.can_limit(),
         limits_reason: limiter.reason().map(str::to_string),
         logs_addr: Some(cfg.logs_addr.to_string()),
+        labels: cfg.labels.clone(),
     }
 }
 

@@ -164,6 +164,7 @@ async fn control_places_and_agent_runs() {
             grace: Duration::from_millis(500),
             s3: S3Settings::default(),
             logs_addr: "127.0.0.1:0".parse().unwrap(),
+            labels: Default::default(),
         },
         store.clone(),
     )
@@ -315,6 +316,7 @@ async fn remote_packages_run_or_fail_with_a_reason() {
             grace: Duration::from_millis(500),
             s3: moto.settings(),
             logs_addr: "127.0.0.1:0".parse().unwrap(),
+            labels: Default::default(),
         },
         store.clone(),
     )

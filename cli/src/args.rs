@@ -177,6 +177,22 @@ pub(crate) enum FnOp {
         /// Environment for the process (KEY=VALUE, repeatable).
         #[arg(long)]
         env: Vec<String>,
+        /// Run only on nodes with this label (KEY=VALUE, repeatable; `shoal up` labels each
+        /// node `node=NODE_ID`).
+        #[arg(long)]
+        node_selector: Vec<String>,
+        /// Free-form label of the function (KEY=VALUE, repeatable).
+        #[arg(long)]
+        label: Vec<String>,
+        /// Run only on nodes that run this function too (repeatable).
+        #[arg(long)]
+        affinity: Vec<String>,
+        /// Never run on a node that runs this function (repeatable).
+        #[arg(long)]
+        anti_affinity: Vec<String>,
+        /// Run in this resource pool (its nodes, within its capacity).
+        #[arg(long)]
+        pool: Option<String>,
         /// The command that starts an instance, after `--` (relative to the package).
         #[arg(last = true, required = true)]
         command: Vec<String>,
@@ -401,6 +417,9 @@ pub(crate) struct AgentArgs {
     /// Time between SIGTERM and SIGKILL when an instance is stopped.
     #[arg(long, env = "SHOAL_STOP_GRACE", default_value = "5s", value_parser = parse_duration)]
     pub(crate) grace: Duration,
+    /// A label of this node (KEY=VALUE, repeatable), for functions' node selectors and pools.
+    #[arg(long = "label", env = "SHOAL_NODE_LABELS", value_delimiter = ',')]
+    pub(crate) labels: Vec<String>,
     /// Address of the agent's log endpoint (`shoal fn logs` reads instance logs there).
     #[arg(long, env = "SHOAL_AGENT_LOGS_ADDR", default_value = "127.0.0.1:0")]
     pub(crate) logs_addr: SocketAddr,

@@ -200,6 +200,7 @@ pub(crate) fn agent(a: AgentArgs) -> anyhow::Result<ExitCode> {
             grace: a.grace,
             s3: shoal_agent::S3Settings::from_env(),
             logs_addr: a.logs_addr,
+            labels: crate::fn_cmds::key_values("--label", &a.labels)?,
         };
         let agent = shoal_agent::Agent::start(cfg, meta)
             .await
@@ -446,6 +447,7 @@ pub(crate) fn up_cluster(a: UpArgs) -> anyhow::Result<ExitCode> {
             "--lease-ttl".into(),
             humantime::format_duration(a.worker.cluster.lease_ttl).to_string(),
         ];
+        agent_args.extend(["--label".into(), format!("node={n}")]);
         agent_args.extend(store_args.iter().cloned());
         agents.push(Proc::spawn(&format!("{n} agent"), &agent_args)?);
     }

@@ -83,6 +83,20 @@ fn json(body: &[u8]) -> anyhow::Result<serde_json::Value> {
     serde_json::from_slice(body).context("control answered with malformed JSON")
 }
 
+/// `KEY=VALUE` arguments of `flag` as a map.
+pub(crate) fn key_values(
+    flag: &str,
+    list: &[String],
+) -> anyhow::Result<std::collections::BTreeMap<String, String>> {
+    list.iter()
+        .map(|kv| {
+            kv.split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .with_context(|| format!("{flag} {kv}: expected KEY=VALUE"))
+        })
+        .collect()
+}
+
 /// Every instance record control knows, as JSON objects.
 pub(crate) fn all_instances(control: &str) -> anyhow::Result<Vec<serde_json::Value>> {
     let (s, body) = request(control, "GET", "/v1/instances", None)?;
@@ -159,6 +173,11 @@ pub(crate) fn run(control: &str, op: FnOp) -> anyhow::Result<ExitCode> {
             cpu_milli,
             mem_mib,
             env,
+            node_selector,
+            label,
+            affinity,
+            anti_affinity,
+            pool,
             command,
         } => {
             let mut spec = FunctionSpec {
@@ -167,22 +186,16 @@ pub(crate) fn run(control: &str, op: FnOp) -> anyhow::Result<ExitCode> {
                 code: code_source(&path)?,
                 digest,
                 command,
-                env: env
-                    .iter()
-                    .map(|kv| {
-                        kv.split_once('=')
-                            .map(|(k, v)| (k.to_string(), v.to_string()))
-                            .with_context(|| format!("--env {kv}: expected KEY=VALUE"))
-                    })
-                    .collect::<anyhow::Result<_>>()?,
+                env: key_values("--env", &env)?,
                 resources: Resources { cpu_milli, mem_mib },
                 min_instances: min,
                 max_instances: max.max(min).max(1),
                 concurrency,
-                labels: Default::default(),
-                node_selector: Default::default(),
-                affinity: Vec::new(),
-                anti_affinity: Vec::new(),
+                labels: key_values("--label", &label)?,
+                node_selector: key_values("--node-selector", &node_selector)?,
+                affinity,
+                anti_affinity,
+                pool,
             };
             let (status, body) = request(
                 control,

@@ -947,3 +947,75 @@ fn warm_calls_flow_through_a_leader_failover_on_etcd() {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+#[test]
+fn placement_follows_selectors_affinity_and_pools() {
+    let up = Up::start(2, &[]);
+    let pkg = up.dir.path().join("pinned-pkg");
+    std::fs::create_dir_all(&pkg).unwrap();
+    std::fs::copy(example("echo"), pkg.join("echo")).unwrap();
+    let deploy = |name: &str, extra: &[&str]| {
+        let mut args = vec!["deploy", name, "--path", pkg.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["--", "./echo"]);
+        ok(&up.shoal_fn(&args, None));
+    };
+    let instances = |name: &str| -> Vec<serde_json::Value> {
+        let o = up.shoal_fn(&["ls", "--json"], None);
+        let v: serde_json::Value = serde_json::from_slice(&ok(&o)).unwrap();
+        v["instances"]["instances"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|i| i["function"] == name)
+            .collect()
+    };
+    let running_on = |name: &str| -> String {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(i) = instances(name).iter().find(|i| i["state"] == "running") {
+                return i["node"].as_str().unwrap().to_string();
+            }
+            assert!(Instant::now() < deadline, "{name} never ran");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    // A node selector pins echo to node-2 (`up` labels every node `node=ID`).
+    deploy("echo", &["--min", "1", "--node-selector", "node=node-2"]);
+    assert_eq!(running_on("echo"), "node-2");
+    // Anti-affinity keeps echo-b off echo's node.
+    deploy("echo-b", &["--min", "1", "--anti-affinity", "echo"]);
+    assert_eq!(running_on("echo-b"), "node-1");
+    ok(&up.shoal_fn(&["rm", "echo-b"], None));
+
+    // A pool over node-1 with room for one 600-millicore instance: of two wanted, one runs,
+    // on node-1.
+    let control = up.info["control"]["http"].as_str().unwrap();
+    let pool = br#"{"name":"p","node_selector":{"node":"node-1"},"cpu_milli":1000,"mem_mib":1024}"#;
+    let (status, body) = http_post(control, "/v1/pools", pool);
+    assert_eq!(status, 201, "{}", String::from_utf8_lossy(&body));
+    deploy(
+        "echo-p",
+        &[
+            "--min",
+            "2",
+            "--max",
+            "2",
+            "--pool",
+            "p",
+            "--cpu-milli",
+            "600",
+            "--mem-mib",
+            "64",
+        ],
+    );
+    assert_eq!(running_on("echo-p"), "node-1");
+    std::thread::sleep(Duration::from_secs(2));
+    let placed = instances("echo-p");
+    assert_eq!(
+        placed.len(),
+        1,
+        "the pool's capacity was exceeded: {placed:?}"
+    );
+}

@@ -17,12 +17,14 @@
 //! - Records of functions that no longer exist are deleted; the agent stops the process.
 //! - New records are written with a create-if-absent transaction; ids are
 //!   `<function>-<8 hex digits>`.
-use crate::registry::{FunctionSpec, InstanceRecord, FUNCTIONS_PREFIX, INSTANCES_PREFIX};
+use crate::registry::{
+    FunctionSpec, InstanceRecord, Pool, FUNCTIONS_PREFIX, INSTANCES_PREFIX, POOLS_PREFIX,
+};
 use serde::{Deserialize, Serialize};
 use shoal_meta::{Compare, KeyValue, MetaError, MetaStore, Role, Txn, TxnOp, WatchStream};
 use shoal_scheduler::{
     reconcile, Action, ClusterState, InstanceState, InstanceView, NodeView, ReplaceReason,
-    Resources, StateError,
+    Resources, StateError, Term,
 };
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{BuildHasher, Hasher};
@@ -77,6 +79,20 @@ pub struct AgentRecord {
     /// Where the agent serves its instances' logs over HTTP (`host:port`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub logs_addr: Option<String>,
+    /// The node's labels (matched by functions' `node_selector` and pools' selectors).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// The pool node `labels` belong to: the first pool (by name) whose non-empty selector they
+/// all match. A pool with an empty selector claims no node.
+fn pool_of<'p>(pools: &'p [Pool], labels: &BTreeMap<String, String>) -> Option<&'p Pool> {
+    pools.iter().find(|p| {
+        !p.node_selector.is_empty()
+            && p.node_selector
+                .iter()
+                .all(|(k, v)| labels.get(k) == Some(v))
+    })
 }
 
 /// The instance record key of `id` of `function`.
@@ -211,6 +227,14 @@ impl Placer {
         let (fkvs, frev) = meta.range(FUNCTIONS_PREFIX).await?;
         let (akvs, arev) = meta.range(AGENTS_PREFIX).await?;
         let (ikvs, irev) = meta.range(INSTANCES_PREFIX).await?;
+        // Pools change rarely; they are read on every pass (agents refresh every few
+        // seconds, so a pool change takes effect within that).
+        let (pkvs, _) = meta.range(POOLS_PREFIX).await?;
+        let mut pools: Vec<Pool> = decode_all::<Pool>(&pkvs)
+            .into_iter()
+            .map(|(_, p)| p)
+            .collect();
+        pools.sort_by(|a, b| a.name.cmp(&b.name));
         let specs: BTreeMap<String, FunctionSpec> = decode_all::<FunctionSpec>(&fkvs)
             .into_iter()
             .map(|(_, s)| (s.name.clone(), s))
@@ -226,10 +250,17 @@ impl Placer {
 
         let mut state = ClusterState::new();
         for a in &agents {
-            state.upsert_node(NodeView::new(
+            let mut node = NodeView::new(
                 a.node_id.clone(),
                 Resources::new(a.cpu_milli, a.mem_total_mib),
-            ));
+            );
+            for (k, v) in &a.labels {
+                node = node.with_label(k.clone(), v.clone());
+            }
+            if let Some(p) = pool_of(&pools, &a.labels) {
+                node = node.with_pool(p.name.clone());
+            }
+            state.upsert_node(node);
         }
         let now = Instant::now();
         self.failed_since
@@ -314,7 +345,8 @@ impl Placer {
                 Action::Create { function } => {
                     if let Some(spec) = specs.get(&function) {
                         writes += 1;
-                        self.create(meta, &mut state, spec, now_ms).await?;
+                        self.create(meta, &mut state, spec, &specs, &pools, now_ms)
+                            .await?;
                     }
                 }
                 Action::Replace {
@@ -350,7 +382,8 @@ impl Placer {
                     delete_record(meta, old).await?;
                     self.failed_since.remove(&instance);
                     self.lost_since.remove(&instance);
-                    self.create(meta, &mut state, spec, now_ms).await?;
+                    self.create(meta, &mut state, spec, &specs, &pools, now_ms)
+                        .await?;
                 }
                 Action::Remove {
                     instance, reason, ..
@@ -370,12 +403,15 @@ impl Placer {
         ])
     }
 
-    /// Reserve + bind in `state`, then write the record (create-if-absent).
+    /// Reserve + bind in `state`, then write the record (create-if-absent). A function in a
+    /// pool is placed only while the pool's instances fit in its capacity.
     async fn create(
         &mut self,
         meta: &dyn MetaStore,
         state: &mut ClusterState,
         spec: &FunctionSpec,
+        specs: &BTreeMap<String, FunctionSpec>,
+        pools: &[Pool],
         now_ms: u64,
     ) -> Result<(), MetaError> {
         let mut req = shoal_scheduler::Request::new(
@@ -386,6 +422,28 @@ impl Placer {
             ),
         );
         req.node_selector = spec.node_selector.clone();
+        req.affinity.required = spec.affinity.iter().map(Term::function).collect();
+        req.anti_affinity.required = spec.anti_affinity.iter().map(Term::function).collect();
+        req.pool = spec.pool.clone();
+        if let Some(name) = &spec.pool {
+            let Some(pool) = pools.iter().find(|p| &p.name == name) else {
+                tracing::debug!(function = %spec.name, pool = %name, "pool does not exist");
+                return Ok(());
+            };
+            let (cpu, mem) = state
+                .instances()
+                .filter(|i| i.state.holds_resources())
+                .filter(|i| specs.get(&i.function).and_then(|s| s.pool.as_ref()) == Some(name))
+                .fold((0u64, 0u64), |(c, m), i| {
+                    (c + i.resources.cpu_milli, m + i.resources.mem_mib)
+                });
+            if cpu + req.resources.cpu_milli > pool.cpu_milli
+                || mem + req.resources.mem_mib > pool.mem_mib
+            {
+                tracing::debug!(function = %spec.name, pool = %name, "pool is full");
+                return Ok(());
+            }
+        }
         let id = new_instance_id(&spec.name);
         let reservation = match state.reserve(&id, &req, now_ms, RESERVATION_TTL_MS) {
             Ok(r) => r,
@@ -434,4 +492,42 @@ fn is_done(r: &InstanceRecord) -> bool {
 
 async fn delete_record(meta: &dyn MetaStore, s: &Stored) -> Result<(), MetaError> {
     meta.delete(&s.key).await.map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn pool(name: &str, sel: &[(&str, &str)]) -> Pool {
+        Pool {
+            name: name.into(),
+            node_selector: sel
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            cpu_milli: 1000,
+            mem_mib: 1024,
+        }
+    }
+
+    #[test]
+    fn a_node_belongs_to_the_first_pool_whose_selector_it_matches() {
+        let pools = [
+            pool("a", &[("zone", "x"), ("gpu", "yes")]),
+            pool("b", &[("zone", "x")]),
+            pool("everything", &[]),
+        ];
+        let labels = |l: &[(&str, &str)]| -> BTreeMap<String, String> {
+            l.iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let of = |l: &[(&str, &str)]| pool_of(&pools, &labels(l)).map(|p| p.name.as_str());
+        assert_eq!(of(&[("zone", "x"), ("gpu", "yes")]), Some("a"));
+        assert_eq!(of(&[("zone", "x")]), Some("b"));
+        // An empty selector claims nothing.
+        assert_eq!(of(&[("zone", "y")]), None);
+        assert_eq!(of(&[]), None);
+    }
 }

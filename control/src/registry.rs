@@ -142,6 +142,10 @@ pub struct FunctionSpec {
     /// Functions whose instances this one's must never share a node with (required).
     #[serde(default)]
     pub anti_affinity: Vec<String>,
+    /// The resource pool the instances run in (its nodes only, within its capacity); none:
+    /// the shared nodes, those in no pool.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<String>,
 }
 
 /// A named share of the cluster: the nodes matching `node_selector`, and how much of them.
@@ -402,6 +406,9 @@ impl FunctionSpec {
             for (i, n) in names.iter().enumerate() {
                 validate_name(&format!("{field}[{i}]"), n)?;
             }
+        }
+        if let Some(p) = &self.pool {
+            validate_name("pool", p)?;
         }
         Ok(())
     }
