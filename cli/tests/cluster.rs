@@ -1019,3 +1019,75 @@ fn placement_follows_selectors_affinity_and_pools() {
         "the pool's capacity was exceeded: {placed:?}"
     );
 }
+
+#[test]
+fn an_update_rolls_the_instances_without_dropping_calls() {
+    let up = Up::start(2, &[]);
+    up.deploy_echo();
+    let first = up.running_instance(Instant::now() + Duration::from_secs(20), None);
+    let proxy = up.proxy(0);
+    assert_eq!(up.invoke_echo(&proxy, "v1"), b"v1");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let caller = {
+        let (stop, proxy) = (stop.clone(), proxy.clone());
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            let c = rt.block_on(shoal_sdk::CallClient::connect(&proxy)).unwrap();
+            let (mut served, mut failed) = (0u64, Vec::new());
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                match rt.block_on(c.invoke("echo", b"rolling", Duration::from_secs(5))) {
+                    Ok(_) => served += 1,
+                    Err(e) => failed.push(e.to_string()),
+                }
+            }
+            (served, failed)
+        })
+    };
+    // Version 2 (a new environment): a new instance starts, then the old one goes.
+    let pkg = up.dir.path().join("echo-pkg");
+    let args = [
+        "deploy",
+        "echo",
+        "--path",
+        pkg.to_str().unwrap(),
+        "--min",
+        "1",
+        "--env",
+        "V=2",
+        "--",
+        "./echo",
+    ];
+    ok(&up.shoal_fn(&args, None));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let v: serde_json::Value =
+            serde_json::from_slice(&ok(&up.shoal_fn(&["ls", "--json"], None))).unwrap();
+        let insts = v["instances"]["instances"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        let rolled = insts.len() == 1
+            && insts[0]["function_version"] == 2
+            && insts[0]["state"] == "running"
+            && insts[0]["id"] != first["id"];
+        if rolled {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never rolled: {insts:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (served, failed) = caller.join().unwrap();
+    assert!(
+        failed.is_empty(),
+        "{} of {} calls failed during the roll: {:?}",
+        failed.len(),
+        served + failed.len() as u64,
+        &failed[..failed.len().min(3)]
+    );
+    assert!(served > 10, "only {served} calls");
+}

@@ -15,6 +15,10 @@
 //!   operators see why), then it is deleted and replaced; it is replaced at once when the
 //!   function's version changed since the record was written.
 //! - Records of functions that no longer exist are deleted; the agent stops the process.
+//! - Updating a function rolls its instances: records of an older version are shown to the
+//!   scheduler as instances of another function, so it places the current version's
+//!   instances beside them (a surge); an old record is deleted once the current version has
+//!   its minimum of instances running, so a function with instances never drops to none.
 //! - New records are written with a create-if-absent transaction; ids are
 //!   `<function>-<8 hex digits>`.
 use crate::registry::{
@@ -295,7 +299,11 @@ impl Placer {
                 .unwrap_or(Resources::ZERO);
             let mut view = InstanceView {
                 id: r.id.clone(),
-                function: r.function.clone(),
+                function: match outdated_version(r, &specs) {
+                    // Counted apart from the current version's instances (see module docs).
+                    Some(v) => format!("{}@v{v}", r.function),
+                    None => r.function.clone(),
+                },
                 node: r.node.clone(),
                 resources: res,
                 state: scheduler_state(&r.state),
@@ -389,6 +397,11 @@ impl Placer {
                     instance, reason, ..
                 } => {
                     if let Some(old) = records.get(&instance) {
+                        if outdated_version(&old.record, &specs).is_some()
+                            && !current_version_ready(&old.record.function, &records, &specs)
+                        {
+                            continue; // keep serving until its successors run
+                        }
                         writes += 1;
                         tracing::info!(%instance, ?reason, "removing instance");
                         delete_record(meta, old).await?;
@@ -484,6 +497,34 @@ impl Placer {
         }
         Ok(())
     }
+}
+
+/// The version `r` was scheduled for, when it is older than its function's and `r` is not
+/// done.
+fn outdated_version(r: &InstanceRecord, specs: &BTreeMap<String, FunctionSpec>) -> Option<u64> {
+    let spec = specs.get(&r.function)?;
+    r.function_version
+        .filter(|v| *v != spec.version && !is_done(r))
+}
+
+/// Whether `function`'s current version has its minimum of instances running.
+fn current_version_ready(
+    function: &str,
+    records: &BTreeMap<String, Stored>,
+    specs: &BTreeMap<String, FunctionSpec>,
+) -> bool {
+    let Some(spec) = specs.get(function) else {
+        return true;
+    };
+    let running = records
+        .values()
+        .filter(|s| {
+            s.record.function == function
+                && s.record.function_version == Some(spec.version)
+                && s.record.state == "running"
+        })
+        .count();
+    running >= spec.min_instances as usize
 }
 
 fn is_done(r: &InstanceRecord) -> bool {
