@@ -386,11 +386,7 @@ impl Router {
         now: Instant,
     ) -> Vec<Action> {
         let mut out = Vec::new();
-        let running_here = self
-            .calls
-            .get(&id)
-            .is_some_and(|c| c.running_on == Some(instance));
-        if !running_here {
+        if !self.runs_on(id, instance) {
             return out;
         }
         if let Some(call) = self.remove_call(id) {
@@ -416,11 +412,7 @@ impl Router {
         now: Instant,
     ) -> Vec<Action> {
         let mut out = Vec::new();
-        let running_here = self
-            .calls
-            .get(&id)
-            .is_some_and(|c| c.running_on == Some(route));
-        if !running_here {
+        if !self.runs_on(id, route) {
             return out;
         }
         if let Some(i) = self.instances.get_mut(&route) {
@@ -461,6 +453,13 @@ impl Router {
         self.fill(route, now, &mut out);
         self.reap(route);
         out
+    }
+
+    /// Whether invoke `id` is running on connection `conn`.
+    fn runs_on(&self, id: u64, conn: ConnId) -> bool {
+        self.calls
+            .get(&id)
+            .is_some_and(|c| c.running_on == Some(conn))
     }
 
     /// The instance among `candidates` (not in `skip`) with a free slot: local before
