@@ -10,6 +10,7 @@
 //! when the queue is dropped (connection closed, refused or proxy shutdown) or the socket
 //! fails, and then cancels the reader. Shutdown: stop accepting, fail all calls with
 //! `Unavailable`, drop all queues, wait for every connection task and the timer.
+use crate::peer::{self, PeerSetup};
 use crate::shared::{Conn, ConnError, Phase, Shared};
 use crate::StartError;
 use bytes::BytesMut;
@@ -77,6 +78,7 @@ where
 pub(crate) fn start_tokio(
     shared: Arc<Shared>,
     listener: std::os::unix::net::UnixListener,
+    peer: Option<PeerSetup>,
 ) -> Result<EngineThread, StartError> {
     listener
         .set_nonblocking(true)
@@ -106,6 +108,9 @@ pub(crate) fn start_tokio(
                     let s = shared.clone();
                     let st = stop2.clone();
                     tracker.spawn(async move { s.timer_loop(st).await });
+                }
+                if let Some(p) = peer {
+                    tracker.spawn(peer::run(shared.clone(), p, stop2.clone(), tracker.clone()));
                 }
                 let accept = async {
                     loop {
@@ -197,6 +202,7 @@ where
 pub(crate) fn start_uring(
     shared: Arc<Shared>,
     listener: std::os::unix::net::UnixListener,
+    peer: Option<PeerSetup>,
 ) -> Result<EngineThread, StartError> {
     listener
         .set_nonblocking(true)
@@ -229,6 +235,11 @@ pub(crate) fn start_uring(
                     let s = shared.clone();
                     let st = stop2.clone();
                     tokio_uring::spawn(tracker.track_future(async move { s.timer_loop(st).await }));
+                }
+                if let Some(p) = peer {
+                    // Peer connections are TLS streams on tokio sockets, inside this runtime.
+                    let run = peer::run(shared.clone(), p, stop2.clone(), tracker.clone());
+                    tokio_uring::spawn(tracker.track_future(run));
                 }
                 let accept = async {
                     loop {

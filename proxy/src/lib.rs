@@ -147,7 +147,7 @@ pub struct Proxy {
     engine: EngineKind,
     socket_path: PathBuf,
     thread: engine::EngineThread,
-    peer: Option<peer::PeerThread>,
+    peer_addr: Option<SocketAddr>,
 }
 
 fn prepare_socket(path: &Path) -> Result<(), StartError> {
@@ -186,7 +186,8 @@ impl Proxy {
         prepare_socket(&cfg.socket_path)?;
         let path = cfg.socket_path.clone();
         let wanted = cfg.engine;
-        let peer_cfg = cfg.peer.clone();
+        let peer = cfg.peer.clone().map(peer::PeerSetup::bind).transpose()?;
+        let peer_addr = peer.as_ref().map(|p| p.addr);
         let shared = Arc::new(Shared::new(cfg));
         let bind = || {
             std::os::unix::net::UnixListener::bind(&path).map_err(|source| StartError::Socket {
@@ -197,13 +198,17 @@ impl Proxy {
         let (engine, thread) = match wanted {
             EngineKind::Uring => (
                 EngineKind::Uring,
-                engine::start_uring(shared.clone(), bind()?)?,
+                engine::start_uring(shared.clone(), bind()?, peer)?,
             ),
             EngineKind::Tokio => (
                 EngineKind::Tokio,
-                engine::start_tokio(shared.clone(), bind()?)?,
+                engine::start_tokio(shared.clone(), bind()?, peer)?,
             ),
-            EngineKind::Auto => match engine::start_uring(shared.clone(), bind()?) {
+            EngineKind::Auto => match engine::start_uring(
+                shared.clone(),
+                bind()?,
+                peer.as_ref().map(peer::PeerSetup::try_clone).transpose()?,
+            ) {
                 Ok(t) => (EngineKind::Uring, t),
                 Err(StartError::Uring(e)) => {
                     tracing::warn!(error = %e, "io_uring unavailable; using the tokio engine");
@@ -211,35 +216,24 @@ impl Proxy {
                     let _ = std::fs::remove_file(&path);
                     (
                         EngineKind::Tokio,
-                        engine::start_tokio(shared.clone(), bind()?)?,
+                        engine::start_tokio(shared.clone(), bind()?, peer)?,
                     )
                 }
                 Err(e) => return Err(e),
             },
         };
-        let peer = match peer_cfg {
-            Some(p) => match peer::start(shared, p) {
-                Ok(t) => Some(t),
-                Err(e) => {
-                    stop_engine(thread, &path);
-                    return Err(e);
-                }
-            },
-            None => None,
-        };
-        let peer_addr = peer.as_ref().map(|p| p.addr);
         tracing::info!(socket = %path.display(), ?engine, ?peer_addr, "proxy started");
         Ok(Proxy {
             engine,
             socket_path: path,
             thread,
-            peer,
+            peer_addr,
         })
     }
 
     /// The bound address of the listener for other proxies, if any.
     pub fn peer_addr(&self) -> Option<SocketAddr> {
-        self.peer.as_ref().map(|p| p.addr)
+        self.peer_addr
     }
 
     /// The engine that actually runs (never `Auto`).
@@ -253,32 +247,15 @@ impl Proxy {
     }
 
     /// Stops accepting, withdraws `proxies/<node>`, fails calls in flight or queued with
-    /// `Unavailable`, closes every connection, waits for the engine and peer threads, and
+    /// `Unavailable`, closes every connection, waits for the engine thread (peer tasks included), and
     /// removes the socket file.
     pub async fn shutdown(self) {
-        if let Some(p) = &self.peer {
-            p.stop.cancel();
-        }
         let engine::EngineThread { stop, done, thread } = self.thread;
         stop.cancel();
         let _ = done.await;
         if thread.join().is_err() {
             tracing::error!("the proxy engine thread panicked");
         }
-        if let Some(p) = self.peer {
-            // Peer connections ended with the engine's shutdown (their queues were dropped).
-            let joined = tokio::task::spawn_blocking(move || p.thread.join()).await;
-            if !matches!(joined, Ok(Ok(()))) {
-                tracing::error!("the proxy peer thread panicked");
-            }
-        }
         let _ = std::fs::remove_file(&self.socket_path);
     }
-}
-
-/// Stops an engine that started, from synchronous code (a later start step failed).
-fn stop_engine(t: engine::EngineThread, path: &Path) {
-    t.stop.cancel();
-    let _ = t.thread.join();
-    let _ = std::fs::remove_file(path);
 }

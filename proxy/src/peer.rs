@@ -6,11 +6,12 @@
 //! `Hello { role: Peer }`, the only role the listener takes, and its calls are served by
 //! this node's instances only (never forwarded again). `TCP_NODELAY` is set on both ends.
 //!
-//! Everything here runs on one thread with a current-thread tokio runtime: the accept loop,
-//! the route feed and registration ([`crate::routes`]), and one forwarder task per node a
-//! route leads to. A forwarder owns one connection to its node's proxy, opened on the first
-//! call and again after it fails; while a connect has just failed it gives calls back at
-//! once ([`Shared::route_bounce`]) instead of trying again for [`RECONNECT_PAUSE`].
+//! Everything here runs as tasks on the engine's own runtime (so a forwarded call costs no
+//! extra thread hop): the accept loop, the route feed and registration ([`crate::routes`]),
+//! and one forwarder task per node a route leads to. A forwarder owns one connection to its
+//! node's proxy, opened on the first call and again after it fails; while a connect has just
+//! failed it gives calls back at once ([`Shared::route_bounce`]) instead of trying again for
+//! [`RECONNECT_PAUSE`].
 use crate::engine::serve_stream;
 use crate::routes::{feed_loop, register_loop, ProxyRecord, RouteTable};
 use crate::shared::{Forward, Phase, Shared};
@@ -99,91 +100,116 @@ pub(crate) fn spawn_forwarder(
     tx
 }
 
-/// The running network side of a proxy.
-#[derive(Debug)]
-pub(crate) struct PeerThread {
+/// The network side of a proxy, bound and ready to run on the engine's runtime.
+pub(crate) struct PeerSetup {
     pub(crate) addr: SocketAddr,
-    pub(crate) stop: CancellationToken,
-    pub(crate) thread: std::thread::JoinHandle<()>,
+    listener: std::net::TcpListener,
+    acceptor: TlsAcceptor,
+    connector: TlsConnector,
+    cfg: PeerConfig,
 }
 
-/// Binds the peer listener and starts the peer thread.
-pub(crate) fn start(shared: Arc<Shared>, cfg: PeerConfig) -> Result<PeerThread, StartError> {
-    let tls_err = |e: shoal_transport::PkiError| StartError::Tls(e.to_string());
-    let acceptor = TlsAcceptor::from(cfg.tls.server_config().map_err(tls_err)?);
-    let connector = TlsConnector::from(cfg.tls.client_config().map_err(tls_err)?);
-    let listener = std::net::TcpListener::bind(cfg.listen).map_err(|source| StartError::Peer {
-        addr: cfg.listen,
-        source,
-    })?;
-    let addr = listener.local_addr().map_err(|source| StartError::Peer {
-        addr: cfg.listen,
-        source,
-    })?;
-    listener
-        .set_nonblocking(true)
-        .map_err(StartError::Runtime)?;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(StartError::Runtime)?;
-    let stop = CancellationToken::new();
-    let stop2 = stop.clone();
-    let advertise = cfg.advertise.unwrap_or(addr);
-    let thread = std::thread::Builder::new()
-        .name("shoal-proxy-peer".into())
-        .spawn(move || {
-            rt.block_on(async move {
-                let listener = match tokio::net::TcpListener::from_std(listener) {
-                    Ok(l) => l,
-                    Err(e) => {
-                        tracing::error!(error = %e, "cannot register the peer listener");
-                        return;
-                    }
-                };
-                let tasks = TaskTracker::new();
-                let me = shared.cfg.node_id.clone();
-                let forwarders = Forwarders {
-                    me: me.clone(),
-                    connector,
-                    max_frame: shared.cfg.max_frame,
-                    by_node: HashMap::new(),
-                    tasks: tasks.clone(),
-                    stop: stop2.clone(),
-                };
-                let record = ProxyRecord {
-                    node_id: me.clone(),
-                    peer_addr: advertise,
-                };
-                tasks.spawn(register_loop(
-                    cfg.meta.clone(),
-                    record,
-                    cfg.lease_ttl,
-                    stop2.clone(),
-                ));
-                let table = RouteTable::new(shared.clone(), forwarders);
-                tasks.spawn(feed_loop(cfg.meta.clone(), table, me, stop2.clone()));
-                loop {
-                    tokio::select! {
-                        _ = stop2.cancelled() => break,
-                        r = listener.accept() => match r {
-                            Ok((tcp, from)) => {
-                                tasks.spawn(accept_peer(shared.clone(), acceptor.clone(), tcp, from));
-                            }
-                            Err(e) => {
-                                tracing::warn!(error = %e, "peer accept failed");
-                                tokio::time::sleep(Duration::from_millis(10)).await;
-                            }
-                        }
-                    }
-                }
-                drop(listener);
-                tasks.close();
-                tasks.wait().await;
-            });
+impl std::fmt::Debug for PeerSetup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PeerSetup")
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PeerSetup {
+    /// Builds the TLS configurations and binds the listener (so errors surface at start).
+    pub(crate) fn bind(cfg: PeerConfig) -> Result<PeerSetup, StartError> {
+        let tls_err = |e: shoal_transport::PkiError| StartError::Tls(e.to_string());
+        let acceptor = TlsAcceptor::from(cfg.tls.server_config().map_err(tls_err)?);
+        let connector = TlsConnector::from(cfg.tls.client_config().map_err(tls_err)?);
+        let peer_err = |source| StartError::Peer {
+            addr: cfg.listen,
+            source,
+        };
+        let listener = std::net::TcpListener::bind(cfg.listen).map_err(peer_err)?;
+        let addr = listener.local_addr().map_err(peer_err)?;
+        listener
+            .set_nonblocking(true)
+            .map_err(StartError::Runtime)?;
+        Ok(PeerSetup {
+            addr,
+            listener,
+            acceptor,
+            connector,
+            cfg,
         })
-        .map_err(StartError::Thread)?;
-    Ok(PeerThread { addr, stop, thread })
+    }
+
+    /// A second handle on the same listener (for an engine start that may fail).
+    pub(crate) fn try_clone(&self) -> Result<PeerSetup, StartError> {
+        Ok(PeerSetup {
+            addr: self.addr,
+            listener: self.listener.try_clone().map_err(StartError::Runtime)?,
+            acceptor: self.acceptor.clone(),
+            connector: self.connector.clone(),
+            cfg: self.cfg.clone(),
+        })
+    }
+}
+
+/// Runs the network side until `stop`: registration, route feed and the accept loop, each
+/// tracked by `tasks` (the engine waits for them at shutdown).
+pub(crate) async fn run(
+    shared: Arc<Shared>,
+    setup: PeerSetup,
+    stop: CancellationToken,
+    tasks: TaskTracker,
+) {
+    let PeerSetup {
+        addr,
+        listener,
+        acceptor,
+        connector,
+        cfg,
+    } = setup;
+    let listener = match tokio::net::TcpListener::from_std(listener) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot register the peer listener");
+            return;
+        }
+    };
+    let me = shared.cfg.node_id.clone();
+    let forwarders = Forwarders {
+        me: me.clone(),
+        connector,
+        max_frame: shared.cfg.max_frame,
+        by_node: HashMap::new(),
+        tasks: tasks.clone(),
+        stop: stop.clone(),
+    };
+    let record = ProxyRecord {
+        node_id: me.clone(),
+        peer_addr: cfg.advertise.unwrap_or(addr),
+    };
+    tasks.spawn(register_loop(
+        cfg.meta.clone(),
+        record,
+        cfg.lease_ttl,
+        stop.clone(),
+    ));
+    let table = RouteTable::new(shared.clone(), forwarders);
+    tasks.spawn(feed_loop(cfg.meta.clone(), table, me, stop.clone()));
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok((tcp, from)) => {
+                    tasks.spawn(accept_peer(shared.clone(), acceptor.clone(), tcp, from));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "peer accept failed");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+        }
+    }
 }
 
 async fn accept_peer(
