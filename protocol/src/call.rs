@@ -72,6 +72,9 @@ pub enum CallerFrame {
         /// What the handler returned.
         result: Result<Payload, WireError>,
     },
+    /// The instance is stopping (instance role): send it no new calls. The proxy answers
+    /// `Drained`; every `Invoke` sent before that still gets a `Result`.
+    Drain,
 }
 
 /// A frame from the proxy.
@@ -99,6 +102,8 @@ pub enum ProxyFrame {
         /// Trace id.
         trace_id: u64,
     },
+    /// After a `Drain`: no `Invoke` follows (to an instance).
+    Drained,
     /// The outcome of a call (to a caller).
     Reply {
         /// The call's id.

@@ -69,6 +69,8 @@ struct Instance {
     running: HashSet<u64>,
     /// Set for a remote route (another node's proxy).
     remote: Option<RemoteRoute>,
+    /// A local instance on its way out: takes no new calls, finishes those it has.
+    draining: bool,
 }
 
 #[derive(Debug)]
@@ -199,6 +201,7 @@ impl Router {
                 concurrency: concurrency as usize,
                 running: HashSet::new(),
                 remote: None,
+                draining: false,
             },
         );
         self.functions
@@ -255,6 +258,7 @@ impl Router {
                             instance_ids,
                             retired: false,
                         }),
+                        draining: false,
                     },
                 );
                 self.functions
@@ -283,6 +287,23 @@ impl Router {
             f.instances.retain(|c| *c != conn);
         }
         self.reap(conn);
+        self.gc_function(&function);
+    }
+
+    /// Local instance `conn` is stopping: it gets no new calls; those it runs still finish.
+    /// Calls queued for its function wait for another instance.
+    pub(crate) fn drain(&mut self, conn: ConnId) {
+        let Some(inst) = self.instances.get_mut(&conn) else {
+            return;
+        };
+        if inst.remote.is_some() {
+            return;
+        }
+        inst.draining = true;
+        let function = inst.function.clone();
+        if let Some(f) = self.functions.get_mut(&function) {
+            f.instances.retain(|c| *c != conn);
+        }
         self.gc_function(&function);
     }
 
@@ -641,7 +662,7 @@ impl Router {
             let Some(f) = self.functions.get(&inst.function) else {
                 return;
             };
-            if inst.remote.as_ref().is_some_and(|r| r.retired) {
+            if inst.draining || inst.remote.as_ref().is_some_and(|r| r.retired) {
                 return;
             }
             let pos = f
@@ -855,6 +876,30 @@ mod tests {
         let out = r.result(20, id, Ok(Payload::Inline(vec![7])), now);
         assert!(matches!(&out[0], Action::Reply { result: Ok(_), .. }));
         assert!(r.instances.is_empty(), "reaped once idle");
+    }
+
+    #[test]
+    fn a_draining_instance_finishes_its_calls_and_takes_no_more() {
+        let now = Instant::now();
+        let mut r = Router::new(4);
+        r.register(10, "f", "a", 2, now).unwrap();
+        let out = r.call(1, req(1, "f", None, 500), now);
+        let Action::Invoke { id, .. } = out[0] else {
+            unreachable!()
+        };
+        r.drain(10);
+        // No instance takes new calls: NotFound (no other instance), not queued behind it.
+        assert_eq!(
+            code(&r.call(1, req(2, "f", None, 500), now)[0]),
+            Some(ErrorCode::NotFound)
+        );
+        // Its call in flight still completes.
+        let out = r.result(10, id, Ok(Payload::Inline(vec![1])), now);
+        assert!(matches!(&out[0], Action::Reply { result: Ok(_), .. }));
+        // A successor registers and takes new calls.
+        r.register(11, "f", "b", 1, now).unwrap();
+        let out = r.call(1, req(3, "f", None, 500), now);
+        assert!(matches!(out[0], Action::Invoke { instance: 11, .. }));
     }
 
     #[derive(Debug, Clone)]

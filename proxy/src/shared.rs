@@ -375,12 +375,20 @@ impl Shared {
                 apply(&mut router, &mut lock(&self.conns), actions);
                 Ok(())
             }
+            (Phase::Instance, CallerFrame::Drain) => {
+                let mut router = lock(&self.router);
+                router.drain(conn);
+                // Every invoke routed to it so far is queued ahead of this frame.
+                push(&mut lock(&self.conns), conn, ProxyFrame::Drained);
+                Ok(())
+            }
             (p, f) => Err(ConnError::Protocol(format!(
                 "unexpected {} frame from a {p:?} connection",
                 match f {
                     CallerFrame::Hello { .. } => "Hello",
                     CallerFrame::Call { .. } => "Call",
                     CallerFrame::Result { .. } => "Result",
+                    CallerFrame::Drain => "Drain",
                 }
             ))),
         }

@@ -430,6 +430,7 @@ pub struct FunctionInstance {
     node_id: String,
     inline_limit: u64,
     store: Option<Client>,
+    drain_on_sigterm: bool,
 }
 
 impl FunctionInstance {
@@ -456,7 +457,17 @@ impl FunctionInstance {
             node_id,
             inline_limit,
             store: None,
+            drain_on_sigterm: false,
         })
+    }
+
+    /// On SIGTERM, drain instead of dying mid-call: ask the proxy for no new calls, finish
+    /// the calls already routed here, then return `Ok` from `run`. For processes whose
+    /// lifetime an agent manages (it stops instances with SIGTERM, then SIGKILL after a
+    /// grace period); [`InstanceEnv::register`] turns it on. The handler is process-wide.
+    pub fn drain_on_sigterm(mut self) -> FunctionInstance {
+        self.drain_on_sigterm = true;
+        self
     }
 
     /// Reads object arguments and stores results above the inline limit as objects through
@@ -502,6 +513,7 @@ impl FunctionInstance {
             mut buf,
             inline_limit,
             store,
+            drain_on_sigterm,
             ..
         } = self;
         let (mut rd, mut wr) = stream.into_split();
@@ -509,6 +521,15 @@ impl FunctionInstance {
         let handler = Arc::new(handler);
         let mut tasks: JoinSet<Result<Payload, WireError>> = JoinSet::new();
         let mut ids: HashMap<tokio::task::Id, u64> = HashMap::new();
+        let mut term = if drain_on_sigterm {
+            Some(tokio::signal::unix::signal(
+                tokio::signal::unix::SignalKind::terminate(),
+            )?)
+        } else {
+            None
+        };
+        // Drain asked for, and the proxy's `Drained` seen.
+        let (mut draining, mut drained) = (false, false);
         loop {
             while let Some(frame) = dec
                 .decode::<ProxyFrame>(&mut buf)
@@ -567,6 +588,7 @@ impl FunctionInstance {
                         });
                         ids.insert(t.id(), id);
                     }
+                    ProxyFrame::Drained => drained = true,
                     other => {
                         return Err(Error::protocol(format!(
                             "unexpected frame from the proxy: {other:?}"
@@ -574,11 +596,18 @@ impl FunctionInstance {
                     }
                 }
             }
+            if drained && tasks.is_empty() {
+                return Ok(());
+            }
             tokio::select! {
                 n = rd.read_buf(&mut buf) => {
                     if n? == 0 {
                         return Ok(());
                     }
+                }
+                _ = sigterm(&mut term), if !draining => {
+                    draining = true;
+                    wr.write_all(&encode(&CallerFrame::Drain)?).await?;
                 }
                 Some(done) = tasks.join_next_with_id() => {
                     let (task, result) = match done {
@@ -594,6 +623,16 @@ impl FunctionInstance {
                 }
             }
         }
+    }
+}
+
+/// Resolves on the next SIGTERM; never without a handler.
+async fn sigterm(term: &mut Option<tokio::signal::unix::Signal>) {
+    match term {
+        Some(t) => {
+            t.recv().await;
+        }
+        None => std::future::pending().await,
     }
 }
 
@@ -658,7 +697,8 @@ impl InstanceEnv {
         })
     }
 
-    /// Registers with the proxy, with a dataworker client when a socket is named.
+    /// Registers with the proxy, with a dataworker client when a socket is named, draining
+    /// on SIGTERM ([`FunctionInstance::drain_on_sigterm`]).
     pub async fn register(&self) -> Result<FunctionInstance, Error> {
         let inst = FunctionInstance::register(
             &self.proxy_socket,
@@ -666,7 +706,8 @@ impl InstanceEnv {
             &self.instance_id,
             self.concurrency,
         )
-        .await?;
+        .await?
+        .drain_on_sigterm();
         Ok(match &self.dataworker_socket {
             Some(s) => inst.with_store(Client::connect(s).await?),
             None => inst,
