@@ -396,6 +396,9 @@ pub(crate) struct ProxyArgs {
     /// TTL of the lease the proxy's record lives under.
     #[arg(long, env = "SHOAL_LEASE_TTL", default_value = "10s", value_parser = parse_duration)]
     pub(crate) lease_ttl: Duration,
+    /// Address of the proxy's HTTP endpoint (`/metrics`, `/health`; port 0 picks one).
+    #[arg(long, env = "SHOAL_PROXY_HTTP_ADDR", default_value = "127.0.0.1:0")]
+    pub(crate) http_addr: SocketAddr,
     #[command(flatten)]
     pub(crate) child: ChildArgs,
 }

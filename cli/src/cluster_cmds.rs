@@ -131,6 +131,7 @@ pub(crate) fn control(a: ControlArgs) -> anyhow::Result<ExitCode> {
 /// `shoal proxy`.
 pub(crate) fn proxy(a: ProxyArgs) -> anyhow::Result<ExitCode> {
     init_logging("info");
+    let metrics = crate::serve::install_metrics();
     let dir = a
         .socket_dir
         .clone()
@@ -160,20 +161,53 @@ pub(crate) fn proxy(a: ProxyArgs) -> anyhow::Result<ExitCode> {
                 lease_ttl: a.lease_ttl,
             });
         }
+        let http = tokio::net::TcpListener::bind(a.http_addr)
+            .await
+            .with_context(|| format!("--http-addr {}", a.http_addr))?;
+        let http_addr = http.local_addr()?;
         let p = shoal_proxy::Proxy::start(cfg).context("starting the proxy")?;
+        let stop_http = tokio_util::sync::CancellationToken::new();
+        let served = tokio::spawn(shoal_httpd::serve(
+            http,
+            move |req| {
+                let metrics = metrics.clone();
+                async move { proxy_http(&req, metrics.as_ref()) }
+            },
+            stop_http.clone(),
+        ));
         tracing::info!(node = %a.node_id, socket = %p.socket_path().display(), engine = ?p.engine(), peer = ?p.peer_addr(), "proxy ready");
         let ready = serde_json::json!({
             "node": a.node_id,
             "socket": p.socket_path().display().to_string(),
             "engine": format!("{:?}", p.engine()),
             "peer_addr": p.peer_addr().map(|a| a.to_string()),
+            "http": http_addr.to_string(),
             "pid": std::process::id(),
         });
         ready_then_wait(&a.child, ready, tokio_util::sync::CancellationToken::new()).await?;
         tracing::info!("shutting down");
         p.shutdown().await;
+        stop_http.cancel();
+        let _ = served.await;
         Ok(ExitCode::SUCCESS)
     })
+}
+
+/// The proxy's `/metrics` (Prometheus text) and `/health`.
+fn proxy_http(
+    req: &hyper::Request<hyper::body::Incoming>,
+    metrics: Option<&metrics_exporter_prometheus::PrometheusHandle>,
+) -> shoal_httpd::Resp {
+    use hyper::StatusCode;
+    match (req.method(), req.uri().path(), metrics) {
+        (&hyper::Method::GET, "/metrics", Some(h)) => {
+            shoal_httpd::reply(StatusCode::OK, "text/plain; version=0.0.4", h.render())
+        }
+        (&hyper::Method::GET, "/health", _) => {
+            shoal_httpd::reply(StatusCode::OK, "application/json", r#"{"status":"ok"}"#)
+        }
+        _ => shoal_httpd::reply(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
+    }
 }
 
 /// `shoal agent`.
@@ -331,6 +365,7 @@ struct NodeUp {
     dataworker_socket: String,
     proxy_socket: String,
     proxy_peer_addr: Option<String>,
+    proxy_metrics: Option<String>,
     proxy_pid: u64,
     agent_pid: u64,
     peer_addr: Option<String>,
@@ -464,6 +499,9 @@ pub(crate) fn up_cluster(a: UpArgs) -> anyhow::Result<ExitCode> {
                 dataworker_socket: s("socket").unwrap_or_default(),
                 proxy_socket: px.ready["socket"].as_str().unwrap_or_default().to_string(),
                 proxy_peer_addr: px.ready["peer_addr"].as_str().map(str::to_string),
+                proxy_metrics: px.ready["http"]
+                    .as_str()
+                    .map(|h| format!("http://{h}/metrics")),
                 proxy_pid: px.ready["pid"].as_u64().unwrap_or(0),
                 agent_pid: ag.ready["pid"].as_u64().unwrap_or(0),
                 peer_addr: s("peer_addr"),

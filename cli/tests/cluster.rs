@@ -561,6 +561,16 @@ fn example(name: &str) -> std::path::PathBuf {
     p
 }
 
+/// GET `path` on `addr` (HTTP/1.0): the body as text.
+fn http_get_text(addr: &str, path: &str) -> String {
+    use std::io::Read;
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: shoal\r\n\r\n").unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    resp.split_once("\r\n\r\n").unwrap().1.to_string()
+}
+
 /// POST `body` to `path` on `addr` (HTTP/1.0): status and body.
 fn http_post(addr: &str, path: &str, body: &[u8]) -> (u16, Vec<u8>) {
     use std::io::Read;
@@ -698,6 +708,18 @@ fn deploy_place_start_invoke_and_recover() {
         "{logs}"
     );
     assert!(!logs.contains("unavailable"), "{logs}");
+    // The proxy counts the calls it answered.
+    let metrics = up.info["nodes"][up.node_index(inst["node"].as_str().unwrap())]["proxy_metrics"]
+        .as_str()
+        .unwrap()
+        .trim_start_matches("http://")
+        .to_string();
+    let (addr, path) = metrics.split_once('/').unwrap();
+    let text = http_get_text(addr, &format!("/{path}"));
+    assert!(
+        text.contains("shoal_proxy_calls_total{outcome=\"ok\"}"),
+        "{text}"
+    );
     // Kill the instance's process: the agent restarts it and calls work again.
     kill(inst["pid"].as_i64().unwrap());
     assert_eq!(up.invoke_echo(&proxy, "hello"), b"hello");

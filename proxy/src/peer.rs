@@ -37,7 +37,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Longest wait for an accepted peer's TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// After a failed connect, calls to that node are given back at once for this long.
-pub(crate) const RECONNECT_PAUSE: Duration = Duration::from_millis(500);
+const RECONNECT_PAUSE: Duration = Duration::from_millis(500);
 /// Invokes queued towards one forwarder at most; beyond, they are given back unstarted.
 const FORWARD_QUEUE: usize = 4096;
 /// Frames encoded into one write at most.
@@ -76,28 +76,28 @@ impl Forwarders {
     pub(crate) fn retain(&mut self, keep: impl Fn(&str) -> bool) {
         self.by_node.retain(|node, _| keep(node));
     }
-}
 
-/// Starts a forwarder to `node`'s proxy at `addr` (replacing any older one of that node).
-pub(crate) fn spawn_forwarder(
-    shared: &Arc<Shared>,
-    fw: &mut Forwarders,
-    node: &str,
-    addr: SocketAddr,
-) -> mpsc::Sender<Forward> {
-    let (tx, rx) = mpsc::channel(FORWARD_QUEUE);
-    let f = Forwarder {
-        shared: shared.clone(),
-        me: fw.me.clone(),
-        node: node.to_owned(),
-        addr,
-        connector: fw.connector.clone(),
-        max_frame: fw.max_frame,
-        stop: fw.stop.clone(),
-    };
-    fw.tasks.spawn(f.run(rx));
-    fw.by_node.insert(node.to_owned(), (addr, tx.clone()));
-    tx
+    /// Starts a forwarder to `node`'s proxy at `addr` (replacing any older one of that node).
+    pub(crate) fn spawn(
+        &mut self,
+        shared: &Arc<Shared>,
+        node: &str,
+        addr: SocketAddr,
+    ) -> mpsc::Sender<Forward> {
+        let (tx, rx) = mpsc::channel(FORWARD_QUEUE);
+        let f = Forwarder {
+            shared: shared.clone(),
+            me: self.me.clone(),
+            node: node.to_owned(),
+            addr,
+            connector: self.connector.clone(),
+            max_frame: self.max_frame,
+            stop: self.stop.clone(),
+        };
+        self.tasks.spawn(f.run(rx));
+        self.by_node.insert(node.to_owned(), (addr, tx.clone()));
+        tx
+    }
 }
 
 /// The network side of a proxy, bound and ready to run on the engine's runtime.

@@ -11,7 +11,7 @@
 //! starts one forwarder per node. When the store is unreachable the last table stays in
 //! force, so warm calls keep flowing without control. [`register_loop`] holds this proxy's
 //! own `proxies/<node>` record under a lease.
-use crate::peer::{spawn_forwarder, Forwarders};
+use crate::peer::Forwarders;
 use crate::shared::Shared;
 use serde::{Deserialize, Serialize};
 use shoal_control::{FunctionSpec, InstanceRecord, FUNCTIONS_PREFIX, INSTANCES_PREFIX};
@@ -163,7 +163,7 @@ impl RouteTable {
             }
             let tx = match self.forwarders.get(&key.0, spec.addr) {
                 Some(tx) => tx,
-                None => spawn_forwarder(&self.shared, &mut self.forwarders, &key.0, spec.addr),
+                None => self.forwarders.spawn(&self.shared, &key.0, spec.addr),
             };
             let route = match self.active.get(&key) {
                 Some((route, _)) => *route,

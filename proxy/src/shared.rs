@@ -119,6 +119,11 @@ fn apply(router: &mut Router, conns: &mut Conns, mut actions: Vec<Action>) {
         for a in actions {
             match a {
                 Action::Reply { caller, id, result } => {
+                    let outcome = match &result {
+                        Ok(_) => "ok",
+                        Err(e) => e.code.name(),
+                    };
+                    metrics::counter!("shoal_proxy_calls_total", "outcome" => outcome).increment(1);
                     push(conns, caller, ProxyFrame::Reply { id, result });
                 }
                 Action::Invoke {
@@ -142,6 +147,8 @@ fn apply(router: &mut Router, conns: &mut Conns, mut actions: Vec<Action>) {
                         };
                         if tx.try_send(fwd).is_err() {
                             bounced.push((instance, id));
+                        } else {
+                            metrics::counter!("shoal_proxy_forwarded_total").increment(1);
                         }
                     }
                     _ => push(
@@ -189,6 +196,7 @@ impl Shared {
         let id = self.next_conn.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::channel(OUTBOUND_FRAMES);
         let n = self.active.fetch_add(1, Ordering::AcqRel) + 1;
+        metrics::gauge!("shoal_proxy_connections").set(n as f64);
         if n > self.cfg.max_connections {
             self.active.fetch_sub(1, Ordering::AcqRel);
             tracing::warn!(
@@ -224,7 +232,8 @@ impl Shared {
         let mut conns = lock(&self.conns);
         conns.remove(&id);
         apply(&mut router, &mut conns, actions);
-        self.active.fetch_sub(1, Ordering::AcqRel);
+        let n = self.active.fetch_sub(1, Ordering::AcqRel) - 1;
+        metrics::gauge!("shoal_proxy_connections").set(n as f64);
     }
 
     /// Decodes and handles every whole frame in `buf`.
@@ -470,6 +479,7 @@ impl Shared {
 
     /// A forwarded invoke that never reached an instance: try another, or fail with `error`.
     pub(crate) fn route_bounce(&self, route: ConnId, id: u64, error: WireError) {
+        metrics::counter!("shoal_proxy_given_back_total").increment(1);
         let mut router = lock(&self.router);
         let actions = router.bounce(route, id, error, Instant::now());
         apply(&mut router, &mut lock(&self.conns), actions);
