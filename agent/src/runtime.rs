@@ -6,8 +6,8 @@
 //!   enforced) is written under a lease of [`AgentConfig::lease_ttl`] and kept alive; the use
 //!   figures are refreshed every [`USE_REFRESH`]. A lost lease is granted again and the record
 //!   rewritten. Shutdown revokes the lease, so control sees the node go at once.
-//! - **Assignments.** `instances/` is read, then watched from that revision (read again when
-//!   the watch ends). A record whose `node` is this node and whose `state` is `scheduled`,
+//! - **Assignments.** `instances/` is followed (`shoal_meta::Follower`: read, then watched
+//!   from that revision, read again when the watch ends). A record whose `node` is this node and whose `state` is `scheduled`,
 //!   `starting` or `running` and that this agent does not run yet is started: the function's
 //!   package is fetched into `<work_dir>/<instance id>` (a `shoal://` or `s3://` archive is
 //!   first downloaded to `<work_dir>/.staging/<instance id>.tar.gz`, removed afterwards) and
@@ -32,7 +32,9 @@ use shoal_control::{
     AgentRecord, CodeSource, FunctionSpec, InstanceRecord, AGENTS_PREFIX, FUNCTIONS_PREFIX,
     INSTANCES_PREFIX, STATE_STOPPING,
 };
-use shoal_meta::{Compare, LeaseId, MetaError, MetaStore, Txn, TxnOp, WatchEvent};
+use shoal_meta::{
+    Compare, Followed, Follower, LeaseId, MetaError, MetaStore, Txn, TxnOp, WatchEvent,
+};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -478,58 +480,34 @@ fn instance_id_of(key: &str) -> Option<&str> {
 
 impl Runtime {
     async fn run(mut self, stop: CancellationToken) {
-        'outer: loop {
-            let (kvs, rev) = match self.meta.range(INSTANCES_PREFIX).await {
-                Ok(v) => v,
-                Err(e) => {
-                    tracing::warn!(error = %e, "reading instances failed");
-                    tokio::select! {
-                        _ = stop.cancelled() => break 'outer,
-                        _ = tokio::time::sleep(RETRY_PAUSE) => continue,
+        let mut follower = Follower::new(self.meta.clone(), INSTANCES_PREFIX, RETRY_PAUSE);
+        while let Some(f) = follower.next(&stop).await {
+            match f {
+                Followed::Snapshot(kvs) => {
+                    let mut present = Vec::with_capacity(kvs.len());
+                    for kv in &kvs {
+                        if let Some(id) = self.on_put(&kv.key, &kv.value).await {
+                            present.push(id);
+                        }
+                    }
+                    let gone: Vec<String> = self
+                        .tracked
+                        .keys()
+                        .filter(|id| !present.contains(id))
+                        .cloned()
+                        .collect();
+                    for id in gone {
+                        self.stop_instance(&id).await;
                     }
                 }
-            };
-            let mut present = Vec::with_capacity(kvs.len());
-            for kv in &kvs {
-                if let Some(id) = self.on_put(&kv.key, &kv.value).await {
-                    present.push(id);
+                Followed::Event(WatchEvent::Put(kv)) => {
+                    self.on_put(&kv.key, &kv.value).await;
                 }
-            }
-            let gone: Vec<String> = self
-                .tracked
-                .keys()
-                .filter(|id| !present.contains(id))
-                .cloned()
-                .collect();
-            for id in gone {
-                self.stop_instance(&id).await;
-            }
-            let mut stream = match self.meta.watch(INSTANCES_PREFIX, rev).await {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::warn!(error = %e, "watching instances failed");
-                    tokio::select! {
-                        _ = stop.cancelled() => break 'outer,
-                        _ = tokio::time::sleep(RETRY_PAUSE) => continue,
-                    }
-                }
-            };
-            loop {
-                let ev = tokio::select! {
-                    _ = stop.cancelled() => break 'outer,
-                    ev = stream.recv() => ev,
-                };
-                match ev {
-                    None => break,
-                    Some(WatchEvent::Put(kv)) => {
-                        self.on_put(&kv.key, &kv.value).await;
-                    }
-                    Some(WatchEvent::Delete { key, .. }) => {
-                        let id = instance_id_of(&key).map(str::to_string);
-                        if let Some(id) = id {
-                            if self.tracked.get(&id).is_some_and(|t| t.key == key) {
-                                self.stop_instance(&id).await;
-                            }
+                Followed::Event(WatchEvent::Delete { key, .. }) => {
+                    let id = instance_id_of(&key).map(str::to_string);
+                    if let Some(id) = id {
+                        if self.tracked.get(&id).is_some_and(|t| t.key == key) {
+                            self.stop_instance(&id).await;
                         }
                     }
                 }

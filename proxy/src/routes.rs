@@ -6,8 +6,9 @@
 //! `running` instance on another node whose proxy is registered, carrying that proxy's
 //! address, the instance ids, and their summed concurrency.
 //!
-//! [`feed_loop`] reads the store, watches it from that revision, and hands every new table
-//! to [`RouteTable::apply`], which adds, updates and retires the router's remote routes and
+//! [`feed_loop`] follows the store (`shoal_meta::Follower`: read, then watch from that
+//! revision, read again when the watch breaks) and hands every new table to
+//! [`RouteTable::apply`], which adds, updates and retires the router's remote routes and
 //! starts one forwarder per node. When the store is unreachable the last table stays in
 //! force, so warm calls keep flowing without control. [`register_loop`] holds this proxy's
 //! own `proxies/<node>` record under a lease.
@@ -15,7 +16,7 @@ use crate::peer::Forwarders;
 use crate::shared::Shared;
 use serde::{Deserialize, Serialize};
 use shoal_control::{FunctionSpec, InstanceRecord, FUNCTIONS_PREFIX, INSTANCES_PREFIX};
-use shoal_meta::{LeaseId, MetaError, MetaStore, WatchEvent};
+use shoal_meta::{Followed, Follower, LeaseId, MetaError, MetaStore, WatchEvent};
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -192,48 +193,27 @@ pub(crate) async fn feed_loop(
     me: String,
     stop: CancellationToken,
 ) {
-    'outer: loop {
-        let (kvs, rev) = match meta.range("").await {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::debug!(error = %e, "reading routes failed; keeping the last table");
-                tokio::select! {
-                    _ = stop.cancelled() => break 'outer,
-                    _ = tokio::time::sleep(RETRY_PAUSE) => continue,
+    // The whole store: routes need three prefixes, and one watch keeps them consistent.
+    let mut follower = Follower::new(meta, "", RETRY_PAUSE);
+    let mut view = RouteView::default();
+    while let Some(f) = follower.next(&stop).await {
+        match f {
+            Followed::Snapshot(kvs) => {
+                view = RouteView::from_kvs(kvs.into_iter().map(|kv| (kv.key, kv.value)));
+            }
+            Followed::Event(ev) => {
+                // Take every event already queued before recomputing.
+                let mut next = Some(ev);
+                while let Some(ev) = next {
+                    match ev {
+                        WatchEvent::Put(kv) => view.put(&kv.key, &kv.value),
+                        WatchEvent::Delete { key, .. } => view.delete(&key),
+                    }
+                    next = follower.try_next_event();
                 }
             }
-        };
-        let mut view = RouteView::from_kvs(kvs.into_iter().map(|kv| (kv.key, kv.value)));
-        table.apply(view.routes(&me));
-        let mut stream = match meta.watch("", rev).await {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::debug!(error = %e, "watching routes failed; keeping the last table");
-                tokio::select! {
-                    _ = stop.cancelled() => break 'outer,
-                    _ = tokio::time::sleep(RETRY_PAUSE) => continue,
-                }
-            }
-        };
-        loop {
-            let ev = tokio::select! {
-                _ = stop.cancelled() => break 'outer,
-                ev = stream.recv() => ev,
-            };
-            let Some(ev) = ev else {
-                break; // the watch broke: read again
-            };
-            // Take every event already queued before recomputing.
-            let mut next = Some(ev);
-            while let Some(ev) = next {
-                match ev {
-                    WatchEvent::Put(kv) => view.put(&kv.key, &kv.value),
-                    WatchEvent::Delete { key, .. } => view.delete(&key),
-                }
-                next = stream.try_recv().ok();
-            }
-            table.apply(view.routes(&me));
         }
+        table.apply(view.routes(&me));
     }
 }
 

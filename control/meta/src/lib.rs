@@ -17,6 +17,7 @@
 mod election;
 #[cfg(feature = "etcd")]
 mod etcd;
+mod follow;
 mod keys;
 mod mem;
 mod remote;
@@ -25,6 +26,7 @@ mod types;
 pub use election::{Election, Role};
 #[cfg(feature = "etcd")]
 pub use etcd::EtcdStore;
+pub use follow::{Followed, Follower};
 pub use keys::{MAX_KEY_LEN, MAX_LEASE_TTL, MAX_TXN_BYTES, MAX_TXN_OPS, MAX_VALUE_LEN};
 pub use mem::{MemStore, MemStoreOptions};
 pub use remote::{serve, RemoteStore};
