@@ -273,50 +273,31 @@ async fn log_role(view: Arc<View>, shutdown: CancellationToken) {
 /// Keeps `view.nodes` equal to the `nodes/` keys: range, then watch from that revision;
 /// again after the watch breaks (store unreachable), keeping the last view meanwhile.
 async fn watch_nodes(view: Arc<View>, shutdown: CancellationToken) {
-    loop {
-        let stream = match view.meta.range(NODES_PREFIX).await {
-            Ok((kvs, rev)) => {
-                let nodes = kvs
+    let mut follower =
+        shoal_meta::Follower::new(view.meta.clone(), NODES_PREFIX, Duration::from_millis(500));
+    while let Some(f) = follower.next(&shutdown).await {
+        let mut nodes = view.nodes.write().unwrap_or_else(|p| p.into_inner());
+        match f {
+            shoal_meta::Followed::Snapshot(kvs) => {
+                *nodes = kvs
                     .iter()
                     .filter_map(|kv| serde_json::from_slice::<NodeRecord>(&kv.value).ok())
                     .map(|r| (r.node_id.clone(), r))
                     .collect();
-                *view.nodes.write().unwrap_or_else(|p| p.into_inner()) = nodes;
-                view.meta.watch(NODES_PREFIX, rev).await.ok()
             }
-            Err(e) => {
-                tracing::debug!(error = %e, "membership read failed");
-                None
-            }
-        };
-        if let Some(mut s) = stream {
-            loop {
-                let ev = tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    ev = s.recv() => ev,
-                };
-                let Some(ev) = ev else { break };
-                let mut nodes = view.nodes.write().unwrap_or_else(|p| p.into_inner());
-                match ev {
-                    shoal_meta::WatchEvent::Put(kv) => {
-                        if let Ok(r) = serde_json::from_slice::<NodeRecord>(&kv.value) {
-                            tracing::info!(node = %r.node_id, addr = %r.peer_addr, "node registered");
-                            nodes.insert(r.node_id.clone(), r);
-                        }
-                    }
-                    shoal_meta::WatchEvent::Delete { key, .. } => {
-                        if let Some(id) = key.strip_prefix(NODES_PREFIX) {
-                            tracing::warn!(node = %id, "node left (lease revoked or expired)");
-                            nodes.remove(id);
-                        }
-                    }
+            shoal_meta::Followed::Event(shoal_meta::WatchEvent::Put(kv)) => {
+                if let Ok(r) = serde_json::from_slice::<NodeRecord>(&kv.value) {
+                    tracing::info!(node = %r.node_id, addr = %r.peer_addr, "node registered");
+                    nodes.insert(r.node_id.clone(), r);
                 }
-                metrics::gauge!("shoal_cluster_nodes").set(nodes.len() as f64);
+            }
+            shoal_meta::Followed::Event(shoal_meta::WatchEvent::Delete { key, .. }) => {
+                if let Some(id) = key.strip_prefix(NODES_PREFIX) {
+                    tracing::warn!(node = %id, "node left (lease revoked or expired)");
+                    nodes.remove(id);
+                }
             }
         }
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
-        }
+        metrics::gauge!("shoal_cluster_nodes").set(nodes.len() as f64);
     }
 }

@@ -19,7 +19,7 @@
 //! does the IO and owns its tasks, which stop with the worker's shutdown token.
 use crate::state::Shared;
 use crate::ClusterConfig;
-use shoal_meta::{MetaError, MetaStore, WatchEvent, WatchStream};
+use shoal_meta::{Followed, Follower, MetaError, MetaStore, WatchEvent};
 use shoal_protocol::{
     ErrorCode, HeldObject, NodeRecord, ObjectId, PeerRequest, PeerResponse, WireError,
 };
@@ -35,6 +35,8 @@ use tokio_util::task::TaskTracker;
 
 /// Key prefix of node records in the metadata store.
 pub(crate) const NODES_PREFIX: &str = "nodes/";
+/// Pause before reading the membership again after the store failed.
+const MEMBERSHIP_RETRY: Duration = Duration::from_millis(300);
 /// Most ids in one Register/Unregister message (ids are up to 1 KiB: a message stays well
 /// under the transport's 1 MiB frame limit).
 const BATCH: usize = 512;
@@ -237,7 +239,7 @@ impl Cluster {
         };
         let ttl = self.cfg.lease_ttl;
         let mut lease = None;
-        let mut watch: Option<WatchStream> = None;
+        let mut members = Follower::new(self.meta.clone(), NODES_PREFIX, MEMBERSHIP_RETRY);
         let mut tick = tokio::time::interval((ttl / 3).max(Duration::from_millis(100)));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut resync = tokio::time::interval(self.cfg.resync_interval);
@@ -258,20 +260,6 @@ impl Cluster {
                     Err(_) => {}
                 }
             }
-            if watch.is_none() {
-                match self.meta.range(NODES_PREFIX).await {
-                    Ok((kvs, rev)) => {
-                        let members = kvs
-                            .into_iter()
-                            .filter_map(|kv| serde_json::from_slice::<NodeRecord>(&kv.value).ok())
-                            .map(|r| (r.node_id.clone(), r))
-                            .collect();
-                        self.set_members(members);
-                        watch = self.meta.watch(NODES_PREFIX, rev).await.ok();
-                    }
-                    Err(e) => tracing::debug!(error = %e, "membership read failed"),
-                }
-            }
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = tick.tick() => {
@@ -288,9 +276,16 @@ impl Cluster {
                     self.dir().dir.expire(self.now_ms());
                 }
                 _ = resync.tick() => self.note(Note::Resync),
-                ev = next_event(&mut watch) => match ev {
-                    Some(ev) => self.apply_event(ev),
-                    None => watch = None,
+                // `next` is cancel-safe: a read or watch it gave up on is simply made again.
+                f = members.next(&shutdown) => match f {
+                    Some(Followed::Snapshot(kvs)) => self.set_members(
+                        kvs.into_iter()
+                            .filter_map(|kv| serde_json::from_slice::<NodeRecord>(&kv.value).ok())
+                            .map(|r| (r.node_id.clone(), r))
+                            .collect(),
+                    ),
+                    Some(Followed::Event(ev)) => self.apply_event(ev),
+                    None => break,
                 },
             }
         }
@@ -958,13 +953,6 @@ impl Cluster {
         metrics::histogram!("shoal_pull_seconds").record(secs);
         tracing::debug!(%id, size, secs, "pulled");
         Ok(())
-    }
-}
-
-async fn next_event(w: &mut Option<WatchStream>) -> Option<WatchEvent> {
-    match w {
-        Some(w) => w.recv().await,
-        None => std::future::pending().await,
     }
 }
 
