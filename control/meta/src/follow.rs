@@ -41,7 +41,8 @@ impl Follower {
 
     /// The next snapshot or change; `None` once `stop` is cancelled. Store failures are
     /// logged at debug level and retried, never returned: while the store is down, this
-    /// waits and the caller keeps its last view.
+    /// waits and the caller keeps its last view. Cancel-safe: dropped mid-way (say, in a
+    /// `select!` whose other branch won), it loses nothing and the next call resumes.
     pub async fn next(&mut self, stop: &CancellationToken) -> Option<Followed> {
         loop {
             if stop.is_cancelled() {
