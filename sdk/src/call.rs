@@ -544,6 +544,9 @@ impl FunctionInstance {
                     } => {
                         let h = handler.clone();
                         let store = store.clone();
+                        // None: a deadline too far away to represent.
+                        let deadline = tokio::time::Instant::now()
+                            .checked_add(Duration::from_millis(timeout_ms));
                         let t = tasks.spawn(async move {
                             let data = match args {
                                 Payload::Inline(a) => Data::Bytes(a),
@@ -566,6 +569,14 @@ impl FunctionInstance {
                                 .map_err(|msg| WireError::new(ErrorCode::Internal, msg))?;
                             if out.len() as u64 <= inline_limit {
                                 return Ok(Payload::Inline(out));
+                            }
+                            if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
+                                // The proxy has answered `Timeout` already and drops what
+                                // comes now: an object stored for it would never be read.
+                                return Err(WireError::new(
+                                    ErrorCode::Timeout,
+                                    "the handler finished past the call's deadline",
+                                ));
                             }
                             let Some(store) = store else {
                                 return Err(WireError::new(

@@ -356,3 +356,55 @@ async fn auto_picks_an_engine() {
         .unwrap();
     proxy.shutdown().await;
 }
+
+/// Payloads above the inline limit travel as objects and none is left behind: the caller
+/// deletes its argument and the result after reading it, and an instance that finishes past
+/// the deadline stores nothing (nobody would read it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_payloads_travel_as_objects_and_none_is_left_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut wcfg = shoal_dataworker::Config::new(dir.path().join("dw"));
+    wcfg.shm_size = 64 << 20;
+    let worker = shoal_dataworker::Dataworker::start(wcfg, None)
+        .await
+        .unwrap();
+    let store = shoal_sdk::Client::connect(worker.socket_path())
+        .await
+        .unwrap();
+    let node = Node::start(EngineKind::Tokio, |_| {});
+    let inst = FunctionInstance::register(node.proxy.socket_path(), "echo", "e1", 4)
+        .await
+        .unwrap()
+        .with_store(store.clone());
+    tokio::spawn(inst.run(|a: Vec<u8>| async move {
+        if a.first() == Some(&b's') {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        Ok(a)
+    }));
+    let c = CallClient::connect_with_store(node.proxy.socket_path(), store.clone())
+        .await
+        .unwrap();
+    let big: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    assert!(c.invoke("echo", &big, SEC).await.unwrap() == big);
+    assert_eq!(
+        store.status().await.unwrap().objects,
+        0,
+        "payload objects left"
+    );
+
+    // Past the deadline: Timeout for the caller, and no result object stored afterwards.
+    let mut slow = big.clone();
+    slow[0] = b's';
+    let r = c.invoke("echo", &slow, Duration::from_millis(100)).await;
+    assert_eq!(code(r), ErrorCode::Timeout);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        store.status().await.unwrap().objects,
+        0,
+        "late result stored"
+    );
+    node.proxy.shutdown().await;
+    drop((c, store));
+    worker.shutdown().await;
+}
