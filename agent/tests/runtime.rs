@@ -107,6 +107,46 @@ async fn failed_instance(http: SocketAddr, function: &str) -> Value {
     .await
 }
 
+/// A control process on `store` that has become leader.
+async fn leading_control(store: Arc<dyn MetaStore>) -> Control {
+    let control = Control::start(
+        ControlConfig {
+            meta_addr: None,
+            http_addr: "127.0.0.1:0".parse().unwrap(),
+            election_ttl: Duration::from_secs(2),
+            name: "test-control".into(),
+            max_invoke_body: DEFAULT_MAX_INVOKE_BODY,
+            frontend: Default::default(),
+        },
+        store,
+        None,
+    )
+    .await
+    .unwrap();
+    wait_for("leader", || async { control.is_leader().then_some(()) }).await;
+    control
+}
+
+/// Node `node-a`'s agent, keeping its files under `dir` (`work`, `logs`).
+fn agent_config(
+    dir: &std::path::Path,
+    dataworker_socket: std::path::PathBuf,
+    s3: S3Settings,
+) -> AgentConfig {
+    AgentConfig {
+        node_id: "node-a".into(),
+        work_dir: dir.join("work"),
+        log_dir: dir.join("logs"),
+        proxy_socket: dir.join("proxy.sock"),
+        dataworker_socket,
+        lease_ttl: Duration::from_secs(2),
+        grace: Duration::from_millis(500),
+        s3,
+        logs_addr: "127.0.0.1:0".parse().unwrap(),
+        labels: Default::default(),
+    }
+}
+
 async fn deploy(http: SocketAddr, spec: Value) {
     let body = spec.to_string();
     let (status, v) = request(http, "POST", "/v1/functions", body.as_bytes()).await;
@@ -135,37 +175,16 @@ async fn control_places_and_agent_runs() {
     std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
 
     let store: Arc<dyn MetaStore> = Arc::new(MemStore::open(None, "").unwrap());
-    let control = Control::start(
-        ControlConfig {
-            meta_addr: None,
-            http_addr: "127.0.0.1:0".parse().unwrap(),
-            election_ttl: Duration::from_secs(2),
-            name: "test-control".into(),
-            max_invoke_body: DEFAULT_MAX_INVOKE_BODY,
-            frontend: Default::default(),
-        },
-        store.clone(),
-        None,
-    )
-    .await
-    .unwrap();
-    wait_for("leader", || async { control.is_leader().then_some(()) }).await;
+    let control = leading_control(store.clone()).await;
     let http = control.http_addr();
 
     let log_dir = tmp.path().join("logs");
     let agent = Agent::start(
-        AgentConfig {
-            node_id: "node-a".into(),
-            work_dir: tmp.path().join("work"),
-            log_dir: log_dir.clone(),
-            proxy_socket: tmp.path().join("proxy.sock"),
-            dataworker_socket: tmp.path().join("dw.sock"),
-            lease_ttl: Duration::from_secs(2),
-            grace: Duration::from_millis(500),
-            s3: S3Settings::default(),
-            logs_addr: "127.0.0.1:0".parse().unwrap(),
-            labels: Default::default(),
-        },
+        agent_config(
+            tmp.path(),
+            tmp.path().join("dw.sock"),
+            S3Settings::default(),
+        ),
         store.clone(),
     )
     .await
@@ -288,36 +307,15 @@ async fn remote_packages_run_or_fail_with_a_reason() {
     client.put("pkg-hello", &good).await.unwrap();
 
     let store: Arc<dyn MetaStore> = Arc::new(MemStore::open(None, "").unwrap());
-    let control = Control::start(
-        ControlConfig {
-            meta_addr: None,
-            http_addr: "127.0.0.1:0".parse().unwrap(),
-            election_ttl: Duration::from_secs(2),
-            name: "test-control".into(),
-            max_invoke_body: DEFAULT_MAX_INVOKE_BODY,
-            frontend: Default::default(),
-        },
-        store.clone(),
-        None,
-    )
-    .await
-    .unwrap();
-    wait_for("leader", || async { control.is_leader().then_some(()) }).await;
+    let control = leading_control(store.clone()).await;
     let http = control.http_addr();
     let work_dir = tmp.path().join("work");
     let agent = Agent::start(
-        AgentConfig {
-            node_id: "node-a".into(),
-            work_dir: work_dir.clone(),
-            log_dir: tmp.path().join("logs"),
-            proxy_socket: tmp.path().join("proxy.sock"),
-            dataworker_socket: worker.socket_path().to_path_buf(),
-            lease_ttl: Duration::from_secs(2),
-            grace: Duration::from_millis(500),
-            s3: moto.settings(),
-            logs_addr: "127.0.0.1:0".parse().unwrap(),
-            labels: Default::default(),
-        },
+        agent_config(
+            tmp.path(),
+            worker.socket_path().to_path_buf(),
+            moto.settings(),
+        ),
         store.clone(),
     )
     .await
