@@ -550,6 +550,86 @@ fn a_call_through_the_nodes_proxy() {
     assert!(String::from_utf8_lossy(&o.stderr).starts_with("error: NotFound"));
 }
 
+/// Polls `check` every 50 ms until it gives a value; `None` after `timeout`.
+fn poll_until<T>(timeout: Duration, mut check: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check() {
+            return Some(v);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// [`poll_until`], panicking with `what` on timeout.
+fn wait_until<T>(what: &str, timeout: Duration, check: impl FnMut() -> Option<T>) -> T {
+    poll_until(timeout, check).unwrap_or_else(|| panic!("timed out waiting: {what}"))
+}
+
+/// Calls `echo` through a proxy in a loop on its own thread, one call at a time, counting
+/// the answers and keeping every failure.
+struct CallLoop {
+    served: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<Vec<String>>,
+}
+
+impl CallLoop {
+    fn start(proxy: &str, arg: &'static [u8]) -> CallLoop {
+        use std::sync::atomic::Ordering;
+        let served = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (s, st, proxy) = (served.clone(), stop.clone(), proxy.to_string());
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            let c = rt.block_on(shoal_sdk::CallClient::connect(&proxy)).unwrap();
+            let mut failed = Vec::new();
+            while !st.load(Ordering::Relaxed) {
+                match rt.block_on(c.invoke("echo", arg, Duration::from_secs(5))) {
+                    Ok(v) if v == arg => {
+                        s.fetch_add(1, Ordering::Relaxed);
+                    }
+                    other => failed.push(format!("{other:?}")),
+                }
+            }
+            failed
+        });
+        CallLoop {
+            served,
+            stop,
+            thread,
+        }
+    }
+
+    fn served(&self) -> u64 {
+        self.served.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Waits until `n` more calls have been answered.
+    fn wait_more(&self, n: u64) {
+        let target = self.served() + n;
+        wait_until(
+            &format!("{n} more calls answered"),
+            Duration::from_secs(20),
+            || (self.served() >= target).then_some(()),
+        );
+    }
+
+    /// Stops; the calls answered and the failures.
+    fn finish(self) -> (u64, Vec<String>) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let served = self.served.clone();
+        let failed = self.thread.join().unwrap();
+        (served.load(std::sync::atomic::Ordering::Relaxed), failed)
+    }
+}
+
 /// An example of the cli crate (cli/examples), built with the tests.
 fn example(name: &str) -> std::path::PathBuf {
     let p = std::path::Path::new(SHOAL)
@@ -632,25 +712,20 @@ impl Up {
 
     /// Waits for a running instance (not on node `not_on`); its record.
     fn running_instance(&self, deadline: Instant, not_on: Option<&str>) -> serde_json::Value {
-        loop {
+        let timeout = deadline.saturating_duration_since(Instant::now());
+        wait_until("a running instance", timeout, || {
             let o = self.shoal_fn(&["ls", "--json"], None);
-            if o.status.success() {
-                let ls: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-                let insts = ls["instances"]["instances"]
-                    .as_array()
-                    .or_else(|| ls["instances"].as_array())
-                    .cloned()
-                    .unwrap_or_default();
-                if let Some(i) = insts
-                    .iter()
-                    .find(|i| i["state"] == "running" && i["node"].as_str() != not_on)
-                {
-                    return i.clone();
-                }
+            if !o.status.success() {
+                return None;
             }
-            assert!(Instant::now() < deadline, "no running instance");
-            std::thread::sleep(Duration::from_millis(100));
-        }
+            let ls: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+            ls["instances"]["instances"]
+                .as_array()
+                .or_else(|| ls["instances"].as_array())?
+                .iter()
+                .find(|i| i["state"] == "running" && i["node"].as_str() != not_on)
+                .cloned()
+        })
     }
 
     /// Index of node `id` in `up`'s answer.
@@ -669,19 +744,13 @@ impl Up {
 
     /// Calls echo through `proxy` until it answers (the instance may still be connecting).
     fn invoke_echo(&self, proxy: &str, arg: &str) -> Vec<u8> {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
+        let mut last = String::new();
+        poll_until(Duration::from_secs(20), || {
             let o = self.shoal_fn(&["invoke", "echo", arg], Some(proxy));
-            if o.status.success() {
-                return o.stdout;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{}",
-                String::from_utf8_lossy(&o.stderr)
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+            last = String::from_utf8_lossy(&o.stderr).into_owned();
+            o.status.success().then_some(o.stdout)
+        })
+        .unwrap_or_else(|| panic!("echo never answered: {last}"))
     }
 }
 
@@ -798,20 +867,11 @@ fn rest_frontend_and_large_payloads_as_objects() {
     let control = up.info["control"]["http"].as_str().unwrap().to_string();
     // The REST frontend calls through node 1's proxy (forwarded when the instance is on
     // node 2).
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
+    let body = wait_until("REST invoke answers 200", Duration::from_secs(20), || {
         let (status, body) = http_post(&control, "/v1/functions/echo/invoke", b"hello");
-        if status == 200 {
-            assert_eq!(body, b"hello");
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{status} {}",
-            String::from_utf8_lossy(&body)
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+        (status == 200).then_some(body)
+    });
+    assert_eq!(body, b"hello");
     let (status, body) = http_post(&control, "/v1/functions/nope/invoke", b"x");
     assert_eq!(status, 404);
     let err: serde_json::Value = serde_json::from_slice(&body).unwrap();
@@ -853,24 +913,15 @@ fn rest_frontend_and_large_payloads_as_objects() {
     let words = "the quick brown fox jumps over the lazy dog\n".repeat(100_000);
     let other = 1 - idx;
     ok(&up.shoal(other, &["put", "corpus", "-"], Some(words.as_bytes())));
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
+    let counted = wait_until("wordcount answers", Duration::from_secs(20), || {
         let o = Command::new(SHOAL)
             .args(["fn", "invoke", "wordcount", "--object", "corpus"])
             .env("SHOAL_PROXY_SOCKET", up.proxy(other))
             .output()
             .unwrap();
-        if o.status.success() {
-            assert_eq!(o.stdout, b"900000");
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+        o.status.success().then_some(o.stdout)
+    });
+    assert_eq!(counted, b"900000");
 }
 
 #[test]
@@ -879,14 +930,11 @@ fn warm_calls_flow_through_a_leader_failover_on_etcd() {
     let etcd = Etcd::start().expect("etcd is not installed: scripts/test.sh installs etcd-server");
     let up = Up::start(2, &["--etcd", &etcd.url]);
     let standby = ControlProc::start(&etcd.url, "standby");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while standby.role().as_deref() != Some("standby") {
-        assert!(
-            Instant::now() < deadline,
-            "the second control never stood by"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_until(
+        "the second control stands by",
+        Duration::from_secs(10),
+        || (standby.role().as_deref() == Some("standby")).then_some(()),
+    );
     up.deploy_echo();
     let inst = up.running_instance(Instant::now() + Duration::from_secs(20), None);
     let node = up.node_index(inst["node"].as_str().unwrap());
@@ -894,39 +942,15 @@ fn warm_calls_flow_through_a_leader_failover_on_etcd() {
     let proxy = up.proxy(1 - node);
     assert_eq!(up.invoke_echo(&proxy, "warm"), b"warm");
 
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let caller = {
-        let stop = stop.clone();
-        std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            let c = rt.block_on(shoal_sdk::CallClient::connect(&proxy)).unwrap();
-            let (mut ok, mut failed) = (0u64, Vec::new());
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                match rt.block_on(c.invoke("echo", b"in flight", Duration::from_secs(5))) {
-                    Ok(v) if v == b"in flight" => ok += 1,
-                    other => failed.push(format!("{other:?}")),
-                }
-            }
-            (ok, failed)
-        })
-    };
-    std::thread::sleep(Duration::from_millis(300));
+    let calls = CallLoop::start(&proxy, b"in flight");
+    calls.wait_more(20);
     // The leader (up's control) dies; the standby takes over while calls keep flowing.
     kill(up.info["control"]["pid"].as_i64().unwrap());
-    let killed = Instant::now();
-    while standby.role().as_deref() != Some("leader") {
-        assert!(
-            killed.elapsed() < Duration::from_secs(5) + Duration::from_secs(5),
-            "the standby did not take over"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    std::thread::sleep(Duration::from_millis(500));
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let (served, failed) = caller.join().unwrap();
+    wait_until("the standby takes over", Duration::from_secs(10), || {
+        (standby.role().as_deref() == Some("leader")).then_some(())
+    });
+    calls.wait_more(20);
+    let (served, failed) = calls.finish();
     assert!(
         failed.is_empty(),
         "{} calls failed: {:?}",
@@ -953,21 +977,18 @@ fn warm_calls_flow_through_a_leader_failover_on_etcd() {
         .output()
         .unwrap();
     ok(&o);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let v = http_json(&standby.http, "/v1/functions/echo2/instances").unwrap_or_default();
-        let running = v["instances"]
-            .as_array()
-            .is_some_and(|a| a.iter().any(|i| i["state"] == "running"));
-        if running {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "echo2 never ran under the new leader: {v}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_until(
+        "echo2 runs under the new leader",
+        Duration::from_secs(20),
+        || {
+            let v = http_json(&standby.http, "/v1/functions/echo2/instances")?;
+            v["instances"]
+                .as_array()?
+                .iter()
+                .any(|i| i["state"] == "running")
+                .then_some(())
+        },
+    );
 }
 
 #[test]
@@ -994,14 +1015,12 @@ fn placement_follows_selectors_affinity_and_pools() {
             .collect()
     };
     let running_on = |name: &str| -> String {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(i) = instances(name).iter().find(|i| i["state"] == "running") {
-                return i["node"].as_str().unwrap().to_string();
-            }
-            assert!(Instant::now() < deadline, "{name} never ran");
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        wait_until(&format!("{name} runs"), Duration::from_secs(20), || {
+            let i = instances(name)
+                .into_iter()
+                .find(|i| i["state"] == "running")?;
+            Some(i["node"].as_str()?.to_string())
+        })
     };
     // A node selector pins echo to node-2 (`up` labels every node `node=ID`).
     deploy("echo", &["--min", "1", "--node-selector", "node=node-2"]);
@@ -1033,7 +1052,9 @@ fn placement_follows_selectors_affinity_and_pools() {
         ],
     );
     assert_eq!(running_on("echo-p"), "node-1");
-    std::thread::sleep(Duration::from_secs(2));
+    // A second instance is never placed: nothing marks "it did not happen", so give the
+    // leader two placement passes (it also runs one on every change) to get it wrong.
+    std::thread::sleep(2 * shoal_control::PLACEMENT_INTERVAL);
     let placed = instances("echo-p");
     assert_eq!(
         placed.len(),
@@ -1049,25 +1070,7 @@ fn an_update_rolls_the_instances_without_dropping_calls() {
     let first = up.running_instance(Instant::now() + Duration::from_secs(20), None);
     let proxy = up.proxy(0);
     assert_eq!(up.invoke_echo(&proxy, "v1"), b"v1");
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let caller = {
-        let (stop, proxy) = (stop.clone(), proxy.clone());
-        std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            let c = rt.block_on(shoal_sdk::CallClient::connect(&proxy)).unwrap();
-            let (mut served, mut failed) = (0u64, Vec::new());
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                match rt.block_on(c.invoke("echo", b"rolling", Duration::from_secs(5))) {
-                    Ok(_) => served += 1,
-                    Err(e) => failed.push(e.to_string()),
-                }
-            }
-            (served, failed)
-        })
-    };
+    let calls = CallLoop::start(&proxy, b"rolling");
     // Version 2 (a new environment): a new instance starts, then the old one goes.
     let pkg = up.dir.path().join("echo-pkg");
     let args = [
@@ -1083,27 +1086,23 @@ fn an_update_rolls_the_instances_without_dropping_calls() {
         "./echo",
     ];
     ok(&up.shoal_fn(&args, None));
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let v: serde_json::Value =
-            serde_json::from_slice(&ok(&up.shoal_fn(&["ls", "--json"], None))).unwrap();
-        let insts = v["instances"]["instances"]
-            .as_array()
-            .cloned()
-            .unwrap_or_default();
-        let rolled = insts.len() == 1
-            && insts[0]["function_version"] == 2
-            && insts[0]["state"] == "running"
-            && insts[0]["id"] != first["id"];
-        if rolled {
-            break;
-        }
-        assert!(Instant::now() < deadline, "never rolled: {insts:?}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    std::thread::sleep(Duration::from_millis(300));
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let (served, failed) = caller.join().unwrap();
+    wait_until(
+        "the instance rolled to version 2",
+        Duration::from_secs(30),
+        || {
+            let v: serde_json::Value =
+                serde_json::from_slice(&ok(&up.shoal_fn(&["ls", "--json"], None))).unwrap();
+            let insts = v["instances"]["instances"].as_array()?.clone();
+            (insts.len() == 1
+                && insts[0]["function_version"] == 2
+                && insts[0]["state"] == "running"
+                && insts[0]["id"] != first["id"])
+                .then_some(())
+        },
+    );
+    // Calls keep being answered by the new instance.
+    calls.wait_more(10);
+    let (served, failed) = calls.finish();
     assert!(
         failed.is_empty(),
         "{} of {} calls failed during the roll: {:?}",
