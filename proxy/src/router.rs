@@ -69,16 +69,15 @@ struct Instance {
     running: HashSet<u64>,
     /// Set for a remote route (another node's proxy).
     remote: Option<RemoteRoute>,
-    /// A local instance on its way out: takes no new calls, finishes those it has.
-    draining: bool,
+    /// On its way out (a draining instance, a route that vanished): takes no new calls,
+    /// finishes those it has.
+    retired: bool,
 }
 
 #[derive(Debug)]
 struct RemoteRoute {
     /// Instance ids of the function on that node (a call naming one of them goes there).
     instance_ids: BTreeSet<String>,
-    /// Takes no new calls; removed when its last call ends.
-    retired: bool,
 }
 
 impl Instance {
@@ -201,7 +200,7 @@ impl Router {
                 concurrency: concurrency as usize,
                 running: HashSet::new(),
                 remote: None,
-                draining: false,
+                retired: false,
             },
         );
         self.functions
@@ -233,12 +232,8 @@ impl Router {
         match self.instances.get_mut(&conn) {
             Some(inst) => {
                 inst.concurrency = concurrency.max(1) as usize;
-                let was_retired = inst.remote.as_ref().is_some_and(|r| r.retired);
-                inst.remote = Some(RemoteRoute {
-                    instance_ids,
-                    retired: false,
-                });
-                if was_retired {
+                inst.remote = Some(RemoteRoute { instance_ids });
+                if std::mem::take(&mut inst.retired) {
                     self.functions
                         .entry(function.to_owned())
                         .or_default()
@@ -254,11 +249,8 @@ impl Router {
                         instance_id: format!("@{node}"),
                         concurrency: concurrency.max(1) as usize,
                         running: HashSet::new(),
-                        remote: Some(RemoteRoute {
-                            instance_ids,
-                            retired: false,
-                        }),
-                        draining: false,
+                        remote: Some(RemoteRoute { instance_ids }),
+                        retired: false,
                     },
                 );
                 self.functions
@@ -272,16 +264,15 @@ impl Router {
         out
     }
 
-    /// The remote route `conn` takes no new calls; its calls in flight still complete, and it
-    /// is forgotten when the last one ends.
+    /// Instance or remote route `conn` takes no new calls (an instance that drains, a route
+    /// whose instances went away); its calls in flight still complete. A route is forgotten
+    /// when its last call ends; an instance when its connection closes. Calls queued for
+    /// the function wait for another instance.
     pub(crate) fn retire(&mut self, conn: ConnId) {
         let Some(inst) = self.instances.get_mut(&conn) else {
             return;
         };
-        let Some(remote) = inst.remote.as_mut() else {
-            return;
-        };
-        remote.retired = true;
+        inst.retired = true;
         let function = inst.function.clone();
         if let Some(f) = self.functions.get_mut(&function) {
             f.instances.retain(|c| *c != conn);
@@ -290,29 +281,12 @@ impl Router {
         self.gc_function(&function);
     }
 
-    /// Local instance `conn` is stopping: it gets no new calls; those it runs still finish.
-    /// Calls queued for its function wait for another instance.
-    pub(crate) fn drain(&mut self, conn: ConnId) {
-        let Some(inst) = self.instances.get_mut(&conn) else {
-            return;
-        };
-        if inst.remote.is_some() {
-            return;
-        }
-        inst.draining = true;
-        let function = inst.function.clone();
-        if let Some(f) = self.functions.get_mut(&function) {
-            f.instances.retain(|c| *c != conn);
-        }
-        self.gc_function(&function);
-    }
-
     /// Forgets a retired route with nothing in flight.
     fn reap(&mut self, conn: ConnId) {
         let idle_retired = self
             .instances
             .get(&conn)
-            .is_some_and(|i| i.running.is_empty() && i.remote.as_ref().is_some_and(|r| r.retired));
+            .is_some_and(|i| i.running.is_empty() && i.retired && i.remote.is_some());
         if idle_retired {
             self.instances.remove(&conn);
         }
@@ -662,7 +636,7 @@ impl Router {
             let Some(f) = self.functions.get(&inst.function) else {
                 return;
             };
-            if inst.draining || inst.remote.as_ref().is_some_and(|r| r.retired) {
+            if inst.retired {
                 return;
             }
             let pos = f
@@ -887,7 +861,7 @@ mod tests {
         let Action::Invoke { id, .. } = out[0] else {
             unreachable!()
         };
-        r.drain(10);
+        r.retire(10);
         // No instance takes new calls: NotFound (no other instance), not queued behind it.
         assert_eq!(
             code(&r.call(1, req(2, "f", None, 500), now)[0]),

@@ -386,7 +386,7 @@ impl Shared {
             }
             (Phase::Instance, CallerFrame::Drain) => {
                 let mut router = lock(&self.router);
-                router.drain(conn);
+                router.retire(conn);
                 // Every invoke routed to it so far is queued ahead of this frame.
                 push(&mut lock(&self.conns), conn, ProxyFrame::Drained);
                 Ok(())
