@@ -4,7 +4,11 @@
 //!
 //! shoal: the proxy runs in this process on its own thread (io_uring engine, or tokio); one
 //! function instance (the SDK's `FunctionInstance`, concurrency 16) echoes its argument;
-//! callers are SDK `CallClient`s, one per client thread. NATS: `nats-server` started by the
+//! callers are SDK `CallClient`s, one per client thread, each on its own current-thread
+//! runtime. `shoal` is the SDK's default: a call to an instance on the caller's node takes the
+//! instance's call lane (shared memory; the proxy only says where the lane is).
+//! `shoal_proxy` is the same with lanes off, every call through the proxy (caller → proxy →
+//! instance → proxy → caller), as `proxy_forward_1k` measures it. NATS: `nats-server` started by the
 //! suite on a free loopback port; the responder echoes on subject `echo`; each requester
 //! publishes with its own inbox as reply subject and waits for the answer. Both carry 1 KiB
 //! each way.
@@ -55,8 +59,11 @@ pub fn run_calls(opts: &CallsOptions) -> anyhow::Result<()> {
     }
     if wants("call_1k") {
         for clients in [1usize, 16] {
-            let (r, _) = shoal_calls(&spec, EngineKind::Auto, clients, "call_1k", "shoal")?;
-            report.push(r);
+            for (lanes, system) in [(true, "shoal"), (false, "shoal_proxy")] {
+                let (r, _) =
+                    shoal_calls(&spec, EngineKind::Auto, clients, "call_1k", system, lanes)?;
+                report.push(r);
+            }
             if let Some(n) = &nats {
                 report.push(nats_calls(&spec, n.addr, clients)?);
             }
@@ -83,7 +90,7 @@ pub fn run_calls(opts: &CallsOptions) -> anyhow::Result<()> {
             (EngineKind::Uring, "shoal_uring"),
             (EngineKind::Tokio, "shoal_tokio"),
         ] {
-            let (r, cpu) = shoal_calls(&spec, engine, 16, "proxy_forward_1k", system)?;
+            let (r, cpu) = shoal_calls(&spec, engine, 16, "proxy_forward_1k", system, false)?;
             let per_cpu_s = if cpu > 0.0 { r.ops as f64 / cpu } else { 0.0 };
             eprintln!(
                 "proxy engine {system}: {:.0} calls/s, {:.0} calls per proxy CPU-second ({cpu:.2} CPU s)",
@@ -323,14 +330,15 @@ fn thread_cpu(prefix: &str) -> f64 {
         / 100.0
 }
 
-/// Calls through an in-process proxy to one echo instance; returns the record and the CPU
-/// seconds the proxy's threads spent.
+/// Calls through an in-process proxy to one echo instance (through its call lane when
+/// `lanes`); returns the record and the CPU seconds the proxy's threads spent.
 fn shoal_calls(
     spec: &RunSpec,
     engine: EngineKind,
     clients: usize,
     bench: &str,
     system: &str,
+    lanes: bool,
 ) -> anyhow::Result<(Record, f64)> {
     let dir = tempfile::tempdir()?;
     let path = dir.path().join("proxy.sock");
@@ -355,7 +363,11 @@ fn shoal_calls(
             let crt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
-            let c = crt.block_on(shoal_sdk::CallClient::connect(&path))?;
+            let opts = shoal_sdk::CallOptions {
+                lanes,
+                ..Default::default()
+            };
+            let c = crt.block_on(shoal_sdk::CallClient::connect_with(&path, opts))?;
             Ok((crt, c))
         },
         |(crt, c)| {

@@ -6,6 +6,11 @@
 //! instance receives `Invoke`s (at most its declared concurrency at once) and answers each with
 //! `Result`. Arguments and results travel inline up to the proxy's inline limit; larger ones
 //! are objects in the node's dataworker, named by id.
+//!
+//! Call lanes: an instance may also serve calls from callers on its own node directly, over
+//! shared memory ([`CallerFrame::Lane`] announces the Unix socket where it hands out lanes).
+//! A caller asks the proxy which local instances of a function offer one
+//! ([`CallerFrame::Lanes`]); the proxy stays the router for everything else.
 use crate::{ObjectId, WireError};
 use serde::{Deserialize, Serialize};
 
@@ -75,6 +80,29 @@ pub enum CallerFrame {
     /// The instance is stopping (instance role): send it no new calls. The proxy answers
     /// `Drained`; every `Invoke` sent before that still gets a `Result`.
     Drain,
+    /// The instance hands out call lanes on the Unix socket at `path` (instance role, once,
+    /// after its `Welcome`). The proxy stops naming it once the instance drains or leaves.
+    Lane {
+        /// Socket path, on the proxy's node.
+        path: String,
+    },
+    /// Which local instances of `function` offer call lanes (caller role); answered with
+    /// [`ProxyFrame::Lanes`].
+    Lanes {
+        /// Caller-chosen id, echoed in the answer.
+        id: u64,
+        /// Function name.
+        function: String,
+    },
+}
+
+/// A local instance that offers call lanes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LaneInfo {
+    /// Instance id.
+    pub instance_id: String,
+    /// Where the instance hands out lanes.
+    pub path: String,
 }
 
 /// A frame from the proxy.
@@ -111,5 +139,12 @@ pub enum ProxyFrame {
         /// Result bytes, or the error (`NotFound` for an unknown function, `Overloaded`,
         /// `Timeout`, `InstanceFailed`, ...).
         result: Result<Payload, WireError>,
+    },
+    /// The answer to [`CallerFrame::Lanes`] (to a caller): possibly empty.
+    Lanes {
+        /// The question's id.
+        id: u64,
+        /// Local instances of the function that offer lanes and take new calls.
+        lanes: Vec<LaneInfo>,
     },
 }

@@ -11,8 +11,8 @@ use crate::router::{Action, CallRequest, ConnId, Router};
 use crate::ProxyConfig;
 use bytes::BytesMut;
 use shoal_protocol::{
-    CallerFrame, ErrorCode, FrameDecoder, FrameError, Payload, ProxyFrame, Role, WireError,
-    PROTOCOL_VERSION,
+    CallerFrame, ErrorCode, FrameDecoder, FrameError, LaneInfo, Payload, ProxyFrame, Role,
+    WireError, PROTOCOL_VERSION,
 };
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -83,10 +83,24 @@ pub(crate) struct Conn {
     pub(crate) admitted: bool,
 }
 
+/// A registered local instance, for [`CallerFrame::Lanes`] questions.
+#[derive(Debug)]
+struct LocalInstance {
+    function: String,
+    instance_id: String,
+    /// Where it hands out call lanes; `None` before it says, and once it drains.
+    lane: Option<String>,
+}
+
+/// Longest lane socket path taken (Unix socket paths are far shorter).
+const MAX_LANE_PATH: usize = 4096;
+
 #[derive(Debug)]
 pub(crate) struct Shared {
     pub(crate) cfg: ProxyConfig,
     router: Mutex<Router>,
+    /// Local instances by connection (taken alone, never with the other locks).
+    instances: Mutex<HashMap<ConnId, LocalInstance>>,
     conns: Mutex<HashMap<ConnId, Outbox>>,
     next_conn: AtomicU64,
     active: AtomicUsize,
@@ -180,6 +194,7 @@ impl Shared {
         Self {
             cfg,
             router: Mutex::new(Router::new(max_queue)),
+            instances: Mutex::new(HashMap::new()),
             conns: Mutex::new(HashMap::new()),
             next_conn: AtomicU64::new(1),
             active: AtomicUsize::new(0),
@@ -227,6 +242,7 @@ impl Shared {
         if !admitted {
             return;
         }
+        lock(&self.instances).remove(&id);
         let mut router = lock(&self.router);
         let actions = router.disconnect(id);
         let mut conns = lock(&self.conns);
@@ -319,6 +335,15 @@ impl Shared {
                                 apply(&mut router, &mut conns, actions);
                                 tracing::debug!(conn, %function, %instance_id, concurrency, "instance registered");
                                 *phase = Phase::Instance;
+                                drop((router, conns));
+                                lock(&self.instances).insert(
+                                    conn,
+                                    LocalInstance {
+                                        function,
+                                        instance_id,
+                                        lane: None,
+                                    },
+                                );
                             }
                             Err(e) => {
                                 drop(router);
@@ -385,10 +410,43 @@ impl Shared {
                 Ok(())
             }
             (Phase::Instance, CallerFrame::Drain) => {
+                if let Some(i) = lock(&self.instances).get_mut(&conn) {
+                    i.lane = None;
+                }
                 let mut router = lock(&self.router);
                 router.retire(conn);
                 // Every invoke routed to it so far is queued ahead of this frame.
                 push(&mut lock(&self.conns), conn, ProxyFrame::Drained);
+                Ok(())
+            }
+            (Phase::Instance, CallerFrame::Lane { path }) => {
+                if path.is_empty() || path.len() > MAX_LANE_PATH {
+                    return Err(ConnError::Protocol(format!(
+                        "lane path of {} bytes",
+                        path.len()
+                    )));
+                }
+                if let Some(i) = lock(&self.instances).get_mut(&conn) {
+                    i.lane = Some(path);
+                }
+                Ok(())
+            }
+            (Phase::Caller, CallerFrame::Lanes { id, function }) => {
+                let lanes = lock(&self.instances)
+                    .values()
+                    .filter(|i| i.function == function)
+                    .filter_map(|i| {
+                        Some(LaneInfo {
+                            instance_id: i.instance_id.clone(),
+                            path: i.lane.clone()?,
+                        })
+                    })
+                    .collect();
+                push(
+                    &mut lock(&self.conns),
+                    conn,
+                    ProxyFrame::Lanes { id, lanes },
+                );
                 Ok(())
             }
             (p, f) => Err(ConnError::Protocol(format!(
@@ -398,6 +456,8 @@ impl Shared {
                     CallerFrame::Call { .. } => "Call",
                     CallerFrame::Result { .. } => "Result",
                     CallerFrame::Drain => "Drain",
+                    CallerFrame::Lane { .. } => "Lane",
+                    CallerFrame::Lanes { .. } => "Lanes",
                 }
             ))),
         }

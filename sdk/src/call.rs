@@ -18,16 +18,23 @@
 //! client, payloads above the limit fail with `TooLarge`. A handler that takes [`Data`] sees an
 //! object argument as a zero-copy [`View`], on whichever node the object lives (another node's
 //! object is pulled once).
+//!
+//! Calls to instances on the caller's own node take a call lane when the instance offers one
+//! (see the `lane` module): shared memory between caller and instance, with the proxy only
+//! telling the caller where the lanes are. [`CallOptions::lanes`] turns that off.
+use crate::lane::{
+    run_holding, Admission, CallFn, CallerLane, LaneListener, LaneOutcome, LaneServer, LaneSet,
+};
 use crate::{Client, Error, View};
 use bytes::BytesMut;
 use shoal_protocol::{
-    encode_frame, CallerFrame, ErrorCode, FrameDecoder, Payload, ProxyFrame, Role, WireError,
-    PROTOCOL_VERSION,
+    encode_frame, CallerFrame, ErrorCode, FrameDecoder, LaneInfo, Payload, ProxyFrame, Role,
+    WireError, PROTOCOL_VERSION,
 };
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
-use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -39,6 +46,10 @@ use tokio::task::{JoinHandle, JoinSet};
 const REPLY_GRACE: Duration = Duration::from_secs(1);
 /// Encoded frames queued towards the proxy at most (callers wait for room).
 const OUTBOUND_FRAMES: usize = 1024;
+/// How long a caller trusts what the proxy said about a function's lanes.
+const LANE_REFRESH: Duration = Duration::from_secs(1);
+/// Longest wait for the proxy's answer about lanes (then: no lanes, for now).
+const LANE_QUERY_TIMEOUT: Duration = Duration::from_secs(1);
 
 fn max_frame(inline_limit: u64) -> usize {
     usize::try_from(inline_limit)
@@ -183,8 +194,46 @@ type Pending = HashMap<u64, oneshot::Sender<Result<Payload, WireError>>>;
 #[derive(Debug, Default)]
 struct Calls {
     pending: Pending,
+    /// Questions about lanes, by id.
+    queries: HashMap<u64, oneshot::Sender<Vec<LaneInfo>>>,
     /// Set when the connection ended; no new calls are accepted.
     closed: bool,
+}
+
+/// How a [`CallClient`] makes calls.
+#[derive(Debug, Clone)]
+pub struct CallOptions {
+    /// Call instances on this node through their call lanes (shared memory) when they offer
+    /// one. On by default.
+    pub lanes: bool,
+    /// How long a caller polls a lane for its reply before it sleeps, when that call is the
+    /// lane's only one (polling costs a core while it lasts and saves two wake-ups). 100 µs
+    /// by default; zero never polls.
+    pub lane_spin: Duration,
+    /// Pass payloads above the inline limit as objects through this client of the node's
+    /// dataworker. Without it, such payloads fail with `TooLarge`.
+    pub store: Option<Client>,
+}
+
+impl Default for CallOptions {
+    fn default() -> Self {
+        Self {
+            lanes: true,
+            lane_spin: Duration::from_micros(100),
+            store: None,
+        }
+    }
+}
+
+/// A caller's lanes, by function.
+#[derive(Debug)]
+struct Lanes {
+    sets: Mutex<HashMap<String, LaneSet>>,
+    /// One refresh at a time per client.
+    refresh: tokio::sync::Mutex<()>,
+    spin: Duration,
+    turn: AtomicUsize,
+    calls: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -195,6 +244,7 @@ struct ClientInner {
     node_id: String,
     inline_limit: u64,
     store: Option<Client>,
+    lanes: Option<Lanes>,
     tasks: [JoinHandle<()>; 2],
 }
 
@@ -230,7 +280,7 @@ impl CallClient {
     /// Connects to the proxy at `proxy_socket` as a caller. Payloads above the proxy's
     /// inline limit fail with `TooLarge`; see [`CallClient::connect_with_store`].
     pub async fn connect(proxy_socket: impl AsRef<Path>) -> Result<CallClient, Error> {
-        Self::open(proxy_socket.as_ref(), None).await
+        Self::connect_with(proxy_socket, CallOptions::default()).await
     }
 
     /// Connects to the proxy at `proxy_socket` as a caller that passes payloads above the
@@ -239,12 +289,20 @@ impl CallClient {
         proxy_socket: impl AsRef<Path>,
         store: Client,
     ) -> Result<CallClient, Error> {
-        Self::open(proxy_socket.as_ref(), Some(store)).await
+        let opts = CallOptions {
+            store: Some(store),
+            ..CallOptions::default()
+        };
+        Self::connect_with(proxy_socket, opts).await
     }
 
-    async fn open(proxy_socket: &Path, store: Option<Client>) -> Result<CallClient, Error> {
+    /// Connects to the proxy at `proxy_socket` as a caller, with options.
+    pub async fn connect_with(
+        proxy_socket: impl AsRef<Path>,
+        opts: CallOptions,
+    ) -> Result<CallClient, Error> {
         let (stream, mut buf, node_id, inline_limit) =
-            handshake(proxy_socket, Role::Caller).await?;
+            handshake(proxy_socket.as_ref(), Role::Caller).await?;
         let (mut rd, mut wr) = stream.into_split();
         let (tx, mut rx) = mpsc::channel::<Vec<u8>>(OUTBOUND_FRAMES);
         let calls = Arc::new(Mutex::new(Calls::default()));
@@ -267,14 +325,23 @@ impl CallClient {
                     },
                     Err(_) => break,
                 };
-                if let ProxyFrame::Reply { id, result } = frame {
-                    if let Some(tx) = lock(&reader_calls).pending.remove(&id) {
-                        let _ = tx.send(result);
+                match frame {
+                    ProxyFrame::Reply { id, result } => {
+                        if let Some(tx) = lock(&reader_calls).pending.remove(&id) {
+                            let _ = tx.send(result);
+                        }
                     }
+                    ProxyFrame::Lanes { id, lanes } => {
+                        if let Some(tx) = lock(&reader_calls).queries.remove(&id) {
+                            let _ = tx.send(lanes);
+                        }
+                    }
+                    _ => {}
                 }
             }
             let mut c = lock(&reader_calls);
             c.closed = true;
+            c.queries.clear();
             for (_, tx) in c.pending.drain() {
                 let _ = tx.send(Err(closed()));
             }
@@ -286,7 +353,14 @@ impl CallClient {
                 next_id: AtomicU64::new(1),
                 node_id,
                 inline_limit,
-                store,
+                store: opts.store,
+                lanes: opts.lanes.then(|| Lanes {
+                    sets: Mutex::new(HashMap::new()),
+                    refresh: tokio::sync::Mutex::new(()),
+                    spin: opts.lane_spin,
+                    turn: AtomicUsize::new(0),
+                    calls: AtomicU64::new(0),
+                }),
                 tasks: [reader, writer],
             }),
         })
@@ -300,6 +374,14 @@ impl CallClient {
     /// Largest argument the proxy takes inline, in bytes.
     pub fn inline_limit(&self) -> u64 {
         self.inner.inline_limit
+    }
+
+    /// Calls answered through call lanes so far (the rest went through the proxy).
+    pub fn lane_calls(&self) -> u64 {
+        self.inner
+            .lanes
+            .as_ref()
+            .map_or(0, |l| l.calls.load(Ordering::Relaxed))
     }
 
     /// Calls `function` on any of its instances. Errors carry the proxy's code: `NotFound`
@@ -384,6 +466,16 @@ impl CallClient {
     ) -> Result<Payload, Error> {
         let inner = &*self.inner;
         let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let args = match &inner.lanes {
+            Some(lanes) => match self
+                .lane_call(lanes, id, function, instance, args, timeout)
+                .await
+            {
+                Ok(result) => return Ok(result?),
+                Err(args) => args,
+            },
+            None => args,
+        };
         let (tx, rx) = oneshot::channel();
         {
             let mut c = lock(&inner.calls);
@@ -419,6 +511,129 @@ impl CallClient {
         };
         Ok(result?)
     }
+
+    /// Makes the call through a lane to a local instance with room, if there is one; gives
+    /// the argument back when the call did not start there.
+    async fn lane_call(
+        &self,
+        lanes: &Lanes,
+        id: u64,
+        function: &str,
+        instance: Option<&str>,
+        args: Payload,
+        timeout: Duration,
+    ) -> Result<Result<Payload, WireError>, Payload> {
+        let Some(lane) = self.lane_for(lanes, function, instance).await else {
+            return Err(args);
+        };
+        let frame = ProxyFrame::Invoke {
+            id,
+            function: function.to_owned(),
+            args,
+            timeout_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
+            trace_id: id,
+        };
+        let give_back = |frame: ProxyFrame| match frame {
+            ProxyFrame::Invoke { args, .. } => args,
+            _ => Payload::Inline(Vec::new()), // never: built just above
+        };
+        let mut bytes = Vec::new();
+        if encode_frame(&frame, &mut bytes).is_err() {
+            return Err(give_back(frame));
+        }
+        let now = tokio::time::Instant::now();
+        let deadline = now
+            .checked_add(timeout)
+            .unwrap_or_else(|| now + Duration::from_secs(365 * 86_400));
+        match lane.call(&bytes, deadline, lanes.spin).await {
+            LaneOutcome::Answered(result) => {
+                lanes.calls.fetch_add(1, Ordering::Relaxed);
+                Ok(result)
+            }
+            LaneOutcome::NotStarted => {
+                if lane.is_dead() || !lane.has_room() {
+                    // Drained or gone: ask the proxy again on the next call.
+                    lock(&lanes.sets).remove(function);
+                }
+                Err(give_back(frame))
+            }
+        }
+    }
+
+    /// The lane a call to `function` (or its `instance`) should take, asking the proxy which
+    /// local instances offer one when what it said last is stale.
+    async fn lane_for(
+        &self,
+        lanes: &Lanes,
+        function: &str,
+        instance: Option<&str>,
+    ) -> Option<Arc<CallerLane>> {
+        let turn = lanes.turn.fetch_add(1, Ordering::Relaxed);
+        let fresh = |sets: &HashMap<String, LaneSet>| {
+            sets.get(function)
+                .filter(|s| s.checked.elapsed() < LANE_REFRESH)
+                .filter(|s| s.lanes.iter().all(|l| !l.is_dead()))
+                .map(|s| s.pick(instance, turn))
+        };
+        if let Some(pick) = fresh(&lock(&lanes.sets)) {
+            return pick;
+        }
+        let _one = lanes.refresh.lock().await;
+        if let Some(pick) = fresh(&lock(&lanes.sets)) {
+            return pick;
+        }
+        let infos = self.query_lanes(function).await;
+        let old = lock(&lanes.sets).remove(function);
+        let mut set = LaneSet {
+            lanes: Vec::new(),
+            checked: std::time::Instant::now(),
+        };
+        for info in infos {
+            let kept = old
+                .iter()
+                .flat_map(|s| &s.lanes)
+                .find(|l| l.instance_id == info.instance_id && l.path == info.path)
+                .filter(|l| !l.is_dead());
+            match kept {
+                Some(l) => set.lanes.push(l.clone()),
+                // An instance whose lane cannot be opened is called through the proxy.
+                None => match CallerLane::connect(&info).await {
+                    Ok(l) => set.lanes.push(Arc::new(l)),
+                    Err(_) => continue,
+                },
+            }
+        }
+        let pick = set.pick(instance, turn);
+        lock(&lanes.sets).insert(function.to_owned(), set);
+        pick
+    }
+
+    /// Asks the proxy which local instances of `function` offer lanes (none if it cannot say).
+    async fn query_lanes(&self, function: &str) -> Vec<LaneInfo> {
+        let inner = &*self.inner;
+        let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut c = lock(&inner.calls);
+            if c.closed {
+                return Vec::new();
+            }
+            c.queries.insert(id, tx);
+        }
+        let asked = match encode(&CallerFrame::Lanes {
+            id,
+            function: function.to_owned(),
+        }) {
+            Ok(frame) => inner.tx.send(frame).await.is_ok(),
+            Err(_) => false,
+        };
+        let lanes = match asked {
+            true => tokio::time::timeout(LANE_QUERY_TIMEOUT, rx).await,
+            false => return Vec::new(),
+        };
+        lock(&inner.calls).queries.remove(&id);
+        lanes.ok().and_then(Result::ok).unwrap_or_default()
+    }
 }
 
 /// A function instance registered with the proxy, not yet serving. [`FunctionInstance::run`]
@@ -431,6 +646,82 @@ pub struct FunctionInstance {
     inline_limit: u64,
     store: Option<Client>,
     drain_on_sigterm: bool,
+    proxy_socket: PathBuf,
+    concurrency: u32,
+    lanes: bool,
+}
+
+/// An invoke from the proxy waiting for one of the instance's concurrency units.
+struct Queued {
+    id: u64,
+    args: Payload,
+    timeout_ms: u64,
+    deadline: Option<tokio::time::Instant>,
+}
+
+/// The handler's answer to one call: reads an object argument, runs the handler, and stores
+/// a result above the inline limit as an object.
+async fn answer<F, Fut>(
+    handler: Arc<F>,
+    store: Option<Client>,
+    inline_limit: u64,
+    args: Payload,
+    timeout_ms: u64,
+) -> Result<Payload, WireError>
+where
+    F: Fn(Data) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<Vec<u8>, String>> + Send + 'static,
+{
+    // None: a deadline too far away to represent.
+    let deadline = tokio::time::Instant::now().checked_add(Duration::from_millis(timeout_ms));
+    let data = match args {
+        Payload::Inline(a) => Data::Bytes(a),
+        Payload::Object(o) => {
+            let wait = Duration::from_millis(timeout_ms).min(OBJECT_WAIT);
+            match view_object(store.as_ref(), &o, wait, false).await {
+                Ok(v) => Data::Object(v),
+                Err(Error::Remote(e)) => return Err(e),
+                Err(e) => {
+                    return Err(WireError::new(
+                        ErrorCode::Internal,
+                        format!("reading argument object {o}: {e}"),
+                    ))
+                }
+            }
+        }
+    };
+    let out = handler(data)
+        .await
+        .map_err(|msg| WireError::new(ErrorCode::Internal, msg))?;
+    if out.len() as u64 <= inline_limit {
+        return Ok(Payload::Inline(out));
+    }
+    if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
+        // The caller has been answered `Timeout` already and drops what comes now: an
+        // object stored for it would never be read.
+        return Err(WireError::new(
+            ErrorCode::Timeout,
+            "the handler finished past the call's deadline",
+        ));
+    }
+    let Some(store) = store else {
+        return Err(WireError::new(
+            ErrorCode::TooLarge,
+            format!(
+                "result of {} bytes exceeds the inline limit of {inline_limit}, and the \
+                 instance has no dataworker client",
+                out.len()
+            ),
+        ));
+    };
+    match put_object(&store, &out).await {
+        Ok(id) => Ok(Payload::Object(id)),
+        Err(Error::Remote(e)) => Err(e),
+        Err(e) => Err(WireError::new(
+            ErrorCode::Internal,
+            format!("storing the result object: {e}"),
+        )),
+    }
 }
 
 impl FunctionInstance {
@@ -458,6 +749,9 @@ impl FunctionInstance {
             inline_limit,
             store: None,
             drain_on_sigterm: false,
+            proxy_socket: proxy_socket.as_ref().to_owned(),
+            concurrency: concurrency.max(1),
+            lanes: true,
         })
     }
 
@@ -475,6 +769,13 @@ impl FunctionInstance {
     /// with `InvalidArgument` and large results with `TooLarge`.
     pub fn with_store(mut self, store: Client) -> FunctionInstance {
         self.store = Some(store);
+        self
+    }
+
+    /// Serves calls from the proxy only: offers no call lanes to callers on this node. By
+    /// default an instance offers them (a socket beside the proxy's and one thread).
+    pub fn without_lanes(mut self) -> FunctionInstance {
+        self.lanes = false;
         self
     }
 
@@ -503,6 +804,10 @@ impl FunctionInstance {
 
     /// Like [`FunctionInstance::run`], with the argument as [`Data`]: an object argument is a
     /// zero-copy view of the object.
+    ///
+    /// At most the declared concurrency of calls run at once, whether they came through the
+    /// proxy or through call lanes; a call holds its unit until it answers or its deadline
+    /// passes. Calls from the proxy that find no unit free wait here, ahead of lane calls.
     pub async fn run_data<F, Fut>(self, handler: F) -> Result<(), Error>
     where
         F: Fn(Data) -> Fut + Send + Sync + 'static,
@@ -514,13 +819,41 @@ impl FunctionInstance {
             inline_limit,
             store,
             drain_on_sigterm,
+            proxy_socket,
+            concurrency,
+            lanes,
             ..
         } = self;
         let (mut rd, mut wr) = stream.into_split();
         let dec = FrameDecoder::new(max_frame(inline_limit));
         let handler = Arc::new(handler);
+        let call: CallFn = Arc::new(move |args, timeout_ms| {
+            Box::pin(answer(
+                handler.clone(),
+                store.clone(),
+                inline_limit,
+                args,
+                timeout_ms,
+            ))
+        });
+        let admission = Admission::new(concurrency)?;
+        let lanes = match lanes.then(|| LaneListener::bind(&proxy_socket)).flatten() {
+            Some(listener) => {
+                let path = listener.path().to_string_lossy().into_owned();
+                let server =
+                    LaneServer::start(listener, admission.clone(), call.clone(), inline_limit)?;
+                wr.write_all(&encode(&CallerFrame::Lane { path })?).await?;
+                Some(server)
+            }
+            None => None,
+        };
         let mut tasks: JoinSet<Result<Payload, WireError>> = JoinSet::new();
         let mut ids: HashMap<tokio::task::Id, u64> = HashMap::new();
+        let mut queue: VecDeque<Queued> = VecDeque::new();
+        let start = |q: Queued, permit, tasks: &mut JoinSet<_>, ids: &mut HashMap<_, _>| {
+            let t = tasks.spawn(run_holding(call(q.args, q.timeout_ms), permit, q.deadline));
+            ids.insert(t.id(), q.id);
+        };
         let mut term = if drain_on_sigterm {
             Some(tokio::signal::unix::signal(
                 tokio::signal::unix::SignalKind::terminate(),
@@ -542,62 +875,17 @@ impl FunctionInstance {
                         timeout_ms,
                         ..
                     } => {
-                        let h = handler.clone();
-                        let store = store.clone();
-                        // None: a deadline too far away to represent.
-                        let deadline = tokio::time::Instant::now()
-                            .checked_add(Duration::from_millis(timeout_ms));
-                        let t = tasks.spawn(async move {
-                            let data = match args {
-                                Payload::Inline(a) => Data::Bytes(a),
-                                Payload::Object(o) => {
-                                    let wait = Duration::from_millis(timeout_ms).min(OBJECT_WAIT);
-                                    match view_object(store.as_ref(), &o, wait, false).await {
-                                        Ok(v) => Data::Object(v),
-                                        Err(Error::Remote(e)) => return Err(e),
-                                        Err(e) => {
-                                            return Err(WireError::new(
-                                                ErrorCode::Internal,
-                                                format!("reading argument object {o}: {e}"),
-                                            ))
-                                        }
-                                    }
-                                }
-                            };
-                            let out = h(data)
-                                .await
-                                .map_err(|msg| WireError::new(ErrorCode::Internal, msg))?;
-                            if out.len() as u64 <= inline_limit {
-                                return Ok(Payload::Inline(out));
-                            }
-                            if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
-                                // The proxy has answered `Timeout` already and drops what
-                                // comes now: an object stored for it would never be read.
-                                return Err(WireError::new(
-                                    ErrorCode::Timeout,
-                                    "the handler finished past the call's deadline",
-                                ));
-                            }
-                            let Some(store) = store else {
-                                return Err(WireError::new(
-                                    ErrorCode::TooLarge,
-                                    format!(
-                                        "result of {} bytes exceeds the inline limit of \
-                                         {inline_limit}, and the instance has no dataworker client",
-                                        out.len()
-                                    ),
-                                ));
-                            };
-                            match put_object(&store, &out).await {
-                                Ok(id) => Ok(Payload::Object(id)),
-                                Err(Error::Remote(e)) => Err(e),
-                                Err(e) => Err(WireError::new(
-                                    ErrorCode::Internal,
-                                    format!("storing the result object: {e}"),
-                                )),
-                            }
-                        });
-                        ids.insert(t.id(), id);
+                        let q = Queued {
+                            id,
+                            args,
+                            timeout_ms,
+                            deadline: tokio::time::Instant::now()
+                                .checked_add(Duration::from_millis(timeout_ms)),
+                        };
+                        match admission.try_acquire(true).filter(|_| queue.is_empty()) {
+                            Some(permit) => start(q, permit, &mut tasks, &mut ids),
+                            None => queue.push_back(q),
+                        }
                     }
                     ProxyFrame::Drained => drained = true,
                     other => {
@@ -607,7 +895,9 @@ impl FunctionInstance {
                     }
                 }
             }
-            if drained && tasks.is_empty() {
+            admission.gauge.set_queued(queue.len() as u32);
+            let lane_calls = lanes.as_ref().map_or(0, LaneServer::in_flight);
+            if drained && tasks.is_empty() && queue.is_empty() && lane_calls == 0 {
                 return Ok(());
             }
             tokio::select! {
@@ -618,7 +908,24 @@ impl FunctionInstance {
                 }
                 _ = sigterm(&mut term), if !draining => {
                     draining = true;
+                    if let Some(l) = &lanes {
+                        l.drain();
+                    }
                     wr.write_all(&encode(&CallerFrame::Drain)?).await?;
+                }
+                _ = admission.released.notified(), if !queue.is_empty() || drained => {
+                    while let Some(q) = queue.pop_front() {
+                        if q.deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
+                            continue; // the proxy answered `Timeout` and forgot it
+                        }
+                        match admission.try_acquire(true) {
+                            Some(permit) => start(q, permit, &mut tasks, &mut ids),
+                            None => {
+                                queue.push_front(q);
+                                break;
+                            }
+                        }
+                    }
                 }
                 Some(done) = tasks.join_next_with_id() => {
                     let (task, result) = match done {

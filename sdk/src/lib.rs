@@ -21,9 +21,10 @@ mod call;
 mod client;
 mod conn;
 mod error;
+mod lane;
 mod view;
 
-pub use call::{serve, CallClient, Data, FunctionInstance, InstanceEnv};
+pub use call::{serve, CallClient, CallOptions, Data, FunctionInstance, InstanceEnv};
 pub use client::{Client, ConnectOptions, SetOptions, SOCKET_ENV};
 pub use error::Error;
 pub use shoal_protocol::Payload;

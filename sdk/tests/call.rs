@@ -32,6 +32,18 @@ impl Node {
         CallClient::connect(self.proxy.socket_path()).await.unwrap()
     }
 
+    /// A client whose calls all go through the proxy (no call lanes): for what only the
+    /// proxy does (its queue, its shutdown).
+    async fn proxy_client(&self) -> CallClient {
+        let opts = shoal_sdk::CallOptions {
+            lanes: false,
+            ..Default::default()
+        };
+        CallClient::connect_with(self.proxy.socket_path(), opts)
+            .await
+            .unwrap()
+    }
+
     /// Registers an instance and serves it with `handler` in a task.
     async fn instance<F, Fut>(
         &self,
@@ -183,7 +195,7 @@ async fn full_queue_is_overloaded(engine: EngineKind) {
             }
         })
         .await;
-    let c = node.client().await;
+    let c = node.proxy_client().await;
     // Ten calls at once on a function with one slot and a queue of two: whatever the order,
     // exactly seven are refused at once and three complete once the handler is released.
     let (tx, mut rx) = tokio::sync::mpsc::channel(10);
@@ -327,7 +339,7 @@ async fn shutdown_fails_in_flight_calls(engine: EngineKind) {
             std::future::pending()
         })
         .await;
-    let c = node.client().await;
+    let c = node.proxy_client().await;
     let running = {
         let c = c.clone();
         tokio::spawn(async move { c.invoke("f", b"x", 5 * SEC).await })

@@ -69,6 +69,9 @@ pub enum ShmError {
         /// Mapping size.
         size: u64,
     },
+    /// A layout no region can have (a peer's announcement, or a bad request).
+    #[error("invalid shared-memory layout: {0}")]
+    Invalid(String),
     /// fd passing failed.
     #[error("passing file descriptors failed: {0}")]
     FdPass(#[source] nix::Error),

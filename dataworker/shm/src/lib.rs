@@ -11,6 +11,7 @@
 mod arena;
 mod ctl;
 mod fdpass;
+mod lane;
 mod mailbox;
 
 pub use arena::{Arena, ShmError};
@@ -18,4 +19,5 @@ pub use ctl::{
     key_hash, Ctl, CtlError, FastPin, FastReader, IndexEntry, IndexWriter, SLOTS_PER_BUCKET,
 };
 pub use fdpass::{recv_with_fds, send_with_fds};
+pub use lane::{LaneGauge, LaneRegion, SlotState};
 pub use mailbox::Mailbox;
