@@ -373,7 +373,10 @@ impl LaneLoop {
                 continue;
             }
             // Sleep: announce it, look once more, then wait for a ring or a socket event.
-            self.ctx.admission.lane_sleeping.store(true, Ordering::SeqCst);
+            self.ctx
+                .admission
+                .lane_sleeping
+                .store(true, Ordering::SeqCst);
             for l in &self.lanes {
                 l.region.set_server_sleeping(true);
             }
@@ -382,7 +385,10 @@ impl LaneLoop {
                 self.check_sockets(PollTimeout::from(1000u16));
                 last_check = Instant::now();
             }
-            self.ctx.admission.lane_sleeping.store(false, Ordering::SeqCst);
+            self.ctx
+                .admission
+                .lane_sleeping
+                .store(false, Ordering::SeqCst);
             for l in &self.lanes {
                 l.region.set_server_sleeping(false);
             }
@@ -452,8 +458,7 @@ impl LaneLoop {
             lane.closed.store(true, Ordering::SeqCst);
             return;
         };
-        let deadline =
-            tokio::time::Instant::now().checked_add(Duration::from_millis(timeout_ms));
+        let deadline = tokio::time::Instant::now().checked_add(Duration::from_millis(timeout_ms));
         let mut fut = (self.ctx.call)(args, timeout_ms);
         let polled = {
             let _rt = self.ctx.rt.enter();
@@ -493,10 +498,9 @@ impl LaneLoop {
         ctx.rt.spawn(async move {
             let result = match handle.await {
                 Ok(r) => Some(r),
-                Err(e) if e.is_panic() => Some(Err(WireError::new(
-                    ErrorCode::Internal,
-                    "handler panicked",
-                ))),
+                Err(e) if e.is_panic() => {
+                    Some(Err(WireError::new(ErrorCode::Internal, "handler panicked")))
+                }
                 Err(_) => None, // aborted: the instance is going away
             };
             if let Some(result) = result {
@@ -519,7 +523,10 @@ impl LaneLoop {
         });
         let (new_lane, bell, ready) = {
             let mut fds = Vec::with_capacity(self.lanes.len() + 2);
-            fds.push(PollFd::new(self.listener.listener.as_fd(), PollFlags::POLLIN));
+            fds.push(PollFd::new(
+                self.listener.listener.as_fd(),
+                PollFlags::POLLIN,
+            ));
             fds.push(PollFd::new(self.bell.as_fd(), PollFlags::POLLIN));
             for l in &self.lanes {
                 fds.push(PollFd::new(l.stream.as_fd(), PollFlags::POLLIN));
@@ -584,8 +591,7 @@ impl LaneLoop {
             stream.as_fd(),
             &hello,
             &[region.fd(), self.ctx.admission.gauge.fd()],
-        )
-        ?;
+        )?;
         if sent != HELLO_LEN {
             return Err(Error::protocol("short lane hello"));
         }
@@ -748,7 +754,9 @@ impl CallerLane {
         if self.region.server_sleeps() {
             let _ = self.stream.try_write(&[1]);
         }
-        let out = self.wait(slot, deadline, if alone { spin } else { Duration::ZERO }).await;
+        let out = self
+            .wait(slot, deadline, if alone { spin } else { Duration::ZERO })
+            .await;
         self.in_flight.fetch_sub(1, Ordering::SeqCst);
         out
     }
@@ -850,7 +858,10 @@ impl CallerLane {
 }
 
 fn timeout_error() -> WireError {
-    WireError::new(ErrorCode::Timeout, "no answer from the instance by the deadline")
+    WireError::new(
+        ErrorCode::Timeout,
+        "no answer from the instance by the deadline",
+    )
 }
 
 /// Reads rings off a lane's socket and wakes the waiting calls; marks the lane dead at EOF.

@@ -420,3 +420,337 @@ async fn large_payloads_travel_as_objects_and_none_is_left_behind() {
     drop((c, store));
     worker.shutdown().await;
 }
+
+// ----- call lanes: callers and instances on one node, over shared memory -----
+
+/// How many handlers run at once, and the most seen.
+#[derive(Default)]
+struct Gauge {
+    now: AtomicUsize,
+    peak: AtomicUsize,
+}
+
+impl Gauge {
+    fn enter(&self) {
+        let n = self.now.fetch_add(1, Ordering::SeqCst) + 1;
+        self.peak.fetch_max(n, Ordering::SeqCst);
+    }
+    fn leave(&self) {
+        self.now.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lanes_carry_calls_to_local_instances() {
+    let node = Node::start(EngineKind::Tokio, |_| {});
+    let _e = node.echo("echo", "e1").await;
+    let c = node.client().await;
+    for i in 0..50u32 {
+        let arg = i.to_le_bytes();
+        assert_eq!(c.invoke("echo", &arg, SEC).await.unwrap(), arg);
+    }
+    assert_eq!(c.lane_calls(), 50, "every call took the lane");
+    assert_eq!(
+        c.invoke_instance("echo", "e1", b"named", SEC)
+            .await
+            .unwrap(),
+        b"named"
+    );
+    let max = vec![9u8; 64 * 1024];
+    assert_eq!(c.invoke("echo", &max, SEC).await.unwrap(), max);
+    assert_eq!(c.lane_calls(), 52);
+    // What no lane serves still goes through the proxy, with the proxy's answers.
+    assert_eq!(code(c.invoke("nope", b"x", SEC).await), ErrorCode::NotFound);
+    assert_eq!(
+        code(c.invoke_instance("echo", "e9", b"x", SEC).await),
+        ErrorCode::NotFound
+    );
+    let big = vec![7u8; 64 * 1024 + 1];
+    assert_eq!(code(c.invoke("echo", &big, SEC).await), ErrorCode::TooLarge);
+    // An instance that offers no lane is served through the proxy.
+    let plain = FunctionInstance::register(node.proxy.socket_path(), "plain", "p1", 1)
+        .await
+        .unwrap()
+        .without_lanes();
+    tokio::spawn(plain.run(|a| async move { Ok(a) }));
+    assert_eq!(c.invoke("plain", b"p", SEC).await.unwrap(), b"p");
+    assert_eq!(c.lane_calls(), 52);
+    node.proxy.shutdown().await;
+}
+
+/// An instance runs at most its concurrency of calls at once, counting calls from the proxy
+/// and from lanes together: with both units taken by lane calls, calls the proxy sends (it
+/// does not see lane calls) wait in the instance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_concurrency_count_across_lanes_and_the_proxy() {
+    let node = Node::start(EngineKind::Tokio, |_| {});
+    let gauge = Arc::new(Gauge::default());
+    let gate = Arc::new(Semaphore::new(0));
+    let (g, gt) = (gauge.clone(), gate.clone());
+    let _i = node
+        .instance("work", "w1", 2, move |a| {
+            let (g, gt) = (g.clone(), gt.clone());
+            async move {
+                g.enter();
+                gt.acquire().await.unwrap().forget();
+                g.leave();
+                Ok(a)
+            }
+        })
+        .await;
+    let (lane_client, proxy_client) = (node.client().await, node.proxy_client().await);
+    let call = |c: &CallClient, i: u8| {
+        let c = c.clone();
+        tokio::spawn(async move {
+            assert_eq!(c.invoke("work", &[i], 20 * SEC).await.unwrap(), [i]);
+        })
+    };
+    let mut calls = vec![call(&lane_client, 0), call(&lane_client, 1)];
+    let deadline = Instant::now() + 5 * SEC;
+    while gauge.now.load(Ordering::SeqCst) < 2 {
+        assert!(Instant::now() < deadline, "the lane calls did not start");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    calls.extend((2..6).map(|i| call(&proxy_client, i)));
+    // Let the proxy's calls reach the instance, then release one handler at a time.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    for _ in 0..6 {
+        assert!(gauge.now.load(Ordering::SeqCst) <= 2);
+        gate.add_permits(1);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for t in calls {
+        t.await.unwrap();
+    }
+    assert_eq!(
+        gauge.peak.load(Ordering::SeqCst),
+        2,
+        "more than two ran at once"
+    );
+    assert_eq!(lane_client.lane_calls(), 2);
+    assert_eq!(proxy_client.lane_calls(), 0);
+    node.proxy.shutdown().await;
+}
+
+/// A lane call past its deadline times out at the deadline, and its concurrency unit is free
+/// for the next call while the stuck handler goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_instance_times_out_on_its_lane() {
+    let node = Node::start(EngineKind::Tokio, |_| {});
+    let _i = node
+        .instance("f", "i1", 1, |a: Vec<u8>| async move {
+            if a == b"hang" {
+                std::future::pending::<()>().await;
+            }
+            Ok(a)
+        })
+        .await;
+    let c = node.client().await;
+    assert_eq!(c.invoke("f", b"warm", SEC).await.unwrap(), b"warm");
+    let t = Instant::now();
+    let r = c.invoke("f", b"hang", Duration::from_millis(200)).await;
+    let took = t.elapsed();
+    assert_eq!(code(r), ErrorCode::Timeout);
+    assert!(took >= Duration::from_millis(190), "early: {took:?}");
+    assert!(took < Duration::from_millis(900), "late: {took:?}");
+    // The stuck handler gave its unit back at the deadline (racing this caller's own timer:
+    // `next` may go through the proxy); with that unit free, calls take the lane again.
+    assert_eq!(c.invoke("f", b"next", SEC).await.unwrap(), b"next");
+    let before = c.lane_calls();
+    assert_eq!(c.invoke("f", b"after", SEC).await.unwrap(), b"after");
+    assert_eq!(c.lane_calls(), before + 1);
+    assert!(
+        before >= 2,
+        "the warm call and the timed-out one took the lane"
+    );
+    node.proxy.shutdown().await;
+}
+
+/// An instance that goes away mid-call: that call fails with `InstanceFailed`; calls it never
+/// started go through the proxy; a new instance serves later calls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_lost_mid_lane_call() {
+    let node = Node::start(EngineKind::Tokio, |_| {});
+    let started = Arc::new(Notify::new());
+    let s = started.clone();
+    let doomed = node
+        .instance("f", "doomed", 1, move |a: Vec<u8>| {
+            let s = s.clone();
+            async move {
+                if a == b"block" {
+                    s.notify_one();
+                    std::future::pending::<()>().await;
+                }
+                Ok(a)
+            }
+        })
+        .await;
+    let c = node.client().await;
+    assert_eq!(c.invoke("f", b"warm", SEC).await.unwrap(), b"warm");
+    let call = {
+        let c = c.clone();
+        tokio::spawn(async move { c.invoke("f", b"block", 5 * SEC).await })
+    };
+    started.notified().await;
+    doomed.abort();
+    assert_eq!(code(call.await.unwrap()), ErrorCode::InstanceFailed);
+    assert_eq!(
+        c.invoke("f", b"x", SEC).await.err().map(|e| e.code()),
+        Some(ErrorCode::NotFound)
+    );
+    let _new = node.echo("f", "fresh").await;
+    assert_eq!(c.invoke("f", b"again", SEC).await.unwrap(), b"again");
+    node.proxy.shutdown().await;
+}
+
+/// A caller that writes garbage into its lane loses that lane; other callers' lanes go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_in_a_lane_closes_only_that_lane() {
+    let node = Node::start(EngineKind::Tokio, |_| {});
+    let _e = node.echo("echo", "e1").await;
+    let good = node.client().await;
+    assert_eq!(good.invoke("echo", b"1", SEC).await.unwrap(), b"1");
+    let lane_path = std::fs::read_dir(node.proxy.socket_path().parent().unwrap())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.file_name().unwrap().to_string_lossy().starts_with("l-"))
+        .expect("the instance's lane socket");
+    tokio::task::spawn_blocking(move || {
+        use std::os::fd::AsFd;
+        let mut s = std::os::unix::net::UnixStream::connect(&lane_path).unwrap();
+        let mut hello = [0u8; 24];
+        let (n, mut fds) = shoal_shm::recv_with_fds(s.as_fd(), &mut hello, 2).unwrap();
+        assert_eq!((n, fds.len()), (24, 2));
+        let slots = u32::from_le_bytes(hello[8..12].try_into().unwrap());
+        let cap = u64::from_le_bytes(hello[12..20].try_into().unwrap());
+        let _gauge = fds.pop();
+        let region = shoal_shm::LaneRegion::open(fds.pop().unwrap(), slots, cap).unwrap();
+        assert!(region.post(0, b"\x05\x00\x00\x00\x01garbage"));
+        s.write_all(&[1]).unwrap(); // ring, in case the instance sleeps
+        s.set_read_timeout(Some(5 * SEC)).unwrap();
+        let mut rest = Vec::new();
+        // The instance closes this lane: EOF, not the timeout.
+        s.read_to_end(&mut rest).unwrap();
+    })
+    .await
+    .unwrap();
+    for i in 0..20u8 {
+        assert_eq!(good.invoke("echo", &[i], SEC).await.unwrap(), [i]);
+    }
+    assert_eq!(good.lane_calls(), 21, "the good caller kept its lane");
+    node.proxy.shutdown().await;
+}
+
+/// The proxy names the lanes of a function's local instances, and stops naming an instance
+/// once it drains.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_proxy_names_lanes_until_an_instance_drains() {
+    use shoal_protocol::{encode_frame, CallerFrame, FrameDecoder, LaneInfo, ProxyFrame, Role};
+    let node = Node::start(EngineKind::Tokio, |_| {});
+    let path = node.proxy.socket_path().to_owned();
+    tokio::task::spawn_blocking(move || {
+        let open = |role: Role| {
+            let mut s = std::os::unix::net::UnixStream::connect(&path).unwrap();
+            s.set_read_timeout(Some(5 * SEC)).unwrap();
+            send(
+                &mut s,
+                &CallerFrame::Hello {
+                    version: shoal_protocol::PROTOCOL_VERSION,
+                    role,
+                },
+            );
+            assert!(matches!(recv(&mut s), ProxyFrame::Welcome { .. }));
+            s
+        };
+        let instance = |id: &str| Role::Instance {
+            function: "f".into(),
+            instance_id: id.into(),
+            concurrency: 1,
+        };
+        let mut a = open(instance("a"));
+        send(
+            &mut a,
+            &CallerFrame::Lane {
+                path: "/run/a.sock".into(),
+            },
+        );
+        let mut b = open(instance("b"));
+        send(
+            &mut b,
+            &CallerFrame::Lane {
+                path: "/run/b.sock".into(),
+            },
+        );
+        let _c = open(instance("c")); // offers no lane
+        let mut caller = open(Role::Caller);
+        let mut ask = |id: u64, function: &str| {
+            send(
+                &mut caller,
+                &CallerFrame::Lanes {
+                    id,
+                    function: function.into(),
+                },
+            );
+            match recv(&mut caller) {
+                ProxyFrame::Lanes { id: got, mut lanes } => {
+                    assert_eq!(got, id);
+                    lanes.sort_by(|x, y| x.instance_id.cmp(&y.instance_id));
+                    lanes
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        };
+        let lane = |id: &str, p: &str| LaneInfo {
+            instance_id: id.into(),
+            path: p.into(),
+        };
+        assert_eq!(
+            ask(1, "f"),
+            vec![lane("a", "/run/a.sock"), lane("b", "/run/b.sock")]
+        );
+        assert_eq!(ask(2, "other"), vec![]);
+        send(&mut a, &CallerFrame::Drain);
+        assert!(matches!(recv(&mut a), ProxyFrame::Drained));
+        assert_eq!(ask(3, "f"), vec![lane("b", "/run/b.sock")]);
+        drop(b);
+        // The proxy notices b's connection closing on its own time.
+        let deadline = Instant::now() + 5 * SEC;
+        let mut id = 4;
+        while !ask(id, "f").is_empty() {
+            assert!(Instant::now() < deadline, "b's lane still named");
+            id += 1;
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        // A caller cannot announce a lane.
+        send(
+            &mut caller,
+            &CallerFrame::Lane {
+                path: "/run/x.sock".into(),
+            },
+        );
+        let mut rest = Vec::new();
+        caller.read_to_end(&mut rest).unwrap();
+    })
+    .await
+    .unwrap();
+    node.proxy.shutdown().await;
+
+    fn send(s: &mut std::os::unix::net::UnixStream, f: &CallerFrame) {
+        let mut out = Vec::new();
+        encode_frame(f, &mut out).unwrap();
+        s.write_all(&out).unwrap();
+    }
+    fn recv(s: &mut std::os::unix::net::UnixStream) -> ProxyFrame {
+        let dec = FrameDecoder::new(1 << 20);
+        let mut buf = bytes::BytesMut::new();
+        loop {
+            if let Some(f) = dec.decode::<ProxyFrame>(&mut buf).unwrap() {
+                return f;
+            }
+            let mut chunk = [0u8; 4096];
+            let n = s.read(&mut chunk).unwrap();
+            assert!(n > 0, "closed");
+            buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+}

@@ -70,7 +70,10 @@ impl SlotState {
 
 /// Returns a reference to the atomic u32 at byte offset `off` of `mem`.
 fn word(mem: &Arena, off: u64) -> &AtomicU32 {
-    assert!(off.is_multiple_of(4) && off + 4 <= mem.size(), "word out of the mapping");
+    assert!(
+        off.is_multiple_of(4) && off + 4 <= mem.size(),
+        "word out of the mapping"
+    );
     // SAFETY: `off` is 4-aligned and inside the mapping (checked above), whose base is
     // page-aligned and which lives as long as the returned borrow of `mem`. The words used
     // here (headers and slot headers) are only ever accessed through atomics, by both sides.
@@ -179,10 +182,15 @@ impl LaneRegion {
         if req.len() as u64 > self.cap || self.state(slot) != SlotState::Free {
             return false;
         }
-        if self.mem.write(self.slot_base(slot) + SLOT_HEADER, req).is_err() {
+        if self
+            .mem
+            .write(self.slot_base(slot) + SLOT_HEADER, req)
+            .is_err()
+        {
             return false;
         }
-        self.req_len(slot).store(req.len() as u32, Ordering::Relaxed);
+        self.req_len(slot)
+            .store(req.len() as u32, Ordering::Relaxed);
         self.state_word(slot).store(POSTED, Ordering::SeqCst);
         true
     }
@@ -252,7 +260,8 @@ impl LaneRegion {
         if self.mem.write(off, reply).is_err() {
             return false;
         }
-        self.rep_len(slot).store(reply.len() as u32, Ordering::Relaxed);
+        self.rep_len(slot)
+            .store(reply.len() as u32, Ordering::Relaxed);
         self.state_word(slot).store(DONE, Ordering::SeqCst);
         true
     }
@@ -376,7 +385,10 @@ mod tests {
         assert_eq!(buf, b"ping");
         assert!(!caller.withdraw(1), "taken: too late to withdraw");
         assert!(!caller.reply(1, &mut buf), "no reply yet");
-        assert!(!server.complete(1, &[0u8; 129]), "oversized replies are refused");
+        assert!(
+            !server.complete(1, &[0u8; 129]),
+            "oversized replies are refused"
+        );
         assert!(server.complete(1, b"pong"));
         assert!(caller.reply(1, &mut buf));
         assert_eq!(buf, b"pong");
@@ -389,7 +401,10 @@ mod tests {
         assert!(server.bounce(0));
         assert_eq!(caller.state(0), SlotState::Bounced);
         assert!(caller.reset(0));
-        assert!(!caller.post(0, &[0u8; 129]), "oversized requests are refused");
+        assert!(
+            !caller.post(0, &[0u8; 129]),
+            "oversized requests are refused"
+        );
 
         assert!(!caller.server_sleeps());
         server.set_server_sleeping(true);
