@@ -146,11 +146,15 @@ fn invoke_via_proxy(
             ),
             None => None,
         };
-        let c = match store {
-            Some(st) => shoal_sdk::CallClient::connect_with_store(proxy, st).await,
-            None => shoal_sdk::CallClient::connect(proxy).await,
-        }
-        .with_context(|| format!("cannot reach the proxy at {}", proxy.display()))?;
+        // One call: through the proxy; setting up a call lane would cost more than it saves.
+        let opts = shoal_sdk::CallOptions {
+            lanes: false,
+            store,
+            ..Default::default()
+        };
+        let c = shoal_sdk::CallClient::connect_with(proxy, opts)
+            .await
+            .with_context(|| format!("cannot reach the proxy at {}", proxy.display()))?;
         Ok(match arg {
             shoal_sdk::Payload::Inline(a) => c.invoke(name, &a, timeout).await?,
             object => c

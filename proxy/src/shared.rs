@@ -242,7 +242,10 @@ impl Shared {
         if !admitted {
             return;
         }
-        lock(&self.instances).remove(&id);
+        let gone = lock(&self.instances).remove(&id);
+        if let Some(path) = gone.and_then(|i| i.lane) {
+            self.remove_lane_socket(&path);
+        }
         let mut router = lock(&self.router);
         let actions = router.disconnect(id);
         let mut conns = lock(&self.conns);
@@ -250,6 +253,19 @@ impl Shared {
         apply(&mut router, &mut conns, actions);
         let n = self.active.fetch_sub(1, Ordering::AcqRel) - 1;
         metrics::gauge!("shoal_proxy_connections").set(n as f64);
+    }
+
+    /// Removes the lane socket of an instance that left without draining (killed): one the
+    /// SDK binds beside this proxy's socket, never a path elsewhere.
+    fn remove_lane_socket(&self, path: &str) {
+        let path = std::path::Path::new(path);
+        let ours = path.parent() == self.cfg.socket_path.parent()
+            && path
+                .file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("l-"));
+        if ours {
+            let _ = std::fs::remove_file(path);
+        }
     }
 
     /// Decodes and handles every whole frame in `buf`.

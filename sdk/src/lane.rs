@@ -88,9 +88,9 @@ pub(crate) struct Admission {
     pub(crate) gauge: LaneGauge,
     /// Woken whenever a unit is given back (the proxy side's queue waits on it).
     pub(crate) released: Notify,
-    /// Rings the lane thread when a unit is given back while it sleeps.
+    /// Rings the lane thread when a unit is given back while lane calls wait for one.
     lane_bell: Mutex<Option<UnixStream>>,
-    lane_sleeping: AtomicBool,
+    lane_blocked: AtomicBool,
 }
 
 impl Admission {
@@ -99,7 +99,7 @@ impl Admission {
             gauge: LaneGauge::create(limit)?,
             released: Notify::new(),
             lane_bell: Mutex::new(None),
-            lane_sleeping: AtomicBool::new(false),
+            lane_blocked: AtomicBool::new(false),
         }))
     }
 
@@ -113,7 +113,7 @@ impl Admission {
     fn release(&self) {
         self.gauge.release();
         self.released.notify_one();
-        if self.lane_sleeping.load(Ordering::SeqCst) {
+        if self.lane_blocked.load(Ordering::SeqCst) {
             if let Some(bell) = lock(&self.lane_bell).as_ref() {
                 let _ = (&*bell).write(&[1]);
             }
@@ -373,26 +373,29 @@ impl LaneLoop {
                 continue;
             }
             // Sleep: announce it, look once more, then wait for a ring or a socket event.
-            self.ctx
-                .admission
-                .lane_sleeping
-                .store(true, Ordering::SeqCst);
+            // Callers ring after posting; a unit given back rings only while posted calls
+            // wait for one (announced before a last look, so no release is missed).
             for l in &self.lanes {
                 l.region.set_server_sleeping(true);
             }
-            let again = self.sweep();
+            let mut again = self.sweep();
+            let admission = self.ctx.admission.clone();
+            let blocked = &admission.lane_blocked;
+            if again.blocked && !again.worked {
+                blocked.store(true, Ordering::SeqCst);
+                again = self.sweep();
+            }
             if !again.worked {
                 self.check_sockets(PollTimeout::from(1000u16));
                 last_check = Instant::now();
             }
-            self.ctx
-                .admission
-                .lane_sleeping
-                .store(false, Ordering::SeqCst);
+            blocked.store(false, Ordering::SeqCst);
             for l in &self.lanes {
                 l.region.set_server_sleeping(false);
             }
-            last_work = Instant::now();
+            if again.worked {
+                last_work = Instant::now();
+            }
         }
         // Stopping: calls not started are given back; their callers go through the proxy.
         for l in &self.lanes {

@@ -118,6 +118,20 @@ impl Arena {
         Self::map(File::from(fd), size, populate)
     }
 
+    /// Creates a memfd of `size` bytes whose pages are taken on first touch, not reserved now:
+    /// for small regions mostly left untouched (call lanes), where reserving every page
+    /// would cost far more memory than is used. Running out of memory on a touch is then a
+    /// fault, as for any allocation.
+    pub fn create_sparse(name: &str, size: u64) -> Result<Arena, ShmError> {
+        let fd = memfd_create(name, MFdFlags::MFD_CLOEXEC).map_err(ShmError::Memfd)?;
+        let len = i64::try_from(size).map_err(|_| ShmError::Resize {
+            size,
+            source: nix::Error::EINVAL,
+        })?;
+        nix::unistd::ftruncate(&fd, len).map_err(|source| ShmError::Resize { size, source })?;
+        Self::map(File::from(fd), size, false)
+    }
+
     /// Maps an arena received from a worker. Fails if the fd is smaller than `size`.
     pub fn open(fd: OwnedFd, size: u64, populate: bool) -> Result<Arena, ShmError> {
         let file = File::from(fd);

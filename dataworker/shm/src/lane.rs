@@ -103,11 +103,12 @@ impl LaneRegion {
     }
 
     /// Creates a lane of `slots` slots whose requests and replies hold up to `cap` bytes each
-    /// (a multiple of 64) (instance side). The memory is reserved now.
+    /// (a multiple of 64) (instance side). Pages are taken on first touch: a lane carrying
+    /// small calls costs a few pages, not its full size.
     pub fn create(slots: u32, cap: u64) -> Result<LaneRegion, ShmError> {
         Self::check(slots, cap)?;
         Ok(LaneRegion {
-            mem: Arena::create("shoal-lane", Self::size_for(slots, cap), false)?,
+            mem: Arena::create_sparse("shoal-lane", Self::size_for(slots, cap))?,
             slots,
             cap,
         })
