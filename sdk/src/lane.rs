@@ -6,7 +6,8 @@
 //!
 //! - The instance runs a lane thread: it listens on a Unix socket next to the proxy's, hands
 //!   each caller connection a [`LaneRegion`] and the instance's [`LaneGauge`] (two memfds),
-//!   then polls the slots of all its lanes; while idle it sleeps in `poll(2)` on the sockets.
+//!   then polls the slots of all its lanes; once idle for a while (200 µs by default,
+//!   [`crate::FunctionInstance::poll_after_call`]) it sleeps in `poll(2)` on the sockets.
 //! - A handler runs on the lane thread until it first awaits, then moves to the instance's
 //!   runtime; a call holds one of the instance's concurrency units (shared with calls from
 //!   the proxy) until it answers or its deadline passes.
@@ -44,8 +45,6 @@ const FRAME_SLACK: u64 = 1024;
 const MAX_SLOT: u64 = 1 << 20;
 /// Lanes one instance serves at most; further callers go through the proxy.
 const MAX_LANES: usize = 1024;
-/// How long the lane thread keeps polling after its last call before it sleeps.
-const SERVER_SPIN: Duration = Duration::from_micros(200);
 /// How often a busy lane thread still looks at its sockets (new lanes, closed ones).
 const SOCKET_CHECK: Duration = Duration::from_millis(1);
 /// Magic of the hello an instance sends with a lane's two fds.
@@ -262,6 +261,7 @@ impl LaneServer {
         admission: Arc<Admission>,
         call: CallFn,
         inline_limit: u64,
+        poll: Duration,
     ) -> Result<LaneServer, Error> {
         let (bell, bell_rx) = UnixStream::pair()?;
         bell.set_nonblocking(true)?;
@@ -280,7 +280,7 @@ impl LaneServer {
         let cap = slot_capacity(inline_limit);
         let thread = std::thread::Builder::new()
             .name("shoal-lanes".into())
-            .spawn(move || LaneLoop::new(thread_ctx, listener, bell_rx, cap).run())?;
+            .spawn(move || LaneLoop::new(thread_ctx, listener, bell_rx, cap, poll).run())?;
         Ok(LaneServer {
             ctx,
             bell,
@@ -304,12 +304,13 @@ impl Drop for LaneServer {
     fn drop(&mut self) {
         self.ctx.stop.store(true, Ordering::SeqCst);
         let _ = (&self.bell).write(&[1]);
+        if let Some(t) = self.thread.take() {
+            // The loop sees `stop` within one sweep or one wake-up; after it, no handler
+            // moves to the runtime any more.
+            let _ = t.join();
+        }
         for (_, t) in lock(&self.ctx.tasks).drain() {
             t.abort();
-        }
-        if let Some(t) = self.thread.take() {
-            // The loop sees `stop` within one sweep or one wake-up.
-            let _ = t.join();
         }
     }
 }
@@ -328,6 +329,8 @@ struct LaneLoop {
     listener: LaneListener,
     bell: UnixStream,
     cap: u64,
+    /// How long to keep polling after the last call before sleeping.
+    poll: Duration,
     lanes: Vec<Arc<ServerLane>>,
     decoder: FrameDecoder,
     req: Vec<u8>,
@@ -335,12 +338,19 @@ struct LaneLoop {
 }
 
 impl LaneLoop {
-    fn new(ctx: Arc<LaneCtx>, listener: LaneListener, bell: UnixStream, cap: u64) -> Self {
+    fn new(
+        ctx: Arc<LaneCtx>,
+        listener: LaneListener,
+        bell: UnixStream,
+        cap: u64,
+        poll: Duration,
+    ) -> Self {
         LaneLoop {
             ctx,
             listener,
             bell,
             cap,
+            poll,
             lanes: Vec::new(),
             decoder: FrameDecoder::new(cap as usize),
             req: Vec::new(),
@@ -363,7 +373,7 @@ impl LaneLoop {
                 spins = 0;
                 continue;
             }
-            if !sweep.blocked && last_work.elapsed() < SERVER_SPIN {
+            if !sweep.blocked && last_work.elapsed() < self.poll {
                 spins += 1;
                 if spins < 64 {
                     std::hint::spin_loop();
