@@ -453,7 +453,11 @@ impl Shared {
         if let Some((gen, spilled)) = replaced {
             self.forget_spilled(gen, spilled);
         }
-        self.publish(g, Namespace::Kv, key, &p);
+        // A key with a TTL stays out of the shared index: readers there cannot tell it has
+        // expired before the reaper removes it, the worker can.
+        if ttl_secs == 0 {
+            self.publish(g, Namespace::Kv, key, &p);
+        }
         Ok(())
     }
 
@@ -613,11 +617,16 @@ impl Shared {
                     .map(|k| g.store.contains(Namespace::Kv, k, now))
                     .collect(),
             ),
-            Request::KvExpire { key, ttl_secs } => Response::Bools(vec![g.store.kv_expire(
-                &key,
-                ttl_secs.saturating_mul(1000),
-                now,
-            )]),
+            Request::KvExpire { key, ttl_secs } => {
+                let gen = g
+                    .store
+                    .kv_expire_gen(&key, ttl_secs.saturating_mul(1000), now);
+                // Keys with a TTL are read through the worker only (see `kv_commit`).
+                if let Some(gen) = gen.filter(|_| ttl_secs > 0) {
+                    g.index.unpublish(gen);
+                }
+                Response::Bools(vec![gen.is_some()])
+            }
             Request::KvTtl { key } => Response::Ttl(
                 g.store
                     .kv_ttl(&key, now)

@@ -867,12 +867,17 @@ impl Store {
 
     /// Sets (or with 0 removes) a key's TTL. False if the key does not exist.
     pub fn kv_expire(&mut self, key: &ObjectId, ttl_ms: u64, now: u64) -> bool {
+        self.kv_expire_gen(key, ttl_ms, now).is_some()
+    }
+
+    /// [`Store::kv_expire`], returning the generation of the key's value when it exists.
+    pub fn kv_expire_gen(&mut self, key: &ObjectId, ttl_ms: u64, now: u64) -> Option<Gen> {
         if !self.contains(Namespace::Kv, key, now) {
-            return false;
+            return None;
         }
         let gen = self.names[&(Namespace::Kv, key.clone())];
         self.set_expiry(gen, ttl_ms, now);
-        true
+        Some(gen)
     }
 
     /// Remaining TTL in ms: `None` missing, `Some(None)` no TTL.
