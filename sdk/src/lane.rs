@@ -62,6 +62,17 @@ pub(crate) fn slot_capacity(inline_limit: u64) -> u64 {
     (inline_limit.min(MAX_SLOT) + FRAME_SLACK).next_multiple_of(64)
 }
 
+/// One step of a polling loop: a pure spin for the first `pure` steps, then the thread
+/// yields (so other threads on a busy machine run first).
+fn poll_step(spins: &mut u32, pure: u32) {
+    *spins = spins.saturating_add(1);
+    if *spins < pure {
+        std::hint::spin_loop();
+    } else {
+        std::thread::yield_now();
+    }
+}
+
 fn encode_result(id: u64, result: Result<Payload, WireError>, out: &mut Vec<u8>) {
     out.clear();
     if encode_frame(&CallerFrame::Result { id, result }, out).is_err() {
@@ -374,12 +385,7 @@ impl LaneLoop {
                 continue;
             }
             if !sweep.blocked && last_work.elapsed() < self.poll {
-                spins += 1;
-                if spins < 64 {
-                    std::hint::spin_loop();
-                } else {
-                    std::thread::yield_now();
-                }
+                poll_step(&mut spins, 64);
                 continue;
             }
             // Sleep: announce it, look once more, then wait for a ring or a socket event.
@@ -846,12 +852,7 @@ impl CallerLane {
                 continue; // taken meanwhile: settle again
             }
             if start.elapsed() < spin {
-                spins += 1;
-                if spins < 16 {
-                    std::hint::spin_loop();
-                } else {
-                    std::thread::yield_now();
-                }
+                poll_step(&mut spins, 16);
                 continue;
             }
             let rung = self.rung.notified();

@@ -98,12 +98,7 @@ impl Arena {
     /// can never hit SIGBUS for lack of memory) and maps it. With `populate`, every page is
     /// also faulted in now so first writes run at memory speed.
     pub fn create(name: &str, size: u64, populate: bool) -> Result<Arena, ShmError> {
-        let fd = memfd_create(name, MFdFlags::MFD_CLOEXEC).map_err(ShmError::Memfd)?;
-        let len = i64::try_from(size).map_err(|_| ShmError::Resize {
-            size,
-            source: nix::Error::EINVAL,
-        })?;
-        nix::unistd::ftruncate(&fd, len).map_err(|source| ShmError::Resize { size, source })?;
+        let (fd, len) = Self::memfd(name, size)?;
         // fallocate on a memfd takes pages one by one until memory runs out, so an arena the
         // machine cannot hold must be refused before it, not discovered by the OOM killer.
         if let Some(available) = available_memory() {
@@ -123,13 +118,19 @@ impl Arena {
     /// would cost far more memory than is used. Running out of memory on a touch is then a
     /// fault, as for any allocation.
     pub fn create_sparse(name: &str, size: u64) -> Result<Arena, ShmError> {
+        let (fd, _) = Self::memfd(name, size)?;
+        Self::map(File::from(fd), size, false)
+    }
+
+    /// A memfd sized to `size` bytes, and that size as `ftruncate` takes it.
+    fn memfd(name: &str, size: u64) -> Result<(OwnedFd, i64), ShmError> {
         let fd = memfd_create(name, MFdFlags::MFD_CLOEXEC).map_err(ShmError::Memfd)?;
         let len = i64::try_from(size).map_err(|_| ShmError::Resize {
             size,
             source: nix::Error::EINVAL,
         })?;
         nix::unistd::ftruncate(&fd, len).map_err(|source| ShmError::Resize { size, source })?;
-        Self::map(File::from(fd), size, false)
+        Ok((fd, len))
     }
 
     /// Maps an arena received from a worker. Fails if the fd is smaller than `size`.
