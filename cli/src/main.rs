@@ -11,6 +11,7 @@ use clap::Parser;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
+    quiet_broken_pipe();
     let cli = args::Cli::parse();
     match run(cli) {
         Ok(code) => code,
@@ -29,6 +30,24 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `shoal status | head` closes our stdout early; `println!` then panics. Rust ignores
+/// SIGPIPE (restoring it needs `unsafe`, kept out of this crate), so exit quietly with the
+/// status a SIGPIPE death would give instead of printing a panic.
+fn quiet_broken_pipe() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let msg = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .unwrap_or_default();
+        if msg.starts_with("failed printing to stdout") && msg.contains("Broken pipe") {
+            std::process::exit(128 + 13);
+        }
+        default(info);
+    }));
 }
 
 fn run(cli: args::Cli) -> anyhow::Result<ExitCode> {
