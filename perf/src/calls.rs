@@ -133,12 +133,14 @@ async fn echo(arg: Vec<u8>) -> Result<Vec<u8>, String> {
     Ok(arg)
 }
 
-/// Calls `function` with `arg` from `clients` threads, each with its own `CallClient` on
-/// `proxy` (and a dataworker client on `store`, when given).
+/// Calls `echo` with `arg` from `clients` threads, each with its own `CallClient` on
+/// `proxy` (through call lanes when `lanes` and the instance is local) and its own
+/// current-thread runtime.
 fn call_threads(
     spec: &RunSpec,
     clients: usize,
     proxy: &std::path::Path,
+    lanes: bool,
     arg: shoal_sdk::Payload,
     want_len: usize,
 ) -> anyhow::Result<(crate::Latencies, f64)> {
@@ -149,7 +151,11 @@ fn call_threads(
             let crt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
-            let c = crt.block_on(shoal_sdk::CallClient::connect(proxy))?;
+            let opts = shoal_sdk::CallOptions {
+                lanes,
+                ..Default::default()
+            };
+            let c = crt.block_on(shoal_sdk::CallClient::connect_with(proxy, opts))?;
             Ok((crt, c))
         },
         |(crt, c)| {
@@ -227,6 +233,7 @@ fn remote_calls(spec: &RunSpec, clients: usize) -> anyhow::Result<Record> {
         spec,
         clients,
         a.socket_path(),
+        true,
         shoal_sdk::Payload::Inline(vec![7u8; SIZE]),
         SIZE,
     )?;
@@ -287,7 +294,7 @@ fn large_arg_calls(spec: &RunSpec, object: bool) -> anyhow::Result<Record> {
     } else {
         shoal_sdk::Payload::Inline(bytes)
     };
-    let (lat, secs) = call_threads(spec, 1, proxy.socket_path(), arg, 8)?;
+    let (lat, secs) = call_threads(spec, 1, proxy.socket_path(), true, arg, 8)?;
     rt.block_on(proxy.shutdown());
     drop(store);
     rt.block_on(worker.shutdown());
@@ -353,29 +360,10 @@ fn shoal_calls(
     let instance = rt.block_on(shoal_sdk::FunctionInstance::register(
         &path, "echo", "echo-1", 16,
     ))?;
-    rt.spawn(instance.run(|arg: Vec<u8>| async move { Ok(arg) }));
-    let arg = vec![7u8; SIZE];
+    rt.spawn(instance.run(echo));
     let cpu0 = thread_cpu("shoal-proxy");
-    let r = run_threads(
-        spec,
-        clients,
-        |_| -> anyhow::Result<_> {
-            let crt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            let opts = shoal_sdk::CallOptions {
-                lanes,
-                ..Default::default()
-            };
-            let c = crt.block_on(shoal_sdk::CallClient::connect_with(&path, opts))?;
-            Ok((crt, c))
-        },
-        |(crt, c)| {
-            let out = crt.block_on(c.invoke("echo", &arg, Duration::from_secs(10)))?;
-            anyhow::ensure!(out.len() == SIZE, "short reply");
-            Ok(())
-        },
-    );
+    let arg = shoal_sdk::Payload::Inline(vec![7u8; SIZE]);
+    let r = call_threads(spec, clients, &path, lanes, arg, SIZE);
     let cpu = thread_cpu("shoal-proxy") - cpu0;
     let (lat, secs) = r?;
     rt.block_on(proxy.shutdown());

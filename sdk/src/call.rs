@@ -890,6 +890,9 @@ impl FunctionInstance {
         // Drain asked for, and the proxy's `Drained` seen.
         let (mut draining, mut drained) = (false, false);
         let mut hot_until: Option<std::time::Instant> = None;
+        // What the gauge says waits in `queue` (written only when it changes: callers on
+        // other cores read that word).
+        let mut queued = 0usize;
         loop {
             while let Some(frame) = dec
                 .decode::<ProxyFrame>(&mut buf)
@@ -922,7 +925,10 @@ impl FunctionInstance {
                     }
                 }
             }
-            admission.gauge.set_queued(queue.len() as u32);
+            if queue.len() != queued {
+                queued = queue.len();
+                admission.gauge.set_queued(queued as u32);
+            }
             let lane_calls = lanes.as_ref().map_or(0, LaneServer::in_flight);
             if drained && tasks.is_empty() && queue.is_empty() && lane_calls == 0 {
                 return Ok(());

@@ -438,11 +438,12 @@ async fn lane_ready(c: &CallClient, function: &str) -> u64 {
     }
 }
 
-/// How many handlers run at once, and the most seen.
+/// How many handlers run at once, the most seen, and how many have finished.
 #[derive(Default)]
 struct Gauge {
     now: AtomicUsize,
     peak: AtomicUsize,
+    done: AtomicUsize,
 }
 
 impl Gauge {
@@ -452,6 +453,7 @@ impl Gauge {
     }
     fn leave(&self) {
         self.now.fetch_sub(1, Ordering::SeqCst);
+        self.done.fetch_add(1, Ordering::SeqCst);
     }
 }
 
@@ -531,12 +533,18 @@ async fn one_concurrency_count_across_lanes_and_the_proxy() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     calls.extend((2..6).map(|i| call(&proxy_client, i)));
-    // Let the proxy's calls reach the instance, then release one handler at a time.
+    // Let the proxy's calls reach the instance and wait there (nothing outside the instance
+    // marks that moment), then release one handler at a time: each release lets one call
+    // finish and one waiting call start.
     tokio::time::sleep(Duration::from_millis(100)).await;
-    for _ in 0..6 {
+    for k in 1..=6 {
         assert!(gauge.now.load(Ordering::SeqCst) <= 2);
         gate.add_permits(1);
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        let deadline = Instant::now() + 5 * SEC;
+        while gauge.done.load(Ordering::SeqCst) < k {
+            assert!(Instant::now() < deadline, "call {k} did not finish");
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
     }
     for t in calls {
         t.await.unwrap();
