@@ -11,8 +11,8 @@
 //! and runs the instance records control assigns to the node, reporting their state back.
 //!
 //! It reads no environment variables (only [`S3Settings::from_env`] does, for the binary to
-//! call) and holds no global state; everything is passed in. It uses `shoal-control` only for
-//! the record and spec types; `shoal-control` must never depend on this crate.
+//! call) and holds no global state; everything is passed in. It reads records and keys from
+//! `shoal_meta::records` and never depends on `shoal-control` (only its tests run one).
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 

@@ -28,9 +28,9 @@ use crate::resources::{CpuSampler, NodeResources};
 use crate::supervisor::{
     InstanceSpec, InstanceState, InstanceStatus, RestartPolicy, Supervisor, SupervisorConfig,
 };
-use shoal_control::{
-    AgentRecord, CodeSource, FunctionSpec, InstanceRecord, AGENTS_PREFIX, FUNCTIONS_PREFIX,
-    INSTANCES_PREFIX, STATE_STOPPING,
+use shoal_meta::records::{
+    agent_key, function_key, AgentRecord, CodeSource, FunctionSpec, InstancePhase, InstanceRecord,
+    INSTANCES_PREFIX,
 };
 use shoal_meta::{
     Compare, Followed, Follower, LeaseId, MetaError, MetaStore, Txn, TxnOp, WatchEvent,
@@ -285,7 +285,7 @@ async fn register(
     record: &AgentRecord,
 ) -> Result<LeaseId, MetaError> {
     let lease = meta.grant(cfg.lease_ttl).await?;
-    let key = format!("{AGENTS_PREFIX}{}", cfg.node_id);
+    let key = agent_key(&cfg.node_id);
     meta.put(&key, encode(record)?, Some(lease)).await?;
     Ok(lease)
 }
@@ -340,7 +340,7 @@ async fn keep_registered(
         } else {
             match encode(&record) {
                 Ok(v) => meta
-                    .put(&format!("{AGENTS_PREFIX}{}", cfg.node_id), v, Some(lease))
+                    .put(&agent_key(&cfg.node_id), v, Some(lease))
                     .await
                     .map(|_| ()),
                 Err(e) => Err(e),
@@ -387,26 +387,28 @@ enum Source {
     Remote(RemoteSource),
 }
 
-fn runnable(state: &str) -> bool {
-    matches!(state, "scheduled" | "starting" | "running")
-}
-
 /// The record fields for a supervisor status: (state, reason, pid).
-fn record_fields(st: &InstanceStatus) -> (&'static str, Option<String>, Option<u32>) {
+fn record_fields(st: &InstanceStatus) -> (InstancePhase, Option<String>, Option<u32>) {
     match &st.state {
-        InstanceState::Starting => ("starting", None, st.pid),
-        InstanceState::Running => ("running", None, st.pid),
+        InstanceState::Starting => (InstancePhase::Starting, None, st.pid),
+        InstanceState::Running => (InstancePhase::Running, None, st.pid),
         InstanceState::Restarting { attempt } => (
-            "starting",
+            InstancePhase::Starting,
             Some(format!("restarting (attempt {attempt})")),
             None,
         ),
-        InstanceState::Exited { code: 0 } => ("exited", Some("exited with code 0".into()), None),
-        InstanceState::Exited { code } => {
-            ("failed", Some(format!("exited with code {code}")), None)
-        }
-        InstanceState::Failed { reason } => ("failed", Some(reason.clone()), None),
-        InstanceState::Stopped { .. } => ("exited", Some("stopped".into()), None),
+        InstanceState::Exited { code: 0 } => (
+            InstancePhase::Exited,
+            Some("exited with code 0".into()),
+            None,
+        ),
+        InstanceState::Exited { code } => (
+            InstancePhase::Failed,
+            Some(format!("exited with code {code}")),
+            None,
+        ),
+        InstanceState::Failed { reason } => (InstancePhase::Failed, Some(reason.clone()), None),
+        InstanceState::Stopped { .. } => (InstancePhase::Exited, Some("stopped".into()), None),
     }
 }
 
@@ -417,7 +419,7 @@ async fn update_record(
     meta: &dyn MetaStore,
     key: &str,
     node: &str,
-    state: &str,
+    state: InstancePhase,
     reason: Option<String>,
     pid: Option<u32>,
 ) -> Result<bool, MetaError> {
@@ -428,13 +430,13 @@ async fn update_record(
         let Ok(mut rec) = serde_json::from_slice::<InstanceRecord>(&kv.value) else {
             return Ok(false);
         };
-        if rec.node != node || rec.state == STATE_STOPPING {
+        if rec.node != node || rec.state == InstancePhase::Stopping {
             return Ok(false);
         }
         if rec.state == state && rec.reason == reason && rec.pid == pid {
             return Ok(true);
         }
-        rec.state = state.to_string();
+        rec.state = state;
         rec.reason = reason.clone();
         rec.pid = pid;
         let txn = Txn {
@@ -532,13 +534,13 @@ impl Runtime {
             }
         };
         let tracked = self.tracked.get(&rec.id).is_some_and(|t| t.key == key);
-        if rec.node != self.cfg.node_id || rec.state == STATE_STOPPING {
+        if rec.node != self.cfg.node_id || rec.state == InstancePhase::Stopping {
             if tracked {
                 self.stop_instance(&rec.id).await;
             }
             return None;
         }
-        if !tracked && runnable(&rec.state) {
+        if !tracked && rec.state.is_wanted() {
             self.launch(key, &rec).await;
         }
         self.tracked.contains_key(&rec.id).then(|| rec.id.clone())
@@ -559,7 +561,7 @@ impl Runtime {
             self.meta.as_ref(),
             key,
             &self.cfg.node_id,
-            "failed",
+            InstancePhase::Failed,
             Some(reason),
             None,
         )
@@ -570,7 +572,7 @@ impl Runtime {
     }
 
     async fn launch(&mut self, key: &str, rec: &InstanceRecord) {
-        let fkey = format!("{FUNCTIONS_PREFIX}{}", rec.function);
+        let fkey = function_key(&rec.function);
         let spec = match self.meta.get(&fkey).await {
             Ok(Some(kv)) => match serde_json::from_slice::<FunctionSpec>(&kv.value) {
                 Ok(s) => s,
@@ -607,7 +609,7 @@ impl Runtime {
             self.meta.as_ref(),
             key,
             &self.cfg.node_id,
-            "starting",
+            InstancePhase::Starting,
             Some("fetching package".into()),
             None,
         )

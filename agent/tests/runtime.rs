@@ -8,7 +8,8 @@ mod support;
 
 use serde_json::{json, Value};
 use shoal_agent::{Agent, AgentConfig, S3Settings};
-use shoal_control::{Control, ControlConfig, InstanceRecord, DEFAULT_MAX_INVOKE_BODY};
+use shoal_control::{Control, ControlConfig, DEFAULT_MAX_INVOKE_BODY};
+use shoal_meta::records::{InstancePhase, InstanceRecord};
 use shoal_meta::{MemStore, MetaStore};
 use std::future::Future;
 use std::net::SocketAddr;
@@ -74,7 +75,10 @@ fn function(name: &str, dir: &Path) -> Value {
 }
 
 async fn records(meta: &dyn MetaStore, function: &str) -> Vec<InstanceRecord> {
-    let (kvs, _) = meta.range(&format!("instances/{function}/")).await.unwrap();
+    let (kvs, _) = meta
+        .range(&shoal_meta::records::instances_of(function))
+        .await
+        .unwrap();
     kvs.iter()
         .map(|kv| serde_json::from_slice(&kv.value).unwrap())
         .collect()
@@ -84,7 +88,7 @@ async fn running(meta: &dyn MetaStore, function: &str) -> (InstanceRecord, u32) 
     wait_for(&format!("{function} running"), || async {
         let r = records(meta, function).await;
         match r.as_slice() {
-            [one] if one.state == "running" => one.pid.map(|p| (one.clone(), p)),
+            [one] if one.state == InstancePhase::Running => one.pid.map(|p| (one.clone(), p)),
             _ => None,
         }
     })
@@ -189,8 +193,15 @@ async fn control_places_and_agent_runs() {
     )
     .await
     .unwrap();
-    let agent_rec: Value =
-        serde_json::from_slice(&store.get("agents/node-a").await.unwrap().unwrap().value).unwrap();
+    let agent_rec: Value = serde_json::from_slice(
+        &store
+            .get(&shoal_meta::records::agent_key("node-a"))
+            .await
+            .unwrap()
+            .unwrap()
+            .value,
+    )
+    .unwrap();
     assert!(
         agent_rec["cpu_milli"].as_u64().unwrap() >= 1000,
         "{agent_rec}"
@@ -275,7 +286,11 @@ async fn control_places_and_agent_runs() {
     agent.shutdown().await;
     assert!(!alive(pid), "instance process {pid} outlived the agent");
     // The agent's lease is revoked with it.
-    assert!(store.get("agents/node-a").await.unwrap().is_none());
+    assert!(store
+        .get(&shoal_meta::records::agent_key("node-a"))
+        .await
+        .unwrap()
+        .is_none());
     control.shutdown().await;
 }
 

@@ -1,7 +1,7 @@
 //! `shoal fn ...`: functions through control's REST API.
 use crate::args::FnOp;
 use anyhow::{bail, Context};
-use shoal_control::{CodeSource, FunctionSpec, Resources};
+use shoal_meta::records::{CodeSource, FunctionSpec, Resources};
 use std::io::{Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::process::ExitCode;

@@ -13,7 +13,7 @@
 //! - **Placement.** While leading, control keeps each function's instance records between its
 //!   minimum and maximum on the nodes that have a live agent (`agents/<node>`), replacing lost
 //!   and failed ones and deleting those of removed functions; the agents run what the records
-//!   say ([`AgentRecord`], [`instance_key`]).
+//!   say (`shoal_meta::records` holds every record and key).
 //! - **HTTP.** A JSON REST API ([`api_routes`] lists it; `openapi.json` documents it and is
 //!   served at `/v1/openapi.json`): functions, pools, instances, invoke, plus `/health`,
 //!   `/v1/nodes`, `/v1/leader`, `/metrics`. Writes go to the leader; a standby answers them
@@ -32,19 +32,11 @@ mod registry;
 mod router;
 
 pub use frontend::FrontendConfig;
-pub use placement::{
-    instance_key, AgentRecord, AGENTS_PREFIX, FAILED_RETRY, MAX_WRITES_PER_PASS, NODE_LOST_GRACE,
-    PLACEMENT_INTERVAL, STATE_SCHEDULED, STATE_STOPPING,
-};
-pub use registry::{
-    validate_name, CodeSource, FunctionSpec, InstanceRecord, Pool, Registry, RegistryError,
-    Resources, FUNCTIONS_PREFIX, INSTANCES_PREFIX, MAX_CONCURRENCY, MAX_CPU_MILLI, MAX_ENTRIES,
-    MAX_INSTANCES, MAX_MEM_MIB, MAX_NAME_LEN, MAX_POOL_CPU_MILLI, MAX_POOL_MEM_MIB, MAX_STRING_LEN,
-    POOLS_PREFIX,
-};
+pub use placement::{FAILED_RETRY, MAX_WRITES_PER_PASS, NODE_LOST_GRACE, PLACEMENT_INTERVAL};
+pub use registry::{Registry, RegistryError};
 
+use shoal_meta::records::{LeaderInfo, NodeRecord, LEADER_KEY, NODES_PREFIX};
 use shoal_meta::{Election, MetaStore, Role};
-use shoal_protocol::NodeRecord;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
@@ -52,10 +44,6 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-/// Key prefix of node records (written by the dataworkers).
-pub const NODES_PREFIX: &str = "nodes/";
-/// Key of the control leader record.
-pub const LEADER_KEY: &str = "control/leader";
 /// Default limit of an invoke request body: 6 MiB.
 pub const DEFAULT_MAX_INVOKE_BODY: usize = 6 << 20;
 /// Largest JSON request body the HTTP API reads: 1 MiB.
@@ -111,15 +99,6 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
-}
-
-/// What the leader record says (JSON).
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct LeaderInfo {
-    /// Control process name.
-    pub name: String,
-    /// Its HTTP API.
-    pub http_addr: String,
 }
 
 /// State the HTTP API reads.

@@ -3,9 +3,9 @@
 //! `logs_addr` of its record (`agents/<node>`); control asks each in turn, with a timeout,
 //! and reports an agent it cannot reach in that instance's `error` instead of failing the
 //! whole answer.
-use crate::placement::{AgentRecord, AGENTS_PREFIX};
-use crate::registry::InstanceRecord;
 use serde_json::{json, Value};
+use shoal_meta::records::InstanceRecord;
+use shoal_meta::records::{AgentRecord, AGENTS_PREFIX};
 use shoal_meta::MetaStore;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

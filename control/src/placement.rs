@@ -21,10 +21,10 @@
 //!   its minimum of instances running, so a function with instances never drops to none.
 //! - New records are written with a create-if-absent transaction; ids are
 //!   `<function>-<8 hex digits>`.
-use crate::registry::{
-    FunctionSpec, InstanceRecord, Pool, FUNCTIONS_PREFIX, INSTANCES_PREFIX, POOLS_PREFIX,
+use shoal_meta::records::{
+    instance_key, AgentRecord, FunctionSpec, InstancePhase, InstanceRecord, Pool, AGENTS_PREFIX,
+    FUNCTIONS_PREFIX, INSTANCES_PREFIX, POOLS_PREFIX,
 };
-use serde::{Deserialize, Serialize};
 use shoal_meta::{Compare, KeyValue, MetaError, MetaStore, Role, Txn, TxnOp, WatchStream};
 use shoal_scheduler::{
     reconcile, Action, ClusterState, InstanceState, InstanceView, NodeView, ReplaceReason,
@@ -37,8 +37,6 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-/// Key prefix of agent records (`agents/<node id>`, written by the agents under a lease).
-pub const AGENTS_PREFIX: &str = "agents/";
 /// Longest time between two placement passes.
 pub const PLACEMENT_INTERVAL: Duration = Duration::from_secs(2);
 /// How long a failed or exited instance record stays before it is replaced.
@@ -51,43 +49,6 @@ pub const MAX_WRITES_PER_PASS: usize = 256;
 /// How long a reservation is held within a pass.
 const RESERVATION_TTL_MS: u64 = 10_000;
 
-/// Instance record state a new record starts in.
-pub const STATE_SCHEDULED: &str = "scheduled";
-/// Instance record state control sets to ask the agent to stop an instance.
-pub const STATE_STOPPING: &str = "stopping";
-
-/// What an agent publishes about its node (JSON under `agents/<node id>`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AgentRecord {
-    /// Node id.
-    pub node_id: String,
-    /// CPU capacity in thousandths of a core (online cores × 1000).
-    pub cpu_milli: u64,
-    /// Total memory in MiB.
-    pub mem_total_mib: u64,
-    /// CPU in use, in thousandths of a core (last sample).
-    #[serde(default)]
-    pub cpu_used_milli: u64,
-    /// Memory available for new work, in MiB (last sample).
-    #[serde(default)]
-    pub mem_available_mib: u64,
-    /// Instances the agent runs now.
-    #[serde(default)]
-    pub instances: u64,
-    /// Whether cgroup limits are enforced on this node.
-    #[serde(default)]
-    pub limits_enforced: bool,
-    /// Why limits are not enforced, when they are not.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub limits_reason: Option<String>,
-    /// Where the agent serves its instances' logs over HTTP (`host:port`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub logs_addr: Option<String>,
-    /// The node's labels (matched by functions' `node_selector` and pools' selectors).
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub labels: BTreeMap<String, String>,
-}
-
 /// The pool node `labels` belong to: the first pool (by name) whose non-empty selector they
 /// all match. A pool with an empty selector claims no node.
 fn pool_of<'p>(pools: &'p [Pool], labels: &BTreeMap<String, String>) -> Option<&'p Pool> {
@@ -97,11 +58,6 @@ fn pool_of<'p>(pools: &'p [Pool], labels: &BTreeMap<String, String>) -> Option<&
                 .iter()
                 .all(|(k, v)| labels.get(k) == Some(v))
     })
-}
-
-/// The instance record key of `id` of `function`.
-pub fn instance_key(function: &str, id: &str) -> String {
-    format!("{INSTANCES_PREFIX}{function}/{id}")
 }
 
 /// The placement task: acts only while `role` says Leader; ends on `shutdown`.
@@ -190,7 +146,7 @@ struct Stored {
     record: InstanceRecord,
 }
 
-fn decode_all<T: for<'de> Deserialize<'de>>(kvs: &[KeyValue]) -> Vec<(String, T)> {
+fn decode_all<T: serde::de::DeserializeOwned>(kvs: &[KeyValue]) -> Vec<(String, T)> {
     kvs.iter()
         .filter_map(|kv| match serde_json::from_slice(&kv.value) {
             Ok(v) => Some((kv.key.clone(), v)),
@@ -202,12 +158,12 @@ fn decode_all<T: for<'de> Deserialize<'de>>(kvs: &[KeyValue]) -> Vec<(String, T)
         .collect()
 }
 
-fn scheduler_state(state: &str) -> InstanceState {
-    match state {
-        "running" => InstanceState::Running,
-        "failed" | "exited" => InstanceState::Failed,
-        STATE_STOPPING => InstanceState::Exiting,
-        _ => InstanceState::Starting,
+fn scheduler_state(phase: InstancePhase) -> InstanceState {
+    match phase {
+        InstancePhase::Running => InstanceState::Running,
+        InstancePhase::Failed | InstancePhase::Exited => InstanceState::Failed,
+        InstancePhase::Stopping => InstanceState::Exiting,
+        InstancePhase::Scheduled | InstancePhase::Starting => InstanceState::Starting,
     }
 }
 
@@ -306,7 +262,7 @@ impl Placer {
                 },
                 node: r.node.clone(),
                 resources: res,
-                state: scheduler_state(&r.state),
+                state: scheduler_state(r.state),
             };
             if state.node(&r.node).is_none() {
                 self.lost_since.entry(r.id.clone()).or_insert(now);
@@ -474,7 +430,7 @@ impl Placer {
             id: id.clone(),
             function: spec.name.clone(),
             node: reservation.node.clone(),
-            state: STATE_SCHEDULED.to_string(),
+            state: InstancePhase::Scheduled,
             reason: None,
             pid: None,
             function_version: Some(spec.version),
@@ -521,14 +477,14 @@ fn current_version_ready(
         .filter(|s| {
             s.record.function == function
                 && s.record.function_version == Some(spec.version)
-                && s.record.state == "running"
+                && s.record.state == InstancePhase::Running
         })
         .count();
     running >= spec.min_instances as usize
 }
 
 fn is_done(r: &InstanceRecord) -> bool {
-    r.state == "failed" || r.state == "exited"
+    r.state.is_done()
 }
 
 async fn delete_record(meta: &dyn MetaStore, s: &Stored) -> Result<(), MetaError> {

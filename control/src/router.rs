@@ -15,14 +15,16 @@
 //!   `Unavailable` naming the leader's HTTP address, so clients retry there; reads are
 //!   served by any control. Writes stay safe if leadership moves mid-request: they are
 //!   store transactions, not read-modify-write on local state.
-use crate::registry::{FunctionSpec, Pool, RegistryError};
-use crate::{read, LeaderInfo, View};
+use crate::registry::RegistryError;
+use crate::{read, View};
 use bytes::Bytes;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::{Request, StatusCode};
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::json;
+use shoal_meta::records::LeaderInfo;
+use shoal_meta::records::{FunctionSpec, Pool};
 use shoal_meta::Role;
 use shoal_protocol::ErrorCode;
 use std::time::Duration;

@@ -470,7 +470,7 @@ async fn instances_are_read_from_the_store() {
     ] {
         store
             .put(
-                &format!("instances/{f}/{id}"),
+                &shoal_meta::records::instance_key(f, id),
                 rec(f, id, state).to_string().into_bytes(),
                 None,
             )
@@ -478,7 +478,11 @@ async fn instances_are_read_from_the_store() {
             .unwrap();
     }
     store
-        .put("instances/f/garbage", b"not json".to_vec(), None)
+        .put(
+            &shoal_meta::records::instance_key("f", "garbage"),
+            b"not json".to_vec(),
+            None,
+        )
         .await
         .unwrap();
     // `f`'s prefix must not pick up `f-2`'s instances.

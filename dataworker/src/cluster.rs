@@ -19,6 +19,7 @@
 //! does the IO and owns its tasks, which stop with the worker's shutdown token.
 use crate::state::Shared;
 use crate::ClusterConfig;
+use shoal_meta::records::{node_key, NODES_PREFIX};
 use shoal_meta::{Followed, Follower, MetaError, MetaStore, WatchEvent};
 use shoal_protocol::{
     ErrorCode, HeldObject, NodeRecord, ObjectId, PeerRequest, PeerResponse, WireError,
@@ -33,8 +34,6 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-/// Key prefix of node records in the metadata store.
-pub(crate) const NODES_PREFIX: &str = "nodes/";
 /// Pause before reading the membership again after the store failed.
 const MEMBERSHIP_RETRY: Duration = Duration::from_millis(300);
 /// Most ids in one Register/Unregister message (ids are up to 1 KiB: a message stays well
@@ -229,7 +228,7 @@ impl Cluster {
     // ----- membership -----
 
     async fn membership(self: Arc<Self>, record: NodeRecord, shutdown: CancellationToken) {
-        let key = format!("{NODES_PREFIX}{}", self.node_id);
+        let key = node_key(&self.node_id);
         let value = match serde_json::to_vec(&record) {
             Ok(v) => v,
             Err(e) => {

@@ -266,7 +266,10 @@ async fn metadata_outage_keeps_the_data_path_and_registration_resumes() {
     let server = tokio::spawn(shoal_meta::serve(store.clone(), listener, stop.clone()));
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let (kvs, _) = store.range("nodes/").await.unwrap();
+        let (kvs, _) = store
+            .range(shoal_meta::records::NODES_PREFIX)
+            .await
+            .unwrap();
         if kvs.len() == 2 {
             break;
         }

@@ -25,6 +25,9 @@
 use crate::baseline::find_on_path;
 use crate::{run_threads, Metric, Record, Report, RunSpec, Target};
 use anyhow::Context;
+use shoal_meta::records::{
+    function_key, instance_key, CodeSource, FunctionSpec, InstancePhase, InstanceRecord, Resources,
+};
 use shoal_proxy::{EngineKind, Proxy, ProxyConfig};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -182,19 +185,41 @@ fn remote_calls(spec: &RunSpec, clients: usize) -> anyhow::Result<Record> {
         std::sync::Arc::new(shoal_meta::MemStore::open(None, "")?)
     };
     // Node b runs the instance; the records say so, as an agent and placement would.
-    let spec_json = serde_json::json!({
-        "name": "echo", "code": {"kind": "dir", "path": "/"}, "command": ["echo"],
-        "resources": {"cpu_milli": 100, "mem_mib": 64}, "concurrency": 16,
-    });
-    let inst_json = serde_json::json!({
-        "id": "echo-b", "function": "echo", "node": "b", "state": "running",
-    });
+    let function = FunctionSpec {
+        name: "echo".into(),
+        version: 1,
+        code: CodeSource::Dir { path: "/".into() },
+        digest: None,
+        command: vec!["echo".into()],
+        env: Default::default(),
+        resources: Resources {
+            cpu_milli: 100,
+            mem_mib: 64,
+        },
+        min_instances: 0,
+        max_instances: 1,
+        concurrency: 16,
+        labels: Default::default(),
+        node_selector: Default::default(),
+        affinity: Vec::new(),
+        anti_affinity: Vec::new(),
+        pool: None,
+    };
+    let inst = InstanceRecord {
+        id: "echo-b".into(),
+        function: "echo".into(),
+        node: "b".into(),
+        state: InstancePhase::Running,
+        reason: None,
+        pid: None,
+        function_version: Some(1),
+    };
     rt.block_on(async {
-        meta.put("functions/echo", serde_json::to_vec(&spec_json)?, None)
+        meta.put(&function_key("echo"), serde_json::to_vec(&function)?, None)
             .await?;
         meta.put(
-            "instances/echo/echo-b",
-            serde_json::to_vec(&inst_json)?,
+            &instance_key("echo", "echo-b"),
+            serde_json::to_vec(&inst)?,
             None,
         )
         .await?;

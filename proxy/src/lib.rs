@@ -27,7 +27,6 @@ mod router;
 mod routes;
 mod shared;
 
-pub use routes::{ProxyRecord, PROXIES_PREFIX};
 use shared::Shared;
 use shoal_meta::MetaStore;
 use std::net::SocketAddr;

@@ -13,10 +13,11 @@
 //! failed it gives calls back at once ([`Shared::route_bounce`]) instead of trying again for
 //! [`RECONNECT_PAUSE`].
 use crate::engine::serve_stream;
-use crate::routes::{feed_loop, register_loop, ProxyRecord, RouteTable};
+use crate::routes::{feed_loop, register_loop, RouteTable};
 use crate::shared::{Forward, Phase, Shared};
 use crate::{PeerConfig, StartError};
 use bytes::BytesMut;
+use shoal_meta::records::ProxyRecord;
 use shoal_protocol::{
     encode_frame, CallerFrame, ErrorCode, FrameDecoder, ProxyFrame, Role, WireError,
     PROTOCOL_VERSION,

@@ -14,8 +14,10 @@
 //! own `proxies/<node>` record under a lease.
 use crate::peer::Forwarders;
 use crate::shared::Shared;
-use serde::{Deserialize, Serialize};
-use shoal_control::{FunctionSpec, InstanceRecord, FUNCTIONS_PREFIX, INSTANCES_PREFIX};
+use shoal_meta::records::{
+    FunctionSpec, InstancePhase, InstanceRecord, ProxyRecord, FUNCTIONS_PREFIX, INSTANCES_PREFIX,
+    PROXIES_PREFIX,
+};
 use shoal_meta::{Followed, Follower, LeaseId, MetaError, MetaStore, WatchEvent};
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -23,19 +25,8 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
-/// Where proxies publish their peer listener: `proxies/<node id>` holds a [`ProxyRecord`].
-pub const PROXIES_PREFIX: &str = "proxies/";
 /// Pause before reading the store again after it failed.
 const RETRY_PAUSE: Duration = Duration::from_millis(300);
-
-/// A proxy's entry in the metadata store (JSON).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ProxyRecord {
-    /// Node id.
-    pub node_id: String,
-    /// Address of its peer listener (TLS over TCP, cluster mTLS).
-    pub peer_addr: SocketAddr,
-}
 
 /// One remote route as the metadata implies it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -101,7 +92,7 @@ impl RouteView {
     pub(crate) fn routes(&self, me: &str) -> BTreeMap<RouteKey, RouteSpec> {
         let mut out: BTreeMap<RouteKey, RouteSpec> = BTreeMap::new();
         for inst in self.instances.values() {
-            if inst.node == me || inst.state != "running" {
+            if inst.node == me || inst.state != InstancePhase::Running {
                 continue;
             }
             let Some(proxy) = self.proxies.get(&inst.node) else {
@@ -271,18 +262,18 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
-    fn inst(id: &str, function: &str, node: &str, state: &str) -> (String, Vec<u8>) {
+    fn inst(id: &str, function: &str, node: &str, state: InstancePhase) -> (String, Vec<u8>) {
         let r = InstanceRecord {
             id: id.into(),
             function: function.into(),
             node: node.into(),
-            state: state.into(),
+            state,
             reason: None,
             pid: None,
             function_version: None,
         };
         (
-            format!("{INSTANCES_PREFIX}{function}/{id}"),
+            shoal_meta::records::instance_key(function, id),
             serde_json::to_vec(&r).unwrap(),
         )
     }
@@ -293,7 +284,7 @@ mod tests {
             peer_addr: SocketAddr::from(([127, 0, 0, 1], port)),
         };
         (
-            format!("{PROXIES_PREFIX}{node}"),
+            shoal_meta::records::proxy_key(node),
             serde_json::to_vec(&r).unwrap(),
         )
     }
@@ -301,15 +292,15 @@ mod tests {
     #[test]
     fn routes_are_running_remote_instances_with_a_proxy() {
         let view = RouteView::from_kvs([
-            inst("a", "echo", "n1", "running"),
-            inst("b", "echo", "n2", "running"),
-            inst("c", "echo", "n2", "running"),
-            inst("d", "echo", "n3", "running"), // no proxy on n3
-            inst("e", "echo", "n2", "starting"),
-            inst("f", "wc", "n2", "failed"),
+            inst("a", "echo", "n1", InstancePhase::Running),
+            inst("b", "echo", "n2", InstancePhase::Running),
+            inst("c", "echo", "n2", InstancePhase::Running),
+            inst("d", "echo", "n3", InstancePhase::Running), // no proxy on n3
+            inst("e", "echo", "n2", InstancePhase::Starting),
+            inst("f", "wc", "n2", InstancePhase::Failed),
             proxy("n1", 1),
             proxy("n2", 2),
-            ("nodes/n2".into(), b"ignored".to_vec()),
+            (shoal_meta::records::node_key("n2"), b"ignored".to_vec()),
         ]);
         let r = view.routes("n1");
         assert_eq!(r.len(), 1);
@@ -330,7 +321,10 @@ mod tests {
 
     #[test]
     fn deletes_and_garbage_remove_routes() {
-        let mut view = RouteView::from_kvs([inst("b", "echo", "n2", "running"), proxy("n2", 2)]);
+        let mut view = RouteView::from_kvs([
+            inst("b", "echo", "n2", InstancePhase::Running),
+            proxy("n2", 2),
+        ]);
         assert_eq!(view.routes("n1").len(), 1);
         view.delete(&format!("{PROXIES_PREFIX}n2"));
         assert!(view.routes("n1").is_empty());

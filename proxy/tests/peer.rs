@@ -82,7 +82,12 @@ async fn only_cluster_peers_get_in() {
 
     // The proxy publishes its listener.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while meta.get("proxies/a").await.unwrap().is_none() {
+    while meta
+        .get(&shoal_meta::records::proxy_key("a"))
+        .await
+        .unwrap()
+        .is_none()
+    {
         assert!(
             tokio::time::Instant::now() < deadline,
             "no proxies/a record"

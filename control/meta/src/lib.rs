@@ -10,6 +10,9 @@
 //! ([`MAX_KEY_LEN`], [`MAX_VALUE_LEN`], [`MAX_TXN_OPS`], [`MAX_TXN_BYTES`],
 //! [`MAX_LEASE_TTL`]). [`Election`] runs leader election over any backend.
 //!
+//! [`records`] is the cluster's key layout and the record types stored under it: the one
+//! definition every component reads.
+//!
 //! This crate never reads the environment and holds no `unsafe`.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -20,6 +23,7 @@ mod etcd;
 mod follow;
 mod keys;
 mod mem;
+pub mod records;
 mod remote;
 mod types;
 
