@@ -10,7 +10,8 @@
 //! ([`MAX_KEY_LEN`], [`MAX_VALUE_LEN`], [`MAX_TXN_OPS`], [`MAX_TXN_BYTES`],
 //! [`MAX_LEASE_TTL`]). [`Election`] runs leader election over any backend.
 //!
-//! [`records`] is the cluster's key layout and the record types stored under it: the one
+//! [`LeasedRecord`] holds a record under a lease for as long as its owner lives (every node
+//! component's membership record). [`records`] is the cluster's key layout and the record types stored under it: the one
 //! definition every component reads.
 //!
 //! This crate never reads the environment and holds no `unsafe`.
@@ -22,6 +23,7 @@ mod election;
 mod etcd;
 mod follow;
 mod keys;
+mod leased;
 mod mem;
 pub mod records;
 mod remote;
@@ -32,6 +34,9 @@ pub use election::{Election, Role};
 pub use etcd::EtcdStore;
 pub use follow::{Followed, Follower};
 pub use keys::{MAX_KEY_LEN, MAX_LEASE_TTL, MAX_TXN_BYTES, MAX_TXN_OPS, MAX_VALUE_LEN};
+pub use leased::{
+    LeasedRecord, RETRY_PAUSE as LEASE_RETRY_PAUSE, STOP_TIMEOUT as LEASE_STOP_TIMEOUT,
+};
 pub use mem::{MemStore, MemStoreOptions};
 pub use remote::{serve, RemoteStore};
 pub use types::{

@@ -7,10 +7,12 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use shoal_meta::{
-    serve, Compare, Election, KeyValue, MemStore, MetaError, MetaStore, RemoteStore, Revision,
-    Role, Txn, TxnOp, WatchEvent, WatchStream, MAX_KEY_LEN, MAX_VALUE_LEN,
+    serve, Compare, Election, KeyValue, LeaseId, LeasedRecord, MemStore, MetaError, MetaStore,
+    RemoteStore, Revision, Role, Txn, TxnOp, WatchEvent, WatchStream, MAX_KEY_LEN, MAX_VALUE_LEN,
 };
+use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -249,6 +251,9 @@ conformance!(
     watch_from_revision,
     prefix_isolation,
     election_failover,
+    leased_record_lives_and_goes,
+    leased_record_comes_back_after_its_lease_is_lost,
+    leased_record_rides_out_an_unreachable_store,
 );
 
 // ---------------------------------------------------------------------------------------
@@ -285,6 +290,93 @@ fn txn(compare: Vec<Compare>, success: Vec<TxnOp>, failure: Vec<TxnOp>) -> Txn {
 
 async fn value(s: &Arc<dyn MetaStore>, key: &str) -> Option<Vec<u8>> {
     s.get(key).await.unwrap().map(|kv| kv.value)
+}
+
+/// Polls `cond` until it holds, failing the test after [`WAIT`].
+async fn wait_until<F, Fut>(what: &str, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !cond().await {
+        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A real backend behind a switch: while `down`, every call fails with `Unavailable`, as a
+/// store the network cannot reach would.
+#[derive(Debug)]
+struct Switched {
+    inner: Arc<dyn MetaStore>,
+    down: AtomicBool,
+}
+
+impl Switched {
+    fn new(inner: Arc<dyn MetaStore>) -> Arc<Switched> {
+        Arc::new(Switched {
+            inner,
+            down: AtomicBool::new(false),
+        })
+    }
+
+    fn set_down(&self, down: bool) {
+        self.down.store(down, Ordering::SeqCst);
+    }
+
+    fn check(&self) -> Result<(), MetaError> {
+        if self.down.load(Ordering::SeqCst) {
+            Err(MetaError::Unavailable("switched off by the test".into()))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl MetaStore for Switched {
+    async fn get(&self, key: &str) -> Result<Option<KeyValue>, MetaError> {
+        self.check()?;
+        self.inner.get(key).await
+    }
+    async fn range(&self, prefix: &str) -> Result<(Vec<KeyValue>, Revision), MetaError> {
+        self.check()?;
+        self.inner.range(prefix).await
+    }
+    async fn put(
+        &self,
+        key: &str,
+        value: Vec<u8>,
+        lease: Option<LeaseId>,
+    ) -> Result<Revision, MetaError> {
+        self.check()?;
+        self.inner.put(key, value, lease).await
+    }
+    async fn delete(&self, key: &str) -> Result<bool, MetaError> {
+        self.check()?;
+        self.inner.delete(key).await
+    }
+    async fn txn(&self, txn: Txn) -> Result<bool, MetaError> {
+        self.check()?;
+        self.inner.txn(txn).await
+    }
+    async fn grant(&self, ttl: Duration) -> Result<LeaseId, MetaError> {
+        self.check()?;
+        self.inner.grant(ttl).await
+    }
+    async fn keep_alive(&self, lease: LeaseId) -> Result<Duration, MetaError> {
+        self.check()?;
+        self.inner.keep_alive(lease).await
+    }
+    async fn revoke(&self, lease: LeaseId) -> Result<(), MetaError> {
+        self.check()?;
+        self.inner.revoke(lease).await
+    }
+    async fn watch(&self, prefix: &str, after: Revision) -> Result<WatchStream, MetaError> {
+        self.check()?;
+        self.inner.watch(prefix, after).await
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -715,6 +807,134 @@ async fn election_failover(h: &Harness) {
 
 // ---------------------------------------------------------------------------------------
 // Failures of the etcd backend
+
+// ----- LeasedRecord: one lease loop for every component -----
+
+const RECORD_TTL: Duration = Duration::from_secs(2);
+
+async fn leased_record_lives_and_goes(h: &Harness) {
+    let s = h.store("leased/").await;
+    let rec = LeasedRecord::register(s.clone(), "k".into(), b"v1".to_vec(), RECORD_TTL)
+        .await
+        .unwrap();
+    let kv = s
+        .get("k")
+        .await
+        .unwrap()
+        .expect("registered before register returns");
+    assert_eq!(kv.value, b"v1");
+    let lease = kv.lease.expect("the record lives under a lease");
+    assert!(*rec.registered().borrow());
+
+    rec.set(b"v2".to_vec());
+    wait_until("the new value is written", || async {
+        value(&s, "k").await == Some(b"v2".to_vec())
+    })
+    .await;
+    // Outlive the TTL twice over: only the keep-alives hold the record, so time is the
+    // condition itself here.
+    tokio::time::sleep(RECORD_TTL * 2).await;
+    let kv = s.get("k").await.unwrap().expect("kept alive past its TTL");
+    assert_eq!((kv.value, kv.lease), (b"v2".to_vec(), Some(lease)));
+
+    let registered = rec.registered();
+    rec.stop().await;
+    assert_eq!(
+        s.get("k").await.unwrap(),
+        None,
+        "stop removes the record at once"
+    );
+    assert!(!*registered.borrow());
+}
+
+async fn leased_record_comes_back_after_its_lease_is_lost(h: &Harness) {
+    let s = h.store("leased/").await;
+    let rec = LeasedRecord::spawn(s.clone(), "k".into(), b"v".to_vec(), RECORD_TTL);
+    let mut registered = rec.registered();
+    tokio::time::timeout(WAIT, registered.wait_for(|r| *r))
+        .await
+        .expect("registers in the background")
+        .unwrap();
+    let old = s.get("k").await.unwrap().unwrap().lease.unwrap();
+    // Someone revokes the lease (as a store that lost it would say): the record goes, and
+    // comes back under a new lease with the same value.
+    s.revoke(old).await.unwrap();
+    wait_until("registered again under a new lease", || async {
+        s.get("k")
+            .await
+            .unwrap()
+            .is_some_and(|kv| kv.lease.is_some_and(|l| l != old) && kv.value == b"v")
+    })
+    .await;
+    rec.stop().await;
+    assert_eq!(s.get("k").await.unwrap(), None);
+}
+
+async fn leased_record_rides_out_an_unreachable_store(h: &Harness) {
+    let s = h.store("leased/").await;
+    let net = Switched::new(s.clone());
+    let rec = LeasedRecord::register(net.clone(), "k".into(), b"v1".to_vec(), RECORD_TTL)
+        .await
+        .unwrap();
+    net.set_down(true);
+    rec.set(b"v2".to_vec());
+    // Unreachable for longer than the TTL: the store lets the lease expire.
+    wait_until(
+        "the lease expires while the store is unreachable",
+        || async { s.get("k").await.unwrap().is_none() },
+    )
+    .await;
+    net.set_down(false);
+    wait_until("registered again with the value set meanwhile", || async {
+        value(&s, "k").await == Some(b"v2".to_vec())
+    })
+    .await;
+    rec.stop().await;
+    assert_eq!(s.get("k").await.unwrap(), None);
+
+    // Shutdown while retrying: a record that never reached the store stops at once.
+    net.set_down(true);
+    let rec = LeasedRecord::spawn(net.clone(), "k2".into(), b"v".to_vec(), RECORD_TTL);
+    let started = std::time::Instant::now();
+    rec.stop().await;
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    net.set_down(false);
+    assert_eq!(s.get("k2").await.unwrap(), None);
+}
+
+/// The served store restarts empty (control restarted without its file): the record is
+/// registered again on the new one.
+#[tokio::test]
+async fn leased_record_survives_a_metadata_restart() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let stop = CancellationToken::new();
+    let first = Arc::new(MemStore::open(None, "").unwrap());
+    let server = tokio::spawn(serve(first, listener, stop.clone()));
+    let client: Arc<dyn MetaStore> = Arc::new(RemoteStore::connect(addr));
+    let rec = LeasedRecord::register(client, "nodes/n1".into(), b"n1".to_vec(), RECORD_TTL)
+        .await
+        .unwrap();
+
+    stop.cancel();
+    server.await.unwrap();
+    let second = Arc::new(MemStore::open(None, "").unwrap());
+    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+    let stop = CancellationToken::new();
+    let server = tokio::spawn(serve(second.clone(), listener, stop.clone()));
+    wait_until("registered on the restarted store", || async {
+        second.get("nodes/n1").await.unwrap().is_some()
+    })
+    .await;
+    rec.stop().await;
+    assert_eq!(second.get("nodes/n1").await.unwrap(), None);
+    stop.cancel();
+    server.await.unwrap();
+}
 
 #[cfg(feature = "etcd")]
 #[tokio::test]
