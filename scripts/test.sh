@@ -53,6 +53,11 @@ RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --all-features --lock
 step "cargo test"
 cargo test --workspace --all-features --locked
 
+# Builds the criterion micro-benchmarks (perf/benches) without timing them, so a bench that no
+# longer compiles fails here. Costs a release build of the perf crate's dependencies.
+step "cargo bench --no-run"
+cargo bench --workspace --all-features --locked --no-run
+
 # Smoke runs with the binary the tests just built: they prove the suites work, not how fast
 # (benchmarks are not tests; `shoal bench` with a release build measures).
 step "shoal bench local|cluster|calls --quick (smoke runs)"

@@ -1,0 +1,58 @@
+//! Remote access: control serves a store to nodes over TCP ([`serve`]); nodes use
+//! [`RemoteStore`].
+//!
+//! Wire: shoal's framing (`[u32 len][u8 version][postcard body]`). The client sends
+//! [`ClientMsg`]s, each with a `u32` id; the server answers each with a
+//! [`ServerMsg::Reply`] carrying that id, in any order, so many calls share one connection. A
+//! watch is a request whose reply is `Watching`, followed by `Event`s tagged with the
+//! request's id, until `WatchEnded` (the store ended it) or `CancelWatch` from the client.
+//!
+//! Invariants:
+//! - Every queue is bounded: per connection at most [`MAX_INFLIGHT`] requests run at once
+//!   (the server stops reading beyond that), replies and events wait in a queue of
+//!   [`OUT_QUEUE`], and a client's watch whose [`WATCH_QUEUE`] fills is ended, not buffered.
+//! - A malformed, truncated-then-closed or oversized frame closes that connection only.
+//! - Every task is owned: connection tasks by [`serve`] (which waits for them at shutdown),
+//!   a client connection's reader and writer by the [`RemoteStore`] (they stop when it is
+//!   dropped or closed).
+//!
+//! Layout, one job per file: `wire` (the messages and their codec), `server` ([`serve`]),
+//! `client` ([`RemoteStore`]); the limits below are shared by both sides.
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+mod client;
+mod server;
+mod wire;
+
+pub use client::RemoteStore;
+pub use server::serve;
+
+#[cfg(test)]
+mod tests;
+
+#[cfg(doc)]
+use wire::{ClientMsg, ServerMsg};
+
+/// Largest request body the server accepts.
+pub(crate) const MAX_REQUEST_FRAME: usize = 4 << 20;
+/// Largest reply body the client accepts (a big `range`); larger replies become errors.
+pub(crate) const MAX_REPLY_FRAME: usize = 64 << 20;
+/// Connections one server accepts at once.
+const MAX_CONNECTIONS: usize = 1024;
+/// Requests one connection may have running at once.
+const MAX_INFLIGHT: usize = 64;
+/// Watches one connection may hold.
+const MAX_WATCHES: usize = 1024;
+/// Messages waiting to be written, per connection and direction.
+const OUT_QUEUE: usize = 256;
+/// Events a client's watch may fall behind by before it is ended.
+const WATCH_QUEUE: usize = 1024;
+/// Bytes gathered into one socket write.
+const WRITE_BATCH: usize = 64 << 10;
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
