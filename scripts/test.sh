@@ -56,7 +56,7 @@ cargo test --workspace --all-features --locked
 # Builds the criterion micro-benchmarks (perf/benches) without timing them, so a bench that no
 # longer compiles fails here. Costs a release build of the perf crate's dependencies.
 step "cargo bench --no-run"
-cargo bench --workspace --all-features --locked --no-run
+cargo bench -p shoal-perf --bench cores --all-features --locked --no-run
 
 # Smoke runs with the binary the tests just built: they prove the suites work, not how fast
 # (benchmarks are not tests; `shoal bench` with a release build measures).
