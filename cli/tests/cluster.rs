@@ -719,9 +719,8 @@ impl Up {
                 return None;
             }
             let ls: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-            ls["instances"]["instances"]
-                .as_array()
-                .or_else(|| ls["instances"].as_array())?
+            ls["instances"]
+                .as_array()?
                 .iter()
                 .find(|i| i["state"] == "running" && i["node"].as_str() != not_on)
                 .cloned()
@@ -1006,7 +1005,7 @@ fn placement_follows_selectors_affinity_and_pools() {
     let instances = |name: &str| -> Vec<serde_json::Value> {
         let o = up.shoal_fn(&["ls", "--json"], None);
         let v: serde_json::Value = serde_json::from_slice(&ok(&o)).unwrap();
-        v["instances"]["instances"]
+        v["instances"]
             .as_array()
             .cloned()
             .unwrap_or_default()
@@ -1092,7 +1091,7 @@ fn an_update_rolls_the_instances_without_dropping_calls() {
         || {
             let v: serde_json::Value =
                 serde_json::from_slice(&ok(&up.shoal_fn(&["ls", "--json"], None))).unwrap();
-            let insts = v["instances"]["instances"].as_array()?.clone();
+            let insts = v["instances"].as_array()?.clone();
             (insts.len() == 1
                 && insts[0]["function_version"] == 2
                 && insts[0]["state"] == "running"
