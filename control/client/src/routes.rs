@@ -1,8 +1,9 @@
 //! The routes the client calls: the only place a method or a path is written.
 
 /// Every `(method, path template)` the client calls, as `control/openapi.json` spells them
-/// (`{name}` is one path segment). Each request takes its method and path from here, by
-/// [`Route`]; `tests/openapi.rs` checks each entry against the OpenAPI document.
+/// (`{name}` is one path segment). Each request takes its method and path from here (by
+/// position, through a private enum); `tests/openapi.rs` checks each entry against the
+/// OpenAPI document.
 pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/health"),
     ("GET", "/v1/leader"),
