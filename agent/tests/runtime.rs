@@ -1,7 +1,7 @@
 //! One `MemStore`, one `Control` (HTTP on 127.0.0.1:0) and one `Agent` in-process: functions
-//! posted over the REST API get instance records placed on the agent's node, which runs them
-//! and reports their state back. Remote packages come from a real S3 server (moto) and a real
-//! dataworker.
+//! posted over the REST API (through `shoal-control-client`) get instance records placed on
+//! the agent's node, which runs them and reports their state back. Remote packages come from
+//! a real S3 server (moto) and a real dataworker.
 #![allow(clippy::unwrap_used)]
 
 mod support;
@@ -9,6 +9,7 @@ mod support;
 use serde_json::{json, Value};
 use shoal_agent::{Agent, AgentConfig, S3Settings};
 use shoal_control::{Control, ControlConfig, DEFAULT_MAX_INVOKE_BODY};
+use shoal_control_client::{ControlClient, ErrorCode, FunctionSpec};
 use shoal_meta::records::{InstancePhase, InstanceRecord};
 use shoal_meta::{MemStore, MetaStore};
 use std::future::Future;
@@ -17,8 +18,6 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 const WAIT: Duration = Duration::from_secs(15);
 
@@ -38,29 +37,9 @@ where
     }
 }
 
-async fn request(addr: SocketAddr, method: &str, path: &str, body: &[u8]) -> (u16, Value) {
-    let mut s = TcpStream::connect(addr).await.unwrap();
-    let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
-        body.len()
-    );
-    s.write_all(head.as_bytes()).await.unwrap();
-    s.write_all(body).await.unwrap();
-    let mut raw = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut raw))
-        .await
-        .unwrap()
-        .unwrap();
-    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
-    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
-    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
-    let body = &raw[split + 4..];
-    let v = if body.is_empty() {
-        Value::Null
-    } else {
-        serde_json::from_slice(body).unwrap_or(Value::Null)
-    };
-    (status, v)
+/// A client of control's REST API at `http`.
+fn client(http: SocketAddr) -> ControlClient {
+    ControlClient::new(&http.to_string()).unwrap()
 }
 
 fn function(name: &str, dir: &Path) -> Value {
@@ -96,17 +75,15 @@ async fn running(meta: &dyn MetaStore, function: &str) -> (InstanceRecord, u32) 
 }
 
 /// Waits until `/v1/instances` shows the one instance of `function` as `failed`; returns its
-/// JSON.
-async fn failed_instance(http: SocketAddr, function: &str) -> Value {
+/// record.
+async fn failed_instance(http: SocketAddr, function: &str) -> InstanceRecord {
+    let c = client(http);
     wait_for(&format!("{function} failed in /v1/instances"), || async {
-        let (status, v) = request(http, "GET", "/v1/instances", b"").await;
-        assert_eq!(status, 200, "{v}");
-        v["instances"]
-            .as_array()
+        c.instances(None)
+            .await
             .unwrap()
-            .iter()
-            .find(|i| i["function"] == function && i["state"] == "failed")
-            .cloned()
+            .into_iter()
+            .find(|i| i.function == function && i.state == InstancePhase::Failed)
     })
     .await
 }
@@ -152,9 +129,8 @@ fn agent_config(
 }
 
 async fn deploy(http: SocketAddr, spec: Value) {
-    let body = spec.to_string();
-    let (status, v) = request(http, "POST", "/v1/functions", body.as_bytes()).await;
-    assert!(status == 200 || status == 201, "{status} {v}");
+    let spec: FunctionSpec = serde_json::from_value(spec).unwrap();
+    client(http).create_function(&spec).await.unwrap();
 }
 
 fn alive(pid: u32) -> bool {
@@ -212,9 +188,7 @@ async fn control_places_and_agent_runs() {
     );
 
     // 1. A function with min_instances 1 runs on the agent's node.
-    let body = function("hello", &pkg).to_string();
-    let (status, v) = request(http, "POST", "/v1/functions", body.as_bytes()).await;
-    assert!(status == 200 || status == 201, "{status} {v}");
+    deploy(http, function("hello", &pkg)).await;
     let (rec, pid) = running(store.as_ref(), "hello").await;
     assert_eq!(rec.node, "node-a");
     assert!(rec.id.starts_with("hello-"), "{}", rec.id);
@@ -228,21 +202,19 @@ async fn control_places_and_agent_runs() {
     assert!(text.starts_with("started\n"), "{text}");
     assert!(text.contains(&format!("hello {} ", rec.id)), "{text}");
     // The same log through control's REST API, which reads it from the agent.
-    let (status, v) = request(http, "GET", "/v1/functions/hello/logs?tail=4096", b"").await;
-    assert_eq!(status, 200, "{v}");
-    let inst = &v["instances"][0];
-    assert_eq!(inst["id"].as_str(), Some(rec.id.as_str()), "{v}");
+    let logs = client(http).logs("hello", Some(4096)).await.unwrap();
+    let inst = &logs[0];
+    assert_eq!(inst.id, rec.id, "{logs:?}");
     assert!(
-        inst["stdout"].as_str().unwrap().starts_with("started\n"),
-        "{v}"
+        inst.stdout.as_deref().unwrap().starts_with("started\n"),
+        "{logs:?}"
     );
-    assert!(inst.get("error").is_none(), "{v}");
-    let (status, _) = request(http, "GET", "/v1/functions/nope/logs", b"").await;
-    assert_eq!(status, 404);
+    assert!(inst.error.is_none(), "{logs:?}");
+    let e = client(http).logs("nope", None).await.unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::NotFound), "{e}");
 
     // 2. Deleting the function removes the record and the process.
-    let (status, v) = request(http, "DELETE", "/v1/functions/hello", b"").await;
-    assert!(status == 200 || status == 204, "{status} {v}");
+    client(http).delete_function("hello").await.unwrap();
     wait_for("hello record gone", || async {
         records(store.as_ref(), "hello")
             .await
@@ -257,30 +229,16 @@ async fn control_places_and_agent_runs() {
 
     // 3. A missing package fails the instance with a reason naming the path.
     let missing = tmp.path().join("no-such-package");
-    let body = function("broken", &missing).to_string();
-    let (status, v) = request(http, "POST", "/v1/functions", body.as_bytes()).await;
-    assert!(status == 200 || status == 201, "{status} {v}");
-    let shown = wait_for("broken failed in /v1/instances", || async {
-        let (status, v) = request(http, "GET", "/v1/instances", b"").await;
-        assert_eq!(status, 200, "{v}");
-        v["instances"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|i| i["function"] == "broken" && i["state"] == "failed")
-            .cloned()
-    })
-    .await;
-    let reason = shown["reason"].as_str().unwrap();
+    deploy(http, function("broken", &missing)).await;
+    let shown = failed_instance(http, "broken").await;
+    let reason = shown.reason.as_deref().unwrap();
     assert!(reason.contains(&missing.display().to_string()), "{reason}");
-    assert_eq!(shown["node"], "node-a");
+    assert_eq!(shown.node, "node-a");
     // The failed record stays visible (no replacement churn) for the retry delay.
     assert_eq!(records(store.as_ref(), "broken").await.len(), 1);
 
     // 4. Shutdown stops every instance: no process left behind.
-    let body = function("again", &pkg).to_string();
-    let (status, v) = request(http, "POST", "/v1/functions", body.as_bytes()).await;
-    assert!(status == 200 || status == 201, "{status} {v}");
+    deploy(http, function("again", &pkg)).await;
     let (_, pid) = running(store.as_ref(), "again").await;
     assert!(alive(pid));
     agent.shutdown().await;
@@ -432,11 +390,11 @@ async fn remote_packages_run_or_fail_with_a_reason() {
     for (spec, wanted) in &cases {
         let name = spec["name"].as_str().unwrap();
         let shown = failed_instance(http, name).await;
-        let reason = shown["reason"].as_str().unwrap_or_default();
+        let reason = shown.reason.as_deref().unwrap_or_default();
         for w in wanted {
             assert!(reason.contains(w), "{name}: {reason:?} lacks {w:?}");
         }
-        assert_eq!(shown["node"], "node-a");
+        assert_eq!(shown.node, "node-a");
     }
     // Every staged download is gone, whatever its outcome.
     let staged: Vec<_> = std::fs::read_dir(work_dir.join(".staging"))

@@ -1,6 +1,7 @@
 //! Commands that talk to a running dataworker.
 use crate::args::{Command, ConnArgs, KvOp};
 use anyhow::Context;
+use shoal_meta::records::InstanceRecord;
 use shoal_sdk::{Client, ErrorCode, SetOptions};
 use std::io::{Read, Write};
 use std::process::ExitCode;
@@ -106,7 +107,7 @@ async fn run_async(cmd: Command) -> anyhow::Result<ExitCode> {
         } => {
             let c = connect(&conn).await?;
             let s = c.status().await?;
-            let instances = crate::fn_cmds::all_instances(&control);
+            let instances = crate::fn_cmds::all_instances(&control).await;
             if json {
                 let mut v = serde_json::to_value(&s)?;
                 if let (Some(obj), Ok(insts)) = (v.as_object_mut(), &instances) {
@@ -180,14 +181,11 @@ async fn run_async(cmd: Command) -> anyhow::Result<ExitCode> {
 }
 
 /// Function instances grouped by node.
-fn print_instances(insts: &[serde_json::Value]) {
-    let mut by_node: std::collections::BTreeMap<&str, Vec<&serde_json::Value>> =
+fn print_instances(insts: &[InstanceRecord]) {
+    let mut by_node: std::collections::BTreeMap<&str, Vec<&InstanceRecord>> =
         std::collections::BTreeMap::new();
     for i in insts {
-        by_node
-            .entry(i["node"].as_str().unwrap_or("-"))
-            .or_default()
-            .push(i);
+        by_node.entry(&i.node).or_default().push(i);
     }
     if by_node.is_empty() {
         println!("instances  none");
@@ -202,11 +200,11 @@ fn print_instances(insts: &[serde_json::Value]) {
             println!(
                 "{:<12} {:<20} {:<28} {:<9} {:>8}  {}",
                 node,
-                i["function"].as_str().unwrap_or("?"),
-                i["id"].as_str().unwrap_or("?"),
-                i["state"].as_str().unwrap_or("?"),
-                i["pid"].as_u64().map_or("-".into(), |p| p.to_string()),
-                i["reason"].as_str().unwrap_or("")
+                i.function,
+                i.id,
+                i.state.as_str(),
+                i.pid.map_or("-".into(), |p| p.to_string()),
+                i.reason.as_deref().unwrap_or("")
             );
         }
     }

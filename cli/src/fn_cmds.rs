@@ -1,86 +1,23 @@
 //! `shoal fn ...`: functions through control's REST API.
 use crate::args::FnOp;
-use anyhow::{bail, Context};
-use shoal_meta::records::{CodeSource, FunctionSpec, Resources};
+use anyhow::Context;
+use shoal_control_client::{ClientError, ControlClient, ErrorCode};
+use shoal_meta::records::{CodeSource, FunctionSpec, InstanceRecord, Resources};
 use std::io::{Read, Write};
-use std::net::{TcpStream, ToSocketAddrs};
 use std::process::ExitCode;
 use std::time::Duration;
 
-/// One HTTP/1.1 exchange with control (`Connection: close`): status and body.
-fn request(
-    control: &str,
-    method: &str,
-    path: &str,
-    body: Option<&[u8]>,
-) -> anyhow::Result<(u16, Vec<u8>)> {
-    request_as(control, method, path, body, "application/json")
+/// A client of control at `control` (`--control` / `SHOAL_CONTROL`).
+fn client(control: &str) -> anyhow::Result<ControlClient> {
+    ControlClient::new(control)
+        .with_context(|| format!("control address {control:?} (--control / SHOAL_CONTROL)"))
 }
 
-fn request_as(
-    control: &str,
-    method: &str,
-    path: &str,
-    body: Option<&[u8]>,
-    ctype: &str,
-) -> anyhow::Result<(u16, Vec<u8>)> {
-    let host = control
-        .trim_start_matches("http://")
-        .trim_end_matches('/')
-        .to_string();
-    let addr = host
-        .to_socket_addrs()
-        .with_context(|| format!("control address {host:?} (--control / SHOAL_CONTROL)"))?
-        .next()
-        .with_context(|| format!("control address {host:?} resolves to nothing"))?;
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(3)).with_context(|| {
-        format!("cannot reach control at {host} (is `shoal up` running? set --control or SHOAL_CONTROL)")
-    })?;
-    s.set_read_timeout(Some(Duration::from_secs(60)))?;
-    let body = body.unwrap_or_default();
-    let mut req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\nContent-Length: {}\r\n",
-        body.len()
-    );
-    if !body.is_empty() {
-        req.push_str(&format!("Content-Type: {ctype}\r\n"));
-    }
-    req.push_str("\r\n");
-    s.write_all(req.as_bytes())?;
-    s.write_all(body)?;
-    let mut resp = Vec::new();
-    s.read_to_end(&mut resp)
-        .context("reading control's answer")?;
-    let split = resp
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .context("malformed HTTP answer from control")?;
-    let head = String::from_utf8_lossy(&resp[..split]).into_owned();
-    let status: u16 = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .context("malformed HTTP status from control")?;
-    Ok((status, resp[split + 4..].to_vec()))
-}
-
-/// Turns a non-2xx answer into one clear error line (`Code: message` from the JSON body).
-fn check(status: u16, body: &[u8]) -> anyhow::Result<()> {
-    if (200..300).contains(&status) {
-        return Ok(());
-    }
-    match serde_json::from_slice::<serde_json::Value>(body) {
-        Ok(v) => bail!(
-            "{}: {}",
-            v["code"].as_str().unwrap_or("Error"),
-            v["message"].as_str().unwrap_or("")
-        ),
-        Err(_) => bail!("HTTP {status}: {}", String::from_utf8_lossy(body)),
-    }
-}
-
-fn json(body: &[u8]) -> anyhow::Result<serde_json::Value> {
-    serde_json::from_slice(body).context("control answered with malformed JSON")
+/// A current-thread runtime for the calls of one command.
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?)
 }
 
 /// `KEY=VALUE` arguments of `flag` as a map.
@@ -97,15 +34,9 @@ pub(crate) fn key_values(
         .collect()
 }
 
-/// Every instance record control knows, as JSON objects.
-pub(crate) fn all_instances(control: &str) -> anyhow::Result<Vec<serde_json::Value>> {
-    let (s, body) = request(control, "GET", "/v1/instances", None)?;
-    check(s, &body)?;
-    Ok(json(&body)?
-        .get("instances")
-        .and_then(|v| v.as_array())
-        .cloned()
-        .unwrap_or_default())
+/// Every instance record control knows.
+pub(crate) async fn all_instances(control: &str) -> anyhow::Result<Vec<InstanceRecord>> {
+    Ok(client(control)?.instances(None).await?)
 }
 
 /// Where code comes from, from what the user typed.
@@ -127,17 +58,14 @@ fn code_source(path: &str) -> anyhow::Result<CodeSource> {
 
 /// One call through the node's proxy (with the node's dataworker for large payloads, when
 /// its socket is given).
-fn invoke_via_proxy(
+async fn invoke_via_proxy(
     proxy: &std::path::Path,
     store: Option<&std::path::Path>,
     name: &str,
     arg: shoal_sdk::Payload,
     timeout: Duration,
 ) -> anyhow::Result<Vec<u8>> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    rt.block_on(async {
+    {
         let store = match store {
             Some(s) => Some(
                 shoal_sdk::Client::connect(s)
@@ -162,10 +90,23 @@ fn invoke_via_proxy(
                 .await?
                 .into_vec(),
         })
-    })
+    }
 }
 
 pub(crate) fn run(control: &str, op: FnOp) -> anyhow::Result<ExitCode> {
+    runtime()?
+        .block_on(run_async(control, op))
+        .map_err(|e| match e.downcast_ref::<ClientError>() {
+            Some(ClientError::Transport { .. } | ClientError::Timeout { .. }) => {
+                e.context(format!(
+                    "control at {control} (is `shoal up` running? set --control or SHOAL_CONTROL)"
+                ))
+            }
+            _ => e,
+        })
+}
+
+async fn run_async(control: &str, op: FnOp) -> anyhow::Result<ExitCode> {
     match op {
         FnOp::Deploy {
             name,
@@ -201,39 +142,21 @@ pub(crate) fn run(control: &str, op: FnOp) -> anyhow::Result<ExitCode> {
                 anti_affinity,
                 pool,
             };
-            let (status, body) = request(
-                control,
-                "POST",
-                "/v1/functions",
-                Some(&serde_json::to_vec(&spec)?),
-            )?;
-            let (status, body) = if status == 409 {
-                // It exists: update it, on top of the version we read.
-                let (s, cur) = request(control, "GET", &format!("/v1/functions/{name}"), None)?;
-                check(s, &cur)?;
-                spec.version = json(&cur)?["version"].as_u64().unwrap_or(0);
-                request(
-                    control,
-                    "PUT",
-                    &format!("/v1/functions/{name}"),
-                    Some(&serde_json::to_vec(&spec)?),
-                )?
-            } else {
-                (status, body)
+            let c = client(control)?;
+            let created = match c.create_function(&spec).await {
+                Err(e) if e.code() == Some(ErrorCode::AlreadyExists) => {
+                    // It exists: update it, on top of the version we read.
+                    spec.version = c.function(&name).await?.version;
+                    c.update_function(&name, &spec).await?
+                }
+                r => r?,
             };
-            check(status, &body)?;
-            let v = json(&body)?;
-            println!(
-                "deployed {name} (version {})",
-                v["version"].as_u64().unwrap_or(0)
-            );
+            println!("deployed {name} (version {})", created.version);
         }
         FnOp::Ls { json: as_json } => {
-            let (s, fns) = request(control, "GET", "/v1/functions", None)?;
-            check(s, &fns)?;
-            let (s, insts) = request(control, "GET", "/v1/instances", None)?;
-            check(s, &insts)?;
-            let (fns, insts) = (json(&fns)?, json(&insts)?);
+            let c = client(control)?;
+            let fns = c.functions().await?;
+            let insts = c.instances(None).await?;
             if as_json {
                 println!(
                     "{}",
@@ -241,43 +164,30 @@ pub(crate) fn run(control: &str, op: FnOp) -> anyhow::Result<ExitCode> {
                 );
                 return Ok(ExitCode::SUCCESS);
             }
-            let list = |v: &serde_json::Value, key: &str| -> Vec<serde_json::Value> {
-                v.get(key)
-                    .and_then(|x| x.as_array())
-                    .or_else(|| v.as_array())
-                    .cloned()
-                    .unwrap_or_default()
-            };
-            let insts = list(&insts, "instances");
             println!(
                 "{:<24} {:>7} {:>9} {:>9}  code",
                 "function", "version", "min/max", "instances"
             );
-            for f in list(&fns, "functions") {
-                let name = f["name"].as_str().unwrap_or("?");
-                let n = insts.iter().filter(|i| i["function"] == name).count();
+            for f in &fns {
+                let n = insts.iter().filter(|i| i.function == f.name).count();
                 println!(
                     "{:<24} {:>7} {:>9} {:>9}  {}",
-                    name,
-                    f["version"].as_u64().unwrap_or(0),
-                    format!(
-                        "{}/{}",
-                        f["min_instances"].as_u64().unwrap_or(0),
-                        f["max_instances"].as_u64().unwrap_or(0)
-                    ),
+                    f.name,
+                    f.version,
+                    format!("{}/{}", f.min_instances, f.max_instances),
                     n,
-                    f["code"]
+                    serde_json::to_string(&f.code)?
                 );
             }
             for i in &insts {
                 println!(
                     "  instance {} of {} on {}: {}{}",
-                    i["id"].as_str().unwrap_or("?"),
-                    i["function"].as_str().unwrap_or("?"),
-                    i["node"].as_str().unwrap_or("?"),
-                    i["state"].as_str().unwrap_or("?"),
-                    i["reason"]
-                        .as_str()
+                    i.id,
+                    i.function,
+                    i.node,
+                    i.state,
+                    i.reason
+                        .as_deref()
                         .map(|r| format!(" ({r})"))
                         .unwrap_or_default()
                 );
@@ -288,36 +198,23 @@ pub(crate) fn run(control: &str, op: FnOp) -> anyhow::Result<ExitCode> {
             tail,
             json: as_json,
         } => {
-            let (s, body) = request(
-                control,
-                "GET",
-                &format!("/v1/functions/{name}/logs?tail={tail}"),
-                None,
-            )?;
-            check(s, &body)?;
-            let v = json(&body)?;
+            let insts = client(control)?.logs(&name, Some(tail)).await?;
             if as_json {
-                println!("{v}");
+                println!("{}", serde_json::json!({ "instances": insts }));
                 return Ok(ExitCode::SUCCESS);
             }
-            let insts = v["instances"].as_array().cloned().unwrap_or_default();
             if insts.is_empty() {
                 eprintln!("{name} has no instances");
             }
             let mut out = std::io::stdout().lock();
             for i in insts {
-                let head = format!(
-                    "{} on {} ({})",
-                    i["id"].as_str().unwrap_or("?"),
-                    i["node"].as_str().unwrap_or("?"),
-                    i["state"].as_str().unwrap_or("?")
-                );
-                if let Some(e) = i["error"].as_str() {
+                let head = format!("{} on {} ({})", i.id, i.node, i.state);
+                if let Some(e) = &i.error {
                     writeln!(out, "==> {head}: logs unavailable: {e}")?;
                     continue;
                 }
-                for stream in ["stdout", "stderr"] {
-                    let text = i[stream].as_str().unwrap_or("");
+                for (stream, text) in [("stdout", &i.stdout), ("stderr", &i.stderr)] {
+                    let text = text.as_deref().unwrap_or("");
                     writeln!(out, "==> {head} {stream} <==")?;
                     out.write_all(text.as_bytes())?;
                     if !text.is_empty() && !text.ends_with('\n') {
@@ -327,8 +224,7 @@ pub(crate) fn run(control: &str, op: FnOp) -> anyhow::Result<ExitCode> {
             }
         }
         FnOp::Rm { name } => {
-            let (s, body) = request(control, "DELETE", &format!("/v1/functions/{name}"), None)?;
-            check(s, &body)?;
+            client(control)?.delete_function(&name).await?;
             println!("removed {name}");
         }
         FnOp::Invoke {
@@ -359,19 +255,12 @@ pub(crate) fn run(control: &str, op: FnOp) -> anyhow::Result<ExitCode> {
                         ),
                         None => shoal_sdk::Payload::Inline(arg),
                     };
-                    invoke_via_proxy(&p, socket.as_deref(), &name, arg, timeout)?
+                    invoke_via_proxy(&p, socket.as_deref(), &name, arg, timeout).await?
                 }
-                None => {
-                    let (s, body) = request_as(
-                        control,
-                        "POST",
-                        &format!("/v1/functions/{name}/invoke"),
-                        Some(&arg),
-                        "application/octet-stream",
-                    )?;
-                    check(s, &body)?;
-                    body
-                }
+                None => client(control)?
+                    .invoke(&name, arg, Some(timeout))
+                    .await?
+                    .to_vec(),
             };
             std::io::stdout().write_all(&out)?;
         }

@@ -1,6 +1,7 @@
 //! A real cluster on this machine: `shoal up --nodes 3` (control + three dataworker processes),
 //! driven through the CLI and the SDK as a user would, including killing a node.
 #![allow(clippy::unwrap_used)] // test setup panics on failure by design
+use shoal_control_client::{ControlClient, Pool};
 use shoal_sdk::blocking::Client;
 use shoal_sdk::ErrorCode;
 use std::io::{BufRead, BufReader, Write};
@@ -388,16 +389,18 @@ impl Drop for Etcd {
     }
 }
 
-/// GET `path` on `addr` (HTTP/1.0), the JSON body.
-#[cfg(feature = "etcd")]
-fn http_json(addr: &str, path: &str) -> Option<serde_json::Value> {
-    use std::io::Read;
-    let mut s = std::net::TcpStream::connect(addr).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: shoal\r\n\r\n").ok()?;
-    let mut body = String::new();
-    s.read_to_string(&mut body).ok()?;
-    serde_json::from_str(body.split_once("\r\n\r\n")?.1).ok()
+/// Runs one future of the control client (the tests here are synchronous).
+fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(f)
+}
+
+/// A client of the control at `addr` (`host:port`).
+fn control_client(addr: &str) -> ControlClient {
+    ControlClient::new(addr).unwrap()
 }
 
 #[cfg(feature = "etcd")]
@@ -431,8 +434,10 @@ impl ControlProc {
         }
     }
 
-    fn role(&self) -> Option<String> {
-        http_json(&self.http, "/v1/leader").map(|v| v["role"].as_str().unwrap_or("").to_string())
+    fn role(&self) -> Option<shoal_control_client::ControlRole> {
+        block_on(control_client(&self.http).leader())
+            .ok()
+            .map(|l| l.role)
     }
 }
 
@@ -452,21 +457,27 @@ fn control_leader_failover_on_etcd() {
     let b = ControlProc::start(&etcd.url, "b");
     let deadline = Instant::now() + Duration::from_secs(10);
     let (leader, standby) = loop {
-        match (a.role().as_deref(), b.role().as_deref()) {
-            (Some("leader"), Some("standby")) => break (a, b),
-            (Some("standby"), Some("leader")) => break (b, a),
+        match (a.role(), b.role()) {
+            (
+                Some(shoal_control_client::ControlRole::Leader),
+                Some(shoal_control_client::ControlRole::Standby),
+            ) => break (a, b),
+            (
+                Some(shoal_control_client::ControlRole::Standby),
+                Some(shoal_control_client::ControlRole::Leader),
+            ) => break (b, a),
             other => assert!(Instant::now() < deadline, "no single leader: {other:?}"),
         }
         std::thread::sleep(Duration::from_millis(50));
     };
     // The standby answers and names the leader.
-    let v = http_json(&standby.http, "/v1/nodes").unwrap();
-    assert_eq!(v["role"], "standby");
-    assert!(v["leader"]["http_addr"].is_string(), "{v}");
+    let v = block_on(control_client(&standby.http).nodes()).unwrap();
+    assert_eq!(v.role, shoal_control_client::ControlRole::Standby);
+    assert!(v.leader.is_some(), "{v:?}");
     let mut leader = leader;
     leader.child.kill().unwrap();
     let killed = Instant::now();
-    while standby.role().as_deref() != Some("leader") {
+    while standby.role() != Some(shoal_control_client::ControlRole::Leader) {
         assert!(
             killed.elapsed() < TTL + Duration::from_secs(2),
             "standby did not take over within the lease TTL + 2 s"
@@ -651,26 +662,6 @@ fn http_get_text(addr: &str, path: &str) -> String {
     resp.split_once("\r\n\r\n").unwrap().1.to_string()
 }
 
-/// POST `body` to `path` on `addr` (HTTP/1.0): status and body.
-fn http_post(addr: &str, path: &str, body: &[u8]) -> (u16, Vec<u8>) {
-    use std::io::Read;
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    write!(
-        s,
-        "POST {path} HTTP/1.0\r\nHost: shoal\r\nContent-Length: {}\r\n\r\n",
-        body.len()
-    )
-    .unwrap();
-    s.write_all(body).unwrap();
-    let mut resp = Vec::new();
-    s.read_to_end(&mut resp).unwrap();
-    let split = resp.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
-    let head = String::from_utf8_lossy(&resp[..split]).to_string();
-    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
-    (status, resp[split + 4..].to_vec())
-}
-
 /// SIGKILL.
 fn kill(pid: i64) {
     nix::sys::signal::kill(
@@ -719,9 +710,8 @@ impl Up {
                 return None;
             }
             let ls: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-            ls["instances"]["instances"]
-                .as_array()
-                .or_else(|| ls["instances"].as_array())?
+            ls["instances"]
+                .as_array()?
                 .iter()
                 .find(|i| i["state"] == "running" && i["node"].as_str() != not_on)
                 .cloned()
@@ -867,27 +857,22 @@ fn rest_frontend_and_large_payloads_as_objects() {
     let control = up.info["control"]["http"].as_str().unwrap().to_string();
     // The REST frontend calls through node 1's proxy (forwarded when the instance is on
     // node 2).
-    let body = wait_until("REST invoke answers 200", Duration::from_secs(20), || {
-        let (status, body) = http_post(&control, "/v1/functions/echo/invoke", b"hello");
-        (status == 200).then_some(body)
+    let client = control_client(&control);
+    let invoke = |name: &str, arg: &[u8], timeout: Option<Duration>| {
+        block_on(client.invoke(name, arg.to_vec(), timeout))
+    };
+    let body = wait_until("REST invoke answers", Duration::from_secs(20), || {
+        invoke("echo", b"hello", None).ok()
     });
-    assert_eq!(body, b"hello");
-    let (status, body) = http_post(&control, "/v1/functions/nope/invoke", b"x");
-    assert_eq!(status, 404);
-    let err: serde_json::Value = serde_json::from_slice(&body).unwrap();
-    assert_eq!(err["code"], "NotFound");
-    let (status, _) = http_post(&control, "/v1/functions/echo/invoke?timeout_ms=0", b"x");
-    assert_eq!(status, 400);
+    assert_eq!(&body[..], b"hello");
+    let err = invoke("nope", b"x", None).unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::NotFound), "{err}");
+    let err = invoke("echo", b"x", Some(Duration::ZERO)).unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::InvalidArgument), "{err}");
 
     // 1 MiB: over the 64 KiB inline limit, so argument and result travel as objects.
     let big: Vec<u8> = (0..1u32 << 20).map(|i| (i * 7 + i / 4096) as u8).collect();
-    let (status, body) = http_post(&control, "/v1/functions/echo/invoke", &big);
-    assert_eq!(
-        status,
-        200,
-        "{}",
-        String::from_utf8_lossy(&body[..body.len().min(200)])
-    );
+    let body = invoke("echo", &big, None).unwrap();
     assert!(body == big, "REST: 1 MiB echoed back changed");
     let file = up.dir.path().join("big.bin");
     std::fs::write(&file, &big).unwrap();
@@ -933,7 +918,7 @@ fn warm_calls_flow_through_a_leader_failover_on_etcd() {
     wait_until(
         "the second control stands by",
         Duration::from_secs(10),
-        || (standby.role().as_deref() == Some("standby")).then_some(()),
+        || (standby.role() == Some(shoal_control_client::ControlRole::Standby)).then_some(()),
     );
     up.deploy_echo();
     let inst = up.running_instance(Instant::now() + Duration::from_secs(20), None);
@@ -947,7 +932,7 @@ fn warm_calls_flow_through_a_leader_failover_on_etcd() {
     // The leader (up's control) dies; the standby takes over while calls keep flowing.
     kill(up.info["control"]["pid"].as_i64().unwrap());
     wait_until("the standby takes over", Duration::from_secs(10), || {
-        (standby.role().as_deref() == Some("leader")).then_some(())
+        (standby.role() == Some(shoal_control_client::ControlRole::Leader)).then_some(())
     });
     calls.wait_more(20);
     let (served, failed) = calls.finish();
@@ -981,11 +966,10 @@ fn warm_calls_flow_through_a_leader_failover_on_etcd() {
         "echo2 runs under the new leader",
         Duration::from_secs(20),
         || {
-            let v = http_json(&standby.http, "/v1/functions/echo2/instances")?;
-            v["instances"]
-                .as_array()?
+            block_on(control_client(&standby.http).instances(Some("echo2")))
+                .ok()?
                 .iter()
-                .any(|i| i["state"] == "running")
+                .any(|i| i.state == shoal_meta::records::InstancePhase::Running)
                 .then_some(())
         },
     );
@@ -1006,7 +990,7 @@ fn placement_follows_selectors_affinity_and_pools() {
     let instances = |name: &str| -> Vec<serde_json::Value> {
         let o = up.shoal_fn(&["ls", "--json"], None);
         let v: serde_json::Value = serde_json::from_slice(&ok(&o)).unwrap();
-        v["instances"]["instances"]
+        v["instances"]
             .as_array()
             .cloned()
             .unwrap_or_default()
@@ -1033,9 +1017,11 @@ fn placement_follows_selectors_affinity_and_pools() {
     // A pool over node-1 with room for one 600-millicore instance: of two wanted, one runs,
     // on node-1.
     let control = up.info["control"]["http"].as_str().unwrap();
-    let pool = br#"{"name":"p","node_selector":{"node":"node-1"},"cpu_milli":1000,"mem_mib":1024}"#;
-    let (status, body) = http_post(control, "/v1/pools", pool);
-    assert_eq!(status, 201, "{}", String::from_utf8_lossy(&body));
+    let pool: Pool = serde_json::from_str(
+        r#"{"name":"p","node_selector":{"node":"node-1"},"cpu_milli":1000,"mem_mib":1024}"#,
+    )
+    .unwrap();
+    block_on(control_client(control).create_pool(&pool)).unwrap();
     deploy(
         "echo-p",
         &[
@@ -1092,7 +1078,7 @@ fn an_update_rolls_the_instances_without_dropping_calls() {
         || {
             let v: serde_json::Value =
                 serde_json::from_slice(&ok(&up.shoal_fn(&["ls", "--json"], None))).unwrap();
-            let insts = v["instances"]["instances"].as_array()?.clone();
+            let insts = v["instances"].as_array()?.clone();
             (insts.len() == 1
                 && insts[0]["function_version"] == 2
                 && insts[0]["state"] == "running"
