@@ -37,6 +37,19 @@ if ! python3 -c 'import moto.server' >/dev/null 2>&1; then
     echo "warning: cannot install moto[server]; the agent's S3 tests will fail" >&2
 fi
 
+# rust-toolchain.toml pins the stable version CI uses. A machine whose one toolchain is that
+# version installed as `stable` (and no network to fetch another) gets it linked under the
+# pinned name, which is all rustup needs.
+pinned=$(sed -n 's/^channel = "\(.*\)"$/\1/p' rust-toolchain.toml)
+if command -v rustup >/dev/null 2>&1 && ! rustup toolchain list | grep -q "^$pinned-"; then
+  host=$(rustup run stable rustc -vV | sed -n 's/^host: //p')
+  if [ "$(rustup run stable rustc --version | cut -d' ' -f2)" = "$pinned" ]; then
+    step "linking toolchain stable as $pinned"
+    ln -s "$(rustup run stable rustc --print sysroot)" \
+      "${RUSTUP_HOME:-$HOME/.rustup}/toolchains/$pinned-$host"
+  fi
+fi
+
 export CARGO_INCREMENTAL=0
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 
