@@ -14,11 +14,13 @@
 //! | `pools/<name>` | [`Pool`] | control's registry |
 //! | `instances/<function>/<id>` | [`InstanceRecord`] | control's placement, then the agent |
 //! | `control/leader` | [`LeaderInfo`] | the leading control, under a lease |
+//! | `tokens/<id>` | [`TokenRecord`] | control, when a token is issued; deleted to revoke |
 //!
 //! Records are JSON. Pure: no IO, no clock.
 mod function;
 mod instance;
 mod node;
+mod token;
 
 pub use function::{
     validate_name, CodeSource, FunctionSpec, InvalidSpec, Pool, Resources, MAX_CONCURRENCY,
@@ -27,6 +29,11 @@ pub use function::{
 };
 pub use instance::{InstancePhase, InstanceRecord};
 pub use node::{AgentRecord, LeaderInfo, NodeRecord, ProxyRecord};
+pub use token::{
+    parse_token, token_key, validate_tenant, Action, Denied, Issued, Principal, Role, TokenParts,
+    TokenRecord, DEFAULT_TENANT, MAX_DESCRIPTION_LEN, SYSTEM_TENANT, TOKENS_PREFIX,
+    TOKEN_RANDOM_BYTES,
+};
 
 /// Dataworkers' membership records: `nodes/<node id>`.
 pub const NODES_PREFIX: &str = "nodes/";
