@@ -12,7 +12,8 @@
 //!
 //! [`LeasedRecord`] holds a record under a lease for as long as its owner lives (every node
 //! component's membership record). [`records`] is the cluster's key layout and the record types stored under it: the one
-//! definition every component reads.
+//! definition every component reads. [`TokenBook`] follows the tokens stored there and
+//! authenticates requests with them.
 //!
 //! This crate never reads the environment and holds no `unsafe`.
 #![forbid(unsafe_code)]
@@ -27,6 +28,7 @@ mod leased;
 mod mem;
 pub mod records;
 mod remote;
+mod tokens;
 mod types;
 
 pub use election::{Election, Role};
@@ -39,6 +41,7 @@ pub use leased::{
 };
 pub use mem::{MemStore, MemStoreOptions};
 pub use remote::{serve, RemoteStore};
+pub use tokens::{issue_token, now_ms, revoke_token, IssueError, TokenBook, TokenFollower};
 pub use types::{
     Compare, KeyValue, LeaseId, MetaError, MetaStore, Revision, Txn, TxnOp, WatchEvent, WatchStream,
 };
