@@ -206,7 +206,11 @@ async fn a_restarted_node_rejoins_without_resurrecting_its_old_objects() {
     a.delete("old-life").await.unwrap();
     b.put("lost-with-it", b"only here").await.unwrap();
     drop(b);
+    let key = shoal_meta::records::node_key("n1");
+    assert!(meta.get(&key).await.unwrap().is_some(), "n1 is registered");
     nodes[1].stop().await;
+    // Shutdown removes the record itself: it does not wait for the lease to run out.
+    assert!(meta.get(&key).await.unwrap().is_none(), "n1 left nodes/");
     wait_members(&nodes[0], 1).await;
     // Same node id, new process (new incarnation, empty arena).
     let tls = NodeTls::from_node_cert(&ca.issue("n1").unwrap()).unwrap();

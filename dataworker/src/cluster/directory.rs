@@ -3,7 +3,8 @@
 //! Owners apply `Register`/`Unregister` from holders, answer `Locate` (parking a get until the
 //! id is registered, up to its deadline and at most [`MAX_LOCATE_WAITERS`] at once) and carry a
 //! delete to every holder they know. [`Cluster::delete`] is the reader's side of a delete: it
-//! asks every owner of the id. The shard's tombstones age out on the membership task's tick.
+//! asks every owner of the id. The shard's tombstones age out in [`Cluster::expire_directory`],
+//! a task of its own that stops with the worker's shutdown token.
 //!
 //! Invariant: the shard and the locates waiting on it share one lock, so a waiter cannot miss
 //! the registration that completes it.
@@ -11,11 +12,14 @@ use super::{transport_err, wire, Cluster, CALL_TIMEOUT};
 use shoal_protocol::{ErrorCode, ObjectId, PeerRequest, PeerResponse, WireError};
 use shoal_store::{DirRecord, Directory, DirectoryConfig, Locate};
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
 
 /// Most gets waiting at this node (as a directory owner) for objects to be sealed.
 const MAX_LOCATE_WAITERS: usize = 65_536;
+/// Shortest pause between two expiry passes over the shard.
+const MIN_EXPIRY_TICK: Duration = Duration::from_millis(100);
 
 /// The directory shard and the locates waiting on it, under one lock (see the module docs).
 #[derive(Debug)]
@@ -37,6 +41,18 @@ impl DirState {
 impl Cluster {
     pub(super) fn dir(&self) -> std::sync::MutexGuard<'_, DirState> {
         self.dir.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Ages out the shard's tombstones every third of the lease TTL until shutdown.
+    pub(super) async fn expire_directory(self: Arc<Self>) {
+        let mut tick = tokio::time::interval((self.cfg.lease_ttl / 3).max(MIN_EXPIRY_TICK));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = self.shutdown.cancelled() => break,
+                _ = tick.tick() => self.dir().dir.expire(self.now_ms()),
+            }
+        }
     }
 
     /// Register / Unregister from a holder, applied to this shard.

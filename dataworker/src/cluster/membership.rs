@@ -1,9 +1,9 @@
 //! Membership: this node's record in `nodes/` and its view of the others.
 //!
-//! The membership task registers the record under a lease in the background (start-up does
-//! not wait for the store), keeps the lease alive, registers again after a lost lease or a
-//! store restart, and revokes the lease when the worker shuts down. It follows `nodes/` with a
-//! [`Follower`]; each new membership is installed by [`Cluster::set_members`]:
+//! The record is held by a [`LeasedRecord`]: registered in the background (start-up does not
+//! wait for the store), kept alive, registered again after a lost lease or a store restart,
+//! and removed when the worker shuts down. The membership task owns that handle and a
+//! [`Follower`] of `nodes/`; each new membership is installed by [`Cluster::set_members`]:
 //! the ring is rebuilt from it, and what departed nodes take with them is [`super::node_loss`]'s.
 //!
 //! Invariant: the view only changes on what the store says. When the store is unreachable the
@@ -11,7 +11,7 @@
 //! always on its own ring, registered or not.
 use super::{Cluster, Note};
 use shoal_meta::records::{node_key, NODES_PREFIX};
-use shoal_meta::{Followed, Follower, MetaError, WatchEvent};
+use shoal_meta::{Followed, Follower, LeasedRecord, WatchEvent};
 use shoal_protocol::{NodeRecord, ObjectId};
 use shoal_store::{Ring, DEFAULT_VNODES};
 use std::collections::BTreeMap;
@@ -67,12 +67,8 @@ impl Cluster {
             .and_then(|r| r.peer_addr.parse().ok())
     }
 
-    /// Registers `record` in `nodes/` under a lease, keeps it alive (registering again when
-    /// the lease is lost) and follows the membership until shutdown, then revokes the lease.
-    /// Its tick also ages out the directory's tombstones; it asks for the periodic resync.
+    /// Holds `record` in `nodes/` and follows the membership until shutdown, then removes it.
     pub(super) async fn membership(self: Arc<Self>, record: NodeRecord) {
-        let shutdown = self.shutdown.clone();
-        let key = node_key(&self.node_id);
         let value = match serde_json::to_vec(&record) {
             Ok(v) => v,
             Err(e) => {
@@ -80,45 +76,28 @@ impl Cluster {
                 return;
             }
         };
-        let ttl = self.cfg.lease_ttl;
-        let mut lease = None;
+        let lease = LeasedRecord::spawn(
+            self.meta.clone(),
+            node_key(&self.node_id),
+            value,
+            self.cfg.lease_ttl,
+        );
+        let mut registered = lease.registered();
+        let mut watch_registration = true;
         let mut members = Follower::new(self.meta.clone(), NODES_PREFIX, MEMBERSHIP_RETRY);
-        let mut tick = tokio::time::interval((ttl / 3).max(Duration::from_millis(100)));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut resync = tokio::time::interval(self.cfg.resync_interval);
-        resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut warned = false;
+        let shutdown = self.shutdown.clone();
         loop {
-            if lease.is_none() {
-                match self.register(&key, &value, ttl).await {
-                    Ok(l) => {
-                        lease = Some(l);
-                        warned = false;
-                        tracing::info!(node = %self.node_id, "registered in the cluster");
-                    }
-                    Err(e) if !warned => {
-                        warned = true;
-                        tracing::warn!(error = %e, "cannot register with the metadata store; retrying");
-                    }
-                    Err(_) => {}
-                }
-            }
             tokio::select! {
                 _ = shutdown.cancelled() => break,
-                _ = tick.tick() => {
-                    if let Some(l) = lease {
-                        match self.meta.keep_alive(l).await {
-                            Ok(_) => {}
-                            Err(MetaError::LeaseNotFound(_)) => {
-                                tracing::warn!(node = %self.node_id, "lease expired; registering again");
-                                lease = None;
-                            }
-                            Err(e) => tracing::debug!(error = %e, "keepalive failed; keeping the last view"),
+                r = registered.changed(), if watch_registration => match r {
+                    Ok(()) => {
+                        if *registered.borrow_and_update() {
+                            tracing::info!(node = %self.node_id, "registered in the cluster");
                         }
                     }
-                    self.dir().dir.expire(self.now_ms());
-                }
-                _ = resync.tick() => self.note(Note::Resync),
+                    // The record's task ended (it only does when stopped): nothing more to hear.
+                    Err(_) => watch_registration = false,
+                },
                 // `next` is cancel-safe: a read or watch it gave up on is simply made again.
                 f = members.next(&shutdown) => match f {
                     Some(Followed::Snapshot(kvs)) => self.set_members(
@@ -132,16 +111,8 @@ impl Cluster {
                 },
             }
         }
-        if let Some(l) = lease {
-            // Leave at once instead of after the TTL; best effort.
-            let _ = tokio::time::timeout(Duration::from_secs(1), self.meta.revoke(l)).await;
-        }
-    }
-
-    async fn register(&self, key: &str, value: &[u8], ttl: Duration) -> Result<i64, MetaError> {
-        let lease = self.meta.grant(ttl).await?;
-        self.meta.put(key, value.to_vec(), Some(lease)).await?;
-        Ok(lease)
+        // Leave at once instead of after the TTL; best effort, bounded.
+        lease.stop().await;
     }
 
     fn apply_event(&self, ev: WatchEvent) {

@@ -1,9 +1,9 @@
 //! The dataworker in a cluster: membership, the directory shard this node owns, and remote
 //! gets over QUIC.
 //!
-//! - **Membership** ([`membership`]). The node registers `nodes/<id>` in the metadata store
-//!   under a lease and keeps it alive; it follows `nodes/` and rebuilds the ring when a node
-//!   comes or goes. When the store is unreachable the node keeps its last
+//! - **Membership** ([`membership`]). The node's record `nodes/<id>` is held in the metadata
+//!   store under a lease ([`shoal_meta::LeasedRecord`]); the node follows `nodes/` and rebuilds
+//!   the ring when a node comes or goes. When the store is unreachable the node keeps its last
 //!   view: the data path never waits on it.
 //! - **Node loss** ([`node_loss`]). A node that left or restarted takes its copies with it:
 //!   the directory drops them, ids without a copy left answer `ObjectLost`, and the
@@ -25,7 +25,7 @@
 //! the pulls in flight, and holds an `Arc` of the node's [`Local`] store (to serve and store
 //! copies). It holds nothing of the client-facing [`crate::worker::Worker`], which holds an
 //! `Arc<Cluster>`; the local store reaches the cluster only through the [`Outbox`] channel.
-//! The tasks [`Cluster::spawn`] starts (peer server, membership, outbox)
+//! The tasks [`Cluster::spawn`] starts (peer server, membership, outbox, directory expiry)
 //! and the pulls run on the worker's task tracker and stop with its shutdown token.
 //!
 //! Only sans-IO pieces decide ([`shoal_store::Ring`], [`shoal_store::Directory`]); this module
@@ -139,8 +139,8 @@ impl Cluster {
         })
     }
 
-    /// Starts the peer server, membership (holding `record` in `nodes/`) and the outbox
-    /// (draining `notes`) on the worker's tasks.
+    /// Starts the peer server, membership (holding `record` in `nodes/`), the outbox (draining
+    /// `notes`) and directory expiry on the worker's tasks.
     pub(crate) fn spawn(self: &Arc<Self>, notes: mpsc::Receiver<Note>, record: NodeRecord) {
         let server = self
             .endpoint
@@ -150,6 +150,7 @@ impl Cluster {
         });
         self.tasks.spawn(self.clone().membership(record));
         self.tasks.spawn(self.clone().outbox(notes));
+        self.tasks.spawn(self.clone().expire_directory());
     }
 
     fn now_ms(&self) -> u64 {

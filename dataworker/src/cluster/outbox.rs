@@ -4,7 +4,7 @@
 //! (the channel is bounded; a note that does not fit is dropped and counted, and the next
 //! resync repairs it). The outbox task batches notes, groups them by owner and sends
 //! `Register`/`Unregister`. A resync (re-registering everything held) runs on every ring
-//! change, every `resync_interval` (anti-entropy, asked by the membership task), and after a failed round with a backoff of
+//! change, every `resync_interval` (anti-entropy), and after a failed round with a backoff of
 //! 1 s doubling up to the resync interval, so an owner that stays unreachable costs a bounded
 //! amount of work.
 use super::{Cluster, CALL_TIMEOUT};
@@ -62,12 +62,15 @@ impl Cluster {
     /// The outbox task: drains `rx` until shutdown; see the module docs.
     pub(super) async fn outbox(self: Arc<Self>, mut rx: mpsc::Receiver<Note>) {
         let shutdown = self.shutdown.clone();
+        let mut resync = tokio::time::interval(self.cfg.resync_interval);
+        resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut retry: Option<tokio::time::Instant> = None;
         let mut backoff = Duration::from_secs(1);
         loop {
             let first = tokio::select! {
                 _ = shutdown.cancelled() => break,
                 n = rx.recv() => match n { Some(n) => n, None => break },
+                _ = resync.tick() => Note::Resync,
                 _ = sleep_until_opt(retry) => Note::Resync,
             };
             retry = None;
