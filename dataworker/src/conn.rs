@@ -5,9 +5,10 @@
 //! through a bounded channel. When the connection ends for any reason (EOF, SIGKILL of the
 //! client, a malformed frame, shutdown), every pin and unsealed buffer of the client is
 //! released before the task returns.
+use crate::local::{GetMode, GetOutcome};
 use crate::ops;
 use crate::ring::RingClient;
-use crate::state::{GetMode, GetOutcome, Shared};
+use crate::worker::Worker;
 use bytes::BytesMut;
 use shoal_protocol::{
     encode_frame, ClientFrame, CtlLayout, ErrorCode, FrameDecoder, Hello, Request, Response,
@@ -52,7 +53,7 @@ async fn refuse(mut stream: UnixStream, err: WireError) {
 }
 
 pub(crate) async fn serve(
-    shared: Arc<Shared>,
+    worker: Arc<Worker>,
     stream: UnixStream,
     client: u64,
     shutdown: CancellationToken,
@@ -65,7 +66,7 @@ pub(crate) async fn serve(
         }
     };
     let own = nix::unistd::getuid().as_raw();
-    if cred.uid() != own && !shared.cfg.allowed_uids.contains(&cred.uid()) {
+    if cred.uid() != own && !worker.local.cfg.allowed_uids.contains(&cred.uid()) {
         tracing::warn!(client, uid = cred.uid(), pid = ?cred.pid(), "uid not allowed; closing");
         metrics::counter!("shoal_refused_clients_total").increment(1);
         refuse(
@@ -78,7 +79,7 @@ pub(crate) async fn serve(
         .await;
         return;
     }
-    let region = match shared.client_joined() {
+    let region = match worker.local.client_joined() {
         Ok(r) => r,
         Err(e) => {
             refuse(stream, e).await;
@@ -90,15 +91,15 @@ pub(crate) async fn serve(
         Ok(s) => s,
         Err(e) => {
             tracing::warn!(client, error = %e, "cannot register the connection");
-            shared.client_left(client, region);
+            worker.client_left(client, region);
             return;
         }
     };
-    let mailbox = if shared.cfg.mailbox {
-        match Mailbox::create(shared.cfg.max_frame() as u64) {
+    let mailbox = if worker.local.cfg.mailbox {
+        match Mailbox::create(worker.local.cfg.max_frame() as u64) {
             Ok(m) => {
                 let rc = RingClient::new(client, m);
-                shared.ring.add(rc.clone());
+                worker.ring.add(rc.clone());
                 Some(rc)
             }
             Err(e) => {
@@ -114,14 +115,14 @@ pub(crate) async fn serve(
         region,
         mailbox: mailbox.as_deref(),
     };
-    match run(&shared, &sock, &session, &shutdown).await {
+    match run(&worker, &sock, &session, &shutdown).await {
         Ok(()) => tracing::debug!(client, "client disconnected"),
         Err(e) => tracing::warn!(client, error = %e, "closing connection"),
     }
     if let Some(m) = &mailbox {
         m.close_deferred().await;
     }
-    shared.client_left(client, region);
+    worker.client_left(client, region);
 }
 
 /// What the worker gave one connection.
@@ -131,26 +132,26 @@ struct Session<'a> {
     mailbox: Option<&'a RingClient>,
 }
 
-async fn send_hello(shared: &Shared, sock: &Sock, s: &Session<'_>) -> Result<(), ConnError> {
+async fn send_hello(worker: &Worker, sock: &Sock, s: &Session<'_>) -> Result<(), ConnError> {
     let hello = ServerFrame::Hello(Hello {
         version: PROTOCOL_VERSION,
         client_id: s.client,
-        node_id: shared.cfg.node_id.clone(),
-        arena_bytes: shared.arena.size(),
+        node_id: worker.local.cfg.node_id.clone(),
+        arena_bytes: worker.local.arena.size(),
         ctl: CtlLayout {
-            buckets: shared.ctl.buckets(),
-            pin_regions: shared.ctl.pin_regions(),
-            pins_per_region: shared.ctl.pins_per_region(),
+            buckets: worker.local.ctl.buckets(),
+            pin_regions: worker.local.ctl.pin_regions(),
+            pins_per_region: worker.local.ctl.pins_per_region(),
         },
         pin_region: s.region,
         mailbox: s.mailbox.map(|m| m.mailbox().capacity()),
-        inline_limit: shared.cfg.inline_limit,
-        max_frame: shared.cfg.max_frame() as u32,
+        inline_limit: worker.local.cfg.inline_limit,
+        max_frame: worker.local.cfg.max_frame() as u32,
     });
     let mut out = Vec::new();
     encode(&hello, &mut out);
     // A fresh socket has room for a small hello; the fds ride on its first byte.
-    let mut fds = vec![shared.arena.fd(), shared.ctl.fd()];
+    let mut fds = vec![worker.local.arena.fd(), worker.local.ctl.fd()];
     fds.extend(s.mailbox.map(|m| m.mailbox().fd()));
     let sent = shoal_shm::send_with_fds(sock.0.get_ref().as_fd(), &out, &fds)?;
     sock.write_all(&out[sent..]).await?;
@@ -158,14 +159,14 @@ async fn send_hello(shared: &Shared, sock: &Sock, s: &Session<'_>) -> Result<(),
 }
 
 async fn run(
-    shared: &Arc<Shared>,
+    worker: &Arc<Worker>,
     sock: &Sock,
     session: &Session<'_>,
     shutdown: &CancellationToken,
 ) -> Result<(), ConnError> {
     let client = session.client;
-    send_hello(shared, sock, session).await?;
-    let decoder = FrameDecoder::new(shared.cfg.max_frame());
+    send_hello(worker, sock, session).await?;
+    let decoder = FrameDecoder::new(worker.local.cfg.max_frame());
     let mut rbuf = BytesMut::with_capacity(64 << 10);
     let mut scratch = vec![0u8; 64 << 10];
     let mut out = Vec::with_capacity(64 << 10);
@@ -188,10 +189,10 @@ async fn run(
                     let started = Instant::now();
                     metrics::counter!("shoal_requests_total", "op" => op).increment(1);
                     let req = frame.req;
-                    if ops::is_deferred(shared, &req) {
+                    if ops::is_deferred(worker, &req) {
                         // A get of objects sealed here answers inline; the rest waits in a task.
                         let now = match &req {
-                            Request::Get { ids, timeout_ms } => match shared.try_get(client, ids, get_mode(shared, *timeout_ms)) {
+                            Request::Get { ids, timeout_ms } => match worker.local.try_get(client, ids, get_mode(worker, *timeout_ms)) {
                                 GetOutcome::Done(resp) => Some(resp),
                                 GetOutcome::Wait(_) => None,
                             },
@@ -199,10 +200,10 @@ async fn run(
                         };
                         match now {
                             Some(resp) => encode(&ServerFrame::Reply { id: frame.id, resp }, &mut out),
-                            None if waiting.len() < shared.cfg.max_waiting_gets => {
-                                let (shared, tx, id) = (shared.clone(), tx.clone(), frame.id);
+                            None if waiting.len() < worker.local.cfg.max_waiting_gets => {
+                                let (worker, tx, id) = (worker.clone(), tx.clone(), frame.id);
                                 waiting.spawn(async move {
-                                    let resp = ops::run(shared, client, req).await;
+                                    let resp = ops::run(worker, client, req).await;
                                     // If the connection is gone its pins were released by client_left.
                                     let _ = tx.send((id, resp)).await;
                                 });
@@ -214,7 +215,7 @@ async fn run(
                         }
                     } else {
                         let one_way = req.is_one_way();
-                        let resp = shared.handle(client, req);
+                        let resp = worker.handle(client, req);
                         if !one_way {
                             encode(&ServerFrame::Reply { id: frame.id, resp }, &mut out);
                         } else if let Some(m) = session.mailbox {
@@ -290,8 +291,8 @@ impl Sock {
 }
 
 /// How to look a get up inline: without a cluster, a zero timeout means "answer now".
-fn get_mode(shared: &Shared, timeout_ms: u64) -> GetMode {
-    if timeout_ms == 0 && shared.cluster.get().is_none() {
+fn get_mode(worker: &Worker, timeout_ms: u64) -> GetMode {
+    if timeout_ms == 0 && !worker.in_cluster() {
         GetMode::NoWait
     } else {
         GetMode::Wait

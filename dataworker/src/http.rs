@@ -1,5 +1,5 @@
 //! `/metrics` (Prometheus text) and `/health` (JSON) over HTTP/1.
-use crate::state::Shared;
+use crate::worker::Worker;
 use hyper::{Method, Request, StatusCode};
 use metrics_exporter_prometheus::PrometheusHandle;
 use shoal_httpd::{reply, Resp};
@@ -9,12 +9,12 @@ use tokio_util::sync::CancellationToken;
 
 fn route(
     req: &Request<hyper::body::Incoming>,
-    shared: &Shared,
+    worker: &Worker,
     metrics: Option<&PrometheusHandle>,
 ) -> Resp {
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/health") | (&Method::GET, "/healthz") => {
-            let s = match shared.handle(0, shoal_protocol::Request::Status) {
+            let s = match worker.handle(0, shoal_protocol::Request::Status) {
                 shoal_protocol::Response::Status(s) => s,
                 _ => Default::default(),
             };
@@ -41,13 +41,13 @@ fn route(
 
 pub(crate) async fn serve(
     listener: TcpListener,
-    shared: Arc<Shared>,
+    worker: Arc<Worker>,
     metrics: Option<PrometheusHandle>,
     shutdown: CancellationToken,
 ) {
     let metrics = Arc::new(metrics);
     let handler = move |req: Request<hyper::body::Incoming>| {
-        let resp = route(&req, &shared, metrics.as_ref().as_ref());
+        let resp = route(&req, &worker, metrics.as_ref().as_ref());
         async move { resp }
     };
     shoal_httpd::serve(listener, handler, shutdown).await;

@@ -9,6 +9,22 @@
 //! sans-IO `shoal-store`; this crate does the IO around it: sockets, fd passing, spill files,
 //! timers. It holds no `unsafe` (shared memory is `shoal-shm`'s) and never reads the
 //! environment: everything comes in through [`Config`].
+//!
+//! Modules, and who owns what:
+//! - `server`: [`Dataworker`], start-up and shutdown; owns the task tracker, the shutdown
+//!   token and the mailbox thread.
+//! - `local`: the local store (arena, shared index, spill directory, the `shoal-store` under
+//!   one mutex) and the synchronous handling of requests. Shared as `Arc<Local>` by the worker
+//!   and the cluster; it holds neither, and reports changes to the cluster through its outbox
+//!   channel only.
+//! - `worker`: what the client-facing side holds: `Arc<Local>`, `Option<Arc<Cluster>>` and the
+//!   mailbox poller. `conn` (one socket connection), `ring` (the mailbox poller thread), `ops`
+//!   (requests that wait: gets, cluster deletes) and `http` (`/metrics`, `/health`) run on it.
+//! - `cluster`: this node's part of the cluster (membership, node loss, directory shard,
+//!   outbox, remote pulls, the peer service); holds `Arc<Local>`, never the worker.
+//! - `spill`: spill files; `config`: the typed configuration.
+//!
+//! The references form no cycle: worker → cluster → local, worker → local.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -16,11 +32,12 @@ mod cluster;
 mod config;
 mod conn;
 mod http;
+mod local;
 mod ops;
 mod ring;
 mod server;
 mod spill;
-mod state;
+mod worker;
 
 pub use config::{ClusterConfig, Config, ConfigError};
 pub use server::{ClusterParts, Dataworker, StartError};

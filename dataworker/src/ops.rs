@@ -1,7 +1,8 @@
 //! Requests that may wait: gets of objects that are not sealed here yet (locally or, in a
 //! cluster, anywhere), and deletes that must reach every copy in the cluster. Both the socket
 //! connections and the mailbox thread hand such requests to these async functions.
-use crate::state::{GetMode, GetOutcome, Shared};
+use crate::local::{GetMode, GetOutcome};
+use crate::worker::Worker;
 use shoal_protocol::{ErrorCode, ObjectId, Request, Response, WireError};
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -9,20 +10,20 @@ use std::time::Duration;
 
 /// Whether `req` may have to wait or use the network (gets; deletes in a cluster), so that it
 /// goes through [`run`]. Cheap: it looks only at the request and the node's mode.
-pub(crate) fn is_deferred(shared: &Shared, req: &Request) -> bool {
+pub(crate) fn is_deferred(worker: &Worker, req: &Request) -> bool {
     match req {
         Request::Get { .. } => true,
-        Request::Delete { .. } => shared.cluster.get().is_some(),
+        Request::Delete { .. } => worker.in_cluster(),
         _ => false,
     }
 }
 
 /// Answers a deferred request.
-pub(crate) async fn run(shared: Arc<Shared>, client: u64, req: Request) -> Response {
+pub(crate) async fn run(worker: Arc<Worker>, client: u64, req: Request) -> Response {
     match req {
-        Request::Get { ids, timeout_ms } => get(shared, client, ids, timeout_ms).await,
-        Request::Delete { id } => delete(shared, client, id).await,
-        other => shared.handle(client, other),
+        Request::Get { ids, timeout_ms } => get(worker, client, ids, timeout_ms).await,
+        Request::Delete { id } => delete(worker, client, id).await,
+        other => worker.handle(client, other),
     }
 }
 
@@ -30,26 +31,23 @@ pub(crate) async fn run(shared: Arc<Shared>, client: u64, req: Request) -> Respo
 /// answers at the deadline with `Timeout` for what is still missing. A zero timeout does not
 /// wait for objects that are not sealed anywhere, but still pulls sealed remote ones.
 pub(crate) async fn get(
-    shared: Arc<Shared>,
+    worker: Arc<Worker>,
     client: u64,
     ids: Vec<ObjectId>,
     timeout_ms: u64,
 ) -> Response {
-    let cluster = shared.cluster.get().cloned();
+    let cluster = worker.cluster.clone();
     let wait_for_seal = timeout_ms > 0;
     let timeout = if wait_for_seal {
-        Duration::from_millis(timeout_ms).min(shared.cfg.max_get_timeout)
+        Duration::from_millis(timeout_ms).min(worker.local.cfg.max_get_timeout)
     } else {
-        cluster.as_ref().map_or(Duration::ZERO, |_| {
-            shared
-                .cfg
-                .cluster
-                .as_ref()
-                .map_or(Duration::ZERO, |c| c.pull_timeout)
-        })
+        match (&cluster, &worker.local.cfg.cluster) {
+            (Some(_), Some(c)) => c.pull_timeout,
+            _ => Duration::ZERO,
+        }
     };
     if timeout.is_zero() {
-        return match shared.try_get(client, &ids, GetMode::NoWait) {
+        return match worker.local.try_get(client, &ids, GetMode::NoWait) {
             GetOutcome::Done(r) => r,
             GetOutcome::Wait(_) => Response::error(ErrorCode::Internal, "get did not settle"),
         };
@@ -59,16 +57,19 @@ pub(crate) async fn get(
     let mut started: HashSet<ObjectId> = HashSet::new();
     let mut pulls = tokio::task::JoinSet::new();
     loop {
-        let mut pending = match shared.try_get_settled(client, &ids, GetMode::Wait, &settled) {
+        let mut pending = match worker
+            .local
+            .try_get_settled(client, &ids, GetMode::Wait, &settled)
+        {
             GetOutcome::Done(r) => break r,
             GetOutcome::Wait(p) => p,
         };
         if let Some(c) = &cluster {
             for (id, _) in &pending {
                 if started.insert(id.clone()) {
-                    let (c, s, id) = (c.clone(), shared.clone(), id.clone());
+                    let (c, id) = (c.clone(), id.clone());
                     pulls.spawn(async move {
-                        let r = c.pull(&s, &id, deadline, wait_for_seal).await;
+                        let r = c.pull(&id, deadline, wait_for_seal).await;
                         (id, r)
                     });
                 }
@@ -100,8 +101,11 @@ pub(crate) async fn get(
         if expired {
             drop(pending);
             pulls.shutdown().await;
-            shared.drop_idle_waiters();
-            break match shared.try_get_settled(client, &ids, GetMode::Expired, &settled) {
+            worker.local.drop_idle_waiters();
+            break match worker
+                .local
+                .try_get_settled(client, &ids, GetMode::Expired, &settled)
+            {
                 GetOutcome::Done(r) => r,
                 GetOutcome::Wait(_) => Response::error(ErrorCode::Internal, "get did not settle"),
             };
@@ -121,12 +125,12 @@ async fn changed(rx: Option<&mut tokio::sync::watch::Receiver<()>>) {
 
 /// Deletes `id` here and, in a cluster, every copy elsewhere. `NotFound` only when no node
 /// knew it.
-pub(crate) async fn delete(shared: Arc<Shared>, client: u64, id: ObjectId) -> Response {
-    let local = shared.handle(client, Request::Delete { id: id.clone() });
-    let Some(c) = shared.cluster.get().cloned() else {
+pub(crate) async fn delete(worker: Arc<Worker>, client: u64, id: ObjectId) -> Response {
+    let local = worker.handle(client, Request::Delete { id: id.clone() });
+    let Some(c) = &worker.cluster else {
         return local;
     };
-    let remote = c.delete(&shared, &id).await;
+    let remote = c.delete(&id).await;
     match local {
         Response::Error(e) if e.code == ErrorCode::NotFound && remote => Response::Ok,
         other => other,

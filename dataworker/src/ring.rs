@@ -3,7 +3,7 @@
 //!
 //! The poller spins for `ring_spin` after its last piece of work (yielding the CPU between
 //! sweeps), then sleeps on the control region's doorbell until a client rings it. Requests
-//! are handled by the same [`Shared::handle`] as socket requests, under the same store lock.
+//! are handled by the same [`Worker::handle`] as socket requests, under the same store lock.
 //!
 //! Ordering with the socket: one-way frames (release, abort) still travel on the socket. A
 //! mailbox request carries how many one-way frames the client had written before it; the
@@ -12,8 +12,9 @@
 //! Lifecycle: a client's mailbox is registered when it connects and closed (under its state
 //! lock, so an in-flight request finishes first) before the client's resources are released.
 use crate::conn::op_name;
+use crate::local::{GetMode, GetOutcome};
 use crate::ops;
-use crate::state::{GetMode, GetOutcome, Shared};
+use crate::worker::Worker;
 use shoal_protocol::{
     encode_frame, ClientFrame, ErrorCode, FrameDecoder, Request, Response, ServerFrame,
 };
@@ -68,23 +69,23 @@ impl RingClient {
         self.deferred.wait().await;
     }
 
-    fn defer(self: &Arc<Self>, shared: &Arc<Shared>, seq: u32, id: u32, req: Request) {
-        let (rc, shared2) = (self.clone(), shared.clone());
+    fn defer(self: &Arc<Self>, worker: &Arc<Worker>, seq: u32, id: u32, req: Request) {
+        let (rc, worker2) = (self.clone(), worker.clone());
         let cancel = self.cancel.clone();
         let fut = self.deferred.track_future(async move {
             let resp = tokio::select! {
                 _ = cancel.cancelled() => return,
-                r = ops::run(shared2.clone(), rc.client, req) => r,
+                r = ops::run(worker2.clone(), rc.client, req) => r,
             };
             let st = rc.lock();
             if st.open {
                 let mut out = Vec::new();
                 encode_reply(&rc.mailbox, id, resp, &mut out);
                 rc.mailbox.respond(seq, &out);
-                shared2.ctl.wake_sleepers();
+                worker2.local.ctl.wake_sleepers();
             }
         });
-        shared.rt.spawn(fut);
+        worker.rt.spawn(fut);
     }
 
     pub(crate) fn mailbox(&self) -> &Mailbox {
@@ -142,8 +143,8 @@ impl Poller {
     }
 
     /// The poller thread's body; returns after [`Poller::request_stop`] (and a doorbell).
-    pub(crate) fn run(&self, shared: &Arc<Shared>, spin: Duration) {
-        let decoder = FrameDecoder::new(shared.cfg.max_frame());
+    pub(crate) fn run(&self, worker: &Arc<Worker>, spin: Duration) {
+        let decoder = FrameDecoder::new(worker.local.cfg.max_frame());
         let (mut req, mut out) = (Vec::new(), Vec::new());
         let mut snapshot: Vec<Arc<RingClient>> = Vec::new();
         let mut seen = u64::MAX;
@@ -156,16 +157,16 @@ impl Poller {
             }
             let mut did = false;
             for rc in &snapshot {
-                did |= serve_one(shared, &decoder, rc, &mut req, &mut out);
+                did |= serve_one(worker, &decoder, rc, &mut req, &mut out);
             }
             if did {
-                shared.ctl.wake_sleepers();
+                worker.local.ctl.wake_sleepers();
                 idle_since = Instant::now();
             } else if idle_since.elapsed() < spin {
                 // Let client threads run on a small machine; come straight back.
                 std::thread::yield_now();
             } else {
-                shared.ctl.worker_sleep(
+                worker.local.ctl.worker_sleep(
                     || snapshot.iter().any(|rc| rc.has_work()),
                     Duration::from_millis(100),
                 );
@@ -176,7 +177,7 @@ impl Poller {
 }
 
 fn serve_one(
-    shared: &Arc<Shared>,
+    worker: &Arc<Worker>,
     decoder: &FrameDecoder,
     rc: &Arc<RingClient>,
     req: &mut Vec<u8>,
@@ -201,7 +202,7 @@ fn serve_one(
             let op = op_name(&f.req);
             let started = Instant::now();
             metrics::counter!("shoal_requests_total", "op" => op, "path" => "mailbox").increment(1);
-            let in_cluster = shared.cluster.get().is_some();
+            let in_cluster = worker.in_cluster();
             let resp = match f.req {
                 Request::Get { ids, timeout_ms: 0 } => {
                     // In a cluster a miss may be sealed on another node: pull it in a task.
@@ -210,11 +211,11 @@ fn serve_one(
                     } else {
                         GetMode::NoWait
                     };
-                    match shared.try_get(rc.client, &ids, mode) {
+                    match worker.local.try_get(rc.client, &ids, mode) {
                         GetOutcome::Done(r) => r,
                         GetOutcome::Wait(_) => {
                             let req = Request::Get { ids, timeout_ms: 0 };
-                            rc.defer(shared, seq, f.id, req);
+                            rc.defer(worker, seq, f.id, req);
                             return true;
                         }
                     }
@@ -223,11 +224,11 @@ fn serve_one(
                     ErrorCode::InvalidArgument,
                     "waiting gets go through the socket",
                 ),
-                r if ops::is_deferred(shared, &r) => {
-                    rc.defer(shared, seq, f.id, r);
+                r if ops::is_deferred(worker, &r) => {
+                    rc.defer(worker, seq, f.id, r);
                     return true;
                 }
-                r => shared.handle(rc.client, r),
+                r => worker.handle(rc.client, r),
             };
             metrics::histogram!("shoal_request_seconds", "op" => op)
                 .record(started.elapsed().as_secs_f64());

@@ -1,6 +1,15 @@
-use crate::cluster::Cluster;
+//! Starting and stopping a dataworker.
+//!
+//! [`Dataworker::start_with`] binds the sockets, then builds the parts in the order they
+//! depend on each other: the cluster outbox channel, the [`Local`] store (which reports to the
+//! outbox), the [`Cluster`] over the store (which drains it), and the [`Worker`] over both. It
+//! then starts the owned tasks (accept loop, timer, HTTP endpoint, the cluster's tasks) on one
+//! task tracker under one shutdown token, and the mailbox thread. Shutdown cancels the token,
+//! waits for every task, stops the mailbox thread and removes the socket file.
+use crate::cluster::{Cluster, Outbox};
 use crate::conn;
-use crate::state::Shared;
+use crate::local::Local;
+use crate::worker::Worker;
 use crate::{http, Config, ConfigError};
 use metrics_exporter_prometheus::PrometheusHandle;
 use shoal_protocol::{NodeRecord, StatusInfo};
@@ -86,20 +95,12 @@ pub struct ClusterParts {
 /// A running dataworker. Dropping it does not stop it; call [`Dataworker::shutdown`].
 #[derive(Debug)]
 pub struct Dataworker {
-    shared: Arc<Shared>,
+    worker: Arc<Worker>,
     shutdown: CancellationToken,
     tasks: TaskTracker,
     socket_path: PathBuf,
     http_addr: Option<SocketAddr>,
     poller: Option<std::thread::JoinHandle<()>>,
-}
-
-impl std::fmt::Debug for Shared {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Shared")
-            .field("node", &self.cfg.node_id)
-            .finish_non_exhaustive()
-    }
 }
 
 fn bind(path: &Path) -> Result<UnixListener, StartError> {
@@ -155,7 +156,13 @@ impl Dataworker {
             ),
             None => None,
         };
-        let shared = match Shared::new(cfg) {
+        // The outbox exists before the local store, which reports to it; the cluster side,
+        // built over the store, drains it.
+        let outbox = cfg
+            .cluster
+            .as_ref()
+            .map(|c| Outbox::channel(c.outbox_capacity));
+        let local = match Local::new(cfg, outbox.as_ref().map(|(tx, _)| tx.clone())) {
             Ok(s) => Arc::new(s),
             Err(e) => {
                 let _ = std::fs::remove_file(&socket_path);
@@ -165,7 +172,10 @@ impl Dataworker {
         let shutdown = CancellationToken::new();
         let tasks = TaskTracker::new();
         let http_addr = http_listener.as_ref().and_then(|l| l.local_addr().ok());
-        if let (Some(ccfg), Some(parts)) = (shared.cfg.cluster.clone(), cluster) {
+        let mut in_cluster = None;
+        if let (Some(ccfg), Some(parts), Some((outbox, notes))) =
+            (local.cfg.cluster.clone(), cluster, outbox)
+        {
             let mut tcfg = shoal_transport::TransportConfig::new(ccfg.peer_addr, parts.tls);
             tcfg.idle_timeout = ccfg.idle_timeout;
             // A get waiting at a directory owner holds a stream for as long as it waits.
@@ -180,42 +190,44 @@ impl Dataworker {
                     });
                 }
             };
-            let (c, notes) = Cluster::new(
-                shared.cfg.node_id.clone(),
+            let c = Cluster::new(
+                local.clone(),
                 ccfg,
                 parts.meta,
                 endpoint,
+                outbox,
                 tasks.clone(),
                 shutdown.clone(),
             );
             let record = NodeRecord {
-                node_id: shared.cfg.node_id.clone(),
+                node_id: local.cfg.node_id.clone(),
                 incarnation: c.incarnation,
                 peer_addr: c.peer_addr().to_string(),
                 http_addr: http_addr.map(|a| a.to_string()),
                 socket: socket_path.display().to_string(),
-                arena_bytes: shared.arena.size(),
+                arena_bytes: local.arena.size(),
                 pid: std::process::id(),
             };
-            let _ = shared.cluster.set(c.clone());
-            c.spawn(&shared, notes, record);
+            c.spawn(notes, record);
+            in_cluster = Some(c);
         }
+        let worker = Arc::new(Worker::new(local, in_cluster));
         tasks.spawn(accept_loop(
-            shared.clone(),
+            worker.clone(),
             listener,
             shutdown.clone(),
             tasks.clone(),
         ));
-        tasks.spawn(timer_loop(shared.clone(), shutdown.clone()));
+        tasks.spawn(timer_loop(worker.local.clone(), shutdown.clone()));
         if let Some(l) = http_listener {
-            tasks.spawn(http::serve(l, shared.clone(), metrics, shutdown.clone()));
+            tasks.spawn(http::serve(l, worker.clone(), metrics, shutdown.clone()));
         }
-        let poller = if shared.cfg.mailbox {
-            let s = shared.clone();
-            let spin = shared.cfg.mailbox_spin;
+        let poller = if worker.local.cfg.mailbox {
+            let w = worker.clone();
+            let spin = worker.local.cfg.mailbox_spin;
             let spawned = std::thread::Builder::new()
                 .name("shoal-mailbox".into())
-                .spawn(move || s.ring.run(&s, spin));
+                .spawn(move || w.ring.run(&w, spin));
             match spawned {
                 Ok(h) => Some(h),
                 Err(e) => {
@@ -227,14 +239,14 @@ impl Dataworker {
             None
         };
         tracing::info!(
-            node = %shared.cfg.node_id,
+            node = %worker.local.cfg.node_id,
             socket = %socket_path.display(),
-            arena_bytes = shared.arena.size(),
+            arena_bytes = worker.local.arena.size(),
             http = ?http_addr,
             "dataworker ready"
         );
         Ok(Dataworker {
-            shared,
+            worker,
             shutdown,
             tasks,
             socket_path,
@@ -255,15 +267,12 @@ impl Dataworker {
 
     /// The QUIC address other dataworkers reach this node on, when it is in a cluster.
     pub fn peer_addr(&self) -> Option<SocketAddr> {
-        self.shared.cluster.get().map(|c| c.peer_addr())
+        self.worker.cluster.as_ref().map(|c| c.peer_addr())
     }
 
     /// Current figures.
     pub fn status(&self) -> StatusInfo {
-        match self.shared.handle(0, shoal_protocol::Request::Status) {
-            shoal_protocol::Response::Status(s) => s,
-            _ => StatusInfo::default(),
-        }
+        self.worker.status()
     }
 
     /// A token that stops the worker when cancelled (e.g. from a signal handler).
@@ -284,17 +293,17 @@ impl Dataworker {
         self.tasks.close();
         self.tasks.wait().await;
         if let Some(h) = self.poller.take() {
-            self.shared.ring.request_stop();
-            self.shared.ctl.wake_worker();
+            self.worker.ring.request_stop();
+            self.worker.local.ctl.wake_worker();
             let _ = tokio::task::spawn_blocking(move || h.join()).await;
         }
         let _ = std::fs::remove_file(&self.socket_path);
-        tracing::info!(node = %self.shared.cfg.node_id, "dataworker stopped");
+        tracing::info!(node = %self.worker.local.cfg.node_id, "dataworker stopped");
     }
 }
 
 async fn accept_loop(
-    shared: Arc<Shared>,
+    worker: Arc<Worker>,
     listener: UnixListener,
     shutdown: CancellationToken,
     tasks: TaskTracker,
@@ -307,7 +316,7 @@ async fn accept_loop(
                 Ok((stream, _)) => {
                     let client = next_client;
                     next_client += 1;
-                    tasks.spawn(conn::serve(shared.clone(), stream, client, shutdown.clone()));
+                    tasks.spawn(conn::serve(worker.clone(), stream, client, shutdown.clone()));
                 }
                 Err(e) => {
                     // Usually EMFILE: back off instead of spinning.
@@ -320,11 +329,11 @@ async fn accept_loop(
 }
 
 /// Advances the shared clock every 10 ms and wakes exactly at the next KV deadline.
-async fn timer_loop(shared: Arc<Shared>, shutdown: CancellationToken) {
+async fn timer_loop(local: Arc<Local>, shutdown: CancellationToken) {
     let tick = Duration::from_millis(10);
     loop {
-        let next = shared.tick();
-        let now = shared.now_ms();
+        let next = local.tick();
+        let now = local.now_ms();
         let wait = next.map_or(tick, |t| {
             Duration::from_millis(t.saturating_sub(now)).min(tick)
         });

@@ -2,9 +2,12 @@
 //! QUIC, waiting gets across nodes, deletes, node departure, and peers that break the rules.
 #![allow(clippy::unwrap_used)] // test setup panics on failure by design
 use shoal_dataworker::{ClusterConfig, ClusterParts, Config, Dataworker};
+use shoal_meta::records::NODES_PREFIX;
 use shoal_meta::{MemStore, MetaStore};
+use shoal_protocol::{ObjectId, PeerRequest, PeerResponse};
 use shoal_sdk::{Client, ErrorCode};
-use shoal_transport::{DevCa, NodeTls};
+use shoal_transport::{DevCa, Endpoint, NodeTls, TransportConfig};
+use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -50,12 +53,46 @@ impl Node {
     }
 }
 
-async fn wait_members(n: &Node, want: usize) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while n.w().status().members.len() != want {
-        assert!(Instant::now() < deadline, "never saw {want} members");
+/// Waits until `cond` holds, failing the test after `limit`. The states waited on here (a
+/// node's view, a record in the store, a copy on a node) announce themselves to nobody, so
+/// they are polled; the pause between polls only spares the CPU.
+async fn eventually<F, Fut>(limit: Duration, what: &str, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + limit;
+    while !cond().await {
+        assert!(Instant::now() < deadline, "{what}: not within {limit:?}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+async fn wait_members(n: &Node, want: usize) {
+    eventually(
+        Duration::from_secs(10),
+        &format!("{want} members"),
+        || async { n.w().status().members.len() == want },
+    )
+    .await;
+}
+
+/// Asks each of `nodes` as a directory owner where `id` is, as a peer would (without pulling
+/// it); true when one of them knows a copy on `holder`.
+async fn owner_knows(probe: &Endpoint, nodes: &[&Node], id: &str, holder: &str) -> bool {
+    let req = PeerRequest::Locate {
+        id: ObjectId::new(id).unwrap(),
+        wait_ms: 0,
+    };
+    for n in nodes {
+        let addr = n.w().peer_addr().unwrap();
+        if let Ok(PeerResponse::Located { holders, .. }) = probe.call(addr, &req).await {
+            if holders.iter().any(|h| h == holder) {
+                return true;
+            }
+        }
+    }
+    false
 }
 
 async fn cluster(ca: &DevCa, n: usize) -> (Arc<dyn MetaStore>, Vec<Node>) {
@@ -93,7 +130,7 @@ async fn remote_get_wait_delete_and_departure() {
     assert_eq!(c.get("empty", SETTLE).await.unwrap().len(), 0);
 
     // A get that waits for an object not sealed anywhere yet completes when it is.
-    let waiter = {
+    let mut waiter = {
         let c = nodes[1].client().await;
         tokio::spawn(async move {
             c.get("later", Duration::from_secs(10))
@@ -101,7 +138,14 @@ async fn remote_get_wait_delete_and_departure() {
                 .map(|v| v.to_vec())
         })
     };
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // This window must stay: it proves the get does not answer while nothing is sealed (no
+    // event marks a get parked at its owner; a put landing first would not fail the test).
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), &mut waiter)
+            .await
+            .is_err(),
+        "the get answered before the object existed"
+    );
     a.put("later", b"here").await.unwrap();
     assert_eq!(waiter.await.unwrap().unwrap(), b"here");
 
@@ -120,11 +164,10 @@ async fn remote_get_wait_delete_and_departure() {
 
     // Delete on the reader removes every copy.
     c.delete("big").await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while a.contains("big").await.unwrap() {
-        assert!(Instant::now() < deadline, "primary survived the delete");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually(Duration::from_secs(5), "primary dropped", || async {
+        !a.contains("big").await.unwrap()
+    })
+    .await;
     assert_eq!(
         a.get("big", Duration::ZERO).await.unwrap_err().code(),
         ErrorCode::NotFound
@@ -134,17 +177,28 @@ async fn remote_get_wait_delete_and_departure() {
     let b_client = nodes[1].client().await;
     b_client.put("only-on-1", b"x").await.unwrap();
     drop(b_client);
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The registration reaches a surviving owner before the node goes (asked as a peer would,
+    // so no copy is pulled): only then can the owners tell "lost" from "never existed".
+    let probe_tls = NodeTls::from_node_cert(&ca.issue("probe").unwrap()).unwrap();
+    let probe = Endpoint::bind(TransportConfig::new(
+        "127.0.0.1:0".parse().unwrap(),
+        probe_tls,
+    ))
+    .unwrap();
+    let survivors = [&nodes[0], &nodes[2]];
+    eventually(Duration::from_secs(5), "registration at an owner", || {
+        owner_knows(&probe, &survivors, "only-on-1", "n1")
+    })
+    .await;
+    probe.close().await;
     nodes[1].stop().await;
-    let t = Instant::now();
-    loop {
+    eventually(Duration::from_secs(5), "only-on-1 lost", || async {
         match c.get("only-on-1", Duration::ZERO).await {
-            Err(e) if e.code() == ErrorCode::ObjectLost => break,
-            Err(e) => assert!(t.elapsed() < Duration::from_secs(5), "{e}"),
+            Err(e) => e.code() == ErrorCode::ObjectLost,
             Ok(_) => panic!("read an object whose only copy is gone"),
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    })
+    .await;
     a.put("after", b"fine").await.unwrap();
     assert_eq!(&c.get("after", SETTLE).await.unwrap()[..], b"fine");
     for n in &mut nodes {
@@ -206,7 +260,11 @@ async fn a_restarted_node_rejoins_without_resurrecting_its_old_objects() {
     a.delete("old-life").await.unwrap();
     b.put("lost-with-it", b"only here").await.unwrap();
     drop(b);
+    let key = shoal_meta::records::node_key("n1");
+    assert!(meta.get(&key).await.unwrap().is_some(), "n1 is registered");
     nodes[1].stop().await;
+    // Shutdown removes the record itself: it does not wait for the lease to run out.
+    assert!(meta.get(&key).await.unwrap().is_none(), "n1 left nodes/");
     wait_members(&nodes[0], 1).await;
     // Same node id, new process (new incarnation, empty arena).
     let tls = NodeTls::from_node_cert(&ca.issue("n1").unwrap()).unwrap();
@@ -251,10 +309,13 @@ async fn metadata_outage_keeps_the_data_path_and_registration_resumes() {
     a.put("before", b"1").await.unwrap();
     assert_eq!(&b.get("before", SETTLE).await.unwrap()[..], b"1");
 
-    // Control goes away for longer than a lease.
+    // Control goes away for longer than a lease: the store lets the node records expire.
     stop.cancel();
     server.await.unwrap();
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    eventually(Duration::from_secs(10), "leases expired", || async {
+        store.range(NODES_PREFIX).await.unwrap().0.is_empty()
+    })
+    .await;
     a.put("during", b"2").await.unwrap();
     assert_eq!(&a.get("during", Duration::ZERO).await.unwrap()[..], b"2");
     assert_eq!(&b.get("during", SETTLE).await.unwrap()[..], b"2");
@@ -264,18 +325,12 @@ async fn metadata_outage_keeps_the_data_path_and_registration_resumes() {
     let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
     let stop = tokio_util::sync::CancellationToken::new();
     let server = tokio::spawn(shoal_meta::serve(store.clone(), listener, stop.clone()));
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let (kvs, _) = store
-            .range(shoal_meta::records::NODES_PREFIX)
-            .await
-            .unwrap();
-        if kvs.len() == 2 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "nodes did not register again");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually(
+        Duration::from_secs(10),
+        "nodes registered again",
+        || async { store.range(NODES_PREFIX).await.unwrap().0.len() == 2 },
+    )
+    .await;
     for n in &mut nodes {
         n.stop().await;
     }

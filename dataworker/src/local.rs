@@ -1,9 +1,16 @@
-//! The worker's shared state and the synchronous handling of each request.
+//! The node's local store: the arena, the shared index, the spill directory and the
+//! [`Store`] that decides about them, and the synchronous handling of each request.
+//!
+//! Ownership: [`Local`] is created first and shared (`Arc<Local>`) by the client-facing side
+//! ([`crate::worker::Worker`]) and, in a cluster, by the cluster side
+//! ([`crate::cluster::Cluster`]). It holds neither of them: it tells the cluster about changes
+//! only through an [`Outbox`] of [`Note`]s, a bounded channel whose receiver the cluster's
+//! outbox task owns. Members and remote gets are the worker's and the cluster's business.
 //!
 //! Everything that changes the store happens under one mutex, in short critical sections with
 //! no await inside. Work that must finish before the arena memory is reused (spill writes,
 //! restores, writing key bytes) is done inside the same section.
-use crate::cluster::{Cluster, Note};
+use crate::cluster::{Note, Outbox};
 use crate::spill::SpillDir;
 use crate::Config;
 use shoal_protocol::HeldObject;
@@ -15,7 +22,7 @@ use shoal_store::{
     ClientId, Evicted, ExternalPins, Gen, Lookup, Placement, Store, StoreConfig, StoreError,
 };
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 use tokio::sync::watch;
 
@@ -51,20 +58,24 @@ pub(crate) struct Inner {
     gauges_at: u64,
 }
 
-/// State shared by the accept loop, connections and the timer.
-pub(crate) struct Shared {
+/// The node's local store, shared by the worker and the cluster side; see the module docs.
+pub(crate) struct Local {
     pub(crate) cfg: Config,
     pub(crate) arena: Arena,
     pub(crate) ctl: Arc<Ctl>,
     spill: Option<SpillDir>,
     inner: Mutex<Inner>,
     start: Instant,
-    /// Client mailboxes served by the poller thread.
-    pub(crate) ring: crate::ring::Poller,
-    /// This node's part of the cluster, when it is in one.
-    pub(crate) cluster: OnceLock<Arc<Cluster>>,
-    /// The runtime, for work the mailbox thread hands off (remote gets, cluster deletes).
-    pub(crate) rt: tokio::runtime::Handle,
+    /// Where changes of the sealed objects go when the node is in a cluster.
+    outbox: Option<Outbox>,
+}
+
+impl std::fmt::Debug for Local {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Local")
+            .field("node", &self.cfg.node_id)
+            .finish_non_exhaustive()
+    }
 }
 
 /// How a get treats objects that are not sealed.
@@ -97,8 +108,10 @@ fn view(p: &Placement) -> ViewDesc {
     }
 }
 
-impl Shared {
-    pub(crate) fn new(cfg: Config) -> Result<Shared, crate::StartError> {
+impl Local {
+    /// Creates the arena, the shared index and the spill directory. `outbox` is the cluster's
+    /// (None for a standalone node).
+    pub(crate) fn new(cfg: Config, outbox: Option<Outbox>) -> Result<Local, crate::StartError> {
         let arena = Arena::create(
             &format!("shoal-arena-{}", cfg.node_id),
             cfg.shm_size,
@@ -131,16 +144,14 @@ impl Shared {
             clients: 0,
             gauges_at: 0,
         };
-        Ok(Shared {
+        Ok(Local {
             cfg,
             arena,
             ctl,
             spill,
             inner: Mutex::new(inner),
             start: Instant::now(),
-            ring: crate::ring::Poller::default(),
-            cluster: OnceLock::new(),
-            rt: tokio::runtime::Handle::current(),
+            outbox,
         })
     }
 
@@ -169,10 +180,9 @@ impl Shared {
         Ok(region)
     }
 
-    /// Releases everything a client held, at once.
+    /// Releases everything a client held, at once. Its mailbox must be closed already (see
+    /// [`crate::worker::Worker::client_left`]).
     pub(crate) fn client_left(&self, client: ClientId, region: Option<u32>) {
-        // Close the mailbox first: a request being handled there finishes before cleanup.
-        self.ring.remove(client);
         let mut g = self.lock();
         let g = &mut *g;
         if let Some(r) = region {
@@ -188,8 +198,8 @@ impl Shared {
     // ----- helpers run under the lock -----
 
     fn cluster_note(&self, n: Note) {
-        if let Some(c) = self.cluster.get() {
-            c.note(n);
+        if let Some(o) = &self.outbox {
+            o.note(n);
         }
     }
 
@@ -321,7 +331,7 @@ impl Shared {
         self.try_get_settled(client, ids, mode, &HashMap::new())
     }
 
-    /// [`Shared::try_get`] where the ids in `settled` are answered with their error (a remote
+    /// [`Local::try_get`] where the ids in `settled` are answered with their error (a remote
     /// pull of them failed) instead of being looked up or waited for.
     pub(crate) fn try_get_settled(
         &self,
@@ -632,11 +642,16 @@ impl Shared {
                     .kv_ttl(&key, now)
                     .map(|t| t.map(|ms| ms.div_ceil(1000))),
             ),
-            Request::Status => Response::Status(self.status(g)),
+            Request::Status => Response::Status(self.status_locked(g)),
         })
     }
 
-    fn status(&self, g: &Inner) -> StatusInfo {
+    /// Current figures of the local store; `members` is left empty (the cluster's).
+    pub(crate) fn status(&self) -> StatusInfo {
+        self.status_locked(&self.lock())
+    }
+
+    fn status_locked(&self, g: &Inner) -> StatusInfo {
         let s = g.store.stats();
         let fast_pins: u64 = g.index.pin_counts().values().map(|n| u64::from(*n)).sum();
         StatusInfo {
@@ -652,7 +667,7 @@ impl Shared {
             spills: s.spills,
             spilled_now: s.spilled_now,
             zombies: s.zombies,
-            members: self.cluster.get().map(|c| c.members()).unwrap_or_default(),
+            members: Vec::new(),
         }
     }
 
@@ -678,7 +693,7 @@ impl Shared {
     }
 
     fn export_gauges(&self, g: &Inner) {
-        let s = self.status(g);
+        let s = self.status_locked(g);
         metrics::gauge!("shoal_arena_bytes").set(s.arena_bytes as f64);
         metrics::gauge!("shoal_arena_used_bytes").set(s.used_bytes as f64);
         metrics::gauge!("shoal_arena_free_bytes").set((s.arena_bytes - s.used_bytes) as f64);
@@ -691,7 +706,7 @@ impl Shared {
 }
 
 /// What the cluster side asks of the local store.
-impl Shared {
+impl Local {
     /// Every sealed object held here, for re-registration with the directory owners.
     pub(crate) fn held_objects(&self) -> Vec<HeldObject> {
         self.lock()
@@ -713,7 +728,7 @@ impl Shared {
             .ok_or_else(|| WireError::new(ErrorCode::NotFound, format!("{id} is not here")))
     }
 
-    /// Ends a pin taken by [`Shared::pin_for_peer`].
+    /// Ends a pin taken by [`Local::pin_for_peer`].
     pub(crate) fn release_peer(&self, gen: Gen) {
         let mut g = self.lock();
         let g = &mut *g;
