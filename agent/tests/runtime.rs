@@ -22,19 +22,12 @@ use std::time::Duration;
 const WAIT: Duration = Duration::from_secs(15);
 
 /// Polls `f` until it returns `Some`, at most `WAIT`.
-async fn wait_for<T, F, Fut>(what: &str, mut f: F) -> T
+async fn wait_for<T, F, Fut>(what: &str, f: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Option<T>>,
 {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    support::wait_for(what, WAIT, f).await
 }
 
 /// A client of control's REST API at `http`.
