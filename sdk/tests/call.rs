@@ -294,7 +294,10 @@ async fn instance_disconnect_fails_call(engine: EngineKind) {
             std::future::pending()
         })
         .await;
-    let c = node.client().await;
+    // Through the proxy only: it fails the call and forgets the instance in one step, so the
+    // next call finds none. (A lane call can fail before the proxy has seen the instance go;
+    // `an_instance_lost_mid_lane_call` covers that.)
+    let c = node.proxy_client().await;
     let call = {
         let c = c.clone();
         tokio::spawn(async move { c.invoke("f", b"x", 5 * SEC).await })
