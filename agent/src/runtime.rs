@@ -3,9 +3,10 @@
 //! [`Agent::start`] owns two tasks:
 //!
 //! - **Registration.** `agents/<node id>` ([`AgentRecord`]: capacity, use, whether limits are
-//!   enforced) is written under a lease of [`AgentConfig::lease_ttl`] and kept alive; the use
-//!   figures are refreshed every [`USE_REFRESH`]. A lost lease is granted again and the record
-//!   rewritten. Shutdown revokes the lease, so control sees the node go at once.
+//!   enforced) is written under a lease of [`AgentConfig::lease_ttl`] and held by a
+//!   `shoal_meta::LeasedRecord` (kept alive; a lost lease is granted again and the record
+//!   rewritten); the use figures are refreshed every [`USE_REFRESH`]. Shutdown removes the
+//!   record, so control sees the node go at once.
 //! - **Assignments.** `instances/` is followed (`shoal_meta::Follower`: read, then watched
 //!   from that revision, read again when the watch ends). A record whose `node` is this node and whose `state` is `scheduled`,
 //!   `starting` or `running` and that this agent does not run yet is started: the function's
@@ -33,7 +34,7 @@ use shoal_meta::records::{
     INSTANCES_PREFIX,
 };
 use shoal_meta::{
-    Compare, Followed, Follower, LeaseId, MetaError, MetaStore, Txn, TxnOp, WatchEvent,
+    Compare, Followed, Follower, LeasedRecord, MetaError, MetaStore, Txn, TxnOp, WatchEvent,
 };
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -219,9 +220,11 @@ impl Agent {
         let sample =
             NodeResources::sample(&cfg.work_dir, &mut cpu).map_err(AgentError::Resources)?;
         let record = agent_record(&cfg, &sample, &limiter, 0);
-        let lease = register(meta.as_ref(), &cfg, &record)
-            .await
-            .map_err(AgentError::Register)?;
+        let value = encode(&record).map_err(AgentError::Register)?;
+        let held =
+            LeasedRecord::register(meta.clone(), agent_key(&cfg.node_id), value, cfg.lease_ttl)
+                .await
+                .map_err(AgentError::Register)?;
         tracing::info!(node = %cfg.node_id, cpu_milli = record.cpu_milli, mem_mib = record.mem_total_mib, limits = record.limits_enforced, "agent registered");
 
         let stop = CancellationToken::new();
@@ -229,10 +232,9 @@ impl Agent {
         let running = Arc::new(AtomicU64::new(0));
         let cfg = Arc::new(cfg);
         tasks.spawn(crate::logs::serve(logs, cfg.log_dir.clone(), stop.clone()));
-        tasks.spawn(keep_registered(
-            meta.clone(),
+        tasks.spawn(refresh_use(
+            held,
             cfg.clone(),
-            lease,
             cpu,
             limiter.clone(),
             running.clone(),
@@ -278,50 +280,23 @@ impl Drop for Agent {
     }
 }
 
-/// Grants a lease and writes the record under it.
-async fn register(
-    meta: &dyn MetaStore,
-    cfg: &AgentConfig,
-    record: &AgentRecord,
-) -> Result<LeaseId, MetaError> {
-    let lease = meta.grant(cfg.lease_ttl).await?;
-    let key = agent_key(&cfg.node_id);
-    meta.put(&key, encode(record)?, Some(lease)).await?;
-    Ok(lease)
-}
-
-/// Keeps the lease alive (every third of its TTL) and the use figures fresh; revokes the
-/// lease on stop.
-async fn keep_registered(
-    meta: Arc<dyn MetaStore>,
+/// Refreshes the use figures of the agent record every [`USE_REFRESH`] until `stop`, then
+/// removes the record (revoking its lease, so control sees the node go at once).
+async fn refresh_use(
+    held: LeasedRecord,
     cfg: Arc<AgentConfig>,
-    mut lease: LeaseId,
     mut cpu: CpuSampler,
     limiter: Limiter,
     running: Arc<AtomicU64>,
     stop: CancellationToken,
 ) {
-    let tick = (cfg.lease_ttl / 3).max(Duration::from_millis(100));
-    let mut last_refresh = tokio::time::Instant::now();
-    let mut lost = false;
+    let mut refresh = tokio::time::interval(USE_REFRESH);
+    refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    refresh.tick().await; // the first tick is at once; the record was just written
     loop {
         tokio::select! {
             _ = stop.cancelled() => break,
-            _ = tokio::time::sleep(tick) => {}
-        }
-        if !lost {
-            match meta.keep_alive(lease).await {
-                Ok(_) => {}
-                Err(MetaError::LeaseNotFound(_)) => lost = true,
-                Err(e) => {
-                    tracing::warn!(error = %e, "agent lease keep-alive failed");
-                    continue;
-                }
-            }
-        }
-        let refresh = lost || last_refresh.elapsed() >= USE_REFRESH;
-        if !refresh {
-            continue;
+            _ = refresh.tick() => {}
         }
         let sample = match NodeResources::sample(&cfg.work_dir, &mut cpu) {
             Ok(s) => s,
@@ -331,30 +306,12 @@ async fn keep_registered(
             }
         };
         let record = agent_record(&cfg, &sample, &limiter, running.load(Ordering::Relaxed));
-        let result = if lost {
-            register(meta.as_ref(), &cfg, &record).await.map(|l| {
-                tracing::warn!(node = %cfg.node_id, "agent lease was lost; registered again");
-                lease = l;
-                lost = false;
-            })
-        } else {
-            match encode(&record) {
-                Ok(v) => meta
-                    .put(&agent_key(&cfg.node_id), v, Some(lease))
-                    .await
-                    .map(|_| ()),
-                Err(e) => Err(e),
-            }
-        };
-        match result {
-            Ok(()) => last_refresh = tokio::time::Instant::now(),
-            Err(MetaError::LeaseNotFound(_)) => lost = true,
-            Err(e) => tracing::warn!(error = %e, "agent record refresh failed"),
+        match encode(&record) {
+            Ok(v) => held.set(v),
+            Err(e) => tracing::warn!(error = %e, "encoding the agent record failed"),
         }
     }
-    if let Err(e) = meta.revoke(lease).await {
-        tracing::warn!(error = %e, "revoking the agent lease failed");
-    }
+    held.stop().await;
 }
 
 /// An instance this agent handles (running, or failed before it could run).

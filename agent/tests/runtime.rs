@@ -22,19 +22,12 @@ use std::time::Duration;
 const WAIT: Duration = Duration::from_secs(15);
 
 /// Polls `f` until it returns `Some`, at most `WAIT`.
-async fn wait_for<T, F, Fut>(what: &str, mut f: F) -> T
+async fn wait_for<T, F, Fut>(what: &str, f: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Option<T>>,
 {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    support::wait_for(what, WAIT, f).await
 }
 
 /// A client of control's REST API at `http`.
@@ -186,6 +179,16 @@ async fn control_places_and_agent_runs() {
         agent_rec["mem_total_mib"].as_u64().unwrap() > 0,
         "{agent_rec}"
     );
+    // The record lives under a lease; a lost one (revoked, as a store that forgot it would
+    // say) is granted again and the record rewritten.
+    let agent_key = shoal_meta::records::agent_key("node-a");
+    let lease = store.get(&agent_key).await.unwrap().unwrap().lease.unwrap();
+    store.revoke(lease).await.unwrap();
+    wait_for("agent record under a new lease", || async {
+        let kv = store.get(&agent_key).await.unwrap()?;
+        kv.lease.filter(|l| *l != lease)
+    })
+    .await;
 
     // 1. A function with min_instances 1 runs on the agent's node.
     deploy(http, function("hello", &pkg)).await;
@@ -244,11 +247,7 @@ async fn control_places_and_agent_runs() {
     agent.shutdown().await;
     assert!(!alive(pid), "instance process {pid} outlived the agent");
     // The agent's lease is revoked with it.
-    assert!(store
-        .get(&shoal_meta::records::agent_key("node-a"))
-        .await
-        .unwrap()
-        .is_none());
+    assert!(store.get(&agent_key).await.unwrap().is_none());
     control.shutdown().await;
 }
 

@@ -1,6 +1,8 @@
 //! Supervisor: start, logs, stop, forced kill, restarts, spawn failures, shutdown.
 #![allow(clippy::unwrap_used)]
 
+mod support;
+
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -9,6 +11,7 @@ use shoal_agent::{
     InstanceSpec, InstanceState, InstanceStatus, Limiter, Limits, RestartPolicy, Supervisor,
     SupervisorConfig,
 };
+use support::wait_until;
 use tokio::sync::watch;
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -51,17 +54,12 @@ async fn wait_for(
 }
 
 async fn wait_log(sup: &Supervisor, id: &str, needle: &str) {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        if sup.logs(id, 4096).unwrap().contains(needle) {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "log of {id} never contained {needle:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_until(
+        &format!("log of {id} contains {needle:?}"),
+        WAIT,
+        || async { sup.logs(id, 4096).unwrap().contains(needle) },
+    )
+    .await;
 }
 
 /// A process is gone when /proc has no entry for it or it is a zombie awaiting its reaper.
@@ -75,11 +73,7 @@ fn gone(pid: u32) -> bool {
 }
 
 async fn wait_gone(pid: u32) {
-    let deadline = Instant::now() + WAIT;
-    while !gone(pid) {
-        assert!(Instant::now() < deadline, "pid {pid} still alive");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_until(&format!("pid {pid} gone"), WAIT, || async { gone(pid) }).await;
 }
 
 #[tokio::test]
@@ -97,15 +91,12 @@ async fn runs_logs_and_stops_with_sigterm() {
     let pid = st.pid.unwrap();
     assert_eq!(st.limits, Limits::NotEnforced("disabled in test".into()));
     wait_log(&sup, "hello", "hi").await;
-    let deadline = Instant::now() + WAIT;
-    while !sup
-        .logs_stream("hello", shoal_agent::LogStream::Stderr, 100)
-        .unwrap()
-        .contains("id=hello x=42")
-    {
-        assert!(Instant::now() < deadline, "stderr log missing env");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_until("stderr log shows the env", WAIT, || async {
+        sup.logs_stream("hello", shoal_agent::LogStream::Stderr, 100)
+            .unwrap()
+            .contains("id=hello x=42")
+    })
+    .await;
     assert!(t.path().join("logs/hello.out").exists());
 
     let started = Instant::now();

@@ -11,11 +11,26 @@ use shoal_control_client::{
 };
 use shoal_meta::{MemStore, MetaStore};
 use std::collections::BTreeSet;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+
+/// Polls `cond` until it holds, failing the test (naming `what`) after ten seconds.
+async fn wait_until<F, Fut>(what: &str, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !cond().await {
+        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
+        // The poll interval: control announces no change of role.
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
 
 fn config(max_invoke_body: usize) -> ControlConfig {
     ControlConfig {
@@ -32,14 +47,7 @@ async fn start_with(meta: Arc<dyn MetaStore>, max_invoke_body: usize) -> Control
     let c = Control::start(config(max_invoke_body), meta, None)
         .await
         .unwrap();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while !c.is_leader() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "never became leader"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_until("becomes leader", || async { c.is_leader() }).await;
     c
 }
 
@@ -600,16 +608,11 @@ async fn standby_refuses_writes_and_serves_reads() {
         .await
         .unwrap();
     let s = standby.http_addr();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     let on_standby = client(s);
-    loop {
-        let l = on_standby.leader().await.unwrap();
-        if l.role == ControlRole::Standby {
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "{l:?}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_until("the second control says it is standby", || async {
+        on_standby.leader().await.unwrap().role == ControlRole::Standby
+    })
+    .await;
     let msg = refused(
         on_standby.create_function(&typed(spec("f"))).await,
         503,

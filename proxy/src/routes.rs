@@ -11,14 +11,14 @@
 //! [`RouteTable::apply`], which adds, updates and retires the router's remote routes and
 //! starts one forwarder per node. When the store is unreachable the last table stays in
 //! force, so warm calls keep flowing without control. [`register_loop`] holds this proxy's
-//! own `proxies/<node>` record under a lease.
+//! own `proxies/<node>` record under a lease (`shoal_meta::LeasedRecord`).
 use crate::peer::Forwarders;
 use crate::shared::Shared;
 use shoal_meta::records::{
-    FunctionSpec, InstancePhase, InstanceRecord, ProxyRecord, FUNCTIONS_PREFIX, INSTANCES_PREFIX,
-    PROXIES_PREFIX,
+    proxy_key, FunctionSpec, InstancePhase, InstanceRecord, ProxyRecord, FUNCTIONS_PREFIX,
+    INSTANCES_PREFIX, PROXIES_PREFIX,
 };
-use shoal_meta::{Followed, Follower, LeaseId, MetaError, MetaStore, WatchEvent};
+use shoal_meta::{Followed, Follower, LeasedRecord, MetaStore, WatchEvent};
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -208,15 +208,15 @@ pub(crate) async fn feed_loop(
     }
 }
 
-/// Holds `proxies/<node>` under a lease of `ttl` until `stop` (then revokes it), granting
-/// a new lease and rewriting the record whenever the old one is lost or the store was down.
+/// Holds `proxies/<node>` under a lease of `ttl` until `stop`, then removes it. The lease
+/// is kept alive, and granted again with the record rewritten whenever the store says it
+/// is gone (`shoal_meta::LeasedRecord`).
 pub(crate) async fn register_loop(
     meta: Arc<dyn MetaStore>,
     record: ProxyRecord,
     ttl: Duration,
     stop: CancellationToken,
 ) {
-    let key = format!("{PROXIES_PREFIX}{}", record.node_id);
     let value = match serde_json::to_vec(&record) {
         Ok(v) => v,
         Err(e) => {
@@ -224,37 +224,22 @@ pub(crate) async fn register_loop(
             return;
         }
     };
-    let tick = (ttl / 3).max(Duration::from_millis(100));
-    let mut lease: Option<LeaseId> = None;
+    let held = LeasedRecord::spawn(meta, proxy_key(&record.node_id), value, ttl);
+    let mut registered = held.registered();
     loop {
-        let r: Result<(), MetaError> = async {
-            match lease {
-                Some(l) => meta.keep_alive(l).await.map(|_| ()),
-                None => {
-                    let l = meta.grant(ttl).await?;
-                    meta.put(&key, value.clone(), Some(l)).await?;
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            changed = registered.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+                if *registered.borrow_and_update() {
                     tracing::info!(node = %record.node_id, addr = %record.peer_addr, "proxy registered");
-                    lease = Some(l);
-                    Ok(())
                 }
             }
         }
-        .await;
-        match r {
-            Ok(()) => {}
-            Err(MetaError::LeaseNotFound(_)) => lease = None,
-            Err(e) => tracing::debug!(error = %e, "proxy registration failed; retrying"),
-        }
-        tokio::select! {
-            _ = stop.cancelled() => break,
-            _ = tokio::time::sleep(if lease.is_some() { tick } else { RETRY_PAUSE }) => {}
-        }
     }
-    if let Some(l) = lease {
-        if let Err(e) = meta.revoke(l).await {
-            tracing::debug!(error = %e, "revoking the proxy lease failed");
-        }
-    }
+    held.stop().await;
 }
 
 #[cfg(test)]

@@ -1,13 +1,16 @@
 //! The proxy's network listener for other proxies: mutual TLS under the cluster CA, only the
-//! `Peer` role, and a malformed peer connection closed without disturbing the others.
+//! `Peer` role, a malformed peer connection closed without disturbing the others, and the
+//! proxy's `proxies/<node>` record held under a lease.
 #![allow(clippy::unwrap_used)] // test setup panics on failure by design
 use bytes::BytesMut;
-use shoal_meta::{MemStore, MetaStore};
+use shoal_meta::records::{proxy_key, ProxyRecord};
+use shoal_meta::{LeaseId, MemStore, MetaStore};
 use shoal_protocol::{
     encode_frame, CallerFrame, ErrorCode, FrameDecoder, Payload, ProxyFrame, Role, PROTOCOL_VERSION,
 };
 use shoal_proxy::{PeerConfig, Proxy, ProxyConfig};
 use shoal_transport::{DevCa, NodeTls, SERVER_NAME};
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,6 +19,37 @@ use tokio_rustls::rustls::pki_types::ServerName;
 use tokio_rustls::TlsConnector;
 
 type Tls = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
+
+/// Longest wait for something the proxy does in the background.
+const WAIT: Duration = Duration::from_secs(5);
+
+/// Polls `cond` until it returns `Some`, failing the test (naming `what`) after [`WAIT`].
+async fn wait_for<T, F, Fut>(what: &str, mut cond: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        if let Some(v) = cond().await {
+            return v;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
+        // The poll interval: the store is read, not watched.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Waits until `proxies/a` is in `meta` under a lease other than `not`; returns that lease
+/// and the record.
+async fn proxy_record(meta: &Arc<dyn MetaStore>, not: Option<LeaseId>) -> (LeaseId, ProxyRecord) {
+    wait_for("proxies/a under a new lease", || async {
+        let kv = meta.get(&proxy_key("a")).await.unwrap()?;
+        let lease = kv.lease.filter(|l| Some(*l) != not)?;
+        Some((lease, serde_json::from_slice(&kv.value).unwrap()))
+    })
+    .await
+}
 
 fn start(dir: &std::path::Path, ca: &DevCa, meta: Arc<dyn MetaStore>) -> Proxy {
     let mut cfg = ProxyConfig::new("a", dir.join("a.sock"));
@@ -81,19 +115,8 @@ async fn only_cluster_peers_get_in() {
     let addr = proxy.peer_addr().unwrap();
 
     // The proxy publishes its listener.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while meta
-        .get(&shoal_meta::records::proxy_key("a"))
-        .await
-        .unwrap()
-        .is_none()
-    {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no proxies/a record"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let (_, record) = proxy_record(&meta, None).await;
+    assert_eq!(record.peer_addr, addr);
 
     // A certificate from another CA: no session.
     let other = DevCa::generate().unwrap();
@@ -182,4 +205,26 @@ async fn a_malformed_peer_is_closed_and_others_are_served() {
         other => panic!("expected NotFound, got {other:?}"),
     }
     proxy.shutdown().await;
+}
+
+/// `proxies/a` is held under a lease: registered again under a new lease when the old one
+/// is lost, and removed at shutdown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_proxy_record_lives_under_a_lease() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = DevCa::generate().unwrap();
+    let meta: Arc<dyn MetaStore> = Arc::new(MemStore::open(None, "").unwrap());
+    let proxy = start(dir.path(), &ca, meta.clone());
+    let (first, _) = proxy_record(&meta, None).await;
+    // The lease is lost (revoked, as a store that forgot it would say).
+    meta.revoke(first).await.unwrap();
+    let (_, record) = proxy_record(&meta, Some(first)).await;
+    assert_eq!(record.node_id, "a");
+    assert_eq!(Some(record.peer_addr), proxy.peer_addr());
+    proxy.shutdown().await;
+    assert_eq!(
+        meta.get(&proxy_key("a")).await.unwrap(),
+        None,
+        "shutdown removes the record"
+    );
 }

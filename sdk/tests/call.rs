@@ -1,12 +1,17 @@
 //! Function calls end to end: a real proxy (each test on both engines) on a Unix socket in a
 //! temp dir, real `CallClient`s and function instances.
 #![allow(clippy::unwrap_used)] // test helpers panic on setup failure by design
+mod support;
+
 use shoal_proxy::{EngineKind, Proxy, ProxyConfig};
 use shoal_sdk::{CallClient, ErrorCode, FunctionInstance};
+use std::future::Future;
 use std::io::{Read, Write};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use support::{wait_for, wait_until};
 use tokio::sync::{Notify, Semaphore};
 use tokio::task::JoinHandle;
 
@@ -72,6 +77,32 @@ fn code<T: std::fmt::Debug>(r: Result<T, shoal_sdk::Error>) -> ErrorCode {
     r.unwrap_err().code()
 }
 
+/// Polls `call` once and returns it, to be awaited or spawned later. A call through the
+/// proxy hands its frame to the connection on its first turn, so the frame goes out ahead
+/// of any sent after this returns; the proxy handles one connection's frames in order, so
+/// once it has answered a later call on the same connection, it has taken this one.
+async fn sent<F: Future>(call: F) -> Pin<Box<F>> {
+    let mut call = Box::pin(call);
+    std::future::poll_fn(|cx| {
+        assert!(
+            call.as_mut().poll(cx).is_pending(),
+            "the call ended on its first turn"
+        );
+        std::task::Poll::Ready(())
+    })
+    .await;
+    call
+}
+
+/// Returns once the proxy has handled every frame sent on `c`'s connection so far (see
+/// [`sent`]): it answers a call to a function nobody serves at once.
+async fn proxy_caught_up(c: &CallClient) {
+    assert_eq!(
+        code(c.invoke("no-such-function", b"", SEC).await),
+        ErrorCode::NotFound
+    );
+}
+
 macro_rules! both_engines {
     ($($name:ident),* $(,)?) => {
         mod tokio_engine {
@@ -132,6 +163,8 @@ async fn many_concurrent_calls_respect_concurrency(engine: EngineKind) {
                     let n = now.fetch_add(1, Ordering::SeqCst) + 1;
                     peak.fetch_max(n, Ordering::SeqCst);
                     calls.fetch_add(1, Ordering::SeqCst);
+                    // Stands for work (not a wait on anything): the unit is held a while,
+                    // so calls overlap and spread over both instances.
                     tokio::time::sleep(Duration::from_millis(2)).await;
                     now.fetch_sub(1, Ordering::SeqCst);
                     Ok(a)
@@ -261,7 +294,10 @@ async fn instance_disconnect_fails_call(engine: EngineKind) {
             std::future::pending()
         })
         .await;
-    let c = node.client().await;
+    // Through the proxy only: it fails the call and forgets the instance in one step, so the
+    // next call finds none. (A lane call can fail before the proxy has seen the instance go;
+    // `an_instance_lost_mid_lane_call` covers that.)
+    let c = node.proxy_client().await;
     let call = {
         let c = c.clone();
         tokio::spawn(async move { c.invoke("f", b"x", 5 * SEC).await })
@@ -345,16 +381,14 @@ async fn shutdown_fails_in_flight_calls(engine: EngineKind) {
         tokio::spawn(async move { c.invoke("f", b"x", 5 * SEC).await })
     };
     started.notified().await;
-    let queued = {
-        let c = c.clone();
-        tokio::spawn(async move { c.invoke("f", b"y", 5 * SEC).await })
-    };
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    // The only unit is taken: the second call waits in the proxy's queue.
+    let queued = sent(c.invoke("f", b"y", 5 * SEC)).await;
+    proxy_caught_up(&c).await;
     let t = Instant::now();
     node.proxy.shutdown().await;
     assert!(t.elapsed() < 2 * SEC);
     assert_eq!(code(running.await.unwrap()), ErrorCode::Unavailable);
-    assert_eq!(code(queued.await.unwrap()), ErrorCode::Unavailable);
+    assert_eq!(code(queued.await), ErrorCode::Unavailable);
     assert_eq!(code(c.invoke("f", b"z", SEC).await), ErrorCode::Unavailable);
 }
 
@@ -388,11 +422,20 @@ async fn large_payloads_travel_as_objects_and_none_is_left_behind() {
         .await
         .unwrap()
         .with_store(store.clone());
-    tokio::spawn(inst.run(|a: Vec<u8>| async move {
-        if a.first() == Some(&b's') {
-            tokio::time::sleep(Duration::from_millis(300)).await;
+    // A call starting with `s` is slow: its handler returns once the test opens the gate,
+    // and says so just before.
+    let gate = Arc::new(Semaphore::new(0));
+    let returning = Arc::new(Notify::new());
+    let (g, ret) = (gate.clone(), returning.clone());
+    tokio::spawn(inst.run(move |a: Vec<u8>| {
+        let (g, ret) = (g.clone(), ret.clone());
+        async move {
+            if a.first() == Some(&b's') {
+                g.acquire().await.unwrap().forget();
+                ret.notify_one();
+            }
+            Ok(a)
         }
-        Ok(a)
     }));
     let c = CallClient::connect_with_store(node.proxy.socket_path(), store.clone())
         .await
@@ -410,7 +453,11 @@ async fn large_payloads_travel_as_objects_and_none_is_left_behind() {
     slow[0] = b's';
     let r = c.invoke("echo", &slow, Duration::from_millis(100)).await;
     assert_eq!(code(r), ErrorCode::Timeout);
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    gate.add_permits(1);
+    returning.notified().await;
+    // Proving that something does not happen: nothing marks the moment the instance decides
+    // not to store the late result, so give a result object the time to show.
+    tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(
         store.status().await.unwrap().objects,
         0,
@@ -426,16 +473,13 @@ async fn large_payloads_travel_as_objects_and_none_is_left_behind() {
 /// Calls `function` until a call takes a lane (an instance announces its lane a moment
 /// after it registers); the lane calls made so far.
 async fn lane_ready(c: &CallClient, function: &str) -> u64 {
-    let deadline = Instant::now() + 10 * SEC;
     let before = c.lane_calls();
-    loop {
+    wait_for("a call takes a lane", 10 * SEC, || async {
         c.invoke(function, b"warm", SEC).await.unwrap();
-        if c.lane_calls() > before {
-            return c.lane_calls();
-        }
-        assert!(Instant::now() < deadline, "no call took a lane");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        let now = c.lane_calls();
+        (now > before).then_some(now)
+    })
+    .await
 }
 
 /// How many handlers run at once, the most seen, and how many have finished.
@@ -527,24 +571,31 @@ async fn one_concurrency_count_across_lanes_and_the_proxy() {
         })
     };
     let mut calls = vec![call(&lane_client, 0), call(&lane_client, 1)];
-    let deadline = Instant::now() + 5 * SEC;
-    while gauge.now.load(Ordering::SeqCst) < 2 {
-        assert!(Instant::now() < deadline, "the lane calls did not start");
-        tokio::time::sleep(Duration::from_millis(5)).await;
+    wait_until("the lane calls start", 5 * SEC, || async {
+        gauge.now.load(Ordering::SeqCst) >= 2
+    })
+    .await;
+    // The proxy's calls: it sends two to the instance (as far as it knows both units are
+    // free), which keeps them waiting, and queues the others. Once the proxy has answered a
+    // later frame, it has sent them (when the instance reads them is its own business).
+    for i in 2..6 {
+        let c = proxy_client.clone();
+        let one = sent(async move {
+            assert_eq!(c.invoke("work", &[i], 20 * SEC).await.unwrap(), [i]);
+        })
+        .await;
+        calls.push(tokio::spawn(one));
     }
-    calls.extend((2..6).map(|i| call(&proxy_client, i)));
-    // Let the proxy's calls reach the instance and wait there (nothing outside the instance
-    // marks that moment), then release one handler at a time: each release lets one call
-    // finish and one waiting call start.
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    proxy_caught_up(&proxy_client).await;
+    // Release one handler at a time: each release lets one call finish and one waiting call
+    // start.
     for k in 1..=6 {
         assert!(gauge.now.load(Ordering::SeqCst) <= 2);
         gate.add_permits(1);
-        let deadline = Instant::now() + 5 * SEC;
-        while gauge.done.load(Ordering::SeqCst) < k {
-            assert!(Instant::now() < deadline, "call {k} did not finish");
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
+        wait_until(&format!("call {k} finishes"), 5 * SEC, || async {
+            gauge.done.load(Ordering::SeqCst) >= k
+        })
+        .await;
     }
     for t in calls {
         t.await.unwrap();
@@ -759,6 +810,7 @@ async fn the_proxy_names_lanes_until_an_instance_drains() {
         while !ask(id, "f").is_empty() {
             assert!(Instant::now() < deadline, "b's lane still named");
             id += 1;
+            // The poll interval: the proxy tells nobody when it has seen b's end.
             std::thread::sleep(Duration::from_millis(10));
         }
         // A caller cannot announce a lane.

@@ -1,6 +1,8 @@
 //! End-to-end tests: a real dataworker on a Unix socket in a temp dir, real clients, real
 //! child processes for the kill and uid cases.
 #![allow(clippy::unwrap_used)] // test helpers panic on setup failure by design
+mod support;
+
 use shoal_dataworker::{Config, Dataworker};
 use shoal_protocol::{
     encode_frame, ClientFrame, ErrorCode, FrameDecoder, ObjectId, Request, ServerFrame,
@@ -9,6 +11,7 @@ use shoal_sdk::{Client, SetOptions};
 use std::io::{BufRead, Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::time::{Duration, Instant};
+use support::wait_until;
 
 const MIB: u64 = 1 << 20;
 const CHILD_ENV: &str = "SHOAL_TEST_CHILD_SOCKET";
@@ -43,18 +46,10 @@ impl Node {
 
     /// Waits (bounded) until `f` holds for the worker's status.
     async fn until(&self, what: &str, f: impl Fn(&shoal_protocol::StatusInfo) -> bool) {
-        let deadline = Instant::now() + Duration::from_secs(1);
-        loop {
-            let s = self.w().status();
-            if f(&s) {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{what} did not happen within 1 s: {s:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        wait_until(what, Duration::from_secs(1), || async {
+            f(&self.w().status())
+        })
+        .await;
     }
 
     async fn stop(mut self) {
@@ -126,6 +121,8 @@ async fn get_waits_for_seal_and_times_out() {
     });
     let mut b = writer.create("later", 4).await.unwrap();
     b.as_mut_slice().copy_from_slice(b"done");
+    // Proving that something does not happen: a get that wrongly answered an unsealed
+    // object would have finished within this window.
     tokio::time::sleep(Duration::from_millis(20)).await;
     assert!(!waiting.is_finished(), "get must wait while unsealed");
     b.seal().await.unwrap();
@@ -292,6 +289,7 @@ fn child_writer_process() {
     b.as_mut_slice()[..4 * MIB as usize].fill(0xab);
     println!("ready");
     std::io::stdout().flush().unwrap();
+    // Parked mid-write until the test kills this process (it never waits this long).
     std::thread::sleep(Duration::from_secs(60));
 }
 
@@ -565,11 +563,10 @@ async fn kv_operations() {
     .unwrap();
     let set_at = Instant::now();
     assert!(c.kv_exists("brief").await.unwrap());
-    let deadline = set_at + Duration::from_secs(3);
-    while c.kv_exists("brief").await.unwrap() {
-        assert!(Instant::now() < deadline, "key did not expire");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until("the key expires", Duration::from_secs(3), || async {
+        !c.kv_exists("brief").await.unwrap()
+    })
+    .await;
     let lived = set_at.elapsed();
     assert!(
         lived >= Duration::from_millis(950) && lived < Duration::from_millis(1500),
@@ -620,12 +617,16 @@ async fn health_and_metrics_endpoints() {
         health.starts_with("HTTP/1.1 200") && health.contains("\"status\":\"ok\""),
         "{health}"
     );
-    tokio::time::sleep(Duration::from_millis(30)).await; // one timer turn refreshes gauges
-    let m = get("/metrics").await.unwrap();
-    assert!(
-        m.contains("shoal_requests_total") && m.contains("shoal_arena_used_bytes"),
-        "{m}"
-    );
+    // The gauges appear after the worker's first timer turn.
+    wait_until(
+        "/metrics shows requests and the arena",
+        Duration::from_secs(5),
+        || async {
+            let m = get("/metrics").await.unwrap();
+            m.contains("shoal_requests_total") && m.contains("shoal_arena_used_bytes")
+        },
+    )
+    .await;
     assert!(get("/nope").await.unwrap().starts_with("HTTP/1.1 404"));
     w.shutdown().await;
 }

@@ -1,10 +1,11 @@
-//! Helpers shared by the agent's integration tests: a real S3 server (moto) on loopback, and
-//! packages built in memory.
+//! Helpers shared by the agent's integration tests: waiting on a condition with a deadline,
+//! a real S3 server (moto) on loopback, and packages built in memory.
 #![allow(dead_code)] // each test binary uses a different part
 #![allow(clippy::unwrap_used)]
 
 use sha2::{Digest, Sha256};
 use shoal_agent::S3Settings;
+use std::future::Future;
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
@@ -14,6 +15,42 @@ const INSTALL_HINT: &str =
     "run `python3 -m pip install 'moto[server]'` (scripts/test.sh installs it)";
 /// How long moto may take to import and start listening.
 const MOTO_START: Duration = Duration::from_secs(60);
+
+/// How often a condition is checked again.
+const POLL: Duration = Duration::from_millis(10);
+
+/// Polls `cond` until it returns `Some`, failing the test (naming `what`) after `within`.
+pub(crate) async fn wait_for<T, F, Fut>(what: &str, within: Duration, mut cond: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if let Some(v) = cond().await {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {within:?}: {what}"
+        );
+        // The poll interval: what is waited for has no notification of its own.
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// Polls `cond` until it holds, failing the test (naming `what`) after `within`.
+pub(crate) async fn wait_until<F, Fut>(what: &str, within: Duration, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    wait_for(what, within, || {
+        let c = cond();
+        async move { c.await.then_some(()) }
+    })
+    .await
+}
 
 /// A moto S3 server on 127.0.0.1, killed when dropped.
 #[derive(Debug)]
@@ -95,6 +132,7 @@ impl Moto {
                 "moto did not answer on {} within {MOTO_START:?}",
                 moto.addr
             );
+            // The poll interval: moto says nothing when it is ready but by answering.
             std::thread::sleep(Duration::from_millis(50));
         }
     }

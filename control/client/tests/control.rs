@@ -28,6 +28,7 @@ async fn leading_control() -> Control {
             tokio::time::Instant::now() < deadline,
             "never became leader"
         );
+        // The poll interval: control announces no change of role.
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     c

@@ -189,6 +189,7 @@ mod etcd {
             if Instant::now() > deadline {
                 panic!("etcd did not answer within 20 s:\n{}", etcd.log());
             }
+            // The poll interval: etcd says nothing when it is ready but by answering.
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
@@ -301,6 +302,7 @@ where
     let deadline = tokio::time::Instant::now() + WAIT;
     while !cond().await {
         assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
+        // The poll interval: the store is read, not watched.
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -831,9 +833,14 @@ async fn leased_record_lives_and_goes(h: &Harness) {
         value(&s, "k").await == Some(b"v2".to_vec())
     })
     .await;
-    // Outlive the TTL twice over: only the keep-alives hold the record, so time is the
-    // condition itself here.
-    tokio::time::sleep(RECORD_TTL * 2).await;
+    // Outlive the TTL: a lease of the same TTL granted after the record's, which nobody keeps
+    // alive, expires; only the keep-alives can have held the record past that.
+    let probe = s.grant(RECORD_TTL).await.unwrap();
+    s.put("probe", vec![], Some(probe)).await.unwrap();
+    wait_until("an unkept lease of the same TTL expires", || async {
+        s.get("probe").await.unwrap().is_none()
+    })
+    .await;
     let kv = s.get("k").await.unwrap().expect("kept alive past its TTL");
     assert_eq!((kv.value, kv.lease), (b"v2".to_vec(), Some(lease)));
 
