@@ -25,14 +25,14 @@
 use crate::baseline::find_on_path;
 use crate::{run_threads, Metric, Record, Report, RunSpec, Target};
 use anyhow::Context;
+use shoal_devcluster::wait::wait_for;
+use shoal_devcluster::Proc;
 use shoal_meta::records::{
     function_key, instance_key, CodeSource, FunctionSpec, InstancePhase, InstanceRecord, Resources,
 };
 use shoal_proxy::{EngineKind, Proxy, ProxyConfig};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use shoal_devcluster::wait::wait_for;
-use shoal_devcluster::Proc;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -248,10 +248,14 @@ fn remote_calls(spec: &RunSpec, clients: usize) -> anyhow::Result<Record> {
     rt.spawn(instance.run(echo));
     // Wait until node a routes to node b.
     let caller = rt.block_on(shoal_sdk::CallClient::connect(a.socket_path()))?;
-    wait_for("node a to route calls to node b", Duration::from_secs(10), || {
-        rt.block_on(caller.invoke("echo", b"ping", Duration::from_secs(1)))
-            .ok()
-    })?;
+    wait_for(
+        "node a to route calls to node b",
+        Duration::from_secs(10),
+        || {
+            rt.block_on(caller.invoke("echo", b"ping", Duration::from_secs(1)))
+                .ok()
+        },
+    )?;
     let (lat, secs) = call_threads(
         spec,
         clients,

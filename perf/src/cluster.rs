@@ -69,7 +69,9 @@ impl Cluster {
 
     fn socket(&self, node: usize) -> anyhow::Result<&Path> {
         let n = self.up.cluster().nodes.get(node);
-        Ok(&n.ok_or_else(|| anyhow::anyhow!("no node {node}"))?.dataworker_socket)
+        Ok(&n
+            .ok_or_else(|| anyhow::anyhow!("no node {node}"))?
+            .dataworker_socket)
     }
 
     fn tls_dir(&self) -> &Path {
