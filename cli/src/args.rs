@@ -17,8 +17,8 @@ pub(crate) struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum Command {
-    /// Run a local shoal in the foreground until Ctrl-C: one dataworker, or with `--nodes N`
-    /// (or `--etcd`) a cluster of control plus N dataworkers, each its own process.
+    /// Run a local shoal in the foreground until Ctrl-C: control and, on each node (one, or
+    /// `--nodes N`), a dataworker, a proxy and an agent, each its own process.
     Up(UpArgs),
     /// Run one node's dataworker.
     Dataworker(DataworkerArgs),
@@ -90,7 +90,7 @@ pub(crate) enum Command {
         #[command(flatten)]
         conn: ConnArgs,
         /// Control's HTTP API (host:port), for the instances.
-        #[arg(long, env = "SHOAL_CONTROL", default_value = "127.0.0.1:7701")]
+        #[arg(long, env = "SHOAL_CONTROL", default_value = DEFAULT_CONTROL)]
         control: String,
         /// Print JSON.
         #[arg(long)]
@@ -102,7 +102,7 @@ pub(crate) enum Command {
         #[arg(
             long,
             env = "SHOAL_CONTROL",
-            default_value = "127.0.0.1:7701",
+            default_value = DEFAULT_CONTROL,
             global = true
         )]
         control: String,
@@ -436,11 +436,7 @@ pub(crate) struct ControlArgs {
     #[arg(long, env = "SHOAL_CONTROL_LISTEN", default_value = "127.0.0.1:7700", value_parser = parse_http_addr)]
     pub(crate) listen: HttpAddr,
     /// Address of the HTTP API (/health, /v1/nodes, /v1/leader, /metrics).
-    #[arg(
-        long,
-        env = "SHOAL_CONTROL_HTTP_ADDR",
-        default_value = "127.0.0.1:7701"
-    )]
+    #[arg(long, env = "SHOAL_CONTROL_HTTP_ADDR", default_value = DEFAULT_CONTROL)]
     pub(crate) http_addr: SocketAddr,
     /// Where the embedded metadata store keeps its file [default: the socket directory's `control/`].
     #[arg(long, env = "SHOAL_DATA_DIR")]
@@ -474,13 +470,18 @@ pub(crate) struct HttpAddr(pub(crate) Option<SocketAddr>);
 
 #[derive(Debug, Args)]
 pub(crate) struct UpArgs {
-    /// Nodes to start. One node without `--etcd` runs in this process; more start control
-    /// and one dataworker process per node.
+    /// Nodes to start, each a dataworker, a proxy and an agent. One node is called by
+    /// `--node-id` (`node-0`, where the client commands look by default); several are
+    /// `node-1` to `node-N`.
     #[arg(long, default_value_t = 1)]
     pub(crate) nodes: u32,
     /// Print one JSON object describing what started, once it is ready.
     #[arg(long)]
     pub(crate) json: bool,
+    /// Control's HTTP API [default: where `shoal fn` and `shoal status` look; port 0 picks
+    /// a free one].
+    #[arg(long, env = "SHOAL_CONTROL_HTTP_ADDR", default_value = DEFAULT_CONTROL)]
+    pub(crate) control_http_addr: SocketAddr,
     #[command(flatten)]
     pub(crate) worker: DataworkerArgs,
 }
@@ -521,6 +522,10 @@ fn parse_http_addr(s: &str) -> Result<HttpAddr, String> {
         .map(|a| HttpAddr(Some(a)))
         .map_err(|e| format!("{s:?} is not an address like 127.0.0.1:9464: {e}"))
 }
+
+/// Control's HTTP API when none is named: where `shoal control` and `shoal up` serve it and
+/// where `shoal fn` and `shoal status` look for it.
+pub(crate) const DEFAULT_CONTROL: &str = "127.0.0.1:7701";
 
 /// Where sockets go when no directory is given.
 pub(crate) fn default_socket_dir() -> PathBuf {
@@ -612,6 +617,45 @@ impl TlsArgs {
 }
 
 impl DataworkerArgs {
+    /// The flags that give a dataworker started by `shoal up` as node `node` these settings:
+    /// all but the node id, the directories, TLS, the lease and the metadata store, which
+    /// `up` sets itself. With `several` nodes, each spills to its own subdirectory.
+    pub(crate) fn child_flags(&self, node: &str, several: bool) -> Vec<String> {
+        let mut f: Vec<String> = [
+            ("--shm-size", self.shm_size.to_string()),
+            ("--high-watermark", self.high_watermark.to_string()),
+            ("--low-watermark", self.low_watermark.to_string()),
+            ("--inline-limit", self.inline_limit.to_string()),
+            ("--mailbox", self.mailbox.to_string()),
+            (
+                "--mailbox-spin",
+                humantime::format_duration(self.mailbox_spin).to_string(),
+            ),
+            ("--worker-threads", self.worker_threads.to_string()),
+            (
+                "--http-addr",
+                self.http_addr.0.map_or("off".into(), |a| a.to_string()),
+            ),
+            ("--peer-addr", self.cluster.peer_addr.to_string()),
+            ("--fetch-streams", self.cluster.fetch_streams.to_string()),
+        ]
+        .into_iter()
+        .flat_map(|(k, v)| [k.to_string(), v])
+        .collect();
+        if self.shm_populate {
+            f.push("--shm-populate".into());
+        }
+        if !self.allow_uids.is_empty() {
+            let uids: Vec<String> = self.allow_uids.iter().map(u32::to_string).collect();
+            f.extend(["--allow-uid".into(), uids.join(",")]);
+        }
+        if let Some(d) = &self.spill_dir {
+            let d = if several { d.join(node) } else { d.clone() };
+            f.extend(["--spill-dir".into(), d.display().to_string()]);
+        }
+        f
+    }
+
     /// The validated dataworker config.
     pub(crate) fn to_config(&self) -> anyhow::Result<shoal_dataworker::Config> {
         let dir = self
@@ -653,6 +697,50 @@ mod tests {
         assert!(parse_size("lots").is_err());
         assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
         assert!(parse_duration("soon").is_err());
+    }
+
+    /// `shoal up` hands its dataworker settings to the dataworkers it starts unchanged.
+    #[test]
+    fn up_passes_its_dataworker_settings_on() {
+        let cli = Cli::try_parse_from([
+            "shoal",
+            "up",
+            "--shm-size",
+            "64MiB",
+            "--mailbox-spin",
+            "10us",
+            "--http-addr",
+            "off",
+            "--allow-uid",
+            "7,8",
+            "--spill-dir",
+            "/spill",
+            "--shm-populate",
+            "--low-watermark",
+            "0.5",
+        ])
+        .unwrap();
+        let Command::Up(a) = cli.command else {
+            panic!()
+        };
+        let mut argv = vec!["shoal".to_string(), "dataworker".into()];
+        argv.extend(a.worker.child_flags("node-2", true));
+        let cli = Cli::try_parse_from(&argv).unwrap();
+        let Command::Dataworker(d) = cli.command else {
+            panic!()
+        };
+        let (want, got) = (a.worker.to_config().unwrap(), d.to_config().unwrap());
+        assert_eq!(got.shm_size, 64 << 20);
+        assert_eq!(got.shm_populate, want.shm_populate);
+        assert_eq!(got.mailbox_spin, Duration::from_micros(10));
+        assert_eq!(got.http_addr, None);
+        assert_eq!(got.allowed_uids, [7, 8]);
+        assert_eq!(got.low_watermark, 0.5);
+        assert_eq!(got.spill_dir, Some(PathBuf::from("/spill/node-2")));
+        assert_eq!(
+            (got.inline_limit, got.mailbox, got.high_watermark),
+            (want.inline_limit, want.mailbox, want.high_watermark)
+        );
     }
 
     #[test]

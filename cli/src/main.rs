@@ -6,6 +6,7 @@ mod client_cmds;
 mod cluster_cmds;
 mod fn_cmds;
 mod serve;
+mod up;
 
 use clap::Parser;
 use std::process::ExitCode;
@@ -53,7 +54,7 @@ fn quiet_broken_pipe() {
 fn run(cli: args::Cli) -> anyhow::Result<ExitCode> {
     use args::Command::*;
     match cli.command {
-        Up(a) => serve::up(a),
+        Up(a) => up::up(a),
         Dataworker(a) => serve::dataworker(a),
         Control(a) => cluster_cmds::control(a),
         Proxy(a) => cluster_cmds::proxy(a),

@@ -1,5 +1,5 @@
 //! Commands that run components in the foreground.
-use crate::args::{BenchArgs, DataworkerArgs, UpArgs};
+use crate::args::{BenchArgs, DataworkerArgs};
 use anyhow::Context;
 use metrics_exporter_prometheus::PrometheusHandle;
 use shoal_dataworker::Dataworker;
@@ -70,88 +70,15 @@ pub(crate) fn dataworker(a: DataworkerArgs) -> anyhow::Result<ExitCode> {
     let metrics = install_metrics();
     runtime(a.worker_threads)?.block_on(async {
         let w = start_worker(&a, metrics).await?;
-        let ready = serde_json::json!({
-            "node": a.node_id,
-            "socket": w.socket_path().display().to_string(),
-            "http": w.http_addr().map(|h| h.to_string()),
-            "peer_addr": w.peer_addr().map(|p| p.to_string()),
-            "pid": std::process::id(),
-        });
-        crate::cluster_cmds::ready_then_wait(&a.child, ready, w.shutdown_token()).await?;
-        tracing::info!("shutting down");
-        w.shutdown().await;
-        Ok(ExitCode::SUCCESS)
-    })
-}
-
-#[derive(serde::Serialize)]
-struct NodeInfo {
-    id: String,
-    socket_dir: String,
-    dataworker_socket: String,
-    http: Option<String>,
-    metrics: Option<String>,
-    health: Option<String>,
-    pid: u32,
-    arena_bytes: u64,
-}
-
-#[derive(serde::Serialize)]
-struct UpInfo {
-    nodes: Vec<NodeInfo>,
-    env: std::collections::BTreeMap<String, String>,
-}
-
-/// `shoal up`: a whole local shoal in the foreground.
-pub(crate) fn up(a: UpArgs) -> anyhow::Result<ExitCode> {
-    if a.nodes != 1 || a.worker.cluster.enabled() {
-        return crate::cluster_cmds::up_cluster(a);
-    }
-    init_logging("info");
-    let metrics = install_metrics();
-    runtime(a.worker.worker_threads)?.block_on(async {
-        let w = start_worker(&a.worker, metrics).await?;
-        let socket = w.socket_path().display().to_string();
-        let http = w.http_addr().map(|h| h.to_string());
-        let info = UpInfo {
-            nodes: vec![NodeInfo {
-                id: a.worker.node_id.clone(),
-                socket_dir: w
-                    .socket_path()
-                    .parent()
-                    .map(|p| p.display().to_string())
-                    .unwrap_or_default(),
-                dataworker_socket: socket.clone(),
-                metrics: http.as_ref().map(|h| format!("http://{h}/metrics")),
-                health: http.as_ref().map(|h| format!("http://{h}/health")),
-                http,
-                pid: std::process::id(),
-                arena_bytes: w.status().arena_bytes,
-            }],
-            env: [("SHOAL_DATAWORKER_SOCKET".to_string(), socket.clone())].into(),
+        let ready = shoal_devcluster::DataworkerReady {
+            node: a.node_id.clone(),
+            socket: w.socket_path().to_path_buf(),
+            http: w.http_addr(),
+            peer_addr: w.peer_addr(),
+            pid: std::process::id(),
+            arena_bytes: w.status().arena_bytes,
         };
-        if a.json {
-            println!("{}", serde_json::to_string(&info)?);
-        } else {
-            let n = &info.nodes[0];
-            println!("shoal is up: 1 node");
-            println!("  node {}: dataworker socket {}", n.id, n.dataworker_socket);
-            if let Some(m) = &n.metrics {
-                println!(
-                    "  metrics {m}  health {}",
-                    n.health.as_deref().unwrap_or("")
-                );
-            }
-            println!();
-            println!("In another terminal:");
-            println!("  export SHOAL_DATAWORKER_SOCKET={socket}");
-            println!("  shoal put hello ./some-file && shoal get hello -o copy");
-            println!();
-            println!("Ctrl-C stops it.");
-        }
-        use std::io::Write;
-        std::io::stdout().flush()?;
-        stop_signal(&w.shutdown_token()).await?;
+        crate::cluster_cmds::ready_then_wait(&a.child, &ready, w.shutdown_token()).await?;
         tracing::info!("shutting down");
         w.shutdown().await;
         Ok(ExitCode::SUCCESS)

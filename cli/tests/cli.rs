@@ -1,52 +1,47 @@
-//! The `shoal` binary as a user drives it: `shoal up --json` in one process, client commands
-//! in others.
+//! The `shoal` binary as a user drives it: a plain `shoal up` (the whole stack on one node)
+//! in one process, client commands in others, with no settings but the runtime directory.
 #![allow(clippy::unwrap_used)] // test setup panics on failure by design
-use std::io::{BufRead, BufReader, Write};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use shoal_devcluster::wait::wait_for;
+use shoal_devcluster::{Cluster, RunningUp};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
 
 const SHOAL: &str = env!("CARGO_BIN_EXE_shoal");
 
+/// `shoal up` with its defaults, except that the runtime directory (`$XDG_RUNTIME_DIR/shoal`)
+/// is a temporary one and control's HTTP API gets a free port, so tests run side by side.
 struct Up {
-    child: Child,
-    socket: String,
-    info: serde_json::Value,
-    _dir: tempfile::TempDir,
+    up: RunningUp,
+    xdg: tempfile::TempDir,
 }
 
 impl Up {
     fn start() -> Up {
-        let dir = tempfile::tempdir().unwrap();
-        let mut child = Command::new(SHOAL)
-            .args(["up", "--json", "--shm-size", "64MiB", "--socket-dir"])
-            .arg(dir.path())
-            .env("SHOAL_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let info: serde_json::Value =
-            serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"));
-        let socket = info["env"]["SHOAL_DATAWORKER_SOCKET"]
-            .as_str()
-            .unwrap()
-            .to_owned();
-        Up {
-            child,
-            socket,
-            info,
-            _dir: dir,
-        }
+        let xdg = tempfile::tempdir().unwrap();
+        let up = shoal_devcluster::Up::new(SHOAL, xdg.path().join("shoal"))
+            .args(["--shm-size", "64MiB"])
+            .env("XDG_RUNTIME_DIR", xdg.path())
+            .quiet()
+            .start()
+            .unwrap_or_else(|e| panic!("{e}"));
+        Up { up, xdg }
     }
 
+    fn info(&self) -> &Cluster {
+        self.up.cluster()
+    }
+
+    /// A client command as a user types it after a plain `shoal up`: it finds the socket in
+    /// the default runtime directory; control's port is the one thing it is told.
     fn shoal(&self, args: &[&str], stdin: Option<&[u8]>) -> Output {
         let mut c = Command::new(SHOAL)
             .args(args)
-            .env("SHOAL_DATAWORKER_SOCKET", &self.socket)
+            .env("XDG_RUNTIME_DIR", self.xdg.path())
+            .env("SHOAL_CONTROL", self.info().control.http.to_string())
+            .env_remove("SHOAL_DATAWORKER_SOCKET")
+            .env_remove("SHOAL_PROXY_SOCKET")
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -61,13 +56,6 @@ impl Up {
     }
 }
 
-impl Drop for Up {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 fn ok(o: &Output) -> String {
     assert!(
         o.status.success(),
@@ -77,18 +65,60 @@ fn ok(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
+/// An example of the cli crate (cli/examples), built with the tests.
+fn example(name: &str) -> PathBuf {
+    let p = Path::new(SHOAL)
+        .parent()
+        .unwrap()
+        .join("examples")
+        .join(name);
+    assert!(p.exists(), "{} is not built", p.display());
+    p
+}
+
 #[test]
-fn up_put_get_kv_status_and_clean_stop() {
-    let mut up = Up::start();
-    let node = &up.info["nodes"][0];
-    assert_eq!(node["id"], "node-0");
-    assert!(node["pid"].as_u64().unwrap() > 0);
-    assert!(node["metrics"]
-        .as_str()
+fn plain_up_runs_the_whole_stack_for_every_client_command() {
+    let up = Up::start();
+    let info = up.info().clone();
+    let node = &info.nodes[0];
+    assert_eq!(info.nodes.len(), 1);
+    assert_eq!(node.id, "node-0");
+    assert_eq!(
+        node.dataworker_socket,
+        up.xdg.path().join("shoal/node-0/dataworker.sock"),
+        "the socket the client commands look for"
+    );
+    assert_eq!(info.env.dataworker_socket, node.dataworker_socket);
+    assert!(node.pid > 0 && node.proxy_pid > 0 && node.agent_pid > 0);
+    assert!(node
+        .metrics
+        .as_deref()
         .unwrap()
         .starts_with("http://127.0.0.1:"));
+    assert_eq!(node.arena_bytes, 64 << 20);
 
-    // A file round trip, byte-exact, through separate CLI processes.
+    objects_and_kv(&up);
+    functions(&up);
+
+    // SIGTERM stops everything cleanly and removes the sockets.
+    let pids = [info.control.pid, node.pid, node.proxy_pid, node.agent_pid];
+    let Up { up, xdg: _xdg } = up;
+    let status = up.stop(Duration::from_secs(30));
+    assert!(status.is_some_and(|s| s.success()), "{status:?}");
+    for pid in pids {
+        let gone = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), None);
+        assert!(gone.is_err(), "process {pid} outlived shoal up");
+    }
+    assert!(
+        !node.dataworker_socket.exists(),
+        "dataworker socket removed"
+    );
+    assert!(!node.proxy_socket.exists(), "proxy socket removed");
+}
+
+/// Objects, KV and status through separate CLI processes.
+fn objects_and_kv(up: &Up) {
+    // A file round trip, byte-exact.
     let dir = tempfile::tempdir().unwrap();
     let input = dir.path().join("in.bin");
     let data: Vec<u8> = (0..3_000_000u32).map(|i| (i * 31 % 253) as u8).collect();
@@ -102,7 +132,6 @@ fn up_put_get_kv_status_and_clean_stop() {
     let ls = ok(&up.shoal(&["ls"], None));
     assert!(ls.contains("file1") && ls.contains("small"), "{ls}");
 
-    // KV.
     ok(&up.shoal(&["kv", "set", "k", "v1", "--ttl", "60s"], None));
     assert_eq!(ok(&up.shoal(&["kv", "get", "k"], None)), "v1");
     let ttl: i64 = ok(&up.shoal(&["kv", "ttl", "k"], None))
@@ -114,11 +143,12 @@ fn up_put_get_kv_status_and_clean_stop() {
     assert!(!nx.status.success());
     assert_eq!(ok(&up.shoal(&["kv", "del", "k"], None)).trim(), "1");
 
-    // Status as JSON.
+    // Status as JSON: the node, and the instances from control (none yet).
     let st: serde_json::Value =
         serde_json::from_str(&ok(&up.shoal(&["status", "--json"], None))).unwrap();
     assert_eq!(st["objects"], 2);
     assert_eq!(st["arena_bytes"], 64 << 20);
+    assert_eq!(st["instances"], serde_json::json!([]), "{st}");
 
     // Errors: one line, non-zero exit.
     let missing = up.shoal(&["get", "nope"], None);
@@ -132,26 +162,55 @@ fn up_put_get_kv_status_and_clean_stop() {
     assert!(String::from_utf8_lossy(&bad.stderr).contains("invalid id"));
     ok(&up.shoal(&["rm", "file1", "small"], None));
     assert!(ok(&up.shoal(&["ls"], None)).trim().is_empty());
+}
 
-    // SIGTERM stops it cleanly and removes the socket.
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(up.child.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        if let Some(s) = up.child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "shoal up did not stop on SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    assert!(status.success());
-    assert!(!std::path::Path::new(&up.socket).exists(), "socket removed");
+/// A function deployed, placed on the one node, invoked through control, listed, removed.
+fn functions(up: &Up) {
+    let pkg = up.xdg.path().join("echo-pkg");
+    std::fs::create_dir_all(&pkg).unwrap();
+    std::fs::copy(example("echo"), pkg.join("echo")).unwrap();
+    let path = pkg.to_str().unwrap();
+    let deploy = [
+        "fn", "deploy", "echo", "--path", path, "--min", "1", "--", "./echo",
+    ];
+    let deployed = ok(&up.shoal(&deploy, None));
+    assert!(deployed.contains("version 1"), "{deployed}");
+    // The first call waits for the agent to start the instance and its proxy to know it.
+    let mut last = String::new();
+    let answer = wait_for("echo to answer", Duration::from_secs(30), || {
+        let o = up.shoal(&["fn", "invoke", "echo", "hello"], None);
+        last = String::from_utf8_lossy(&o.stderr).into_owned();
+        o.status.success().then_some(o.stdout)
+    })
+    .unwrap_or_else(|e| panic!("{e}: {last}"));
+    assert_eq!(answer, b"hello");
+    let ls = ok(&up.shoal(&["fn", "ls"], None));
+    assert!(ls.contains("echo"), "{ls}");
+    let status = ok(&up.shoal(&["status"], None));
+    let line = status
+        .lines()
+        .find(|l| l.contains("echo") && l.contains("running"))
+        .unwrap_or_else(|| panic!("no running echo in status:\n{status}"));
+    assert!(line.starts_with("node-0"), "{line}");
+    ok(&up.shoal(&["fn", "rm", "echo"], None));
+}
+
+#[test]
+fn up_refuses_a_taken_control_port_with_a_clear_message() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let o = Command::new(SHOAL)
+        .args(["up", "--control-http-addr", &addr, "--socket-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains(&addr) && err.contains("--control-http-addr"),
+        "{err}"
+    );
 }
 
 #[test]

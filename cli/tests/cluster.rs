@@ -1,11 +1,15 @@
-//! A real cluster on this machine: `shoal up --nodes 3` (control + three dataworker processes),
-//! driven through the CLI and the SDK as a user would, including killing a node.
+//! A real cluster on this machine: `shoal up --nodes 3` (control, and a dataworker, a proxy
+//! and an agent process per node, started and described through `shoal_devcluster`), driven
+//! through the CLI and the SDK as a user would, including killing a node.
 #![allow(clippy::unwrap_used)] // test setup panics on failure by design
 use shoal_control_client::{ControlClient, Pool};
+use shoal_devcluster::wait::{poll_until, wait_for};
+use shoal_devcluster::{Cluster, NodeInfo, RunningUp};
+use shoal_meta::records::{InstancePhase, InstanceRecord};
 use shoal_sdk::blocking::Client;
 use shoal_sdk::ErrorCode;
-use std::io::{BufRead, BufReader, Write};
-use std::process::{Child, Command, Output, Stdio};
+use std::io::Write;
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 const SHOAL: &str = env!("CARGO_BIN_EXE_shoal");
@@ -14,54 +18,45 @@ const TTL: Duration = Duration::from_secs(2);
 /// a seal): a get right after a put on another node gives it this long.
 const SETTLE: Duration = Duration::from_secs(5);
 
+/// `shoal up --nodes N` in a temporary runtime directory; stopped when dropped.
 struct Up {
-    child: Child,
-    info: serde_json::Value,
+    up: RunningUp,
     dir: tempfile::TempDir,
 }
 
 impl Up {
     fn start(nodes: u32, extra: &[&str]) -> Up {
         let dir = tempfile::tempdir().unwrap();
-        let mut child = Command::new(SHOAL)
-            .args(["up", "--json", "--shm-size", "512MiB", "--lease-ttl", "2s"])
-            .args(["--nodes", &nodes.to_string()])
+        let up = shoal_devcluster::Up::new(SHOAL, dir.path())
+            .nodes(nodes)
+            .args(["--shm-size", "512MiB", "--lease-ttl", "2s"])
             .args(extra)
-            .arg("--socket-dir")
-            .arg(dir.path())
-            .env("SHOAL_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let info: serde_json::Value =
-            serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"));
-        Up { child, info, dir }
+            .start()
+            .unwrap_or_else(|e| panic!("{e}"));
+        Up { up, dir }
+    }
+
+    fn info(&self) -> &Cluster {
+        self.up.cluster()
+    }
+
+    fn node(&self, node: usize) -> &NodeInfo {
+        &self.info().nodes[node]
     }
 
     fn socket(&self, node: usize) -> String {
-        self.info["nodes"][node]["dataworker_socket"]
-            .as_str()
-            .unwrap()
-            .to_string()
+        self.node(node).dataworker_socket.display().to_string()
     }
 
-    fn pid(&self, node: usize) -> i32 {
-        self.info["nodes"][node]["pid"].as_i64().unwrap() as i32
+    fn control(&self) -> String {
+        self.info().control.http.to_string()
     }
 
     fn shoal(&self, node: usize, args: &[&str], stdin: Option<&[u8]>) -> Output {
         let mut c = Command::new(SHOAL)
             .args(args)
             .env("SHOAL_DATAWORKER_SOCKET", self.socket(node))
-            .env(
-                "SHOAL_CONTROL",
-                self.info["control"]["http"].as_str().unwrap(),
-            )
+            .env("SHOAL_CONTROL", self.control())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -76,25 +71,27 @@ impl Up {
     }
 
     fn kill_node(&self, node: usize) {
-        kill(i64::from(self.pid(node)));
+        kill(self.node(node).pid);
     }
 
     /// Waits until node `node` sees `n` members.
     fn wait_members(&self, node: usize, n: usize) {
         let c = Client::connect(self.socket(node)).unwrap();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while c.status().unwrap().members.len() != n {
-            assert!(Instant::now() < deadline, "cluster never had {n} members");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_until(
+            &format!("node {node} to see {n} members"),
+            Duration::from_secs(20),
+            || (c.status().unwrap().members.len() == n).then_some(()),
+        );
     }
-}
 
-impl Drop for Up {
-    fn drop(&mut self) {
-        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-        let _ = self.child.wait();
+    /// The sum of the dataworker's counter `series` (every label set that starts so).
+    fn counter(&self, node: usize, series: &str) -> u64 {
+        let http = self.node(node).http.unwrap().to_string();
+        http_get_text(&http, "/metrics")
+            .lines()
+            .filter(|l| l.starts_with(series))
+            .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+            .sum::<f64>() as u64
     }
 }
 
@@ -123,6 +120,7 @@ fn cluster_put_get_and_node_loss(up: &Up) {
     ok(&up.shoal(2, &["get", "big", "-o", out.to_str().unwrap()], None));
     assert_eq!(std::fs::read(&out).unwrap(), data);
     // A get that waits for an object sealed later on another node completes.
+    let gets = up.counter(1, "shoal_requests_total{op=\"get\"");
     let reader = std::thread::spawn({
         let sock = up.socket(1);
         move || {
@@ -130,7 +128,10 @@ fn cluster_put_get_and_node_loss(up: &Up) {
             c.get("later", Duration::from_secs(10)).map(|v| v.to_vec())
         }
     });
-    std::thread::sleep(Duration::from_millis(300));
+    // The put comes once node 2 has the get (a counter it bumps as it takes the request).
+    wait_until("node 2 to take the get", Duration::from_secs(10), || {
+        (up.counter(1, "shoal_requests_total{op=\"get\"") > gets).then_some(())
+    });
     ok(&up.shoal(0, &["put", "later", "-"], Some(b"sealed later")));
     assert_eq!(reader.join().unwrap().unwrap(), b"sealed later");
     // Status lists the nodes with their health.
@@ -139,24 +140,27 @@ fn cluster_put_get_and_node_loss(up: &Up) {
 
     // Node 2 holds an object alone; node 3 holds a replica of `big`.
     ok(&up.shoal(1, &["put", "only-on-2", "-"], Some(b"doomed")));
-    // Let its registration reach the directory owners (asynchronous, milliseconds).
+    // Let its registration reach the directory owners (asynchronous, milliseconds). This
+    // pause must stay: no call shows an owner's directory, and reading the object from
+    // another node to find out would put a second copy there, which this test must not have.
     std::thread::sleep(Duration::from_millis(200));
     let c3 = Client::connect(up.socket(2)).unwrap();
     let before = c3.status().unwrap();
     up.kill_node(1);
     let t = Instant::now();
-    let e = loop {
+    let e = wait_until("ObjectLost", TTL + Duration::from_secs(4), || {
         match c3.get("only-on-2", Duration::ZERO) {
-            Err(e) if e.code() == ErrorCode::ObjectLost => break e,
-            Err(e) => assert!(
-                matches!(e.code(), ErrorCode::Unavailable | ErrorCode::Timeout),
-                "{e}"
-            ),
+            Err(e) if e.code() == ErrorCode::ObjectLost => Some(e),
+            Err(e) => {
+                assert!(
+                    matches!(e.code(), ErrorCode::Unavailable | ErrorCode::Timeout),
+                    "{e}"
+                );
+                None
+            }
             Ok(_) => panic!("read an object whose only copy is gone"),
         }
-        assert!(t.elapsed() < TTL + Duration::from_secs(4), "no ObjectLost");
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    });
     assert!(
         t.elapsed() <= TTL + Duration::from_secs(2),
         "ObjectLost took {:?}: {e}",
@@ -198,11 +202,9 @@ fn delete_removes_every_copy_and_the_reader_arena_does_not_leak() {
     assert_eq!(c2.get("x", SETTLE).unwrap().len(), 100_000);
     assert!(c2.status().unwrap().used_bytes > empty);
     c1.delete("x").unwrap();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while c2.status().unwrap().used_bytes != empty {
-        assert!(Instant::now() < deadline, "replica not dropped");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_until("the replica to be dropped", Duration::from_secs(5), || {
+        (c2.status().unwrap().used_bytes == empty).then_some(())
+    });
     let e = c2.get("x", Duration::ZERO).unwrap_err();
     assert_eq!(e.code(), ErrorCode::NotFound, "{e}");
     // Deleting an id sealed only on the other node works too.
@@ -232,7 +234,10 @@ fn holder_killed_mid_transfer_leaks_nothing_on_the_reader() {
         let c = Client::connect(sock).unwrap();
         c.get("huge", SETTLE).map(|v| v.len())
     });
-    std::thread::sleep(Duration::from_millis(30));
+    // Kill the holder once the pull has begun: the reader has its buffer, or is done.
+    wait_until("the pull to begin", Duration::from_secs(10), || {
+        (reader.is_finished() || c2.status().unwrap().used_bytes > empty).then_some(())
+    });
     up.kill_node(0);
     match reader.join().unwrap() {
         Ok(n) => assert_eq!(n, 256 << 20, "a pull that finished is whole"),
@@ -247,16 +252,15 @@ fn holder_killed_mid_transfer_leaks_nothing_on_the_reader() {
     // No half-written object is visible, and the partial buffer went back to the arena.
     let listed = c2.list("", 10).unwrap();
     assert!(listed.iter().all(|e| e.sealed), "{listed:?}");
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
+    let mut last = None;
+    let done = poll_until(Instant::now() + Duration::from_secs(5), || {
         let s = c2.status().unwrap();
         let complete = c2.contains("huge").unwrap();
-        if complete || s.used_bytes == empty {
-            break;
-        }
-        assert!(Instant::now() < deadline, "partial buffer leaked: {s:?}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+        let freed = s.used_bytes == empty;
+        last = Some(s);
+        (complete || freed).then_some(())
+    });
+    assert!(done.is_some(), "partial buffer leaked: {last:?}");
 }
 
 #[test]
@@ -269,8 +273,9 @@ fn control_down_keeps_the_data_path() {
     );
     c1.put("before", b"replicated").unwrap();
     assert_eq!(&c2.get("before", SETTLE).unwrap()[..], b"replicated");
-    kill(up.info["control"]["pid"].as_i64().unwrap());
+    kill(up.info().control.pid);
     // Longer than a lease: the nodes keep their last view instead of dropping each other.
+    // This pause must stay: what is tested is that nothing happens during it.
     std::thread::sleep(TTL + Duration::from_secs(1));
     c1.put("local", b"put while control is down").unwrap();
     assert_eq!(
@@ -334,7 +339,7 @@ fn etcd_cluster_put_get_and_lose_one() {
 
 /// A real etcd on free loopback ports with its data in a temporary directory.
 struct Etcd {
-    child: Child,
+    _proc: shoal_devcluster::Proc,
     url: String,
     _dir: tempfile::TempDir,
 }
@@ -369,23 +374,14 @@ impl Etcd {
             .spawn()
             .ok()?;
         let e = Etcd {
-            child,
+            _proc: shoal_devcluster::Proc::adopt("etcd", child),
             url,
             _dir: dir,
         };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", client)).is_err() {
-            assert!(Instant::now() < deadline, "etcd did not start");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_until("etcd to listen", Duration::from_secs(20), || {
+            std::net::TcpStream::connect(("127.0.0.1", client)).ok()
+        });
         Some(e)
-    }
-}
-
-impl Drop for Etcd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -403,34 +399,30 @@ fn control_client(addr: &str) -> ControlClient {
     ControlClient::new(addr).unwrap()
 }
 
+/// A `shoal control` of its own on etcd (beside the one `up` starts).
 #[cfg(feature = "etcd")]
 struct ControlProc {
-    child: Child,
+    proc: shoal_devcluster::Proc,
     http: String,
 }
 
 #[cfg(feature = "etcd")]
 impl ControlProc {
     fn start(etcd: &str, name: &str) -> ControlProc {
-        let mut child = Command::new(SHOAL)
-            .args(["control", "--listen", "off", "--http-addr", "127.0.0.1:0"])
+        let mut cmd = Command::new(SHOAL);
+        cmd.args(["control", "--listen", "off", "--http-addr", "127.0.0.1:0"])
             .args(["--etcd", etcd, "--election-ttl", "2s", "--name", name])
             .args(["--ready-json", "--exit-with-parent"])
-            .env("SHOAL_LOG", "warn")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let ready: serde_json::Value =
-            serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"));
+            .env("SHOAL_LOG", "warn");
+        let (proc, ready) = shoal_devcluster::Proc::spawn_ready::<shoal_devcluster::ControlReady>(
+            format!("control {name}"),
+            &mut cmd,
+            Duration::from_secs(30),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
         ControlProc {
-            child,
-            http: ready["http"].as_str().unwrap().to_string(),
+            proc,
+            http: ready.http.to_string(),
         }
     }
 
@@ -441,49 +433,32 @@ impl ControlProc {
     }
 }
 
-#[cfg(feature = "etcd")]
-impl Drop for ControlProc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[test]
 #[cfg(feature = "etcd")]
 fn control_leader_failover_on_etcd() {
     let etcd = Etcd::start().expect("etcd is not installed: scripts/test.sh installs etcd-server");
     let a = ControlProc::start(&etcd.url, "a");
     let b = ControlProc::start(&etcd.url, "b");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let (leader, standby) = loop {
+    use shoal_control_client::ControlRole::{Leader, Standby};
+    let a_leads = wait_until("a single leader", Duration::from_secs(10), || {
         match (a.role(), b.role()) {
-            (
-                Some(shoal_control_client::ControlRole::Leader),
-                Some(shoal_control_client::ControlRole::Standby),
-            ) => break (a, b),
-            (
-                Some(shoal_control_client::ControlRole::Standby),
-                Some(shoal_control_client::ControlRole::Leader),
-            ) => break (b, a),
-            other => assert!(Instant::now() < deadline, "no single leader: {other:?}"),
+            (Some(Leader), Some(Standby)) => Some(true),
+            (Some(Standby), Some(Leader)) => Some(false),
+            _ => None,
         }
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    });
+    let (leader, standby) = if a_leads { (a, b) } else { (b, a) };
     // The standby answers and names the leader.
     let v = block_on(control_client(&standby.http).nodes()).unwrap();
     assert_eq!(v.role, shoal_control_client::ControlRole::Standby);
     assert!(v.leader.is_some(), "{v:?}");
     let mut leader = leader;
-    leader.child.kill().unwrap();
-    let killed = Instant::now();
-    while standby.role() != Some(shoal_control_client::ControlRole::Leader) {
-        assert!(
-            killed.elapsed() < TTL + Duration::from_secs(2),
-            "standby did not take over within the lease TTL + 2 s"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    leader.proc.kill();
+    wait_until(
+        "the standby to take over within the lease TTL + 2 s",
+        TTL + Duration::from_secs(2),
+        || (standby.role() == Some(Leader)).then_some(()),
+    );
 }
 
 #[test]
@@ -533,10 +508,7 @@ fn functions_through_the_rest_api() {
 #[test]
 fn a_call_through_the_nodes_proxy() {
     let up = Up::start(2, &[]);
-    let proxy = up.info["nodes"][0]["proxy_socket"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let proxy = up.proxy(0);
     // A function instance on node 1, served with the SDK.
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -561,23 +533,9 @@ fn a_call_through_the_nodes_proxy() {
     assert!(String::from_utf8_lossy(&o.stderr).starts_with("error: NotFound"));
 }
 
-/// Polls `check` every 50 ms until it gives a value; `None` after `timeout`.
-fn poll_until<T>(timeout: Duration, mut check: impl FnMut() -> Option<T>) -> Option<T> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = check() {
-            return Some(v);
-        }
-        if Instant::now() >= deadline {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// [`poll_until`], panicking with `what` on timeout.
+/// [`wait_for`], panicking with what it waited for on timeout.
 fn wait_until<T>(what: &str, timeout: Duration, check: impl FnMut() -> Option<T>) -> T {
-    poll_until(timeout, check).unwrap_or_else(|| panic!("timed out waiting: {what}"))
+    wait_for(what, timeout, check).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// Calls `echo` through a proxy in a loop on its own thread, one call at a time, counting
@@ -663,7 +621,7 @@ fn http_get_text(addr: &str, path: &str) -> String {
 }
 
 /// SIGKILL.
-fn kill(pid: i64) {
+fn kill(pid: u32) {
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(pid as i32),
         nix::sys::signal::Signal::SIGKILL,
@@ -675,10 +633,9 @@ fn kill(pid: i64) {
 impl Up {
     fn shoal_fn(&self, args: &[&str], proxy: Option<&str>) -> Output {
         let mut c = Command::new(SHOAL);
-        c.arg("fn").args(args).env(
-            "SHOAL_CONTROL",
-            self.info["env"]["SHOAL_CONTROL"].as_str().unwrap(),
-        );
+        c.arg("fn")
+            .args(args)
+            .env("SHOAL_CONTROL", self.info().env.control.to_string());
         if let Some(p) = proxy {
             c.env("SHOAL_PROXY_SOCKET", p);
         }
@@ -701,41 +658,43 @@ impl Up {
         ok(&self.shoal_fn(&args, None));
     }
 
+    /// The instances `shoal fn ls --json` lists (`None` when it fails).
+    fn instances(&self) -> Option<Vec<InstanceRecord>> {
+        #[derive(serde::Deserialize)]
+        struct FnLs {
+            instances: Vec<InstanceRecord>,
+        }
+        let o = self.shoal_fn(&["ls", "--json"], None);
+        if !o.status.success() {
+            return None;
+        }
+        let ls: FnLs = serde_json::from_slice(&o.stdout).unwrap();
+        Some(ls.instances)
+    }
+
     /// Waits for a running instance (not on node `not_on`); its record.
-    fn running_instance(&self, deadline: Instant, not_on: Option<&str>) -> serde_json::Value {
+    fn running_instance(&self, deadline: Instant, not_on: Option<&str>) -> InstanceRecord {
         let timeout = deadline.saturating_duration_since(Instant::now());
         wait_until("a running instance", timeout, || {
-            let o = self.shoal_fn(&["ls", "--json"], None);
-            if !o.status.success() {
-                return None;
-            }
-            let ls: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-            ls["instances"]
-                .as_array()?
-                .iter()
-                .find(|i| i["state"] == "running" && i["node"].as_str() != not_on)
-                .cloned()
+            self.instances()?
+                .into_iter()
+                .find(|i| i.state == InstancePhase::Running && Some(i.node.as_str()) != not_on)
         })
     }
 
     /// Index of node `id` in `up`'s answer.
     fn node_index(&self, id: &str) -> usize {
-        (0..self.info["nodes"].as_array().unwrap().len())
-            .find(|i| self.info["nodes"][*i]["id"] == id)
-            .unwrap()
+        self.info().node_index(id).unwrap()
     }
 
     fn proxy(&self, node: usize) -> String {
-        self.info["nodes"][node]["proxy_socket"]
-            .as_str()
-            .unwrap()
-            .to_string()
+        self.node(node).proxy_socket.display().to_string()
     }
 
     /// Calls echo through `proxy` until it answers (the instance may still be connecting).
     fn invoke_echo(&self, proxy: &str, arg: &str) -> Vec<u8> {
         let mut last = String::new();
-        poll_until(Duration::from_secs(20), || {
+        poll_until(Instant::now() + Duration::from_secs(20), || {
             let o = self.shoal_fn(&["invoke", "echo", arg], Some(proxy));
             last = String::from_utf8_lossy(&o.stderr).into_owned();
             o.status.success().then_some(o.stdout)
@@ -750,27 +709,24 @@ fn deploy_place_start_invoke_and_recover() {
     up.deploy_echo();
     // Placed on a node, started by that node's agent, registered with that node's proxy.
     let inst = up.running_instance(Instant::now() + Duration::from_secs(20), None);
-    let proxy = up.proxy(up.node_index(inst["node"].as_str().unwrap()));
+    let proxy = up.proxy(up.node_index(&inst.node));
     assert_eq!(up.invoke_echo(&proxy, "hello"), b"hello");
     // `shoal status` lists the instance under its node.
     let status = String::from_utf8(ok(&up.shoal(0, &["status"], None))).unwrap();
     let line = status
         .lines()
-        .find(|l| l.contains(inst["id"].as_str().unwrap()))
+        .find(|l| l.contains(&inst.id))
         .unwrap_or_else(|| panic!("instance missing from status:\n{status}"));
-    assert!(line.starts_with(inst["node"].as_str().unwrap()), "{line}");
+    assert!(line.starts_with(&inst.node), "{line}");
     assert!(line.contains("running"), "{line}");
     // `shoal fn logs` reads the instance's logs from its agent.
     let logs = String::from_utf8(ok(&up.shoal_fn(&["logs", "echo"], None))).unwrap();
-    assert!(
-        logs.contains(&format!("==> {} on ", inst["id"].as_str().unwrap())),
-        "{logs}"
-    );
+    assert!(logs.contains(&format!("==> {} on ", &inst.id)), "{logs}");
     assert!(!logs.contains("unavailable"), "{logs}");
     // The proxy counts the calls it answered.
-    let metrics = up.info["nodes"][up.node_index(inst["node"].as_str().unwrap())]["proxy_metrics"]
-        .as_str()
-        .unwrap()
+    let metrics = up
+        .node(up.node_index(&inst.node))
+        .proxy_metrics
         .trim_start_matches("http://")
         .to_string();
     let (addr, path) = metrics.split_once('/').unwrap();
@@ -780,7 +736,7 @@ fn deploy_place_start_invoke_and_recover() {
         "{text}"
     );
     // Kill the instance's process: the agent restarts it and calls work again.
-    kill(inst["pid"].as_i64().unwrap());
+    kill(inst.pid.unwrap());
     assert_eq!(up.invoke_echo(&proxy, "hello"), b"hello");
     ok(&up.shoal_fn(&["rm", "echo"], None));
 }
@@ -790,16 +746,16 @@ fn warm_calls_survive_control_and_lost_nodes_are_replaced() {
     let up = Up::start(2, &[]);
     up.deploy_echo();
     let inst = up.running_instance(Instant::now() + Duration::from_secs(20), None);
-    let node = inst["node"].as_str().unwrap().to_string();
+    let node = inst.node.clone();
     let idx = up.node_index(&node);
     assert_eq!(up.invoke_echo(&up.proxy(idx), "warm"), b"warm");
 
     // The node's agent dies (with it, the node's ability to run instances): after its lease
     // and the placement grace, the instance is placed and started on the other node.
-    kill(up.info["nodes"][idx]["agent_pid"].as_i64().unwrap());
+    kill(up.node(idx).agent_pid);
     let killed = Instant::now();
     let other = up.running_instance(killed + TTL + Duration::from_secs(10), Some(&node));
-    let other = other["node"].as_str().unwrap();
+    let other = other.node.as_str();
     assert_ne!(other, node);
     assert!(
         killed.elapsed() <= TTL + Duration::from_secs(5),
@@ -810,7 +766,7 @@ fn warm_calls_survive_control_and_lost_nodes_are_replaced() {
     assert_eq!(up.invoke_echo(&other_proxy, "warm"), b"warm");
 
     // Control goes away: warm calls keep flowing (the call path never asks it).
-    kill(up.info["control"]["pid"].as_i64().unwrap());
+    kill(up.info().control.pid);
     for _ in 0..5 {
         assert_eq!(up.invoke_echo(&other_proxy, "warm"), b"warm");
     }
@@ -821,7 +777,7 @@ fn calls_cross_nodes_and_a_killed_node_is_replaced() {
     let up = Up::start(2, &[]);
     up.deploy_echo();
     let inst = up.running_instance(Instant::now() + Duration::from_secs(20), None);
-    let node = inst["node"].as_str().unwrap().to_string();
+    let node = inst.node.clone();
     let idx = up.node_index(&node);
     let other_idx = 1 - idx;
     // Through the other node's proxy: forwarded over mTLS to the instance's node.
@@ -829,11 +785,11 @@ fn calls_cross_nodes_and_a_killed_node_is_replaced() {
     assert_eq!(up.invoke_echo(&up.proxy(idx), "local"), b"local");
 
     // The whole node dies at once (dataworker, proxy, agent and the instance).
-    let n = &up.info["nodes"][idx];
-    for pid in ["agent_pid", "proxy_pid", "pid"] {
-        kill(n[pid].as_i64().unwrap());
+    let n = up.node(idx);
+    for pid in [n.agent_pid, n.proxy_pid, n.pid] {
+        kill(pid);
     }
-    kill(inst["pid"].as_i64().unwrap());
+    kill(inst.pid.unwrap());
     let killed = Instant::now();
     let replaced = up.running_instance(killed + TTL + Duration::from_secs(10), Some(&node));
     assert!(
@@ -841,10 +797,7 @@ fn calls_cross_nodes_and_a_killed_node_is_replaced() {
         "replaced only after {:?}",
         killed.elapsed()
     );
-    assert_eq!(
-        replaced["node"].as_str().unwrap(),
-        up.info["nodes"][other_idx]["id"]
-    );
+    assert_eq!(replaced.node, up.node(other_idx).id);
     assert_eq!(up.invoke_echo(&up.proxy(other_idx), "again"), b"again");
 }
 
@@ -853,8 +806,8 @@ fn rest_frontend_and_large_payloads_as_objects() {
     let up = Up::start(2, &[]);
     up.deploy_echo();
     let inst = up.running_instance(Instant::now() + Duration::from_secs(20), None);
-    let idx = up.node_index(inst["node"].as_str().unwrap());
-    let control = up.info["control"]["http"].as_str().unwrap().to_string();
+    let idx = up.node_index(&inst.node);
+    let control = up.control();
     // The REST frontend calls through node 1's proxy (forwarded when the instance is on
     // node 2).
     let client = control_client(&control);
@@ -922,7 +875,7 @@ fn warm_calls_flow_through_a_leader_failover_on_etcd() {
     );
     up.deploy_echo();
     let inst = up.running_instance(Instant::now() + Duration::from_secs(20), None);
-    let node = up.node_index(inst["node"].as_str().unwrap());
+    let node = up.node_index(&inst.node);
     // Calls through the other node's proxy: forwarded, so the route table is exercised too.
     let proxy = up.proxy(1 - node);
     assert_eq!(up.invoke_echo(&proxy, "warm"), b"warm");
@@ -930,7 +883,7 @@ fn warm_calls_flow_through_a_leader_failover_on_etcd() {
     let calls = CallLoop::start(&proxy, b"in flight");
     calls.wait_more(20);
     // The leader (up's control) dies; the standby takes over while calls keep flowing.
-    kill(up.info["control"]["pid"].as_i64().unwrap());
+    kill(up.info().control.pid);
     wait_until("the standby takes over", Duration::from_secs(10), || {
         (standby.role() == Some(shoal_control_client::ControlRole::Leader)).then_some(())
     });
@@ -987,23 +940,16 @@ fn placement_follows_selectors_affinity_and_pools() {
         args.extend_from_slice(&["--", "./echo"]);
         ok(&up.shoal_fn(&args, None));
     };
-    let instances = |name: &str| -> Vec<serde_json::Value> {
-        let o = up.shoal_fn(&["ls", "--json"], None);
-        let v: serde_json::Value = serde_json::from_slice(&ok(&o)).unwrap();
-        v["instances"]
-            .as_array()
-            .cloned()
-            .unwrap_or_default()
-            .into_iter()
-            .filter(|i| i["function"] == name)
-            .collect()
+    let instances = |name: &str| -> Vec<InstanceRecord> {
+        let all = up.instances().expect("shoal fn ls --json");
+        all.into_iter().filter(|i| i.function == name).collect()
     };
     let running_on = |name: &str| -> String {
         wait_until(&format!("{name} runs"), Duration::from_secs(20), || {
             let i = instances(name)
                 .into_iter()
-                .find(|i| i["state"] == "running")?;
-            Some(i["node"].as_str()?.to_string())
+                .find(|i| i.state == InstancePhase::Running)?;
+            Some(i.node)
         })
     };
     // A node selector pins echo to node-2 (`up` labels every node `node=ID`).
@@ -1016,7 +962,7 @@ fn placement_follows_selectors_affinity_and_pools() {
 
     // A pool over node-1 with room for one 600-millicore instance: of two wanted, one runs,
     // on node-1.
-    let control = up.info["control"]["http"].as_str().unwrap();
+    let control = &up.control();
     let pool: Pool = serde_json::from_str(
         r#"{"name":"p","node_selector":{"node":"node-1"},"cpu_milli":1000,"mem_mib":1024}"#,
     )
@@ -1076,13 +1022,11 @@ fn an_update_rolls_the_instances_without_dropping_calls() {
         "the instance rolled to version 2",
         Duration::from_secs(30),
         || {
-            let v: serde_json::Value =
-                serde_json::from_slice(&ok(&up.shoal_fn(&["ls", "--json"], None))).unwrap();
-            let insts = v["instances"].as_array()?.clone();
+            let insts = up.instances().expect("shoal fn ls --json");
             (insts.len() == 1
-                && insts[0]["function_version"] == 2
-                && insts[0]["state"] == "running"
-                && insts[0]["id"] != first["id"])
+                && insts[0].function_version == Some(2)
+                && insts[0].state == InstancePhase::Running
+                && insts[0].id != first.id)
                 .then_some(())
         },
     );

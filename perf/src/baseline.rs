@@ -6,8 +6,8 @@ use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
 /// memcpy bandwidth between two pre-faulted buffers of `size` bytes (system `memcpy`).
 pub fn memcpy_bandwidth(spec: &RunSpec, bench: &str, size: usize) -> Record {
@@ -131,7 +131,8 @@ pub fn tcp_round_trip(
 /// A `redis-server` child on a free loopback port; stopped and reaped on drop.
 #[derive(Debug)]
 pub struct RedisServer {
-    child: Child,
+    /// Stopped (SIGTERM, then SIGKILL) before the directory goes.
+    proc: shoal_devcluster::Proc,
     addr: SocketAddr,
     _dir: tempfile::TempDir,
 }
@@ -170,47 +171,30 @@ impl RedisServer {
             .spawn()
             .context("starting redis-server")?;
         let mut server = RedisServer {
-            child,
+            proc: shoal_devcluster::Proc::adopt("redis-server", child),
             addr: SocketAddr::from(([127, 0, 0, 1], port)),
             _dir: dir,
         };
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            if let Ok(mut c) = RespClient::connect(server.addr) {
-                if c.ping().is_ok() {
-                    return Ok(Some(server));
+        let answered = shoal_devcluster::wait::wait_for(
+            "redis-server to answer PING",
+            Duration::from_secs(5),
+            || {
+                if let Some(status) = server.proc.try_wait() {
+                    return Some(Err(status));
                 }
-            }
-            if let Some(status) = server.child.try_wait()? {
-                bail!("redis-server exited at start: {status}");
-            }
-            if Instant::now() > deadline {
-                bail!("redis-server did not answer within 5 s");
-            }
-            std::thread::sleep(Duration::from_millis(20));
+                let mut c = RespClient::connect(server.addr).ok()?;
+                c.ping().ok().map(Ok)
+            },
+        )?;
+        if let Err(status) = answered {
+            bail!("redis-server exited at start: {status}");
         }
+        Ok(Some(server))
     }
 
     /// Where it listens.
     pub fn addr(&self) -> SocketAddr {
         self.addr
-    }
-}
-
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .arg(self.child.id().to_string())
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(2);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -412,6 +396,8 @@ mod tests {
                 }
                 s.write_all(reply).unwrap();
                 s.flush().unwrap();
+                // Makes each write likely to arrive as its own read, which is what this test
+                // is about; the assertions hold whichever way the bytes arrive.
                 std::thread::sleep(Duration::from_millis(5));
             }
         });

@@ -25,14 +25,16 @@
 use crate::baseline::find_on_path;
 use crate::{run_threads, Metric, Record, Report, RunSpec, Target};
 use anyhow::Context;
+use shoal_devcluster::wait::wait_for;
+use shoal_devcluster::Proc;
 use shoal_meta::records::{
     function_key, instance_key, CodeSource, FunctionSpec, InstancePhase, InstanceRecord, Resources,
 };
 use shoal_proxy::{EngineKind, Proxy, ProxyConfig};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
 /// Options of the calls suite.
 #[derive(Debug, Clone)]
@@ -246,14 +248,14 @@ fn remote_calls(spec: &RunSpec, clients: usize) -> anyhow::Result<Record> {
     rt.spawn(instance.run(echo));
     // Wait until node a routes to node b.
     let caller = rt.block_on(shoal_sdk::CallClient::connect(a.socket_path()))?;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while rt
-        .block_on(caller.invoke("echo", b"ping", Duration::from_secs(1)))
-        .is_err()
-    {
-        anyhow::ensure!(Instant::now() < deadline, "node a never routed to node b");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for(
+        "node a to route calls to node b",
+        Duration::from_secs(10),
+        || {
+            rt.block_on(caller.invoke("echo", b"ping", Duration::from_secs(1)))
+                .ok()
+        },
+    )?;
     let (lat, secs) = call_threads(
         spec,
         clients,
@@ -400,7 +402,7 @@ fn shoal_calls(
 
 /// A `nats-server` child on a free loopback port; stopped and reaped on drop.
 struct NatsServer {
-    child: Child,
+    _proc: Proc,
     addr: SocketAddr,
 }
 
@@ -417,22 +419,13 @@ impl NatsServer {
             .spawn()
             .context("starting nats-server")?;
         let server = NatsServer {
-            child,
+            _proc: Proc::adopt("nats-server", child),
             addr: SocketAddr::from(([127, 0, 0, 1], port)),
         };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while TcpStream::connect(server.addr).is_err() {
-            anyhow::ensure!(Instant::now() < deadline, "nats-server did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_for("nats-server to listen", Duration::from_secs(10), || {
+            TcpStream::connect(server.addr).ok()
+        })?;
         Ok(Some(server))
-    }
-}
-
-impl Drop for NatsServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

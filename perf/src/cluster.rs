@@ -2,19 +2,19 @@
 //! same bytes over TCP + TLS (tokio + rustls, one connection, the cluster's certificates) and
 //! plain TCP, in the same run.
 //!
-//! The cluster is real: `shoal up --nodes 2` starts control and two dataworker processes; a
-//! writer client on node 1 seals the object, a reader client on node 2 gets it (a pull over
-//! QUIC into node 2's arena). The baselines run between two processes as well: a
-//! `shoal bench-peer` child serves the bytes, this process receives them. CPU time is read
+//! The cluster is real: `shoal up --nodes 2` ([`shoal_devcluster::Up`]) starts control and two
+//! nodes' processes; a writer client on node 1 seals the object, a reader client on node 2
+//! gets it (a pull over QUIC into node 2's arena). The baselines run between two processes as
+//! well: a `shoal bench-peer` child serves the bytes, this process receives them. CPU time is read
 //! from `/proc/<pid>/stat` of each side before and after, and reported per GB moved.
 use crate::report::human;
 use crate::{run_single, Latencies, Metric, Record, Report, RunSpec, Target};
-use anyhow::Context;
+use shoal_devcluster::{Proc, RunningUp, Up};
 use shoal_sdk::blocking::Client;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -41,25 +41,6 @@ const KIB: u64 = 1 << 10;
 const MIB: u64 = 1 << 20;
 const GIB: u64 = 1 << 30;
 
-/// A child process killed (SIGTERM, then SIGKILL) when dropped.
-struct ChildGuard(Child);
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        let pid = nix::unistd::Pid::from_raw(self.0.id() as i32);
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.0.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// CPU seconds (user + system) a process has used, from `/proc/<pid>/stat`.
 fn cpu_secs(pid: u32) -> Option<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -71,55 +52,37 @@ fn cpu_secs(pid: u32) -> Option<f64> {
 }
 
 struct Cluster {
-    _up: ChildGuard,
-    sockets: Vec<String>,
-    pids: Vec<u32>,
-    tls_dir: PathBuf,
+    up: RunningUp,
     _dir: tempfile::TempDir,
 }
 
 impl Cluster {
     fn start(shoal: &Path, shm: u64) -> anyhow::Result<Cluster> {
         let dir = tempfile::tempdir()?;
-        let mut child = Command::new(shoal)
-            .args(["up", "--nodes", "2", "--json", "--shm-populate"])
-            .args(["--shm-size", &shm.to_string(), "--lease-ttl", "3s"])
-            .arg("--socket-dir")
-            .arg(dir.path())
-            .env("SHOAL_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .context("starting `shoal up --nodes 2`")?;
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().context("stdout")?).read_line(&mut line)?;
-        let guard = ChildGuard(child);
-        let info: serde_json::Value = serde_json::from_str(&line)
-            .with_context(|| format!("`shoal up` did not start: {line:?}"))?;
-        let nodes = info["nodes"].as_array().context("no nodes")?;
-        let sockets = nodes
-            .iter()
-            .filter_map(|n| n["dataworker_socket"].as_str().map(str::to_string))
-            .collect();
-        let pids = nodes
-            .iter()
-            .filter_map(|n| n["pid"].as_u64().map(|p| p as u32))
-            .collect();
-        Ok(Cluster {
-            _up: guard,
-            sockets,
-            pids,
-            tls_dir: dir.path().join("tls"),
-            _dir: dir,
-        })
+        let up = Up::new(shoal, dir.path())
+            .nodes(2)
+            .args(["--shm-populate", "--shm-size", &shm.to_string()])
+            .args(["--lease-ttl", "3s"])
+            .start()?;
+        Ok(Cluster { up, _dir: dir })
     }
 
+    fn socket(&self, node: usize) -> anyhow::Result<&Path> {
+        let n = self.up.cluster().nodes.get(node);
+        Ok(&n
+            .ok_or_else(|| anyhow::anyhow!("no node {node}"))?
+            .dataworker_socket)
+    }
+
+    fn tls_dir(&self) -> &Path {
+        &self.up.cluster().tls_dir
+    }
+
+    /// CPU seconds of the two dataworkers.
     fn cpu(&self) -> (f64, f64) {
-        (
-            self.pids.first().and_then(|p| cpu_secs(*p)).unwrap_or(0.0),
-            self.pids.get(1).and_then(|p| cpu_secs(*p)).unwrap_or(0.0),
-        )
+        let nodes = &self.up.cluster().nodes;
+        let of = |i: usize| nodes.get(i).and_then(|n| cpu_secs(n.pid)).unwrap_or(0.0);
+        (of(0), of(1))
     }
 }
 
@@ -135,12 +98,12 @@ pub fn run_cluster(opts: &ClusterOptions) -> anyhow::Result<()> {
     let reps = if opts.quick { 2 } else { 4 };
     let shm = large + large / 2 + 64 * MIB;
     let cluster = Cluster::start(&opts.shoal, shm)?;
-    let writer = Client::connect(&cluster.sockets[0])?;
-    let reader = Client::connect(&cluster.sockets[1])?;
+    let writer = Client::connect(cluster.socket(0)?)?;
+    let reader = Client::connect(cluster.socket(1)?)?;
     if opts.wants("remote_get_large") {
         report.push(remote_large(&cluster, &writer, &reader, large, reps)?);
         for tls in [true, false] {
-            report.push(stream_baseline(opts, &cluster.tls_dir, large, reps, tls)?);
+            report.push(stream_baseline(opts, cluster.tls_dir(), large, reps, tls)?);
         }
     }
     if opts.wants("remote_get_small") {
@@ -249,20 +212,9 @@ fn stream_baseline(
     if !tls {
         cmd.arg("--plain");
     }
-    let mut child = cmd
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .context("starting `shoal bench-peer`")?;
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().context("stdout")?).read_line(&mut line)?;
-    let peer_pid = child.id();
-    let _guard = ChildGuard(child);
-    let addr: SocketAddr = line
-        .trim()
-        .parse()
-        .with_context(|| format!("bench-peer said {line:?}"))?;
+    let (peer, PeerReady { addr }) =
+        Proc::spawn_ready("shoal bench-peer", &mut cmd, Duration::from_secs(30))?;
+    let peer_pid = peer.pid();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -326,7 +278,10 @@ fn remote_small(
     for i in 0..n {
         writer.put(&format!("bench-small-{i}"), &data)?;
     }
-    // Let the registrations reach the directory owners.
+    // Part of the measurement's setup, not a wait for readiness: registrations reach the
+    // directory owners within milliseconds of each seal, and no call shows that they have
+    // (a read would make a local replica and spoil the figure). The reads below would wait
+    // for a late one anyway; the pause keeps that wait out of the first-read latencies.
     std::thread::sleep(Duration::from_millis(200));
     let mut lat = Latencies::new();
     let t = Instant::now();
@@ -359,11 +314,21 @@ fn remote_small(
     Ok(vec![remote, local])
 }
 
+/// The ready line of `shoal bench-peer`.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct PeerReady {
+    /// Where it serves.
+    addr: SocketAddr,
+}
+
 /// `shoal bench-peer`: serves `bytes` bytes per 8-byte request on one TCP (+ TLS) connection
-/// at a time; prints its address on stdout and exits when stdin closes.
+/// at a time; prints its address (a JSON ready line) on stdout and exits when stdin closes.
 pub fn serve_bytes(tls_dir: &Path, bytes: u64, tls: bool) -> anyhow::Result<()> {
     let listener = TcpListener::bind("127.0.0.1:0")?;
-    println!("{}", listener.local_addr()?);
+    let ready = PeerReady {
+        addr: listener.local_addr()?,
+    };
+    println!("{}", serde_json::to_string(&ready)?);
     std::io::stdout().flush()?;
     // Exit when the parent goes away.
     std::thread::spawn(|| {
