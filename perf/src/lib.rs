@@ -1,7 +1,7 @@
 //! shoal's benchmark suite. Every figure is measured in the same run as its baseline (memcpy,
 //! a raw Unix-socket round trip, a real `redis-server`; for the cluster, TCP + TLS and a raw
 //! TCP round trip; for calls, nats-server) and printed as JSON lines with the
-//! fields of DESIGN.md §9; a table of ratios against the targets follows.
+//! fields of [`Record`]; a table of ratios against the targets follows.
 //!
 //! Benchmarks are not tests: nothing here fails because a number is slow. A missed target is
 //! reported as such and the run still succeeds.

@@ -2,7 +2,7 @@ use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
-/// One line of benchmark output (DESIGN.md §9). A figure and its baselines share `bench`,
+/// One line of benchmark output (the JSON lines `shoal bench` prints). A figure and its baselines share `bench`,
 /// `size_bytes` and `clients` and differ in `system`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Record {

@@ -1,5 +1,5 @@
 //! Criterion micro-benchmarks of shoal's pure cores: the decisions that run on every request
-//! and take `now` and their inputs as arguments (DESIGN.md §9, STYLE.md §3). One binary, one
+//! and take `now` and their inputs as arguments (sans-IO, so they time alone). One binary, one
 //! module per core:
 //!
 //! - `store`: the dataworker's object index (lookup, insert), its arena allocator (allocate
