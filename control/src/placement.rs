@@ -25,7 +25,7 @@ use shoal_meta::records::{
     instance_key, AgentRecord, FunctionSpec, InstancePhase, InstanceRecord, Pool, AGENTS_PREFIX,
     FUNCTIONS_PREFIX, INSTANCES_PREFIX, POOLS_PREFIX,
 };
-use shoal_meta::{Compare, KeyValue, MetaError, MetaStore, Role, Txn, TxnOp, WatchStream};
+use shoal_meta::{now_ms, KeyValue, MetaError, MetaStore, Role, Txn, WatchStream};
 use shoal_scheduler::{
     reconcile, Action, ClusterState, InstanceState, InstanceView, NodeView, ReplaceReason,
     Resources, StateError, Term,
@@ -165,13 +165,6 @@ fn scheduler_state(phase: InstancePhase) -> InstanceState {
         InstancePhase::Stopping => InstanceState::Exiting,
         InstancePhase::Scheduled | InstancePhase::Starting => InstanceState::Starting,
     }
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
 }
 
 fn new_instance_id(function: &str) -> String {
@@ -437,17 +430,7 @@ impl Placer {
         };
         let key = instance_key(&spec.name, &id);
         let value = serde_json::to_vec(&record).map_err(|e| MetaError::Backend(e.to_string()))?;
-        let created = meta
-            .txn(Txn {
-                compare: vec![Compare::Absent(key.clone())],
-                success: vec![TxnOp::Put {
-                    key,
-                    value,
-                    lease: None,
-                }],
-                failure: vec![],
-            })
-            .await?;
+        let created = meta.txn(Txn::create(key, value)).await?;
         if created {
             tracing::info!(instance = %id, function = %spec.name, node = %reservation.node, "instance scheduled");
         }

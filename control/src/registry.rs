@@ -260,16 +260,7 @@ impl Registry {
         kind: &'static str,
         name: &str,
     ) -> Result<(), RegistryError> {
-        let txn = Txn {
-            compare: vec![Compare::Absent(key.to_string())],
-            success: vec![TxnOp::Put {
-                key: key.to_string(),
-                value,
-                lease: None,
-            }],
-            failure: vec![],
-        };
-        if self.meta.txn(txn).await? {
+        if self.meta.txn(Txn::create(key, value)).await? {
             Ok(())
         } else {
             Err(RegistryError::AlreadyExists {

@@ -11,7 +11,7 @@ use crate::records::{
     parse_token, token_key, Denied, Issued, Principal, Role, TokenRecord, TOKENS_PREFIX,
     TOKEN_RANDOM_BYTES,
 };
-use crate::types::{Compare, KeyValue, MetaError, MetaStore, Txn, TxnOp, WatchEvent};
+use crate::types::{KeyValue, MetaError, MetaStore, Txn, WatchEvent};
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -158,18 +158,7 @@ pub async fn issue_token(
         let key = token_key(&issued.record.id);
         let value =
             serde_json::to_vec(&issued.record).map_err(|e| MetaError::Backend(e.to_string()))?;
-        let stored = meta
-            .txn(Txn {
-                compare: vec![Compare::Absent(key.clone())],
-                success: vec![TxnOp::Put {
-                    key,
-                    value,
-                    lease: None,
-                }],
-                failure: vec![],
-            })
-            .await?;
-        if stored {
+        if meta.txn(Txn::create(key, value)).await? {
             return Ok(issued);
         }
         // 64 random bits collided with an existing id: draw again.

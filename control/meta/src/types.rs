@@ -64,6 +64,23 @@ pub struct Txn {
     pub failure: Vec<TxnOp>,
 }
 
+impl Txn {
+    /// Create-if-absent: put `value` at `key` only if no such key exists (the transaction
+    /// reports whether it did).
+    pub fn create(key: impl Into<String>, value: Vec<u8>) -> Txn {
+        let key = key.into();
+        Txn {
+            compare: vec![Compare::Absent(key.clone())],
+            success: vec![TxnOp::Put {
+                key,
+                value,
+                lease: None,
+            }],
+            failure: vec![],
+        }
+    }
+}
+
 /// A change seen by a watch.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum WatchEvent {
