@@ -140,17 +140,14 @@ async fn run_async(cmd: Command) -> anyhow::Result<ExitCode> {
                         "cluster", "health", "quic", "arena used"
                     );
                     for m in &s.members {
-                        let h = match m.http_addr.as_deref() {
-                            Some(addr) => health(addr).await,
-                            None => None,
-                        };
+                        let h = m.http_addr.as_deref().and_then(health);
                         let (state, used) = match &h {
-                            Some(h) => (
+                            Some(v) => (
                                 "ok",
                                 format!(
                                     "{} of {}",
-                                    bytesize::ByteSize(h.used_bytes),
-                                    bytesize::ByteSize(h.arena_bytes)
+                                    bytesize::ByteSize(v["used_bytes"].as_u64().unwrap_or(0)),
+                                    bytesize::ByteSize(v["arena_bytes"].as_u64().unwrap_or(0))
                                 ),
                             ),
                             None => ("down", "-".to_string()),
@@ -213,26 +210,18 @@ fn print_instances(insts: &[InstanceRecord]) {
     }
 }
 
-/// The part of a dataworker's `/health` answer that `status` shows.
-#[derive(serde::Deserialize)]
-struct Health {
-    used_bytes: u64,
-    arena_bytes: u64,
-}
-
-/// A node's `/health`, or `None` when it does not answer well within a second.
-async fn health(addr: &str) -> Option<Health> {
-    let http = reqwest::Client::builder()
-        .timeout(std::time::Duration::from_secs(1))
-        .build()
+/// A node's `/health` JSON, or `None` when it does not answer within a second.
+fn health(addr: &str) -> Option<serde_json::Value> {
+    let addr: std::net::SocketAddr = addr.parse().ok()?;
+    let t = std::time::Duration::from_secs(1);
+    let mut s = std::net::TcpStream::connect_timeout(&addr, t).ok()?;
+    s.set_read_timeout(Some(t)).ok()?;
+    s.write_all(b"GET /health HTTP/1.0\r\nHost: shoal\r\n\r\n")
         .ok()?;
-    let resp = http
-        .get(format!("http://{addr}/health"))
-        .send()
-        .await
-        .ok()?;
-    let body = resp.error_for_status().ok()?.bytes().await.ok()?;
-    serde_json::from_slice(&body).ok()
+    let mut body = String::new();
+    s.read_to_string(&mut body).ok()?;
+    let (_, json) = body.split_once("\r\n\r\n")?;
+    serde_json::from_str(json).ok()
 }
 
 async fn kv(conn: &ConnArgs, op: KvOp) -> anyhow::Result<ExitCode> {

@@ -8,6 +8,7 @@ use shoal_meta::records::InstanceRecord;
 use shoal_meta::records::{agent_key, AgentRecord};
 use shoal_meta::MetaStore;
 use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Bytes of each stream returned when the request does not say.
 pub(crate) const DEFAULT_TAIL: u64 = 64 << 10;
@@ -64,25 +65,28 @@ async fn agent_logs_addr(meta: &dyn MetaStore, node: &str) -> Result<String, Str
         .ok_or_else(|| format!("the agent of node {node} does not serve logs"))
 }
 
-/// GET `path` from `addr`; the JSON body of a 200 answer, read up to a bound (two tails and
-/// their envelope) so an agent cannot make control buffer without limit.
+/// GET `path` from `addr` (HTTP/1.0); the JSON body of a 200 answer.
 async fn http_get(addr: &str, path: &str) -> Result<Value, String> {
-    const MAX_BODY: u64 = 2 * MAX_TAIL + (64 << 10);
-    let mut resp = reqwest::Client::new()
-        .get(format!("http://{addr}{path}"))
-        .send()
+    let mut s = tokio::net::TcpStream::connect(addr)
         .await
         .map_err(|e| e.to_string())?;
-    let status = resp.status();
-    let mut body = Vec::new();
-    while let Some(chunk) = resp.chunk().await.map_err(|e| e.to_string())? {
-        if body.len() as u64 + chunk.len() as u64 > MAX_BODY {
-            return Err(format!("answer larger than {MAX_BODY} bytes"));
-        }
-        body.extend_from_slice(&chunk);
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: shoal\r\n\r\n").as_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut resp = Vec::new();
+    s.take(2 * MAX_TAIL + (64 << 10))
+        .read_to_end(&mut resp)
+        .await
+        .map_err(|e| e.to_string())?;
+    let split = resp
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or("malformed HTTP answer")?;
+    let head = String::from_utf8_lossy(&resp[..split]);
+    let status = head.split_whitespace().nth(1).unwrap_or("?");
+    let body = &resp[split + 4..];
+    if status != "200" {
+        return Err(format!("HTTP {status}: {}", String::from_utf8_lossy(body)));
     }
-    if !status.is_success() {
-        return Err(format!("HTTP {status}: {}", String::from_utf8_lossy(&body)));
-    }
-    serde_json::from_slice(&body).map_err(|e| format!("malformed JSON: {e}"))
+    serde_json::from_slice(body).map_err(|e| format!("malformed JSON: {e}"))
 }
