@@ -48,6 +48,37 @@ pub fn wait_for<T>(
     })
 }
 
+/// [`wait_for`] for async conditions (a request to a server, a store read): awaits `check`
+/// until it gives a value, pausing on tokio's clock (so paused-time tests work) between
+/// checks, for at most `timeout`.
+pub async fn wait_for_async<T, F, Fut>(
+    what: &str,
+    timeout: Duration,
+    mut check: F,
+) -> Result<T, TimedOut>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut pause = Duration::from_millis(1);
+    loop {
+        if let Some(v) = check().await {
+            return Ok(v);
+        }
+        let now = tokio::time::Instant::now();
+        if now >= deadline {
+            return Err(TimedOut {
+                what: what.to_string(),
+                timeout,
+            });
+        }
+        // A poll interval (see the module doc): the event is what `check` observes.
+        tokio::time::sleep(pause.min(deadline - now)).await;
+        pause = (pause * 2).min(MAX_POLL);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -60,6 +91,22 @@ mod tests {
             (n == 3).then_some(n)
         });
         assert_eq!(v, Ok(3));
+    }
+
+    #[tokio::test]
+    async fn the_async_wait_returns_the_value_or_times_out() {
+        let mut n = 0;
+        let v = wait_for_async("three checks", Duration::from_secs(10), || {
+            n += 1;
+            let k = n;
+            async move { (k == 3).then_some(k) }
+        })
+        .await;
+        assert_eq!(v, Ok(3));
+        let e = wait_for_async::<(), _, _>("nothing", Duration::ZERO, || async { None })
+            .await
+            .unwrap_err();
+        assert_eq!(e.what, "nothing");
     }
 
     #[test]

@@ -4,27 +4,15 @@
 use std::future::Future;
 use std::time::Duration;
 
-/// How often a condition is checked again.
-const POLL: Duration = Duration::from_millis(10);
-
 /// Polls `cond` until it returns `Some`, failing the test (naming `what`) after `within`.
-pub(crate) async fn wait_for<T, F, Fut>(what: &str, within: Duration, mut cond: F) -> T
+pub(crate) async fn wait_for<T, F, Fut>(what: &str, within: Duration, cond: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Option<T>>,
 {
-    let deadline = tokio::time::Instant::now() + within;
-    loop {
-        if let Some(v) = cond().await {
-            return v;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out after {within:?}: {what}"
-        );
-        // The poll interval: what is waited for has no notification of its own.
-        tokio::time::sleep(POLL).await;
-    }
+    shoal_devcluster::wait::wait_for_async(what, within, cond)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// Polls `cond` until it holds, failing the test (naming `what`) after `within`.
