@@ -127,6 +127,7 @@ async fn run_async(control: &str, op: FnOp) -> anyhow::Result<ExitCode> {
         } => {
             let mut spec = FunctionSpec {
                 name: name.clone(),
+                tenant: String::new(),
                 version: 0,
                 code: code_source(&path)?,
                 digest,

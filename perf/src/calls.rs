@@ -189,6 +189,7 @@ fn remote_calls(spec: &RunSpec, clients: usize) -> anyhow::Result<Record> {
     // Node b runs the instance; the records say so, as an agent and placement would.
     let function = FunctionSpec {
         name: "echo".into(),
+        tenant: String::new(),
         version: 1,
         code: CodeSource::Dir { path: "/".into() },
         digest: None,

@@ -38,6 +38,10 @@ pub enum ErrorCode {
     Unavailable,
     /// The function instance handling a call failed (crashed or disconnected) mid-call.
     InstanceFailed,
+    /// The caller's tenant is at one of its quotas; nothing was changed.
+    QuotaExceeded,
+    /// No credential, or one that is unknown, revoked, expired or malformed.
+    Unauthenticated,
     /// A code this build does not know.
     Unknown(u16),
 }
@@ -62,6 +66,8 @@ impl ErrorCode {
             Self::ObjectLost => 14,
             Self::Unavailable => 15,
             Self::InstanceFailed => 16,
+            Self::QuotaExceeded => 17,
+            Self::Unauthenticated => 18,
             Self::Unknown(n) => n,
         }
     }
@@ -85,6 +91,8 @@ impl ErrorCode {
             14 => Self::ObjectLost,
             15 => Self::Unavailable,
             16 => Self::InstanceFailed,
+            17 => Self::QuotaExceeded,
+            18 => Self::Unauthenticated,
             n => Self::Unknown(n),
         }
     }
@@ -108,6 +116,8 @@ impl ErrorCode {
             Self::ObjectLost => "ObjectLost",
             Self::Unavailable => "Unavailable",
             Self::InstanceFailed => "InstanceFailed",
+            Self::QuotaExceeded => "QuotaExceeded",
+            Self::Unauthenticated => "Unauthenticated",
             Self::Unknown(_) => "Unknown",
         }
     }
@@ -164,6 +174,8 @@ mod tests {
             assert_eq!(ErrorCode::from_u16(n).as_u16(), n);
         }
         assert_eq!(ErrorCode::StoreFull.as_u16(), 3);
+        assert_eq!(ErrorCode::QuotaExceeded.as_u16(), 17);
+        assert_eq!(ErrorCode::Unauthenticated.as_u16(), 18);
         assert_eq!(ErrorCode::from_u16(999), ErrorCode::Unknown(999));
     }
 }

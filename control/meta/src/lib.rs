@@ -41,7 +41,9 @@ pub use leased::{
 };
 pub use mem::{MemStore, MemStoreOptions};
 pub use remote::{serve, RemoteStore};
-pub use tokens::{issue_token, now_ms, revoke_token, IssueError, TokenBook, TokenFollower};
+pub use tokens::{
+    issue_instance_token, issue_token, now_ms, revoke_token, IssueError, TokenBook, TokenFollower,
+};
 pub use types::{
     Compare, KeyValue, LeaseId, MetaError, MetaStore, Revision, Txn, TxnOp, WatchEvent, WatchStream,
 };

@@ -8,8 +8,8 @@
 //! keeps its last view (a revocation made meanwhile takes effect when it comes back).
 use crate::follow::{Followed, Follower};
 use crate::records::{
-    parse_token, token_key, Denied, Issued, Principal, Role, TokenRecord, TOKENS_PREFIX,
-    TOKEN_RANDOM_BYTES,
+    parse_token, token_key, Denied, InstanceBinding, Issued, Principal, Role, TokenRecord,
+    TOKENS_PREFIX, TOKEN_RANDOM_BYTES,
 };
 use crate::types::{KeyValue, MetaError, MetaStore, Txn, WatchEvent};
 use std::collections::HashMap;
@@ -149,12 +149,44 @@ pub async fn issue_token(
     description: &str,
     ttl: Option<Duration>,
 ) -> Result<Issued, IssueError> {
+    store_new(meta, tenant, role, description, ttl, None).await
+}
+
+/// Issues a function instance's own credential: role `invoker` in `tenant`, bound to
+/// `binding` (the proxy lets it register only as that instance). Its node's agent issues it
+/// when the instance starts and revokes it when the instance ends.
+pub async fn issue_instance_token(
+    meta: &dyn MetaStore,
+    tenant: &str,
+    binding: InstanceBinding,
+) -> Result<Issued, IssueError> {
+    let description = format!("instance {} of {}", binding.instance, binding.function);
+    store_new(
+        meta,
+        tenant,
+        Role::Invoker,
+        &description,
+        None,
+        Some(binding),
+    )
+    .await
+}
+
+async fn store_new(
+    meta: &dyn MetaStore,
+    tenant: &str,
+    role: Role,
+    description: &str,
+    ttl: Option<Duration>,
+    binding: Option<InstanceBinding>,
+) -> Result<Issued, IssueError> {
     let now = now_ms();
     let expires = ttl.map(|t| now.saturating_add(u64::try_from(t.as_millis()).unwrap_or(u64::MAX)));
     loop {
         let mut random = [0u8; TOKEN_RANDOM_BYTES];
         getrandom::fill(&mut random).map_err(|e| MetaError::Backend(format!("random: {e}")))?;
-        let issued = TokenRecord::issue(tenant, role, description, now, expires, &random)?;
+        let mut issued = TokenRecord::issue(tenant, role, description, now, expires, &random)?;
+        issued.record.instance = binding.clone();
         let key = token_key(&issued.record.id);
         let value =
             serde_json::to_vec(&issued.record).map_err(|e| MetaError::Backend(e.to_string()))?;
@@ -204,10 +236,7 @@ mod tests {
         assert!(book.loaded(Duration::from_secs(5)).await);
         assert_eq!(
             book.authenticate(&before.token).unwrap(),
-            Principal {
-                tenant: "team-a".into(),
-                role: Role::Reader
-            }
+            Principal::new("team-a", Role::Reader)
         );
 
         let after = issue_token(&*meta, "team-b", Role::Admin, "new", None)

@@ -86,6 +86,12 @@ fn default_concurrency() -> u32 {
 pub struct FunctionSpec {
     /// `1..=63` characters of `[a-z0-9-]`, starting with a letter.
     pub name: String,
+    /// The tenant the function, its instances and their data belong to. Empty in a request:
+    /// the caller's own tenant, which the registry fills in (only the operator may name
+    /// another); never empty in a stored record (read as [`DEFAULT_TENANT`](super::DEFAULT_TENANT)
+    /// if it were).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub tenant: String,
     /// Assigned by the registry: 1 on create, bumped on every update. An update must carry
     /// the version it read.
     #[serde(default)]
@@ -250,9 +256,21 @@ impl CodeSource {
 }
 
 impl FunctionSpec {
+    /// The tenant it belongs to ([`DEFAULT_TENANT`](super::DEFAULT_TENANT) when unset).
+    pub fn tenant(&self) -> &str {
+        if self.tenant.is_empty() {
+            super::DEFAULT_TENANT
+        } else {
+            &self.tenant
+        }
+    }
+
     /// Checks every field; the error names the first one that is wrong.
     pub fn validate(&self) -> Result<(), InvalidSpec> {
         validate_name("name", &self.name)?;
+        if !self.tenant.is_empty() {
+            super::validate_tenant(&self.tenant)?;
+        }
         self.code.validate()?;
         if let Some(d) = &self.digest {
             let ok = d.strip_prefix("sha256:").is_some_and(|h| {

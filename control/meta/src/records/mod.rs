@@ -14,12 +14,14 @@
 //! | `pools/<name>` | [`Pool`] | control's registry |
 //! | `instances/<function>/<id>` | [`InstanceRecord`] | control's placement, then the agent |
 //! | `control/leader` | [`LeaderInfo`] | the leading control, under a lease |
-//! | `tokens/<id>` | [`TokenRecord`] | control, when a token is issued; deleted to revoke |
+//! | `tokens/<id>` | [`TokenRecord`] | control, when a token is issued; an agent, for each instance it starts; deleted to revoke |
+//! | `quotas/<tenant>` | [`Quota`] | control, for the operator |
 //!
 //! Records are JSON. Pure: no IO, no clock.
 mod function;
 mod instance;
 mod node;
+mod quota;
 mod token;
 
 pub use function::{
@@ -29,10 +31,11 @@ pub use function::{
 };
 pub use instance::{InstancePhase, InstanceRecord};
 pub use node::{AgentRecord, LeaderInfo, NodeRecord, ProxyRecord};
+pub use quota::{quota_key, Quota, QuotaExceeded, Resource, QUOTAS_PREFIX};
 pub use token::{
-    parse_token, token_key, validate_tenant, Action, Denied, Issued, Principal, Role, TokenParts,
-    TokenRecord, DEFAULT_TENANT, MAX_DESCRIPTION_LEN, SYSTEM_TENANT, TOKENS_PREFIX,
-    TOKEN_RANDOM_BYTES,
+    parse_token, token_key, validate_tenant, Action, Denied, InstanceBinding, Issued, Principal,
+    Role, TokenParts, TokenRecord, DEFAULT_TENANT, MAX_DESCRIPTION_LEN, SYSTEM_TENANT,
+    TOKENS_PREFIX, TOKEN_RANDOM_BYTES,
 };
 
 /// Dataworkers' membership records: `nodes/<node id>`.

@@ -146,6 +146,20 @@ pub struct Principal {
     pub tenant: String,
     /// What it may do there.
     pub role: Role,
+    /// Set for a function instance's own credential: the one instance it may act as.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance: Option<InstanceBinding>,
+}
+
+/// The function instance a per-instance credential stands for: an instance may register
+/// with its proxy only as this instance of this function, and set only its own limits.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InstanceBinding {
+    /// The function's name.
+    pub function: String,
+    /// The instance's id.
+    pub instance: String,
 }
 
 /// Why a request is refused.
@@ -171,9 +185,15 @@ pub enum Denied {
 impl Principal {
     /// The operator: admin of [`SYSTEM_TENANT`].
     pub fn system_admin() -> Principal {
+        Principal::new(SYSTEM_TENANT, Role::Admin)
+    }
+
+    /// `role` in `tenant`, bound to no instance.
+    pub fn new(tenant: &str, role: Role) -> Principal {
         Principal {
-            tenant: SYSTEM_TENANT.into(),
-            role: Role::Admin,
+            tenant: tenant.into(),
+            role,
+            instance: None,
         }
     }
 
@@ -222,6 +242,10 @@ pub struct TokenRecord {
     /// What it is for, as its creator said.
     #[serde(default)]
     pub description: String,
+    /// Set for a function instance's credential (issued by its node's agent when the
+    /// instance starts, revoked when it ends).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance: Option<InstanceBinding>,
 }
 
 /// A token just issued: the string to hand to its user (shown once) and the record to store.
@@ -276,6 +300,7 @@ impl TokenRecord {
             created_ms: now_ms,
             expires_ms,
             description: description.into(),
+            instance: None,
         };
         Ok(Issued {
             token: format!("{TOKEN_PREFIX}{id}_{secret}"),
@@ -297,6 +322,7 @@ impl TokenRecord {
         Ok(Principal {
             tenant: self.tenant.clone(),
             role: self.role,
+            instance: self.instance.clone(),
         })
     }
 
@@ -362,13 +388,7 @@ mod tests {
         let parts = parse_token(&issued.token).unwrap();
         assert_eq!(parts.id, issued.record.id);
         let who = issued.record.check(parts.secret, NOW).unwrap();
-        assert_eq!(
-            who,
-            Principal {
-                tenant: "team-a".into(),
-                role: Role::Deployer
-            }
-        );
+        assert_eq!(who, Principal::new("team-a", Role::Deployer));
         assert!(!issued.record.secret_sha256.contains(parts.secret));
     }
 
@@ -451,17 +471,11 @@ mod tests {
         assert!(system
             .authorize(Action::ManageCluster, SYSTEM_TENANT)
             .is_ok());
-        let tenant_admin = Principal {
-            tenant: "team-a".into(),
-            role: Role::Admin,
-        };
+        let tenant_admin = Principal::new("team-a", Role::Admin);
         assert!(tenant_admin
             .authorize(Action::ManageCluster, "team-a")
             .is_err());
-        let system_reader = Principal {
-            tenant: SYSTEM_TENANT.into(),
-            role: Role::Reader,
-        };
+        let system_reader = Principal::new(SYSTEM_TENANT, Role::Reader);
         assert_eq!(
             system_reader.authorize(Action::ReadData, "team-a"),
             Err(Denied::OtherTenant)
@@ -487,7 +501,7 @@ mod tests {
         fn authorization_is_the_role_within_the_tenant(
             role in role(), own in tenant(), target in tenant(), action in action()
         ) {
-            let who = Principal { tenant: own.clone(), role };
+            let who = Principal::new(&own, role);
             let got = who.authorize(action, &target);
             if who.is_system_admin() {
                 prop_assert!(got.is_ok());
