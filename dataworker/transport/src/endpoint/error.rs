@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use quinn::{ConnectionError, ReadError, WriteError};
 
-use crate::pki::PkiError;
+use shoal_pki::PkiError;
 use crate::wire;
 
 #[cfg(doc)]
