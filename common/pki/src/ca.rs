@@ -160,7 +160,10 @@ impl DevCa {
     /// certificate only. Nodes verify control's metadata API by that name, so no node
     /// certificate can pose as control, and control's key cannot act as a node's client.
     pub fn issue_control(&self) -> Result<NodeCert, PkiError> {
-        let sans = vec![dns_san(CONTROL_SERVER_NAME, "the control certificate name")?];
+        let sans = vec![dns_san(
+            CONTROL_SERVER_NAME,
+            "the control certificate name",
+        )?];
         self.sign(
             CONTROL_SERVER_NAME,
             sans,

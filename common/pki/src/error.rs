@@ -20,7 +20,7 @@ pub enum PkiError {
     InvalidNodeId(String),
     /// A node id is the name only control's certificate may carry
     /// ([`crate::CONTROL_SERVER_NAME`]): a node certificate with it could pose as control.
-    #[error("node id {0:?} is reserved for control's certificate (issue it with DevCa::issue_control)")]
+    #[error("node id {0:?} is reserved: it is the name of control's certificate")]
     ReservedName(String),
     /// Reading a file failed.
     #[error("reading {path}: {source}")]

@@ -121,10 +121,11 @@ impl Material {
 
     /// Checks that the certificate chains to the CA as a client certificate.
     fn check_client(&self, ca_path: &Path) -> Result<(), PkiError> {
-        let verifier = client_verifier(&self.roots, &self.provider).map_err(|e| PkiError::BadCa {
-            path: ca_path.to_owned(),
-            source: rustls::Error::General(e),
-        })?;
+        let verifier =
+            client_verifier(&self.roots, &self.provider).map_err(|e| PkiError::BadCa {
+                path: ca_path.to_owned(),
+                source: rustls::Error::General(e),
+            })?;
         verifier
             .verify_client_cert(self.leaf(), &self.chain[1..], UnixTime::now())
             .map(|_| ())

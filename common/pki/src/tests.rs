@@ -114,9 +114,6 @@ fn node_and_control_certificates_are_not_interchangeable() {
         Err(PkiError::BadNodeCert { .. })
     ));
     for reserved in [CONTROL_SERVER_NAME, "Shoal-Control"] {
-        assert!(matches!(
-            ca.issue(reserved),
-            Err(PkiError::ReservedName(_))
-        ));
+        assert!(matches!(ca.issue(reserved), Err(PkiError::ReservedName(_))));
     }
 }
