@@ -86,6 +86,7 @@ async fn leading_control(store: Arc<dyn MetaStore>) -> Control {
     let control = Control::start(
         ControlConfig {
             meta_addr: None,
+            meta_tls: None,
             http_addr: "127.0.0.1:0".parse().unwrap(),
             election_ttl: Duration::from_secs(2),
             name: "test-control".into(),

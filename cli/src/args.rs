@@ -128,7 +128,8 @@ pub(crate) enum Command {
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum CaOp {
-    /// Create a CA (ca.pem, ca.key) in a directory, and certificates for the given nodes.
+    /// Create a CA (ca.pem, ca.key) in a directory, control's certificate (shoal-control.pem,
+    /// .key) and certificates for the given nodes.
     Init {
         /// Directory for the files.
         #[arg(long)]
@@ -142,7 +143,7 @@ pub(crate) enum CaOp {
         /// Directory holding ca.pem and ca.key.
         #[arg(long)]
         dir: PathBuf,
-        /// Node id.
+        /// Node id (`shoal-control` issues control's certificate).
         node: String,
     },
 }
@@ -414,6 +415,9 @@ pub(crate) struct AgentArgs {
     pub(crate) socket_dir: Option<PathBuf>,
     #[command(flatten)]
     pub(crate) store: MetaArgs,
+    /// The node's certificate, for control's metadata API (mutual TLS).
+    #[command(flatten)]
+    pub(crate) tls: TlsArgs,
     /// TTL of the agent's lease.
     #[arg(long, env = "SHOAL_LEASE_TTL", default_value = "10s", value_parser = parse_duration)]
     pub(crate) lease_ttl: Duration,
@@ -433,8 +437,11 @@ pub(crate) struct AgentArgs {
 #[derive(Debug, Args, Clone)]
 pub(crate) struct ControlArgs {
     /// Address of the metadata API the nodes use ("off" with --etcd: nodes use etcd directly).
+    /// It is mutual TLS only and needs control's certificate (--tls-dir).
     #[arg(long, env = "SHOAL_CONTROL_LISTEN", default_value = "127.0.0.1:7700", value_parser = parse_http_addr)]
     pub(crate) listen: HttpAddr,
+    #[command(flatten)]
+    pub(crate) tls: ControlTlsArgs,
     /// Address of the HTTP API (/health, /v1/nodes, /v1/leader, /metrics).
     #[arg(long, env = "SHOAL_CONTROL_HTTP_ADDR", default_value = DEFAULT_CONTROL)]
     pub(crate) http_addr: SocketAddr,
@@ -567,11 +574,14 @@ impl MetaArgs {
         self.meta.is_some() || !self.etcd.is_empty()
     }
 
-    /// Connects to the named store.
+    /// Connects to the named store; control's metadata API as node `node`, with the
+    /// certificate `tls` names.
     pub(crate) async fn connect(
         &self,
+        tls: &TlsArgs,
+        node: &str,
     ) -> anyhow::Result<std::sync::Arc<dyn shoal_meta::MetaStore>> {
-        crate::cluster_cmds::meta_store(self.meta.as_deref(), &self.etcd, &self.etcd_prefix).await
+        crate::cluster_cmds::meta_store(self, tls, node).await
     }
 }
 
@@ -612,6 +622,46 @@ impl TlsArgs {
             ca_cert: pick(&self.ca_cert, "ca.pem".into(), "--ca-cert")?,
             cert: pick(&self.node_cert, format!("{node}.pem"), "--node-cert")?,
             key: pick(&self.node_key, format!("{node}.key"), "--node-key")?,
+        })
+    }
+}
+
+/// Control's TLS material for the metadata API: the cluster CA, control's certificate and key
+/// (`shoal ca init` makes them).
+#[derive(Debug, Args, Clone)]
+pub(crate) struct ControlTlsArgs {
+    /// Directory with ca.pem, shoal-control.pem and shoal-control.key (see `shoal ca init`).
+    #[arg(long, env = "SHOAL_TLS_DIR")]
+    pub(crate) tls_dir: Option<PathBuf>,
+    /// Cluster CA certificate (PEM): nodes must present certificates it signed [default:
+    /// TLS_DIR/ca.pem].
+    #[arg(long, env = "SHOAL_CA_CERT")]
+    pub(crate) ca_cert: Option<PathBuf>,
+    /// Control's certificate (PEM) [default: TLS_DIR/shoal-control.pem].
+    #[arg(long, env = "SHOAL_CONTROL_CERT")]
+    pub(crate) control_cert: Option<PathBuf>,
+    /// Control's private key (PEM) [default: TLS_DIR/shoal-control.key].
+    #[arg(long, env = "SHOAL_CONTROL_KEY")]
+    pub(crate) control_key: Option<PathBuf>,
+}
+
+impl ControlTlsArgs {
+    /// Control's TLS files, from the explicit paths or the TLS directory.
+    pub(crate) fn tls_files(&self) -> anyhow::Result<shoal_pki::TlsFiles> {
+        let name = shoal_pki::CONTROL_SERVER_NAME;
+        let from_dir = |file: String| self.tls_dir.as_ref().map(|d| d.join(file));
+        let pick = |explicit: &Option<PathBuf>, file: String, flag: &str| {
+            explicit.clone().or_else(|| from_dir(file)).ok_or_else(|| {
+                anyhow::anyhow!(
+                    "control's metadata API is mutual TLS only: pass --tls-dir (a directory \
+                     `shoal ca init` made) or {flag}, or serve no metadata API (--listen off)"
+                )
+            })
+        };
+        Ok(shoal_pki::TlsFiles {
+            ca_cert: pick(&self.ca_cert, shoal_pki::CA_CERT_FILE.into(), "--ca-cert")?,
+            cert: pick(&self.control_cert, format!("{name}.pem"), "--control-cert")?,
+            key: pick(&self.control_key, format!("{name}.key"), "--control-key")?,
         })
     }
 }

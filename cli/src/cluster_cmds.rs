@@ -1,7 +1,9 @@
 //! Cluster commands: `shoal control`, `shoal proxy`, `shoal agent` and `shoal ca`, the
 //! metadata store the node components join, and the ready line each component prints for
 //! `shoal up`.
-use crate::args::{default_socket_dir, AgentArgs, CaOp, ChildArgs, ControlArgs, ProxyArgs};
+use crate::args::{
+    default_socket_dir, AgentArgs, CaOp, ChildArgs, ControlArgs, MetaArgs, ProxyArgs, TlsArgs,
+};
 use crate::serve::{init_logging, install_metrics, stop_signal};
 use anyhow::Context;
 use shoal_devcluster::{AgentReady, ControlReady, ProxyReady};
@@ -9,22 +11,30 @@ use shoal_meta::MetaStore;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-/// The metadata store named by `--meta` (control's API) or `--etcd`.
+/// The metadata store named by `--meta` (control's API, over mutual TLS as node `node` with
+/// the certificate `tls` names) or `--etcd` (directly; etcd client TLS is a follow-up).
 pub(crate) async fn meta_store(
-    meta: Option<&str>,
-    etcd: &[String],
-    prefix: &str,
+    store: &MetaArgs,
+    tls: &TlsArgs,
+    node: &str,
 ) -> anyhow::Result<Arc<dyn MetaStore>> {
-    if !etcd.is_empty() {
-        return etcd_store(etcd, prefix).await;
+    if !store.etcd.is_empty() {
+        return etcd_store(&store.etcd, &store.etcd_prefix).await;
     }
-    let addr = meta.context("no metadata store: pass --meta or --etcd")?;
+    let addr = store
+        .meta
+        .as_deref()
+        .context("no metadata store: pass --meta or --etcd")?;
+    let files = tls
+        .tls_files(node)
+        .context("--meta: control's metadata API is mutual TLS")?;
+    let identity = shoal_pki::NodeTls::load(&files).context("--meta: this node's certificate")?;
     let addr = tokio::net::lookup_host(addr)
         .await
         .with_context(|| format!("--meta {addr}"))?
         .next()
         .with_context(|| format!("--meta {addr}: no address"))?;
-    Ok(Arc::new(shoal_meta::RemoteStore::connect(addr)))
+    Ok(Arc::new(shoal_meta::RemoteStore::connect(addr, &identity)?))
 }
 
 #[cfg(feature = "etcd")]
@@ -105,8 +115,19 @@ pub(crate) fn control(a: ControlArgs) -> anyhow::Result<ExitCode> {
             .name
             .clone()
             .unwrap_or_else(|| format!("control-{}", std::process::id()));
+        // After the store: a store that cannot open says so first.
+        let meta_tls = match a.listen.0 {
+            Some(_) => {
+                let files = a.tls.tls_files()?;
+                let tls = shoal_pki::ControlTls::load(&files)
+                    .context("control's certificate for the metadata API")?;
+                Some(tls)
+            }
+            None => None,
+        };
         let cfg = shoal_control::ControlConfig {
             meta_addr: a.listen.0,
+            meta_tls,
             http_addr: a.http_addr,
             election_ttl: a.election_ttl,
             name,
@@ -158,7 +179,7 @@ pub(crate) fn proxy(a: ProxyArgs) -> anyhow::Result<ExitCode> {
                 listen: a.peer_listen,
                 advertise: None,
                 tls,
-                meta: a.store.connect().await?,
+                meta: a.store.connect(&a.tls, &a.node_id).await?,
                 lease_ttl: a.lease_ttl,
             });
         }
@@ -224,7 +245,7 @@ pub(crate) fn agent(a: AgentArgs) -> anyhow::Result<ExitCode> {
         .build()
         .context("starting the async runtime")?;
     rt.block_on(async {
-        let meta = a.store.connect().await?;
+        let meta = a.store.connect(&a.tls, &a.node_id).await?;
         let cfg = shoal_agent::AgentConfig {
             node_id: a.node_id.clone(),
             work_dir: dir.join("agent").join("work"),
@@ -257,20 +278,27 @@ pub(crate) fn ca(op: CaOp) -> anyhow::Result<ExitCode> {
     match op {
         CaOp::Init { dir, nodes } => {
             std::fs::create_dir_all(&dir).with_context(|| format!("--dir {}", dir.display()))?;
-            let ca = shoal_transport::DevCa::generate()?;
+            let ca = shoal_pki::DevCa::generate()?;
             ca.save(&dir)?;
+            ca.issue_control()?
+                .save(&dir, shoal_pki::CONTROL_SERVER_NAME)?;
             for n in &nodes {
                 ca.issue(n)?.save(&dir, n)?;
             }
             println!(
-                "cluster CA in {} ({} node certificate(s))",
+                "cluster CA in {} (control's certificate and {} node certificate(s))",
                 dir.display(),
                 nodes.len()
             );
         }
         CaOp::Issue { dir, node } => {
-            let ca = shoal_transport::DevCa::load(&dir)?;
-            let files = ca.issue(&node)?.save(&dir, &node)?;
+            let ca = shoal_pki::DevCa::load(&dir)?;
+            let cert = if node == shoal_pki::CONTROL_SERVER_NAME {
+                ca.issue_control()?
+            } else {
+                ca.issue(&node)?
+            };
+            let files = cert.save(&dir, &node)?;
             println!("{}", files.cert.display());
         }
     }

@@ -54,7 +54,7 @@ async fn start_worker(
     let parts = if a.cluster.enabled() {
         let files = a.cluster.tls.tls_files(&a.node_id)?;
         let tls = shoal_transport::NodeTls::load(&files)?;
-        let meta = a.cluster.store.connect().await?;
+        let meta = a.cluster.store.connect(&a.cluster.tls, &a.node_id).await?;
         Some(shoal_dataworker::ClusterParts { meta, tls })
     } else {
         None

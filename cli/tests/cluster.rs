@@ -318,6 +318,65 @@ fn a_corrupt_metadata_file_stops_control_with_a_clear_message() {
     assert!(err.contains("meta.db"), "{err}");
 }
 
+/// The metadata API is mutual TLS only: without control's certificate, control refuses to
+/// serve it (and says how to give one); with `--listen off` it needs none.
+#[test]
+fn control_refuses_the_metadata_api_without_its_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = Command::new(SHOAL)
+        .args([
+            "control",
+            "--listen",
+            "127.0.0.1:0",
+            "--http-addr",
+            "127.0.0.1:0",
+        ])
+        .arg("--data-dir")
+        .arg(dir.path())
+        .env_remove("SHOAL_TLS_DIR")
+        .env_remove("SHOAL_CONTROL_CERT")
+        .env_remove("SHOAL_CONTROL_KEY")
+        .env_remove("SHOAL_CA_CERT")
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("mutual TLS") && err.contains("--tls-dir"),
+        "{err}"
+    );
+
+    // A node certificate is not control's: refused at start, naming the file.
+    let tls = dir.path().join("tls");
+    let o = Command::new(SHOAL)
+        .args(["ca", "init", "--nodes", "node-1", "--dir"])
+        .arg(&tls)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = Command::new(SHOAL)
+        .args([
+            "control",
+            "--listen",
+            "127.0.0.1:0",
+            "--http-addr",
+            "127.0.0.1:0",
+        ])
+        .arg("--data-dir")
+        .arg(dir.path())
+        .arg("--tls-dir")
+        .arg(&tls)
+        .arg("--control-cert")
+        .arg(tls.join("node-1.pem"))
+        .arg("--control-key")
+        .arg(tls.join("node-1.key"))
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("node-1.pem"), "{err}");
+}
+
 #[test]
 fn etcd_cluster_put_get_and_lose_one() {
     let Some(etcd) = Etcd::start() else {

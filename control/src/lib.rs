@@ -1,7 +1,8 @@
 //! shoal's control plane (`shoal control`): it keeps the cluster's metadata and watches its
 //! membership, and answers operators over HTTP.
 //!
-//! - **Metadata.** Control serves a [`MetaStore`] to the nodes over TCP ([`shoal_meta::serve`]):
+//! - **Metadata.** Control serves a [`MetaStore`] to the nodes over mutual TLS under the cluster
+//!   CA ([`shoal_meta::serve`], with control's own certificate; never plain TCP):
 //!   its embedded, file-persisted [`shoal_meta::MemStore`] on one machine, or etcd (nodes may
 //!   also talk to etcd directly). Control is never on the data path: nodes keep serving
 //!   local and already-known remote objects while it is down.
@@ -66,6 +67,9 @@ pub const OPENAPI_JSON: &str = router::OPENAPI;
 pub struct ControlConfig {
     /// Where the metadata API is served to nodes (None: not served).
     pub meta_addr: Option<SocketAddr>,
+    /// Control's certificate for the metadata API (mutual TLS: nodes present theirs). Required
+    /// when `meta_addr` is set; start refuses to serve the API without it.
+    pub meta_tls: Option<shoal_pki::ControlTls>,
     /// Where the HTTP API is served.
     pub http_addr: SocketAddr,
     /// Lease TTL of the leader record: a dead leader is replaced within it.
@@ -89,6 +93,12 @@ pub enum StartError {
         /// Cause.
         #[source]
         source: std::io::Error,
+    },
+    /// The metadata API was asked for without control's certificate.
+    #[error("metadata API {addr} (--listen): no TLS identity for control (pass --tls-dir or --control-cert/--control-key/--ca-cert; the API is mutual TLS only)")]
+    MetaTlsMissing {
+        /// Address.
+        addr: SocketAddr,
     },
     /// The HTTP address could not be bound.
     #[error("HTTP API {addr} (--http-addr): {source}")]
@@ -143,13 +153,15 @@ impl Control {
     ) -> Result<Control, StartError> {
         let shutdown = CancellationToken::new();
         let tasks = TaskTracker::new();
-        let meta_listener = match cfg.meta_addr {
-            Some(addr) => Some(
+        let meta_listener = match (cfg.meta_addr, &cfg.meta_tls) {
+            (Some(addr), Some(tls)) => Some((
                 tokio::net::TcpListener::bind(addr)
                     .await
                     .map_err(|source| StartError::MetaListen { addr, source })?,
-            ),
-            None => None,
+                tls.clone(),
+            )),
+            (Some(addr), None) => return Err(StartError::MetaTlsMissing { addr }),
+            (None, _) => None,
         };
         let http = tokio::net::TcpListener::bind(cfg.http_addr)
             .await
@@ -158,9 +170,11 @@ impl Control {
                 source,
             })?;
         let http_addr = http.local_addr().unwrap_or(cfg.http_addr);
-        let meta_addr = meta_listener.as_ref().and_then(|l| l.local_addr().ok());
-        if let Some(l) = meta_listener {
-            tasks.spawn(shoal_meta::serve(meta.clone(), l, shutdown.clone()));
+        let meta_addr = meta_listener
+            .as_ref()
+            .and_then(|(l, _)| l.local_addr().ok());
+        if let Some((l, tls)) = meta_listener {
+            tasks.spawn(shoal_meta::serve(meta.clone(), l, tls, shutdown.clone()));
         }
         let leader = LeaderInfo {
             name: cfg.name.clone(),

@@ -35,6 +35,7 @@ where
 fn config(max_invoke_body: usize) -> ControlConfig {
     ControlConfig {
         meta_addr: None,
+        meta_tls: None,
         http_addr: "127.0.0.1:0".parse().unwrap(),
         election_ttl: Duration::from_secs(2),
         name: "test-control".into(),

@@ -291,16 +291,23 @@ async fn a_restarted_node_rejoins_without_resurrecting_its_old_objects() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metadata_outage_keeps_the_data_path_and_registration_resumes() {
     let ca = DevCa::generate().unwrap();
-    // Control's embedded store, served over TCP as `shoal control` does.
+    // Control's embedded store, served over mutual TLS as `shoal control` does.
+    let control = shoal_pki::ControlTls::from_cert(&ca.issue_control().unwrap()).unwrap();
     let store: Arc<dyn MetaStore> = Arc::new(MemStore::open(None, "").unwrap());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let stop = tokio_util::sync::CancellationToken::new();
-    let server = tokio::spawn(shoal_meta::serve(store.clone(), listener, stop.clone()));
+    let server = tokio::spawn(shoal_meta::serve(
+        store.clone(),
+        listener,
+        control.clone(),
+        stop.clone(),
+    ));
     let mut nodes = Vec::new();
     for id in ["r0", "r1"] {
         let tls = NodeTls::from_node_cert(&ca.issue(id).unwrap()).unwrap();
-        let meta: Arc<dyn MetaStore> = Arc::new(shoal_meta::RemoteStore::connect(addr));
+        let meta: Arc<dyn MetaStore> =
+            Arc::new(shoal_meta::RemoteStore::connect(addr, &tls).unwrap());
         nodes.push(Node::start(id, meta, tls).await);
     }
     wait_members(&nodes[0], 2).await;
@@ -324,7 +331,12 @@ async fn metadata_outage_keeps_the_data_path_and_registration_resumes() {
     // Back on the same address: the leases had expired there; the nodes register again.
     let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
     let stop = tokio_util::sync::CancellationToken::new();
-    let server = tokio::spawn(shoal_meta::serve(store.clone(), listener, stop.clone()));
+    let server = tokio::spawn(shoal_meta::serve(
+        store.clone(),
+        listener,
+        control,
+        stop.clone(),
+    ));
     eventually(
         Duration::from_secs(10),
         "nodes registered again",

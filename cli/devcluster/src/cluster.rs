@@ -2,8 +2,8 @@
 //! then each node's dataworker, proxy and agent, each its own process of the `shoal` binary
 //! and each waited for until it prints its ready line; stopped in the reverse order.
 //!
-//! Layout of the runtime directory: `tls/` (a development CA and one certificate per node,
-//! made on first use and kept), `control/` (the embedded metadata file), and one directory
+//! Layout of the runtime directory: `tls/` (a development CA, control's certificate for the
+//! metadata API and one certificate per node, made on first use and kept), `control/` (the embedded metadata file), and one directory
 //! per node holding its sockets and its agent's files.
 use crate::error::Error;
 use crate::process::Proc;
@@ -93,13 +93,15 @@ impl ClusterSpec {
         self.runtime_dir.join(id)
     }
 
-    /// `shoal control`'s flags: an ephemeral metadata API, the REST frontend through the
-    /// first node.
+    /// `shoal control`'s flags: an ephemeral metadata API (mutual TLS with control's
+    /// certificate from `tls/`), the REST frontend through the first node.
     fn control_args(&self, first: &str) -> Vec<String> {
         let mut args = vec![
             "control".to_string(),
             "--listen".into(),
             "127.0.0.1:0".into(),
+            "--tls-dir".into(),
+            path_arg(&self.tls_dir()),
             "--http-addr".into(),
             self.control_http.to_string(),
             "--data-dir".into(),
@@ -182,6 +184,7 @@ impl ClusterSpec {
         args.extend(store.iter().cloned());
         let proxy = self.spawn(format!("{id} proxy"), &args)?;
         let mut args = self.node_flags("agent", id);
+        args.extend(tls.iter().cloned());
         args.extend(["--label".into(), format!("node={id}")]);
         args.extend(store.iter().cloned());
         let agent = self.spawn(format!("{id} agent"), &args)?;
@@ -306,7 +309,8 @@ impl Drop for RunningCluster {
     }
 }
 
-/// The development CA in `dir`, loaded or made there, with a certificate for each node.
+/// The development CA in `dir`, loaded or made there, with control's certificate and one for
+/// each node.
 fn ensure_tls(dir: &Path, nodes: &[&str]) -> Result<(), Error> {
     let tls = |source| Error::Tls {
         dir: dir.to_path_buf(),
@@ -316,13 +320,19 @@ fn ensure_tls(dir: &Path, nodes: &[&str]) -> Result<(), Error> {
         dir: dir.to_path_buf(),
         source,
     })?;
-    let ca = if dir.join("ca.pem").exists() {
-        shoal_transport::DevCa::load(dir).map_err(tls)?
+    let ca = if dir.join(shoal_pki::CA_CERT_FILE).exists() {
+        shoal_pki::DevCa::load(dir).map_err(tls)?
     } else {
-        let ca = shoal_transport::DevCa::generate().map_err(tls)?;
+        let ca = shoal_pki::DevCa::generate().map_err(tls)?;
         ca.save(dir).map_err(tls)?;
         ca
     };
+    let control = shoal_pki::CONTROL_SERVER_NAME;
+    if !shoal_pki::TlsFiles::in_dir(dir, control).cert.exists() {
+        ca.issue_control()
+            .and_then(|c| c.save(dir, control))
+            .map_err(tls)?;
+    }
     for n in nodes {
         if !dir.join(format!("{n}.pem")).exists() {
             ca.issue(n).and_then(|c| c.save(dir, n)).map_err(tls)?;
@@ -344,6 +354,7 @@ mod tests {
         assert!(control
             .windows(2)
             .any(|w| w == ["--proxy-socket", "/rt/n1/proxy.sock"]));
+        assert!(control.windows(2).any(|w| w == ["--tls-dir", "/rt/tls"]));
         assert!(!control.contains(&"--etcd".to_string()));
         let ready = ControlReady {
             meta: Some("127.0.0.1:7000".parse().unwrap()),
@@ -394,5 +405,7 @@ mod tests {
         ensure_tls(dir.path(), &["a", "b"]).unwrap();
         assert_eq!(std::fs::read(dir.path().join("ca.pem")).unwrap(), ca);
         assert!(dir.path().join("b.pem").exists() && dir.path().join("b.key").exists());
+        let control = shoal_pki::TlsFiles::in_dir(dir.path(), shoal_pki::CONTROL_SERVER_NAME);
+        shoal_pki::ControlTls::load(&control).unwrap();
     }
 }

@@ -57,14 +57,14 @@ pub enum Error {
     /// Control runs on the embedded store but reported no metadata API for the nodes.
     #[error("control did not report its metadata API (it runs with `--listen off`?)")]
     NoMetaApi,
-    /// The development CA or a node certificate could not be made or loaded.
+    /// The development CA, control's or a node's certificate could not be made or loaded.
     #[error("the development CA in {dir}: {source}")]
     Tls {
         /// The CA's directory.
         dir: PathBuf,
         /// What failed (boxed: the largest variant by far).
         #[source]
-        source: Box<shoal_transport::PkiError>,
+        source: Box<shoal_pki::PkiError>,
     },
     /// A directory the cluster needs could not be created.
     #[error("creating {dir}: {source}")]

@@ -15,6 +15,7 @@ async fn leading_control() -> Control {
     let store = Arc::new(MemStore::open(None, "").unwrap());
     let config = ControlConfig {
         meta_addr: None,
+        meta_tls: None,
         http_addr: "127.0.0.1:0".parse().unwrap(),
         election_ttl: Duration::from_secs(2),
         name: "client-test".into(),

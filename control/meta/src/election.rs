@@ -458,7 +458,9 @@ mod tests {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         drop(listener);
-        let store: Arc<dyn MetaStore> = Arc::new(crate::RemoteStore::connect(addr));
+        let ca = shoal_pki::DevCa::generate().unwrap();
+        let node = shoal_pki::NodeTls::from_node_cert(&ca.issue("n").unwrap()).unwrap();
+        let store: Arc<dyn MetaStore> = Arc::new(crate::RemoteStore::connect(addr, &node).unwrap());
         let e = Election::start(store, "l".into(), b"me".to_vec(), TTL);
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert_eq!(e.role(), Role::Candidate);

@@ -2,7 +2,8 @@
 //! compare-and-swap transactions, leases with keepalive, watches) and its backends:
 //!
 //! - [`MemStore`]: embedded, in the control process, persisted to a local file;
-//! - [`RemoteStore`]: a client of a store served by control over TCP ([`serve`]);
+//! - [`RemoteStore`]: a client of a store served by control ([`serve`]) over mutual TLS under
+//!   the cluster CA (`shoal-pki`: a certificate per node, one for control);
 //! - `EtcdStore` (feature `etcd`): a real etcd through `etcd-client`.
 //!
 //! Every backend keeps its keys under one configurable prefix, so clusters can share an etcd;

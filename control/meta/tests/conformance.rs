@@ -1,5 +1,5 @@
 //! One behaviour, every backend: the same cases run against `MemStore`, `RemoteStore` (served
-//! from a `MemStore` on 127.0.0.1) and, with the `etcd` feature, `EtcdStore` on a real etcd
+//! from a `MemStore` on 127.0.0.1, over mutual TLS under a cluster CA made for the case) and, with the `etcd` feature, `EtcdStore` on a real etcd
 //! started by the test (the `etcd` binary must be on PATH, else those tests fail).
 //!
 //! Each case gets its own key prefix, so cases may share one backend (the etcd process is
@@ -10,6 +10,7 @@ use shoal_meta::{
     serve, Compare, Election, KeyValue, LeaseId, LeasedRecord, MemStore, MetaError, MetaStore,
     RemoteStore, Revision, Role, Txn, TxnOp, WatchEvent, WatchStream, MAX_KEY_LEN, MAX_VALUE_LEN,
 };
+use shoal_pki::{ControlTls, DevCa, NodeTls};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -24,11 +25,21 @@ enum Backend {
     Mem(MemStore),
     Remote {
         addr: SocketAddr,
+        /// The node identity every client presents.
+        node: NodeTls,
         stop: CancellationToken,
         server: Option<tokio::task::JoinHandle<()>>,
     },
     #[cfg(feature = "etcd")]
     Etcd(Arc<etcd::Etcd>),
+}
+
+/// A fresh cluster CA's control identity and one node's.
+fn identities() -> (ControlTls, NodeTls) {
+    let ca = DevCa::generate().unwrap();
+    let control = ControlTls::from_cert(&ca.issue_control().unwrap()).unwrap();
+    let node = NodeTls::from_node_cert(&ca.issue("node-1").unwrap()).unwrap();
+    (control, node)
 }
 
 /// One backend, and the case's own prefix on it.
@@ -50,10 +61,12 @@ impl Harness {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let stop = CancellationToken::new();
-        let server = tokio::spawn(serve(Arc::new(mem), listener, stop.clone()));
+        let (control, node) = identities();
+        let server = tokio::spawn(serve(Arc::new(mem), listener, control, stop.clone()));
         Harness {
             backend: Backend::Remote {
                 addr,
+                node,
                 stop,
                 server: Some(server),
             },
@@ -75,9 +88,11 @@ impl Harness {
         let prefix = format!("{}{prefix}", self.base);
         match &self.backend {
             Backend::Mem(m) => Arc::new(m.with_prefix(&prefix)),
-            Backend::Remote { addr, .. } => {
-                Arc::new(RemoteStore::connect(*addr).with_prefix(&prefix))
-            }
+            Backend::Remote { addr, node, .. } => Arc::new(
+                RemoteStore::connect(*addr, node)
+                    .unwrap()
+                    .with_prefix(&prefix),
+            ),
             #[cfg(feature = "etcd")]
             Backend::Etcd(e) => Arc::new(
                 shoal_meta::EtcdStore::connect(std::slice::from_ref(&e.endpoint), &prefix)
@@ -921,8 +936,9 @@ async fn leased_record_survives_a_metadata_restart() {
     let addr = listener.local_addr().unwrap();
     let stop = CancellationToken::new();
     let first = Arc::new(MemStore::open(None, "").unwrap());
-    let server = tokio::spawn(serve(first, listener, stop.clone()));
-    let client: Arc<dyn MetaStore> = Arc::new(RemoteStore::connect(addr));
+    let (control, node) = identities();
+    let server = tokio::spawn(serve(first, listener, control.clone(), stop.clone()));
+    let client: Arc<dyn MetaStore> = Arc::new(RemoteStore::connect(addr, &node).unwrap());
     let rec = LeasedRecord::register(client, "nodes/n1".into(), b"n1".to_vec(), RECORD_TTL)
         .await
         .unwrap();
@@ -932,7 +948,7 @@ async fn leased_record_survives_a_metadata_restart() {
     let second = Arc::new(MemStore::open(None, "").unwrap());
     let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
     let stop = CancellationToken::new();
-    let server = tokio::spawn(serve(second.clone(), listener, stop.clone()));
+    let server = tokio::spawn(serve(second.clone(), listener, control, stop.clone()));
     wait_until("registered on the restarted store", || async {
         second.get("nodes/n1").await.unwrap().is_some()
     })

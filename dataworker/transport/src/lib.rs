@@ -1,7 +1,7 @@
 //! shoal's node-to-node transport: QUIC (quinn) with mutual TLS under a cluster CA.
 //!
-//! - PKI ([`DevCa`], [`NodeCert`], [`NodeTls`]): a development cluster CA, node certificates, and
-//!   the TLS 1.3 configurations built from them, for QUIC and for plain TCP + TLS.
+//! - PKI ([`DevCa`], [`NodeCert`], [`NodeTls`]): re-exported from `shoal-pki`, where the cluster
+//!   CA, the node certificates and the TLS 1.3 configurations built from them live.
 //! - [`Endpoint`]: one UDP socket per node, both client and server. A request is one
 //!   bidirectional stream: `[u32 LE len][postcard request]` one way,
 //!   `[u32 LE len][postcard response][u64 LE body_len][body]` back. Bodies go out without a copy
@@ -15,10 +15,9 @@
 #![warn(missing_docs)]
 
 mod endpoint;
-mod pki;
 mod wire;
 
 pub use endpoint::{Body, Congestion, Endpoint, Reply, Service, TransportConfig, TransportError};
-pub use pki::{
+pub use shoal_pki::{
     DevCa, NodeCert, NodeTls, PkiError, TlsFiles, ALPN, CA_CERT_FILE, CA_KEY_FILE, SERVER_NAME,
 };

@@ -1,8 +1,9 @@
 //! [`RemoteStore`]: a node's client of a store served by control ([`serve`]). One lazily made
-//! connection, shared by every call (each with its own id) and watch; its reader and writer
-//! tasks stop when the store is dropped or closed. A broken connection fails the calls in flight
-//! with `Unavailable` and ends the watches; the next call connects again. A watch whose
-//! [`WATCH_QUEUE`] fills is ended, not buffered.
+//! mutual-TLS connection (the node's certificate; control verified against the cluster CA by
+//! the name [`CONTROL_SERVER_NAME`]), shared by every call (each with its own id) and watch; its
+//! reader and writer tasks stop when the store is dropped or closed. A broken connection fails
+//! the calls in flight with `Unavailable` and ends the watches; the next call connects and
+//! handshakes again. A watch whose [`WATCH_QUEUE`] fills is ended, not buffered.
 use super::wire::{decode_server_msg, ClientMsg, Req, Resp, ServerMsg, WireMetaError};
 use super::{
     lock, CALL_TIMEOUT, CONNECT_TIMEOUT, MAX_REPLY_FRAME, MAX_REQUEST_FRAME, OUT_QUEUE,
@@ -13,6 +14,8 @@ use crate::types::{
     KeyValue, LeaseId, MetaError, MetaStore, Revision, Txn, WatchEvent, WatchStream,
 };
 use bytes::BytesMut;
+use rustls::pki_types::ServerName;
+use shoal_pki::{NodeTls, PkiError, CONTROL_SERVER_NAME};
 use shoal_protocol::{encode_frame, FrameDecoder, FRAME_HEADER_LEN};
 use std::collections::hash_map::Entry;
 use std::collections::HashMap;
@@ -20,21 +23,25 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{AsyncReadExt, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::TlsConnector;
 use tokio_util::sync::{CancellationToken, DropGuard};
 use tokio_util::task::TaskTracker;
 
 #[cfg(doc)]
 use super::serve;
 
-/// A [`MetaStore`] served by another process ([`serve`]). Connects lazily on the first call;
-/// when the connection breaks, calls in flight fail with `Unavailable`, watches end, and the
-/// next call connects again.
+/// A [`MetaStore`] served by another process ([`serve`]), over mutual TLS. Connects lazily on
+/// the first call; when the connection breaks, calls in flight fail with `Unavailable`,
+/// watches end, and the next call connects (and handshakes) again.
 pub struct RemoteStore {
     addr: SocketAddr,
+    tls: TlsConnector,
+    /// [`CONTROL_SERVER_NAME`], which control's certificate must carry.
+    server_name: ServerName<'static>,
     ns: Namespace,
     conn: tokio::sync::Mutex<Option<Arc<Conn>>>,
 }
@@ -106,19 +113,31 @@ impl Drop for SlotGuard<'_> {
 }
 
 impl RemoteStore {
-    /// A client of the server at `addr`; nothing happens until the first call.
-    pub fn connect(addr: SocketAddr) -> RemoteStore {
-        RemoteStore {
+    /// A client of the server at `addr`, authenticated as the node `tls` holds the certificate
+    /// of; it accepts only a server whose certificate the same cluster CA issued for
+    /// [`CONTROL_SERVER_NAME`]. Nothing happens on the network until the first call. Fails only
+    /// if rustls refuses to build a client configuration from `tls`.
+    pub fn connect(addr: SocketAddr, tls: &NodeTls) -> Result<RemoteStore, PkiError> {
+        let server_name =
+            ServerName::try_from(CONTROL_SERVER_NAME).map_err(|e| PkiError::Config {
+                side: "client",
+                reason: format!("{CONTROL_SERVER_NAME:?}: {e}"),
+            })?;
+        Ok(RemoteStore {
             addr,
+            tls: TlsConnector::from(tls.client_config()?),
+            server_name,
             ns: Namespace::new(""),
             conn: tokio::sync::Mutex::new(None),
-        }
+        })
     }
 
     /// Keeps this client's keys under `prefix` (within the served store's own prefix).
     pub fn with_prefix(self, prefix: &str) -> RemoteStore {
         RemoteStore {
             addr: self.addr,
+            tls: self.tls,
+            server_name: self.server_name,
             ns: Namespace::new(prefix),
             conn: tokio::sync::Mutex::new(None),
         }
@@ -148,21 +167,36 @@ impl RemoteStore {
             }
         }
         *slot = None;
-        let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(self.addr))
+        let stream = tokio::time::timeout(CONNECT_TIMEOUT, self.open())
             .await
             .map_err(|_| {
                 MetaError::Unavailable(format!(
                     "connecting to metadata server {}: no answer within {CONNECT_TIMEOUT:?}",
                     self.addr
                 ))
-            })?
-            .map_err(|e| {
-                MetaError::Unavailable(format!("connecting to metadata server {}: {e}", self.addr))
-            })?;
-        let _ = stream.set_nodelay(true);
+            })??;
         let conn = Arc::new(Conn::start(stream, self.addr, self.ns.clone()));
         *slot = Some(conn.clone());
         Ok(conn)
+    }
+
+    /// TCP connect and TLS handshake. With TLS 1.3 a server that refuses this node's
+    /// certificate says so after the client's handshake is done: the connection then breaks
+    /// at the first read, and the call fails as `Unavailable` like any lost connection.
+    async fn open(&self) -> Result<TlsStream<TcpStream>, MetaError> {
+        let tcp = TcpStream::connect(self.addr).await.map_err(|e| {
+            MetaError::Unavailable(format!("connecting to metadata server {}: {e}", self.addr))
+        })?;
+        let _ = tcp.set_nodelay(true);
+        self.tls
+            .connect(self.server_name.clone(), tcp)
+            .await
+            .map_err(|e| {
+                MetaError::Unavailable(format!(
+                    "TLS handshake with metadata server {}: {e}",
+                    self.addr
+                ))
+            })
     }
 
     async fn call(&self, req: Req) -> Result<Resp, MetaError> {
@@ -183,8 +217,8 @@ impl RemoteStore {
 }
 
 impl Conn {
-    fn start(stream: TcpStream, addr: SocketAddr, ns: Namespace) -> Conn {
-        let (rd, wr) = stream.into_split();
+    fn start(stream: TlsStream<TcpStream>, addr: SocketAddr, ns: Namespace) -> Conn {
+        let (rd, wr) = tokio::io::split(stream);
         let shared = Arc::new(ConnShared {
             addr,
             ns,
@@ -366,7 +400,7 @@ impl ConnShared {
 }
 
 async fn client_write(
-    mut wr: OwnedWriteHalf,
+    mut wr: WriteHalf<TlsStream<TcpStream>>,
     mut rx: mpsc::Receiver<Vec<u8>>,
     shared: Arc<ConnShared>,
     stop: CancellationToken,
@@ -391,7 +425,7 @@ async fn client_write(
         let written = tokio::select! {
             _ = stop.cancelled() => break,
             _ = shared.dead.cancelled() => break,
-            r = wr.write_all(&buf) => r,
+            r = super::server::write_flush(&mut wr, &buf) => r,
         };
         if let Err(e) = written {
             tracing::debug!(addr = %shared.addr, error = %e, "metadata connection write failed");
@@ -406,7 +440,7 @@ async fn client_write(
 }
 
 async fn client_read(
-    mut rd: OwnedReadHalf,
+    mut rd: ReadHalf<TlsStream<TcpStream>>,
     shared: Arc<ConnShared>,
     out: mpsc::WeakSender<Vec<u8>>,
     stop: CancellationToken,

@@ -1,13 +1,21 @@
-//! Remote access: control serves a store to nodes over TCP ([`serve`]); nodes use
-//! [`RemoteStore`].
+//! Remote access: control serves a store to nodes ([`serve`]); nodes use [`RemoteStore`].
 //!
-//! Wire: shoal's framing (`[u32 len][u8 version][postcard body]`). The client sends
+//! Transport: TLS 1.3 over TCP with mutual authentication under the cluster CA (`shoal-pki`),
+//! and nothing else: there is no plain-TCP mode. Control presents its own certificate
+//! (`ControlTls`, name `shoal-control`), which a node verifies by that name against the CA; a
+//! node presents its node certificate (`NodeTls`), which control verifies against the CA. A
+//! client without such a certificate is refused before any request is read.
+//!
+//! Wire, inside TLS: shoal's framing (`[u32 len][u8 version][postcard body]`). The client sends
 //! [`ClientMsg`]s, each with a `u32` id; the server answers each with a
 //! [`ServerMsg::Reply`] carrying that id, in any order, so many calls share one connection. A
 //! watch is a request whose reply is `Watching`, followed by `Event`s tagged with the
 //! request's id, until `WatchEnded` (the store ended it) or `CancelWatch` from the client.
 //!
 //! Invariants:
+//! - Connections are bounded: at most [`MAX_CONNECTIONS`] at once, each counted from its
+//!   accept, so handshakes count too; a handshake that does not finish within
+//!   [`HANDSHAKE_TIMEOUT`] is dropped.
 //! - Every queue is bounded: per connection at most [`MAX_INFLIGHT`] requests run at once
 //!   (the server stops reading beyond that), replies and events wait in a queue of
 //!   [`OUT_QUEUE`], and a client's watch whose [`WATCH_QUEUE`] fills is ended, not buffered.
@@ -38,8 +46,10 @@ use wire::{ClientMsg, ServerMsg};
 pub(crate) const MAX_REQUEST_FRAME: usize = 4 << 20;
 /// Largest reply body the client accepts (a big `range`); larger replies become errors.
 pub(crate) const MAX_REPLY_FRAME: usize = 64 << 20;
-/// Connections one server accepts at once.
+/// Connections one server accepts at once (those still in their TLS handshake included).
 const MAX_CONNECTIONS: usize = 1024;
+/// Longest the server waits for a client to finish its TLS handshake.
+pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Requests one connection may have running at once.
 const MAX_INFLIGHT: usize = 64;
 /// Watches one connection may hold.
@@ -50,6 +60,7 @@ const OUT_QUEUE: usize = 256;
 const WATCH_QUEUE: usize = 1024;
 /// Bytes gathered into one socket write.
 const WRITE_BATCH: usize = 64 << 10;
+/// Longest a client waits for a connection: TCP connect and TLS handshake.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 

@@ -1,25 +1,31 @@
 //! [`serve`]: control's side of the remote store. One task per connection, all owned by
-//! [`serve`], which waits for them at shutdown; per connection at most [`MAX_INFLIGHT`] requests
+//! [`serve`], which waits for them at shutdown. A connection holds one of [`MAX_CONNECTIONS`]
+//! slots from the moment it is accepted, through its TLS handshake (at most
+//! [`HANDSHAKE_TIMEOUT`]) until it closes; per connection at most [`MAX_INFLIGHT`] requests
 //! run at once (reading stops beyond that), replies and events wait in a queue of
-//! [`OUT_QUEUE`], and a malformed or oversized frame closes that connection only.
+//! [`OUT_QUEUE`], and a malformed or oversized frame closes that connection only. Nothing is
+//! read as a request before the client has presented a certificate signed by the cluster CA.
 use super::wire::{
     decode_request, encode_server_msg, ClientMsg, Req, Resp, ServerMsg, WireMetaError,
 };
 use super::{
-    lock, MAX_CONNECTIONS, MAX_INFLIGHT, MAX_REQUEST_FRAME, MAX_WATCHES, OUT_QUEUE, WRITE_BATCH,
+    lock, HANDSHAKE_TIMEOUT, MAX_CONNECTIONS, MAX_INFLIGHT, MAX_REQUEST_FRAME, MAX_WATCHES,
+    OUT_QUEUE, WRITE_BATCH,
 };
 use crate::types::{MetaError, MetaStore, Revision};
 use bytes::BytesMut;
+use shoal_pki::ControlTls;
 use shoal_protocol::FrameDecoder;
 use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::OwnedWriteHalf;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, WriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -28,9 +34,48 @@ use super::RemoteStore;
 
 /// Serves `store` to [`RemoteStore`] clients on `listener` until `shutdown` is cancelled;
 /// then closes every connection and returns once their tasks have ended.
-pub async fn serve(store: Arc<dyn MetaStore>, listener: TcpListener, shutdown: CancellationToken) {
+///
+/// Every connection is mutual TLS with control's identity `tls`: a client that presents no
+/// certificate, or one the cluster CA did not sign, is refused before any request is read, and
+/// one that does not finish its handshake within 5 s is dropped (it holds one of the 1024
+/// connection slots until then).
+pub async fn serve(
+    store: Arc<dyn MetaStore>,
+    listener: TcpListener,
+    tls: ControlTls,
+    shutdown: CancellationToken,
+) {
+    serve_with(store, listener, tls, shutdown, Limits::default()).await
+}
+
+/// The server's limits; tests shrink them.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Limits {
+    /// Connections held at once, handshakes included.
+    pub(super) max_connections: usize,
+    /// Longest a TLS handshake may take.
+    pub(super) handshake_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            max_connections: MAX_CONNECTIONS,
+            handshake_timeout: HANDSHAKE_TIMEOUT,
+        }
+    }
+}
+
+pub(super) async fn serve_with(
+    store: Arc<dyn MetaStore>,
+    listener: TcpListener,
+    tls: ControlTls,
+    shutdown: CancellationToken,
+    limits: Limits,
+) {
+    let acceptor = TlsAcceptor::from(tls.server_config());
     let tracker = TaskTracker::new();
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
     loop {
         let permit = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -48,8 +93,31 @@ pub async fn serve(store: Arc<dyn MetaStore>, listener: TcpListener, shutdown: C
                 let _ = stream.set_nodelay(true);
                 let store = store.clone();
                 let token = shutdown.child_token();
+                let acceptor = acceptor.clone();
+                // The permit is held through the handshake: a client that connects and says
+                // nothing occupies a slot for at most the handshake timeout.
                 tracker.spawn(async move {
-                    serve_conn(store, stream, peer, token).await;
+                    let handshake = tokio::time::timeout(
+                        limits.handshake_timeout,
+                        acceptor.accept(stream),
+                    );
+                    let accepted = tokio::select! {
+                        _ = token.cancelled() => None,
+                        r = handshake => match r {
+                            Ok(Ok(tls)) => Some(tls),
+                            Ok(Err(e)) => {
+                                tracing::warn!(%peer, error = %e, "metadata client refused: TLS handshake failed");
+                                None
+                            }
+                            Err(_) => {
+                                tracing::warn!(%peer, timeout = ?limits.handshake_timeout, "metadata client dropped: no TLS handshake in time");
+                                None
+                            }
+                        },
+                    };
+                    if let Some(tls) = accepted {
+                        serve_conn(store, tls, peer, token).await;
+                    }
                     drop(permit);
                 });
             }
@@ -71,11 +139,11 @@ type WatchTokens = Arc<Mutex<HashMap<u32, CancellationToken>>>;
 
 async fn serve_conn(
     store: Arc<dyn MetaStore>,
-    stream: TcpStream,
+    stream: TlsStream<TcpStream>,
     peer: SocketAddr,
     token: CancellationToken,
 ) {
-    let (mut rd, wr) = stream.into_split();
+    let (mut rd, wr) = tokio::io::split(stream);
     let (out, out_rx) = mpsc::channel::<ServerMsg>(OUT_QUEUE);
     let tasks = TaskTracker::new();
     tasks.spawn(server_write(wr, out_rx, token.clone(), peer));
@@ -290,7 +358,7 @@ async fn serve_watch(
 }
 
 async fn server_write(
-    mut wr: OwnedWriteHalf,
+    mut wr: WriteHalf<TlsStream<TcpStream>>,
     mut rx: mpsc::Receiver<ServerMsg>,
     token: CancellationToken,
     peer: SocketAddr,
@@ -313,7 +381,7 @@ async fn server_write(
         }
         let written = tokio::select! {
             _ = token.cancelled() => break,
-            r = wr.write_all(&buf) => r,
+            r = write_flush(&mut wr, &buf) => r,
         };
         if let Err(e) = written {
             tracing::debug!(%peer, error = %e, "metadata connection write failed");
@@ -325,4 +393,13 @@ async fn server_write(
             buf = Vec::with_capacity(WRITE_BATCH);
         }
     }
+}
+
+/// Writes `buf` and flushes it: TLS may hold encrypted records back until flushed.
+pub(super) async fn write_flush<W: tokio::io::AsyncWrite + Unpin>(
+    wr: &mut W,
+    buf: &[u8],
+) -> std::io::Result<()> {
+    wr.write_all(buf).await?;
+    wr.flush().await
 }

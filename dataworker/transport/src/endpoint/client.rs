@@ -17,8 +17,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::error::{is_tls_refusal, lost, read_err, write_err};
 use super::{Endpoint, TransportError};
-use crate::pki::SERVER_NAME;
 use crate::wire::{self, close, reset, FrameError};
+use shoal_pki::SERVER_NAME;
 
 /// Why a shared connection attempt failed (cloneable, so every waiter gets it).
 #[derive(Debug, Clone)]

@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use crate::pki::NodeTls;
+use shoal_pki::NodeTls;
 
 #[cfg(doc)]
 use super::Endpoint;

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use quinn::{ConnectionError, ReadError, WriteError};
 
-use crate::pki::PkiError;
 use crate::wire;
+use shoal_pki::PkiError;
 
 #[cfg(doc)]
 use super::Endpoint;

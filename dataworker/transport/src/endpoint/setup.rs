@@ -102,17 +102,18 @@ struct ResetKey {
 }
 
 impl ResetKey {
-    fn derive(secret: &[u8]) -> Option<ResetKey> {
+    fn derive(tls: &shoal_pki::NodeTls) -> Option<ResetKey> {
+        // The same suite `NodeTls::derive_secret` extracts and expands with.
         let rustls::SupportedCipherSuite::Tls13(suite) =
             rustls::crypto::ring::cipher_suite::TLS13_AES_128_GCM_SHA256
         else {
             return None;
         };
-        let hkdf = suite.hkdf_provider;
-        let key = hkdf
-            .extract_from_secret(Some(b"shoal transport stateless reset v1"), secret)
-            .expand_block(&[b"quic reset key"]);
-        Some(ResetKey { hkdf, key })
+        let key = tls.derive_secret(b"shoal transport stateless reset v1", b"quic reset key")?;
+        Some(ResetKey {
+            hkdf: suite.hkdf_provider,
+            key,
+        })
     }
 }
 
@@ -249,11 +250,11 @@ impl Endpoint {
         let client = client_config(false)?;
         let client_loopback = client_config(true)?;
 
-        let mut endpoint_config = match ResetKey::derive(cfg.tls.key_der()) {
+        let mut endpoint_config = match ResetKey::derive(&cfg.tls) {
             Some(key) => quinn::EndpointConfig::new(Arc::new(key)),
             None => quinn::EndpointConfig::default(),
         };
-        let rng = crate::pki::crypto_provider().secure_random;
+        let rng = shoal_pki::crypto_provider().secure_random;
         endpoint_config.cid_generator(move || {
             Box::new(CidGenerator {
                 rng,
