@@ -186,7 +186,7 @@ async fn every_call_against_a_real_control() {
     assert!(!format!("{issued:?}").contains(&issued.token));
     assert_eq!(issued.record.description, "dashboards");
     let listed = c.tokens(Some("team-a")).await.unwrap();
-    assert_eq!(listed, [issued.record.clone()]);
+    assert_eq!(listed, std::slice::from_ref(&issued.record));
     c.revoke_token(&issued.record.id).await.unwrap();
     let (k, _) = code(c.revoke_token(&issued.record.id).await);
     assert_eq!(k, ErrorCode::NotFound);
