@@ -571,3 +571,65 @@ impl Registry {
             .collect())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shoal_meta::records::Role;
+    use shoal_meta::MemStore;
+
+    fn spec(name: &str, max_instances: u32) -> FunctionSpec {
+        serde_json::from_value(serde_json::json!({
+            "name": name,
+            "code": {"kind": "dir", "path": "/srv"},
+            "command": ["./run"],
+            "resources": {"cpu_milli": 100, "mem_mib": 64},
+            "max_instances": max_instances,
+        }))
+        .unwrap()
+    }
+
+    /// Concurrent creates cannot squeeze past a limit together: the check and the write run
+    /// under one lock.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_creates_stay_within_the_quota() {
+        let reg = Registry::new(Arc::new(MemStore::open(None, "").unwrap()));
+        let who = Principal::new("team-a", Role::Deployer);
+        let quota = Quota {
+            instances: Some(3),
+            ..Quota::default()
+        };
+        reg.set_quota("team-a", quota).await.unwrap();
+        let tries: Vec<_> = (0..12)
+            .map(|i| {
+                let (reg, who) = (reg.clone(), who.clone());
+                tokio::spawn(
+                    async move { reg.create_function(&who, spec(&format!("f{i}"), 1)).await },
+                )
+            })
+            .collect();
+        let mut admitted = 0;
+        for t in tries {
+            match t.await.unwrap() {
+                Ok(_) => admitted += 1,
+                Err(e) => assert_eq!(e.code(), ErrorCode::QuotaExceeded, "{e}"),
+            }
+        }
+        assert_eq!(admitted, 3);
+        assert_eq!(reg.usage("team-a").await.unwrap().instances, 3);
+        // Other tenants are not counted, nor limited by it.
+        let other = Principal::new("team-b", Role::Deployer);
+        reg.create_function(&other, spec("g", 50)).await.unwrap();
+        assert_eq!(reg.usage("team-a").await.unwrap().instances, 3);
+    }
+
+    #[test]
+    fn the_operator_deploys_to_default_and_sees_every_tenant() {
+        let op = Principal::system_admin();
+        let a = Principal::new("team-a", Role::Admin);
+        assert_eq!(home_tenant(&op), DEFAULT_TENANT);
+        assert_eq!(home_tenant(&a), "team-a");
+        assert!(sees(&op, "team-a") && sees(&a, "team-a"));
+        assert!(!sees(&a, "team-b") && !sees(&a, DEFAULT_TENANT));
+    }
+}
