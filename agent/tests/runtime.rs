@@ -30,9 +30,18 @@ where
     support::wait_for(what, WAIT, f).await
 }
 
+/// Control's REST API: its address and an operator token issued on its store.
+struct Api {
+    addr: SocketAddr,
+    token: String,
+}
+
 /// A client of control's REST API at `http`.
-fn client(http: SocketAddr) -> ControlClient {
-    ControlClient::new(&http.to_string()).unwrap()
+fn client(http: &Api) -> ControlClient {
+    ControlClient::new(&http.addr.to_string())
+        .unwrap()
+        .with_token(&http.token)
+        .unwrap()
 }
 
 fn function(name: &str, dir: &Path) -> Value {
@@ -69,7 +78,7 @@ async fn running(meta: &dyn MetaStore, function: &str) -> (InstanceRecord, u32) 
 
 /// Waits until `/v1/instances` shows the one instance of `function` as `failed`; returns its
 /// record.
-async fn failed_instance(http: SocketAddr, function: &str) -> InstanceRecord {
+async fn failed_instance(http: &Api, function: &str) -> InstanceRecord {
     let c = client(http);
     wait_for(&format!("{function} failed in /v1/instances"), || async {
         c.instances(None)
@@ -81,8 +90,18 @@ async fn failed_instance(http: SocketAddr, function: &str) -> InstanceRecord {
     .await
 }
 
-/// A control process on `store` that has become leader.
-async fn leading_control(store: Arc<dyn MetaStore>) -> Control {
+/// A control process on `store` that has become leader, and its API with an operator token.
+async fn leading_control(store: Arc<dyn MetaStore>) -> (Control, Api) {
+    let token = shoal_meta::issue_token(
+        store.as_ref(),
+        shoal_meta::records::SYSTEM_TENANT,
+        shoal_meta::records::Role::Admin,
+        "test",
+        None,
+    )
+    .await
+    .unwrap()
+    .token;
     let control = Control::start(
         ControlConfig {
             meta_addr: None,
@@ -92,6 +111,7 @@ async fn leading_control(store: Arc<dyn MetaStore>) -> Control {
             name: "test-control".into(),
             max_invoke_body: DEFAULT_MAX_INVOKE_BODY,
             frontend: Default::default(),
+            admin_token_file: None,
         },
         store,
         None,
@@ -99,7 +119,8 @@ async fn leading_control(store: Arc<dyn MetaStore>) -> Control {
     .await
     .unwrap();
     wait_for("leader", || async { control.is_leader().then_some(()) }).await;
-    control
+    let addr = control.http_addr();
+    (control, Api { addr, token })
 }
 
 /// Node `node-a`'s agent, keeping its files under `dir` (`work`, `logs`).
@@ -122,7 +143,7 @@ fn agent_config(
     }
 }
 
-async fn deploy(http: SocketAddr, spec: Value) {
+async fn deploy(http: &Api, spec: Value) {
     let spec: FunctionSpec = serde_json::from_value(spec).unwrap();
     client(http).create_function(&spec).await.unwrap();
 }
@@ -149,8 +170,8 @@ async fn control_places_and_agent_runs() {
     std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
 
     let store: Arc<dyn MetaStore> = Arc::new(MemStore::open(None, "").unwrap());
-    let control = leading_control(store.clone()).await;
-    let http = control.http_addr();
+    let (control, api) = leading_control(store.clone()).await;
+    let http = &api;
 
     let log_dir = tmp.path().join("logs");
     let agent = Agent::start(
@@ -280,8 +301,8 @@ async fn remote_packages_run_or_fail_with_a_reason() {
     client.put("pkg-hello", &good).await.unwrap();
 
     let store: Arc<dyn MetaStore> = Arc::new(MemStore::open(None, "").unwrap());
-    let control = leading_control(store.clone()).await;
-    let http = control.http_addr();
+    let (control, api) = leading_control(store.clone()).await;
+    let http = &api;
     let work_dir = tmp.path().join("work");
     let agent = Agent::start(
         agent_config(

@@ -84,30 +84,37 @@ pub(crate) enum Command {
         #[command(subcommand)]
         op: KvOp,
     },
-    /// Show the node (arena use, objects, pins, clients), the cluster's nodes, and the
-    /// function instances on each node (from control).
+    /// Show the node (arena use, objects, pins, clients), the cluster's nodes, the
+    /// function instances on each node and the caller's tenant quota and use (from control).
     Status {
         #[command(flatten)]
         conn: ConnArgs,
-        /// Control's HTTP API (host:port), for the instances.
-        #[arg(long, env = "SHOAL_CONTROL", default_value = DEFAULT_CONTROL)]
-        control: String,
+        #[command(flatten)]
+        control: ControlConn,
         /// Print JSON.
         #[arg(long)]
         json: bool,
     },
     /// Functions: deploy, list, invoke, remove (through control's REST API).
     Fn {
-        /// Control's HTTP API (host:port) [default: the address `shoal control` uses].
-        #[arg(
-            long,
-            env = "SHOAL_CONTROL",
-            default_value = DEFAULT_CONTROL,
-            global = true
-        )]
-        control: String,
+        #[command(flatten)]
+        control: ControlConn,
         #[command(subcommand)]
         op: FnOp,
+    },
+    /// Tokens of control's API: create, list, revoke.
+    Token {
+        #[command(flatten)]
+        control: ControlConn,
+        #[command(subcommand)]
+        op: TokenOp,
+    },
+    /// Tenants: their quotas.
+    Tenant {
+        #[command(flatten)]
+        control: ControlConn,
+        #[command(subcommand)]
+        op: TenantOp,
     },
     /// Run the benchmark suite.
     Bench(BenchArgs),
@@ -123,6 +130,108 @@ pub(crate) enum Command {
         /// Plain TCP instead of TLS.
         #[arg(long)]
         plain: bool,
+    },
+}
+
+/// How a client command reaches control's REST API: its address and the token to send.
+#[derive(Debug, Args, Clone)]
+pub(crate) struct ControlConn {
+    /// Control's HTTP API (host:port) [default: the address `shoal control` uses].
+    #[arg(
+        long,
+        env = "SHOAL_CONTROL",
+        default_value = DEFAULT_CONTROL,
+        global = true
+    )]
+    pub(crate) control: String,
+    /// Token for control's API [default: SHOAL_TOKEN, else the file SHOAL_TOKEN_FILE names,
+    /// else the admin token `shoal up` writes to the runtime directory]. Other local users
+    /// can read a command line: prefer SHOAL_TOKEN_FILE.
+    #[arg(long, global = true, value_name = "TOKEN")]
+    pub(crate) token: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum TokenOp {
+    /// Issue a token and print it (its only copy: the store keeps a hash).
+    Create {
+        /// What it may do: admin, deployer, invoker or reader.
+        #[arg(long, value_parser = parse_role)]
+        role: shoal_meta::records::Role,
+        /// The tenant it acts for [default: yours; the operator's default is `default`].
+        #[arg(long)]
+        tenant: Option<String>,
+        /// Lifetime ("24h", "30d") [default: no expiry].
+        #[arg(long, value_parser = parse_duration)]
+        ttl: Option<Duration>,
+        /// What it is for.
+        #[arg(long)]
+        description: Option<String>,
+        /// Print the token and its record as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the tokens of your tenant (the operator: every tenant's). Never a secret.
+    Ls {
+        /// Only this tenant's.
+        #[arg(long)]
+        tenant: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a token by id: it stops working within a second everywhere.
+    Revoke {
+        /// The token's id (`shoal token ls`).
+        id: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum TenantOp {
+    /// A tenant's quota: what its functions and data may take.
+    Quota {
+        #[command(subcommand)]
+        op: QuotaOp,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum QuotaOp {
+    /// Show a tenant's limits and use.
+    Get {
+        /// The tenant.
+        tenant: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Change a tenant's limits (the operator only). Limits not named stay as they are.
+    Set {
+        /// The tenant.
+        tenant: String,
+        /// Bytes of objects and keys in each node's arena ("1GiB").
+        #[arg(long, value_parser = parse_size)]
+        arena_bytes: Option<u64>,
+        /// Bytes spilled to each node's disk.
+        #[arg(long, value_parser = parse_size)]
+        spill_bytes: Option<u64>,
+        /// Function instances (counted at each function's maximum).
+        #[arg(long)]
+        instances: Option<u64>,
+        /// CPU of those instances, thousandths of a core.
+        #[arg(long)]
+        cpu_milli: Option<u64>,
+        /// Memory of those instances, MiB.
+        #[arg(long)]
+        mem_mib: Option<u64>,
+        /// Calls in flight through each proxy.
+        #[arg(long)]
+        calls_in_flight: Option<u64>,
+        /// Remove these limits (comma-separated: arena_bytes, spill_bytes, instances,
+        /// cpu_milli, mem_mib, calls_in_flight).
+        #[arg(long, value_delimiter = ',')]
+        unset: Vec<String>,
     },
 }
 
@@ -468,6 +577,11 @@ pub(crate) struct ControlArgs {
     /// That node's dataworker socket, for invoke bodies above the proxy's inline limit.
     #[arg(long, env = "SHOAL_CONTROL_DATAWORKER_SOCKET")]
     pub(crate) dataworker_socket: Option<PathBuf>,
+    /// Keep an operator token (the system tenant's admin) in this file, 0600: unless it
+    /// holds one that works, the leading control issues one and writes it there (`shoal up`
+    /// uses `<runtime dir>/admin.token`, where the CLI looks by itself).
+    #[arg(long, env = "SHOAL_ADMIN_TOKEN_FILE")]
+    pub(crate) admin_token_file: Option<PathBuf>,
     #[command(flatten)]
     pub(crate) child: ChildArgs,
 }
@@ -516,6 +630,12 @@ pub(crate) fn parse_size(s: &str) -> Result<u64, String> {
         .map_err(|e| format!("{s:?} is not a size like 512MiB or 4GiB: {e}"))
 }
 
+fn parse_role(s: &str) -> Result<shoal_meta::records::Role, String> {
+    s.trim()
+        .parse()
+        .map_err(|e: shoal_meta::records::InvalidSpec| e.reason)
+}
+
 pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s.trim())
         .map_err(|e| format!("{s:?} is not a duration like 500ms or 30s: {e}"))
@@ -534,16 +654,11 @@ fn parse_http_addr(s: &str) -> Result<HttpAddr, String> {
 /// where `shoal fn` and `shoal status` look for it.
 pub(crate) const DEFAULT_CONTROL: &str = "127.0.0.1:7701";
 
-/// Where sockets go when no directory is given.
+/// Where sockets (and the admin token) go when no directory is given: the runtime
+/// directory the control client's `default_runtime_dir` names, so the CLI and every other
+/// client agree on it.
 pub(crate) fn default_socket_dir() -> PathBuf {
-    match std::env::var_os("XDG_RUNTIME_DIR") {
-        Some(d) if !d.is_empty() => PathBuf::from(d).join("shoal"),
-        _ => std::env::temp_dir().join(format!("shoal-{}", current_uid())),
-    }
-}
-
-pub(crate) fn current_uid() -> u32 {
-    nix::unistd::getuid().as_raw()
+    shoal_control_client::default_runtime_dir(&|k| std::env::var_os(k))
 }
 
 impl ConnArgs {

@@ -108,10 +108,14 @@ async fn run_async(cmd: Command) -> anyhow::Result<ExitCode> {
             let c = connect(&conn).await?;
             let s = c.status().await?;
             let instances = crate::fn_cmds::all_instances(&control).await;
+            let quota = crate::token_cmds::own_quota(&control).await;
             if json {
                 let mut v = serde_json::to_value(&s)?;
                 if let (Some(obj), Ok(insts)) = (v.as_object_mut(), &instances) {
                     obj.insert("instances".into(), serde_json::json!(insts));
+                }
+                if let (Some(obj), Ok(q)) = (v.as_object_mut(), &quota) {
+                    obj.insert("quota".into(), serde_json::json!(q));
                 }
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
@@ -159,9 +163,15 @@ async fn run_async(cmd: Command) -> anyhow::Result<ExitCode> {
                     }
                 }
                 println!();
+                let at = &control.control;
                 match &instances {
                     Ok(insts) => print_instances(insts),
-                    Err(e) => println!("instances  unknown (control at {control}: {e:#})"),
+                    Err(e) => println!("instances  unknown (control at {at}: {e:#})"),
+                }
+                println!();
+                match &quota {
+                    Ok(q) => crate::token_cmds::print_quota(q),
+                    Err(e) => println!("quota      unknown (control at {at}: {e:#})"),
                 }
             }
         }
@@ -172,6 +182,8 @@ async fn run_async(cmd: Command) -> anyhow::Result<ExitCode> {
         | Command::Agent(_)
         | Command::Ca { .. }
         | Command::Fn { .. }
+        | Command::Token { .. }
+        | Command::Tenant { .. }
         | Command::Bench(_)
         | Command::BenchPeer { .. } => {
             unreachable!("handled by the caller")

@@ -125,6 +125,12 @@ pub(crate) fn control(a: ControlArgs) -> anyhow::Result<ExitCode> {
             }
             None => None,
         };
+        let admin_token_file = a
+            .admin_token_file
+            .as_deref()
+            .map(std::path::absolute)
+            .transpose()
+            .context("--admin-token-file")?;
         let cfg = shoal_control::ControlConfig {
             meta_addr: a.listen.0,
             meta_tls,
@@ -136,12 +142,26 @@ pub(crate) fn control(a: ControlArgs) -> anyhow::Result<ExitCode> {
                 proxy_socket: a.proxy_socket.clone(),
                 dataworker_socket: a.dataworker_socket.clone(),
             },
+            admin_token_file: admin_token_file.clone(),
         };
         let c = shoal_control::Control::start(cfg, meta, metrics).await?;
+        // Ready only once the admin token is where clients look (or a leader will put it
+        // there), so nobody who reads the ready line finds an empty file.
+        match c.admin_token().await {
+            shoal_control::AdminTokenState::Failed(e) => {
+                c.shutdown().await;
+                anyhow::bail!("--admin-token-file: {e}");
+            }
+            shoal_control::AdminTokenState::Standby => {
+                tracing::info!("standby: the leader keeps the admin token file");
+            }
+            _ => {}
+        }
         let ready = ControlReady {
             meta: c.meta_addr(),
             http: c.http_addr(),
             pid: std::process::id(),
+            token_file: admin_token_file,
         };
         ready_then_wait(&a.child, &ready, tokio_util::sync::CancellationToken::new()).await?;
         tracing::info!("shutting down");

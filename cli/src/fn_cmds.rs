@@ -1,16 +1,30 @@
-//! `shoal fn ...`: functions through control's REST API.
-use crate::args::FnOp;
+//! `shoal fn ...`: functions through control's REST API; and how every command that talks
+//! to control builds its client (address and token) and explains a refusal.
+use crate::args::{ControlConn, FnOp};
 use anyhow::Context;
-use shoal_control_client::{ClientError, ControlClient, ErrorCode};
+use shoal_control_client::{find_token, ClientError, ControlClient, ErrorCode, FoundToken};
 use shoal_meta::records::{CodeSource, FunctionSpec, InstanceRecord, Resources};
 use std::io::{Read, Write};
 use std::process::ExitCode;
 use std::time::Duration;
 
-/// A client of control at `control` (`--control` / `SHOAL_CONTROL`).
-fn client(control: &str) -> anyhow::Result<ControlClient> {
-    ControlClient::new(control)
-        .with_context(|| format!("control address {control:?} (--control / SHOAL_CONTROL)"))
+/// The token the user gave or has: `--token`, `SHOAL_TOKEN`, `SHOAL_TOKEN_FILE`, or the
+/// runtime directory's `admin.token`.
+fn token(conn: &ControlConn) -> anyhow::Result<Option<FoundToken>> {
+    Ok(find_token(conn.token.as_deref(), &|k| std::env::var_os(k))?)
+}
+
+/// A client of control at `--control` / `SHOAL_CONTROL`, sending the user's token.
+pub(crate) fn client(conn: &ControlConn) -> anyhow::Result<ControlClient> {
+    let control = &conn.control;
+    let c = ControlClient::new(control)
+        .with_context(|| format!("control address {control:?} (--control / SHOAL_CONTROL)"))?;
+    Ok(match token(conn)? {
+        Some(found) => c
+            .with_token(&found.token)
+            .with_context(|| format!("the token from {}", found.source))?,
+        None => c,
+    })
 }
 
 /// A current-thread runtime for the calls of one command.
@@ -18,6 +32,44 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?)
+}
+
+/// Runs one command's calls to control, adding to a failure what the user can do about it:
+/// start control, point at it, or give a (better) token.
+pub(crate) fn with_control<F>(conn: &ControlConn, work: F) -> anyhow::Result<ExitCode>
+where
+    F: std::future::Future<Output = anyhow::Result<ExitCode>>,
+{
+    runtime()?.block_on(work).map_err(|e| explain(conn, e))
+}
+
+fn explain(conn: &ControlConn, e: anyhow::Error) -> anyhow::Error {
+    let control = &conn.control;
+    match e.downcast_ref::<ClientError>() {
+        Some(ClientError::Transport { .. } | ClientError::Timeout { .. }) => e.context(format!(
+            "control at {control} (is `shoal up` running? set --control or SHOAL_CONTROL)"
+        )),
+        Some(ClientError::Api {
+            code: ErrorCode::Unauthenticated,
+            ..
+        }) => {
+            let hint = match token(conn) {
+                Ok(Some(found)) => format!(
+                    "control refused the token from {} (revoked, expired, or of another cluster?)",
+                    found.source
+                ),
+                _ => format!(
+                    "no token found: set SHOAL_TOKEN or SHOAL_TOKEN_FILE, pass --token, or run                      `shoal up`, which writes one to {}",
+                    crate::args::default_socket_dir()
+                        .join(shoal_control_client::ADMIN_TOKEN_FILE)
+                        .display()
+                ),
+            };
+            // The code first, as every other error reads; then what to do.
+            anyhow::anyhow!("{e:#}: {hint}")
+        }
+        _ => e,
+    }
 }
 
 /// `KEY=VALUE` arguments of `flag` as a map.
@@ -34,9 +86,9 @@ pub(crate) fn key_values(
         .collect()
 }
 
-/// Every instance record control knows.
-pub(crate) async fn all_instances(control: &str) -> anyhow::Result<Vec<InstanceRecord>> {
-    Ok(client(control)?.instances(None).await?)
+/// Every instance record control shows the caller.
+pub(crate) async fn all_instances(conn: &ControlConn) -> anyhow::Result<Vec<InstanceRecord>> {
+    Ok(client(conn)?.instances(None).await?)
 }
 
 /// Where code comes from, from what the user typed.
@@ -93,20 +145,11 @@ async fn invoke_via_proxy(
     }
 }
 
-pub(crate) fn run(control: &str, op: FnOp) -> anyhow::Result<ExitCode> {
-    runtime()?
-        .block_on(run_async(control, op))
-        .map_err(|e| match e.downcast_ref::<ClientError>() {
-            Some(ClientError::Transport { .. } | ClientError::Timeout { .. }) => {
-                e.context(format!(
-                    "control at {control} (is `shoal up` running? set --control or SHOAL_CONTROL)"
-                ))
-            }
-            _ => e,
-        })
+pub(crate) fn run(control: &ControlConn, op: FnOp) -> anyhow::Result<ExitCode> {
+    with_control(control, run_async(control, op))
 }
 
-async fn run_async(control: &str, op: FnOp) -> anyhow::Result<ExitCode> {
+async fn run_async(control: &ControlConn, op: FnOp) -> anyhow::Result<ExitCode> {
     match op {
         FnOp::Deploy {
             name,

@@ -6,6 +6,7 @@ mod client_cmds;
 mod cluster_cmds;
 mod fn_cmds;
 mod serve;
+mod token_cmds;
 mod up;
 
 use clap::Parser;
@@ -61,6 +62,8 @@ fn run(cli: args::Cli) -> anyhow::Result<ExitCode> {
         Agent(a) => cluster_cmds::agent(a),
         Ca { op } => cluster_cmds::ca(op),
         Fn { control, op } => fn_cmds::run(&control, op),
+        Token { control, op } => token_cmds::token(&control, op),
+        Tenant { control, op } => token_cmds::tenant(&control, op),
         Bench(a) => serve::bench(a),
         BenchPeer {
             tls_dir,

@@ -33,15 +33,24 @@ impl Up {
         self.up.cluster()
     }
 
-    /// A client command as a user types it after a plain `shoal up`: it finds the socket in
-    /// the default runtime directory; control's port is the one thing it is told.
+    /// A client command as a user types it after a plain `shoal up`: it finds the socket and
+    /// the admin token in the default runtime directory; control's port is the one thing it
+    /// is told.
     fn shoal(&self, args: &[&str], stdin: Option<&[u8]>) -> Output {
+        self.shoal_env(args, stdin, &[])
+    }
+
+    /// [`Up::shoal`] with more environment variables.
+    fn shoal_env(&self, args: &[&str], stdin: Option<&[u8]>, env: &[(&str, &str)]) -> Output {
         let mut c = Command::new(SHOAL)
             .args(args)
             .env("XDG_RUNTIME_DIR", self.xdg.path())
             .env("SHOAL_CONTROL", self.info().control.http.to_string())
             .env_remove("SHOAL_DATAWORKER_SOCKET")
             .env_remove("SHOAL_PROXY_SOCKET")
+            .env_remove("SHOAL_TOKEN")
+            .env_remove("SHOAL_TOKEN_FILE")
+            .envs(env.iter().copied())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -99,6 +108,7 @@ fn plain_up_runs_the_whole_stack_for_every_client_command() {
 
     objects_and_kv(&up);
     functions(&up);
+    tokens_and_quotas(&up);
 
     // SIGTERM stops everything cleanly and removes the sockets.
     let pids = [info.control.pid, node.pid, node.proxy_pid, node.agent_pid];
@@ -149,6 +159,7 @@ fn objects_and_kv(up: &Up) {
     assert_eq!(st["objects"], 2);
     assert_eq!(st["arena_bytes"], 64 << 20);
     assert_eq!(st["instances"], serde_json::json!([]), "{st}");
+    assert_eq!(st["quota"]["tenant"], "default", "{st}");
 
     // Errors: one line, non-zero exit.
     let missing = up.shoal(&["get", "nope"], None);
@@ -192,7 +203,92 @@ fn functions(up: &Up) {
         .find(|l| l.contains("echo") && l.contains("running"))
         .unwrap_or_else(|| panic!("no running echo in status:\n{status}"));
     assert!(line.starts_with("node-0"), "{line}");
+    assert!(status.contains("tenant     default"), "{status}");
     ok(&up.shoal(&["fn", "rm", "echo"], None));
+}
+
+/// The admin token `shoal up` left in the runtime directory, and `shoal token` and
+/// `shoal tenant quota` with it.
+fn tokens_and_quotas(up: &Up) {
+    let file = up.info().control.token_file.clone().unwrap();
+    assert_eq!(file, up.xdg.path().join("shoal").join("admin.token"));
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&file).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600);
+    assert_eq!(up.info().env.token_file.as_ref(), Some(&file));
+
+    // A token for another tenant, printed once.
+    let out = ok(&up.shoal(
+        &[
+            "token", "create", "--role", "deployer", "--tenant", "team-a", "--ttl", "1h",
+        ],
+        None,
+    ));
+    let token = out.trim().to_string();
+    assert!(token.starts_with("shoal_"), "{out}");
+    let as_team = |args: &[&str]| up.shoal_env(args, None, &[("SHOAL_TOKEN", token.as_str())]);
+    // It sees its own tenant only.
+    ok(&as_team(&["fn", "ls"]));
+    let ls = ok(&up.shoal(&["token", "ls", "--tenant", "team-a", "--json"], None));
+    let ls: serde_json::Value = serde_json::from_str(&ls).unwrap();
+    let id = ls["tokens"][0]["id"].as_str().unwrap().to_string();
+    assert!(!ls.to_string().contains(&token));
+    // A deployer manages no tokens.
+    let o = as_team(&["token", "ls"]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("PermissionDenied"));
+    ok(&up.shoal(&["token", "revoke", &id], None));
+    let mut last = String::new();
+    wait_for(
+        "the revoked token to be refused",
+        Duration::from_secs(10),
+        || {
+            let o = as_team(&["fn", "ls"]);
+            last = String::from_utf8_lossy(&o.stderr).into_owned();
+            (!o.status.success()).then_some(())
+        },
+    )
+    .unwrap();
+    assert!(
+        last.starts_with("error: Unauthenticated") && last.contains("SHOAL_TOKEN"),
+        "{last}"
+    );
+    // A bad token says where it came from.
+    let o = up.shoal(&["fn", "ls", "--token", "garbage"], None);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--token"));
+
+    // Quotas: the operator sets one; status shows it against use.
+    ok(&up.shoal(
+        &[
+            "tenant",
+            "quota",
+            "set",
+            "default",
+            "--instances",
+            "5",
+            "--arena-bytes",
+            "1GiB",
+        ],
+        None,
+    ));
+    let q = ok(&up.shoal(&["tenant", "quota", "get", "default", "--json"], None));
+    let q: serde_json::Value = serde_json::from_str(&q).unwrap();
+    assert_eq!(
+        q["quota"],
+        serde_json::json!({"instances": 5, "arena_bytes": 1u64 << 30})
+    );
+    ok(&up.shoal(
+        &[
+            "tenant",
+            "quota",
+            "set",
+            "default",
+            "--unset",
+            "instances,arena_bytes",
+        ],
+        None,
+    ));
+    let status = ok(&up.shoal(&["status"], None));
+    assert!(status.contains("instances 0 of unlimited"), "{status}");
 }
 
 #[test]

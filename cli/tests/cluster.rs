@@ -52,11 +52,21 @@ impl Up {
         self.info().control.http.to_string()
     }
 
+    /// The operator token control keeps for the local user (what `SHOAL_TOKEN_FILE` names).
+    fn token_file(&self) -> std::path::PathBuf {
+        self.info()
+            .env
+            .token_file
+            .clone()
+            .expect("shoal up names its admin token file")
+    }
+
     fn shoal(&self, node: usize, args: &[&str], stdin: Option<&[u8]>) -> Output {
         let mut c = Command::new(SHOAL)
             .args(args)
             .env("SHOAL_DATAWORKER_SOCKET", self.socket(node))
             .env("SHOAL_CONTROL", self.control())
+            .env("SHOAL_TOKEN_FILE", self.token_file())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -453,24 +463,32 @@ fn block_on<F: std::future::Future>(f: F) -> F::Output {
         .block_on(f)
 }
 
-/// A client of the control at `addr` (`host:port`).
-fn control_client(addr: &str) -> ControlClient {
-    ControlClient::new(addr).unwrap()
+/// A client of the control at `addr` (`host:port`) with the token in `token_file`.
+fn control_client(addr: &str, token_file: &std::path::Path) -> ControlClient {
+    let token = shoal_control_client::read_token_file(token_file).unwrap();
+    ControlClient::new(addr)
+        .unwrap()
+        .with_token(&token)
+        .unwrap()
 }
 
-/// A `shoal control` of its own on etcd (beside the one `up` starts).
+/// A `shoal control` of its own on etcd (beside the one `up` starts), keeping the operator
+/// token in `token_file` (the leader writes it; a standby finds it there).
 #[cfg(feature = "etcd")]
 struct ControlProc {
     proc: shoal_devcluster::Proc,
     http: String,
+    token_file: std::path::PathBuf,
 }
 
 #[cfg(feature = "etcd")]
 impl ControlProc {
-    fn start(etcd: &str, name: &str) -> ControlProc {
+    fn start(etcd: &str, name: &str, token_file: &std::path::Path) -> ControlProc {
         let mut cmd = Command::new(SHOAL);
         cmd.args(["control", "--listen", "off", "--http-addr", "127.0.0.1:0"])
             .args(["--etcd", etcd, "--election-ttl", "2s", "--name", name])
+            .arg("--admin-token-file")
+            .arg(token_file)
             .args(["--ready-json", "--exit-with-parent"])
             .env("SHOAL_LOG", "warn");
         let (proc, ready) = shoal_devcluster::Proc::spawn_ready::<shoal_devcluster::ControlReady>(
@@ -482,13 +500,16 @@ impl ControlProc {
         ControlProc {
             proc,
             http: ready.http.to_string(),
+            token_file: token_file.to_path_buf(),
         }
     }
 
+    fn client(&self) -> ControlClient {
+        control_client(&self.http, &self.token_file)
+    }
+
     fn role(&self) -> Option<shoal_control_client::ControlRole> {
-        block_on(control_client(&self.http).leader())
-            .ok()
-            .map(|l| l.role)
+        block_on(self.client().leader()).ok().map(|l| l.role)
     }
 }
 
@@ -496,8 +517,10 @@ impl ControlProc {
 #[cfg(feature = "etcd")]
 fn control_leader_failover_on_etcd() {
     let etcd = Etcd::start().expect("etcd is not installed: scripts/test.sh installs etcd-server");
-    let a = ControlProc::start(&etcd.url, "a");
-    let b = ControlProc::start(&etcd.url, "b");
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("admin.token");
+    let a = ControlProc::start(&etcd.url, "a", &token_file);
+    let b = ControlProc::start(&etcd.url, "b", &token_file);
     use shoal_control_client::ControlRole::{Leader, Standby};
     let a_leads = wait_until("a single leader", Duration::from_secs(10), || {
         match (a.role(), b.role()) {
@@ -508,7 +531,7 @@ fn control_leader_failover_on_etcd() {
     });
     let (leader, standby) = if a_leads { (a, b) } else { (b, a) };
     // The standby answers and names the leader.
-    let v = block_on(control_client(&standby.http).nodes()).unwrap();
+    let v = block_on(standby.client().nodes()).unwrap();
     assert_eq!(v.role, shoal_control_client::ControlRole::Standby);
     assert!(v.leader.is_some(), "{v:?}");
     let mut leader = leader;
@@ -694,7 +717,8 @@ impl Up {
         let mut c = Command::new(SHOAL);
         c.arg("fn")
             .args(args)
-            .env("SHOAL_CONTROL", self.info().env.control.to_string());
+            .env("SHOAL_CONTROL", self.info().env.control.to_string())
+            .env("SHOAL_TOKEN_FILE", self.token_file());
         if let Some(p) = proxy {
             c.env("SHOAL_PROXY_SOCKET", p);
         }
@@ -869,7 +893,7 @@ fn rest_frontend_and_large_payloads_as_objects() {
     let control = up.control();
     // The REST frontend calls through node 1's proxy (forwarded when the instance is on
     // node 2).
-    let client = control_client(&control);
+    let client = control_client(&control, &up.token_file());
     let invoke = |name: &str, arg: &[u8], timeout: Option<Duration>| {
         block_on(client.invoke(name, arg.to_vec(), timeout))
     };
@@ -926,7 +950,7 @@ fn rest_frontend_and_large_payloads_as_objects() {
 fn warm_calls_flow_through_a_leader_failover_on_etcd() {
     let etcd = Etcd::start().expect("etcd is not installed: scripts/test.sh installs etcd-server");
     let up = Up::start(2, &["--etcd", &etcd.url]);
-    let standby = ControlProc::start(&etcd.url, "standby");
+    let standby = ControlProc::start(&etcd.url, "standby", &up.token_file());
     wait_until(
         "the second control stands by",
         Duration::from_secs(10),
@@ -971,6 +995,7 @@ fn warm_calls_flow_through_a_leader_failover_on_etcd() {
             "./echo",
         ])
         .env("SHOAL_CONTROL", &standby.http)
+        .env("SHOAL_TOKEN_FILE", up.token_file())
         .output()
         .unwrap();
     ok(&o);
@@ -978,7 +1003,7 @@ fn warm_calls_flow_through_a_leader_failover_on_etcd() {
         "echo2 runs under the new leader",
         Duration::from_secs(20),
         || {
-            block_on(control_client(&standby.http).instances(Some("echo2")))
+            block_on(standby.client().instances(Some("echo2")))
                 .ok()?
                 .iter()
                 .any(|i| i.state == shoal_meta::records::InstancePhase::Running)
@@ -1026,7 +1051,7 @@ fn placement_follows_selectors_affinity_and_pools() {
         r#"{"name":"p","node_selector":{"node":"node-1"},"cpu_milli":1000,"mem_mib":1024}"#,
     )
     .unwrap();
-    block_on(control_client(control).create_pool(&pool)).unwrap();
+    block_on(control_client(control, &up.token_file()).create_pool(&pool)).unwrap();
     deploy(
         "echo-p",
         &[

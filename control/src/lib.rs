@@ -16,30 +16,45 @@
 //!   and failed ones and deleting those of removed functions; the agents run what the records
 //!   say (`shoal_meta::records` holds every record and key).
 //! - **HTTP.** A JSON REST API ([`api_routes`] lists it; `openapi.json` documents it and is
-//!   served at `/v1/openapi.json`): functions, pools, instances, invoke, plus `/health`,
-//!   `/v1/nodes`, `/v1/leader`, `/metrics`. Writes go to the leader; a standby answers them
-//!   with 503 `Unavailable` naming the leader, and serves every read itself.
+//!   served at `/v1/openapi.json`): functions, pools, instances, invoke, tokens, tenant
+//!   quotas, plus `/health`, `/v1/nodes`, `/v1/leader`, `/metrics`. Writes go to the leader;
+//!   a standby answers them with 503 `Unavailable` naming the leader, and serves every read
+//!   itself.
+//! - **Authentication and tenants.** Every route but `/health` and `/healthz` needs a bearer
+//!   token, checked against a [`shoal_meta::TokenBook`] that follows `tokens/` (a revoked
+//!   token stops working within a second); its role decides the actions (403 otherwise) and
+//!   its tenant what it sees: another tenant's function answers 404, as a missing one does,
+//!   and listings hold the caller's tenant only. `/metrics` is open on a loopback listener
+//!   only. Tenant quotas bound what a tenant's functions may take (429 `QuotaExceeded`).
+//! - **Admin token.** With [`ControlConfig::admin_token_file`], the leader makes sure that
+//!   file holds an operator token (0600, written atomically): how the local user of
+//!   `shoal up` gets a credential without asking anyone.
 //!
 //! Holds no `unsafe` and never reads the environment: everything comes in through
 //! [`ControlConfig`].
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+mod admin_token;
+mod auth;
 mod frontend;
 mod http;
 mod logs;
 mod placement;
 mod registry;
 mod router;
+mod tokens_api;
 
+pub use admin_token::AdminTokenState;
 pub use frontend::FrontendConfig;
 pub use placement::{FAILED_RETRY, MAX_WRITES_PER_PASS, NODE_LOST_GRACE, PLACEMENT_INTERVAL};
-pub use registry::{Registry, RegistryError};
+pub use registry::{home_tenant, sees, QuotaStatus, Registry, RegistryError, TenantUsage};
 
 use shoal_meta::records::{LeaderInfo, NodeRecord, LEADER_KEY, NODES_PREFIX};
-use shoal_meta::{Election, MetaStore, Role};
+use shoal_meta::{Election, MetaStore, Role, TokenBook, TokenFollower};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -80,6 +95,9 @@ pub struct ControlConfig {
     pub max_invoke_body: usize,
     /// Where invoke requests go.
     pub frontend: FrontendConfig,
+    /// Keep an operator token in this file (`--admin-token-file`): see
+    /// [`Control::admin_token`]. `None`: control writes no token anywhere.
+    pub admin_token_file: Option<PathBuf>,
 }
 
 /// Why control did not start.
@@ -121,6 +139,7 @@ pub(crate) struct View {
     pub(crate) registry: Registry,
     pub(crate) max_invoke_body: usize,
     pub(crate) frontend: frontend::Frontend,
+    pub(crate) auth: auth::Auth,
 }
 
 impl View {
@@ -142,6 +161,8 @@ pub struct Control {
     tasks: TaskTracker,
     meta_addr: Option<SocketAddr>,
     http_addr: SocketAddr,
+    tokens: Option<TokenFollower>,
+    admin_token: tokio::sync::watch::Receiver<AdminTokenState>,
 }
 
 impl Control {
@@ -186,6 +207,7 @@ impl Control {
             serde_json::to_vec(&leader).unwrap_or_default(),
             cfg.election_ttl,
         );
+        let (book, tokens) = TokenBook::follow(meta.clone());
         let view = Arc::new(View {
             name: cfg.name.clone(),
             nodes: RwLock::new(BTreeMap::new()),
@@ -194,7 +216,20 @@ impl Control {
             registry: Registry::new(meta.clone()),
             max_invoke_body: cfg.max_invoke_body,
             frontend: frontend::Frontend::new(cfg.frontend.clone()),
+            auth: auth::Auth::new(book, http_addr.ip().is_loopback()),
         });
+        let (admin_tx, admin_token) = tokio::sync::watch::channel(AdminTokenState::Pending);
+        if let Some(path) = cfg.admin_token_file.clone() {
+            tasks.spawn(admin_token::run(
+                meta.clone(),
+                path,
+                election.subscribe(),
+                admin_tx,
+                shutdown.clone(),
+            ));
+        } else {
+            admin_tx.send_replace(AdminTokenState::Ready);
+        }
         tasks.spawn(watch_nodes(view.clone(), shutdown.clone()));
         tasks.spawn(log_role(view.clone(), shutdown.clone()));
         tasks.spawn(placement::run(
@@ -211,7 +246,24 @@ impl Control {
             tasks,
             meta_addr,
             http_addr,
+            tokens: Some(tokens),
+            admin_token,
         })
+    }
+
+    /// Waits until the admin token file ([`ControlConfig::admin_token_file`]) is settled:
+    /// it holds an operator token ([`AdminTokenState::Ready`], also when none is configured),
+    /// this control is a standby and the leader writes it ([`AdminTokenState::Standby`]), or
+    /// it cannot be written ([`AdminTokenState::Failed`]). Pending while the store does not
+    /// answer or no control leads yet.
+    pub async fn admin_token(&self) -> AdminTokenState {
+        let mut rx = self.admin_token.clone();
+        let settled = rx
+            .wait_for(|s| *s != AdminTokenState::Pending)
+            .await
+            .map(|s| s.clone());
+        // The sender only goes away at shutdown.
+        settled.unwrap_or(AdminTokenState::Pending)
     }
 
     /// Where nodes reach the metadata API.
@@ -242,6 +294,9 @@ impl Control {
         self.shutdown.cancel();
         self.tasks.close();
         self.tasks.wait().await;
+        if let Some(t) = self.tokens.take() {
+            t.stop().await;
+        }
         tracing::info!("control stopped");
     }
 }

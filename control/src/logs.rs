@@ -3,6 +3,9 @@
 //! `logs_addr` of its record (`agents/<node>`); control asks each in turn, with a timeout,
 //! and reports an agent it cannot reach in that instance's `error` instead of failing the
 //! whole answer.
+//!
+//! Control asks on the caller's behalf: it forwards the caller's own bearer token, so an
+//! agent grants exactly what that token may read (control adds no authority of its own).
 use serde_json::{json, Value};
 use shoal_meta::records::InstanceRecord;
 use shoal_meta::records::{agent_key, AgentRecord};
@@ -17,18 +20,20 @@ pub(crate) const MAX_TAIL: u64 = 4 << 20;
 /// Longest wait for one agent.
 const AGENT_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// The log tails of `instances`, `tail` bytes of each stream at most.
+/// The log tails of `instances`, `tail` bytes of each stream at most, asked with the
+/// caller's `token`.
 pub(crate) async fn tails(
     meta: &dyn MetaStore,
     instances: Vec<InstanceRecord>,
     tail: u64,
+    token: &str,
 ) -> Value {
     let mut out = Vec::with_capacity(instances.len());
     for inst in instances {
         let logs = match agent_logs_addr(meta, &inst.node).await {
             Ok(addr) => {
                 let path = format!("/v1/logs/{}?tail={tail}", inst.id);
-                match tokio::time::timeout(AGENT_TIMEOUT, http_get(&addr, &path)).await {
+                match tokio::time::timeout(AGENT_TIMEOUT, http_get(&addr, &path, token)).await {
                     Ok(Ok(v)) => Ok(v),
                     Ok(Err(e)) => Err(format!("agent of node {} at {addr}: {e}", inst.node)),
                     Err(_) => Err(format!("agent of node {} at {addr}: timed out", inst.node)),
@@ -65,12 +70,22 @@ async fn agent_logs_addr(meta: &dyn MetaStore, node: &str) -> Result<String, Str
         .ok_or_else(|| format!("the agent of node {node} does not serve logs"))
 }
 
-/// GET `path` from `addr` (HTTP/1.0); the JSON body of a 200 answer.
-async fn http_get(addr: &str, path: &str) -> Result<Value, String> {
+/// GET `path` from `addr` (HTTP/1.0) with `token` as bearer; the JSON body of a 200 answer.
+async fn http_get(addr: &str, path: &str, token: &str) -> Result<Value, String> {
+    // The token passed authentication, so it is `shoal_` and hex digits; checked again
+    // because it goes into a header line.
+    if !token
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'_')
+    {
+        return Err("the caller's token cannot be forwarded".into());
+    }
     let mut s = tokio::net::TcpStream::connect(addr)
         .await
         .map_err(|e| e.to_string())?;
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: shoal\r\n\r\n").as_bytes())
+    let head =
+        format!("GET {path} HTTP/1.0\r\nHost: shoal\r\nAuthorization: Bearer {token}\r\n\r\n");
+    s.write_all(head.as_bytes())
         .await
         .map_err(|e| e.to_string())?;
     let mut resp = Vec::new();

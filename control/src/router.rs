@@ -5,9 +5,14 @@
 //! - JSON in and out. Errors are `{"code": "<ErrorCode name>", "message": "..."}` with the
 //!   HTTP status derived from the code alone (`status_of`): `NotFound` 404,
 //!   `AlreadyExists` 409 (also a stale-version update, whose message starts with
-//!   "version conflict"), `InvalidArgument` 400, `TooLarge` 413, `Overloaded` 429,
-//!   `InstanceFailed` 502, `Unavailable` 503, `Timeout` 504, anything else 500. The one exception: a known path with an unknown method is 405 with
-//!   code `InvalidArgument` and an `Allow` header.
+//!   "version conflict"), `InvalidArgument` 400, `Unauthenticated` 401 (with
+//!   `WWW-Authenticate: Bearer`), `PermissionDenied` 403, `TooLarge` 413, `Overloaded` and
+//!   `QuotaExceeded` 429, `InstanceFailed` 502, `Unavailable` 503, `Timeout` 504, anything
+//!   else 500. The one exception: a known path with an unknown method is 405 with code
+//!   `InvalidArgument` and an `Allow` header.
+//! - Every route says what it asks of the caller ([`Access`]): nothing for `/health`, a
+//!   token whose role allows an action for the rest (see `auth.rs`). The check runs before
+//!   anything else, the leader check included; tenant checks run where the resource is read.
 //! - Request bodies are bounded: `MAX_JSON_BODY` (1 MiB) for JSON, the configured
 //!   `max_invoke_body` for invoke. A declared `Content-Length` over the limit is refused
 //!   before reading; otherwise reading stops at the first chunk that crosses it.
@@ -15,6 +20,7 @@
 //!   `Unavailable` naming the leader's HTTP address, so clients retry there; reads are
 //!   served by any control. Writes stay safe if leadership moves mid-request: they are
 //!   store transactions, not read-modify-write on local state.
+use crate::auth::{Access, Caller};
 use crate::registry::RegistryError;
 use crate::{read, View};
 use bytes::Bytes;
@@ -24,7 +30,7 @@ use hyper::{Request, StatusCode};
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::json;
 use shoal_meta::records::LeaderInfo;
-use shoal_meta::records::{FunctionSpec, Pool};
+use shoal_meta::records::{validate_tenant, Action, FunctionSpec, Pool, Principal, Quota};
 use shoal_meta::Role;
 use shoal_protocol::ErrorCode;
 use std::time::Duration;
@@ -86,58 +92,71 @@ enum Op {
     CreatePool,
     GetPool,
     DeletePool,
+    WhoAmI,
+    CreateToken,
+    ListTokens,
+    RevokeToken,
+    GetQuota,
+    SetQuota,
 }
 
-/// One route: method, path template (`{param}` matches one non-empty segment), handler, and
-/// whether only the leader may serve it.
+/// One route: method, path template (`{param}` matches one non-empty segment), handler,
+/// what it asks of the caller, and whether only the leader may serve it.
 #[derive(Debug)]
 pub(crate) struct Route {
     pub(crate) verb: Verb,
     pub(crate) path: &'static str,
     op: Op,
+    access: Access,
     write: bool,
 }
 
-const fn r(verb: Verb, path: &'static str, op: Op, write: bool) -> Route {
+const fn r(verb: Verb, path: &'static str, op: Op, access: Access, write: bool) -> Route {
     Route {
         verb,
         path,
         op,
+        access,
         write,
     }
 }
 
+use Access::{Authenticated, Open};
+use Verb::{Delete, Get, Post, Put};
+
+const READ: Access = Access::Act(Action::ReadMeta);
+const DEPLOY: Access = Access::Act(Action::WriteFunctions);
+const CLUSTER: Access = Access::Act(Action::ManageCluster);
+const TOKENS: Access = Access::Act(Action::ManageTokens);
+
 /// Every route the API serves.
+#[rustfmt::skip]
 pub(crate) const ROUTES: &[Route] = &[
-    r(Verb::Get, "/health", Op::Health, false),
-    r(Verb::Get, "/healthz", Op::Health, false),
-    r(Verb::Get, "/metrics", Op::Metrics, false),
-    r(Verb::Get, "/v1/leader", Op::Leader, false),
-    r(Verb::Get, "/v1/nodes", Op::Nodes, false),
-    r(Verb::Get, "/v1/openapi.json", Op::OpenApi, false),
-    r(Verb::Get, "/v1/functions", Op::ListFunctions, false),
-    r(Verb::Post, "/v1/functions", Op::CreateFunction, true),
-    r(Verb::Get, "/v1/functions/{name}", Op::GetFunction, false),
-    r(Verb::Put, "/v1/functions/{name}", Op::UpdateFunction, true),
-    r(
-        Verb::Delete,
-        "/v1/functions/{name}",
-        Op::DeleteFunction,
-        true,
-    ),
-    r(
-        Verb::Get,
-        "/v1/functions/{name}/instances",
-        Op::FunctionInstances,
-        false,
-    ),
-    r(Verb::Post, "/v1/functions/{name}/invoke", Op::Invoke, false),
-    r(Verb::Get, "/v1/functions/{name}/logs", Op::Logs, false),
-    r(Verb::Get, "/v1/instances", Op::ListInstances, false),
-    r(Verb::Get, "/v1/pools", Op::ListPools, false),
-    r(Verb::Post, "/v1/pools", Op::CreatePool, true),
-    r(Verb::Get, "/v1/pools/{name}", Op::GetPool, false),
-    r(Verb::Delete, "/v1/pools/{name}", Op::DeletePool, true),
+    r(Get, "/health", Op::Health, Open, false),
+    r(Get, "/healthz", Op::Health, Open, false),
+    r(Get, "/metrics", Op::Metrics, Access::Metrics, false),
+    r(Get, "/v1/leader", Op::Leader, READ, false),
+    r(Get, "/v1/nodes", Op::Nodes, READ, false),
+    r(Get, "/v1/openapi.json", Op::OpenApi, READ, false),
+    r(Get, "/v1/whoami", Op::WhoAmI, Authenticated, false),
+    r(Get, "/v1/functions", Op::ListFunctions, READ, false),
+    r(Post, "/v1/functions", Op::CreateFunction, DEPLOY, true),
+    r(Get, "/v1/functions/{name}", Op::GetFunction, READ, false),
+    r(Put, "/v1/functions/{name}", Op::UpdateFunction, DEPLOY, true),
+    r(Delete, "/v1/functions/{name}", Op::DeleteFunction, DEPLOY, true),
+    r(Get, "/v1/functions/{name}/instances", Op::FunctionInstances, READ, false),
+    r(Post, "/v1/functions/{name}/invoke", Op::Invoke, Access::Act(Action::Invoke), false),
+    r(Get, "/v1/functions/{name}/logs", Op::Logs, READ, false),
+    r(Get, "/v1/instances", Op::ListInstances, READ, false),
+    r(Get, "/v1/pools", Op::ListPools, Authenticated, false),
+    r(Post, "/v1/pools", Op::CreatePool, CLUSTER, true),
+    r(Get, "/v1/pools/{name}", Op::GetPool, Authenticated, false),
+    r(Delete, "/v1/pools/{name}", Op::DeletePool, CLUSTER, true),
+    r(Post, "/v1/tokens", Op::CreateToken, TOKENS, true),
+    r(Get, "/v1/tokens", Op::ListTokens, TOKENS, false),
+    r(Delete, "/v1/tokens/{id}", Op::RevokeToken, TOKENS, true),
+    r(Get, "/v1/tenants/{tenant}/quota", Op::GetQuota, Authenticated, false),
+    r(Put, "/v1/tenants/{tenant}/quota", Op::SetQuota, CLUSTER, true),
 ];
 
 /// The path parameter of a match (every template has at most one).
@@ -171,11 +190,17 @@ pub(crate) struct ApiError {
 }
 
 impl ApiError {
-    fn new(code: ErrorCode, message: impl Into<String>) -> ApiError {
+    pub(crate) fn new(code: ErrorCode, message: impl Into<String>) -> ApiError {
         ApiError {
             code,
             message: message.into(),
         }
+    }
+
+    /// The stable code.
+    #[cfg(test)]
+    pub(crate) fn code(&self) -> ErrorCode {
+        self.code
     }
 }
 
@@ -190,13 +215,29 @@ pub(crate) const DEFAULT_INVOKE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Longest deadline a caller may ask for.
 pub(crate) const MAX_INVOKE_TIMEOUT: Duration = Duration::from_secs(3600);
 
-/// Query parameter `key` as a number, else `default`.
-fn query_u64(query: Option<&str>, key: &str, default: u64) -> Result<u64, ApiError> {
-    let Some(v) = query
+/// Query parameter `key`, as sent.
+fn query_str<'q>(query: Option<&'q str>, key: &str) -> Option<&'q str> {
+    query
         .unwrap_or("")
         .split('&')
         .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
-    else {
+}
+
+/// The `tenant` query parameter (a filter of listings), checked.
+fn query_tenant(query: Option<&str>) -> Result<Option<&str>, ApiError> {
+    match query_str(query, "tenant") {
+        None => Ok(None),
+        Some(t) => {
+            validate_tenant(t)
+                .map_err(|e| ApiError::new(ErrorCode::InvalidArgument, e.to_string()))?;
+            Ok(Some(t))
+        }
+    }
+}
+
+/// Query parameter `key` as a number, else `default`.
+fn query_u64(query: Option<&str>, key: &str, default: u64) -> Result<u64, ApiError> {
+    let Some(v) = query_str(query, key) else {
         return Ok(default);
     };
     v.parse::<u64>().map_err(|_| {
@@ -230,8 +271,10 @@ pub(crate) fn status_of(code: ErrorCode) -> StatusCode {
         ErrorCode::NotFound => StatusCode::NOT_FOUND,
         ErrorCode::AlreadyExists => StatusCode::CONFLICT,
         ErrorCode::InvalidArgument | ErrorCode::InvalidId => StatusCode::BAD_REQUEST,
+        ErrorCode::Unauthenticated => StatusCode::UNAUTHORIZED,
+        ErrorCode::PermissionDenied => StatusCode::FORBIDDEN,
         ErrorCode::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-        ErrorCode::Overloaded => StatusCode::TOO_MANY_REQUESTS,
+        ErrorCode::Overloaded | ErrorCode::QuotaExceeded => StatusCode::TOO_MANY_REQUESTS,
         ErrorCode::InstanceFailed => StatusCode::BAD_GATEWAY,
         ErrorCode::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
         ErrorCode::Timeout => StatusCode::GATEWAY_TIMEOUT,
@@ -253,7 +296,14 @@ fn json_reply<T: serde::Serialize>(status: StatusCode, v: &T) -> Resp {
 
 fn error_reply(e: &ApiError) -> Resp {
     let body = json!({"code": e.code.name(), "message": e.message});
-    reply(status_of(e.code), "application/json", body.to_string())
+    let mut resp = reply(status_of(e.code), "application/json", body.to_string());
+    if e.code == ErrorCode::Unauthenticated {
+        resp.headers_mut().insert(
+            hyper::header::WWW_AUTHENTICATE,
+            hyper::header::HeaderValue::from_static("Bearer realm=\"shoal\""),
+        );
+    }
+    resp
 }
 
 /// Reads a body of at most `limit` bytes.
@@ -334,13 +384,18 @@ pub(crate) async fn handle(
     let (template, mut resp) = match found {
         Some((route, param)) => {
             let param = param.unwrap_or_default().to_string();
-            let result = if route.write {
-                require_leader(view)
-            } else {
-                Ok(())
-            };
-            let resp = match result {
-                Ok(()) => dispatch(route.op, &param, req, view, metrics).await,
+            let resp = match view.auth.check(route.access, req.headers()).await {
+                Ok(caller) => {
+                    let leads = if route.write {
+                        require_leader(view)
+                    } else {
+                        Ok(())
+                    };
+                    match leads {
+                        Ok(()) => dispatch(route.op, &param, req, view, metrics, caller).await,
+                        Err(e) => Err(e),
+                    }
+                }
                 Err(e) => Err(e),
             };
             (route.path, resp.unwrap_or_else(|e| error_reply(&e)))
@@ -377,15 +432,28 @@ pub(crate) async fn handle(
     resp
 }
 
+/// The caller of a route that is not open (the auth check gave one).
+fn principal(caller: Option<&Caller>) -> Result<&Principal, ApiError> {
+    caller.map(|c| &c.principal).ok_or_else(|| {
+        ApiError::new(
+            ErrorCode::Internal,
+            "route without a caller (an open route reached a handler that needs one)",
+        )
+    })
+}
+
 async fn dispatch(
     op: Op,
     name: &str,
     req: Request<Incoming>,
     view: &View,
     metrics: Option<&PrometheusHandle>,
+    caller: Option<Caller>,
 ) -> Result<Resp, ApiError> {
     let reg = &view.registry;
     let (role, leader) = view.role();
+    let query = req.uri().query().map(str::to_string);
+    let query = query.as_deref();
     Ok(match op {
         Op::Health => json_reply(
             StatusCode::OK,
@@ -412,43 +480,75 @@ async fn dispatch(
             }
         },
         Op::OpenApi => reply(StatusCode::OK, "application/json", OPENAPI),
-        Op::ListFunctions => json_reply(
-            StatusCode::OK,
-            &json!({"functions": reg.list_functions().await?}),
-        ),
-        Op::CreateFunction => {
-            let spec: FunctionSpec = read_json(req).await?;
-            json_reply(StatusCode::CREATED, &reg.create_function(spec).await?)
-        }
-        Op::GetFunction => json_reply(StatusCode::OK, &reg.get_function(name).await?),
-        Op::UpdateFunction => {
-            let spec: FunctionSpec = read_json(req).await?;
-            json_reply(StatusCode::OK, &reg.update_function(name, spec).await?)
-        }
-        Op::DeleteFunction => {
-            reg.delete_function(name).await?;
-            json_reply(StatusCode::OK, &json!({"deleted": name}))
-        }
-        Op::FunctionInstances => json_reply(
-            StatusCode::OK,
-            &json!({"instances": reg.function_instances(name).await?}),
-        ),
-        Op::Logs => {
-            let tail = query_u64(req.uri().query(), "tail", crate::logs::DEFAULT_TAIL)?
-                .min(crate::logs::MAX_TAIL);
-            let instances = reg.function_instances(name).await?;
+        Op::WhoAmI => {
+            let who = principal(caller.as_ref())?;
             json_reply(
                 StatusCode::OK,
-                &crate::logs::tails(view.meta.as_ref(), instances, tail).await,
+                &json!({
+                    "tenant": who.tenant,
+                    "role": who.role,
+                    "home_tenant": crate::registry::home_tenant(who),
+                    "instance": who.instance,
+                }),
             )
         }
-        Op::ListInstances => json_reply(
-            StatusCode::OK,
-            &json!({"instances": reg.all_instances().await?}),
-        ),
+        Op::ListFunctions => {
+            let who = principal(caller.as_ref())?;
+            let tenant = query_tenant(query)?;
+            json_reply(
+                StatusCode::OK,
+                &json!({"functions": reg.list_functions(who, tenant).await?}),
+            )
+        }
+        Op::CreateFunction => {
+            let who = principal(caller.as_ref())?;
+            let spec: FunctionSpec = read_json(req).await?;
+            json_reply(StatusCode::CREATED, &reg.create_function(who, spec).await?)
+        }
+        Op::GetFunction => {
+            let who = principal(caller.as_ref())?;
+            json_reply(StatusCode::OK, &reg.get_function(who, name).await?)
+        }
+        Op::UpdateFunction => {
+            let who = principal(caller.as_ref())?;
+            let spec: FunctionSpec = read_json(req).await?;
+            json_reply(StatusCode::OK, &reg.update_function(who, name, spec).await?)
+        }
+        Op::DeleteFunction => {
+            reg.delete_function(principal(caller.as_ref())?, name)
+                .await?;
+            json_reply(StatusCode::OK, &json!({"deleted": name}))
+        }
+        Op::FunctionInstances => {
+            let who = principal(caller.as_ref())?;
+            json_reply(
+                StatusCode::OK,
+                &json!({"instances": reg.function_instances(who, name).await?}),
+            )
+        }
+        Op::Logs => {
+            let caller = caller.as_ref();
+            let who = principal(caller)?;
+            let token = caller.map(Caller::token).unwrap_or_default();
+            let tail =
+                query_u64(query, "tail", crate::logs::DEFAULT_TAIL)?.min(crate::logs::MAX_TAIL);
+            let instances = reg.function_instances(who, name).await?;
+            json_reply(
+                StatusCode::OK,
+                &crate::logs::tails(view.meta.as_ref(), instances, tail, token).await,
+            )
+        }
+        Op::ListInstances => {
+            let who = principal(caller.as_ref())?;
+            let tenant = query_tenant(query)?;
+            json_reply(
+                StatusCode::OK,
+                &json!({"instances": reg.all_instances(who, tenant).await?}),
+            )
+        }
         Op::Invoke => {
-            reg.get_function(name).await?;
-            let timeout = invoke_timeout(req.uri().query())?;
+            reg.get_function(principal(caller.as_ref())?, name).await?;
+            let timeout = invoke_timeout(query)?;
             let args = read_body(req, view.max_invoke_body).await?;
             match view.frontend.invoke(name, &args, timeout).await {
                 Ok(out) => reply(StatusCode::OK, "application/octet-stream", out),
@@ -464,6 +564,33 @@ async fn dispatch(
         Op::DeletePool => {
             reg.delete_pool(name).await?;
             json_reply(StatusCode::OK, &json!({"deleted": name}))
+        }
+        Op::CreateToken => {
+            let who = principal(caller.as_ref())?;
+            let body: crate::tokens_api::TokenRequest = read_json(req).await?;
+            let issued = crate::tokens_api::create(view.meta.as_ref(), who, body).await?;
+            json_reply(StatusCode::CREATED, &issued)
+        }
+        Op::ListTokens => {
+            let who = principal(caller.as_ref())?;
+            let tenant = query_tenant(query)?;
+            let tokens = crate::tokens_api::list(view.meta.as_ref(), who, tenant).await?;
+            json_reply(StatusCode::OK, &json!({ "tokens": tokens }))
+        }
+        Op::RevokeToken => {
+            crate::tokens_api::revoke(view.meta.as_ref(), principal(caller.as_ref())?, name)
+                .await?;
+            json_reply(StatusCode::OK, &json!({ "revoked": name }))
+        }
+        Op::GetQuota => {
+            let who = principal(caller.as_ref())?;
+            json_reply(StatusCode::OK, &reg.quota_status(who, name).await?)
+        }
+        Op::SetQuota => {
+            let who = principal(caller.as_ref())?;
+            let quota: Quota = read_json(req).await?;
+            reg.set_quota(name, quota).await?;
+            json_reply(StatusCode::OK, &reg.quota_status(who, name).await?)
         }
     })
 }
@@ -495,7 +622,11 @@ mod tests {
                 if std::ptr::eq(a, b) || a.verb != b.verb {
                     continue;
                 }
-                let probe = a.path.replace("{name}", "x");
+                let probe = a
+                    .path
+                    .replace("{name}", "x")
+                    .replace("{id}", "x")
+                    .replace("{tenant}", "x");
                 assert!(
                     match_path(b.path, &probe).is_none(),
                     "{} {} overlaps {}",
@@ -527,5 +658,42 @@ mod tests {
             status_of(ErrorCode::Internal),
             StatusCode::INTERNAL_SERVER_ERROR
         );
+        assert_eq!(
+            status_of(ErrorCode::Unauthenticated),
+            StatusCode::UNAUTHORIZED
+        );
+        assert_eq!(
+            status_of(ErrorCode::PermissionDenied),
+            StatusCode::FORBIDDEN
+        );
+        assert_eq!(
+            status_of(ErrorCode::QuotaExceeded),
+            StatusCode::TOO_MANY_REQUESTS
+        );
+    }
+
+    /// Only the health routes are open; every write needs more than reading.
+    #[test]
+    fn only_health_is_open() {
+        for route in ROUTES {
+            let open = route.access == Access::Open;
+            assert_eq!(
+                open,
+                route.path.starts_with("/health"),
+                "{} {}",
+                route.verb.as_str(),
+                route.path
+            );
+            if route.write {
+                assert!(
+                    !matches!(route.access, Access::Open | Access::Authenticated)
+                        && route.access != READ,
+                    "{} {} writes with {:?}",
+                    route.verb.as_str(),
+                    route.path,
+                    route.access
+                );
+            }
+        }
     }
 }

@@ -1,169 +1,23 @@
-//! The REST API against a real control process on 127.0.0.1:0 with a `MemStore`. Ordinary
-//! calls go through `shoal-control-client`; requests the client cannot or would not send
-//! (malformed JSON, over-limit and chunked bodies, garbage, unknown routes and methods, a
-//! header the client does not expose) are written by hand over a TCP socket.
+//! The REST API against a real control process on 127.0.0.1:0 with a `MemStore`, called with
+//! an operator token. Ordinary calls go through `shoal-control-client`; requests the client
+//! cannot or would not send (malformed JSON, over-limit and chunked bodies, garbage, unknown
+//! routes and methods, a header the client does not expose) are written by hand over a TCP
+//! socket. The attacks on authentication and tenancy are in `auth.rs`.
 #![allow(clippy::unwrap_used)]
 
+mod support;
+
 use serde_json::{json, Value};
-use shoal_control::{Control, ControlConfig, DEFAULT_MAX_INVOKE_BODY};
-use shoal_control_client::{
-    ClientError, ControlClient, ControlRole, ErrorCode, FunctionSpec, InstanceRecord, Pool,
-};
+use shoal_control::{Control, DEFAULT_MAX_INVOKE_BODY};
+use shoal_control_client::{ControlRole, ErrorCode, FunctionSpec, InstanceRecord, Pool};
+use shoal_meta::records::{Role, SYSTEM_TENANT};
 use shoal_meta::{MemStore, MetaStore};
 use std::collections::BTreeSet;
-use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
+use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-
-/// Polls `cond` until it holds, failing the test (naming `what`) after ten seconds.
-async fn wait_until<F, Fut>(what: &str, mut cond: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while !cond().await {
-        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
-        // The poll interval: control announces no change of role.
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
-fn config(max_invoke_body: usize) -> ControlConfig {
-    ControlConfig {
-        meta_addr: None,
-        meta_tls: None,
-        http_addr: "127.0.0.1:0".parse().unwrap(),
-        election_ttl: Duration::from_secs(2),
-        name: "test-control".into(),
-        max_invoke_body,
-        frontend: Default::default(),
-    }
-}
-
-async fn start_with(meta: Arc<dyn MetaStore>, max_invoke_body: usize) -> Control {
-    let c = Control::start(config(max_invoke_body), meta, None)
-        .await
-        .unwrap();
-    wait_until("becomes leader", || async { c.is_leader() }).await;
-    c
-}
-
-async fn start() -> (Control, Arc<MemStore>) {
-    let store = Arc::new(MemStore::open(None, "").unwrap());
-    (
-        start_with(store.clone(), DEFAULT_MAX_INVOKE_BODY).await,
-        store,
-    )
-}
-
-/// One answer: status, lower-cased headers, body.
-#[derive(Debug)]
-struct Answer {
-    status: u16,
-    headers: Vec<(String, String)>,
-    body: Vec<u8>,
-}
-
-impl Answer {
-    fn json(&self) -> Value {
-        serde_json::from_slice(&self.body)
-            .unwrap_or_else(|e| panic!("body is not JSON ({e}): {:?}", self.text()))
-    }
-
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.body).into_owned()
-    }
-
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
-    }
-
-    /// Asserts an error answer: status and stable code.
-    fn error(&self, status: u16, code: &str) -> String {
-        assert_eq!(self.status, status, "{}", self.text());
-        let j = self.json();
-        assert_eq!(j["code"], code, "{j}");
-        j["message"].as_str().unwrap().to_string()
-    }
-}
-
-fn parse(raw: &[u8]) -> Answer {
-    let split = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .unwrap_or_else(|| panic!("no header end in {:?}", String::from_utf8_lossy(raw)));
-    let head = std::str::from_utf8(&raw[..split]).unwrap();
-    let mut lines = head.split("\r\n");
-    let status = lines
-        .next()
-        .unwrap()
-        .split(' ')
-        .nth(1)
-        .unwrap()
-        .parse()
-        .unwrap();
-    let headers = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
-        .collect();
-    Answer {
-        status,
-        headers,
-        body: raw[split + 4..].to_vec(),
-    }
-}
-
-/// Sends one request (`Connection: close`) and reads the answer to EOF.
-async fn request(addr: SocketAddr, method: &str, path: &str, body: &[u8]) -> Answer {
-    let mut s = TcpStream::connect(addr).await.unwrap();
-    let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
-        body.len()
-    );
-    s.write_all(head.as_bytes()).await.unwrap();
-    s.write_all(body).await.unwrap();
-    let mut raw = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut raw))
-        .await
-        .unwrap()
-        .unwrap();
-    parse(&raw)
-}
-
-async fn get(addr: SocketAddr, path: &str) -> Answer {
-    request(addr, "GET", path, b"").await
-}
-
-async fn send_json(addr: SocketAddr, method: &str, path: &str, v: &Value) -> Answer {
-    request(addr, method, path, v.to_string().as_bytes()).await
-}
-
-/// A client of the control at `addr`.
-fn client(addr: SocketAddr) -> ControlClient {
-    ControlClient::new(&addr.to_string()).unwrap()
-}
-
-/// Asserts a refusal: status and stable code; the message.
-fn refused<T: std::fmt::Debug>(r: Result<T, ClientError>, status: u16, code: ErrorCode) -> String {
-    match r {
-        Err(ClientError::Api {
-            status: s,
-            code: c,
-            message,
-        }) => {
-            assert_eq!((s, c), (status, code), "{message}");
-            message
-        }
-        other => panic!("expected {status} {code}, got {other:?}"),
-    }
-}
 
 /// `spec(name)` as the record.
 fn typed(v: Value) -> FunctionSpec {
@@ -186,8 +40,8 @@ fn spec(name: &str) -> Value {
 
 #[tokio::test]
 async fn function_lifecycle() {
-    let (c, _store) = start().await;
-    let api = client(c.http_addr());
+    let (c, _store, admin) = start().await;
+    let api = client(c.http_addr(), &admin);
 
     let created = api.create_function(&typed(spec("hello"))).await.unwrap();
     assert_eq!(created.version, 1);
@@ -245,7 +99,14 @@ async fn function_lifecycle() {
     );
 
     // The answer names what was deleted (the client only checks it is JSON).
-    let del = request(c.http_addr(), "DELETE", "/v1/functions/hello", b"").await;
+    let del = request(
+        c.http_addr(),
+        Some(&admin),
+        "DELETE",
+        "/v1/functions/hello",
+        b"",
+    )
+    .await;
     assert_eq!(del.status, 200, "{}", del.text());
     assert_eq!(del.json()["deleted"], "hello");
     refused(api.function("hello").await, 404, ErrorCode::NotFound);
@@ -256,8 +117,8 @@ async fn function_lifecycle() {
 
 #[tokio::test]
 async fn duplicate_create_is_conflict() {
-    let (c, _store) = start().await;
-    let api = client(c.http_addr());
+    let (c, _store, admin) = start().await;
+    let api = client(c.http_addr(), &admin);
     api.create_function(&typed(spec("dup"))).await.unwrap();
     let msg = refused(
         api.create_function(&typed(spec("dup"))).await,
@@ -270,7 +131,7 @@ async fn duplicate_create_is_conflict() {
 
 #[tokio::test]
 async fn invalid_specs_name_the_field() {
-    let (c, _store) = start().await;
+    let (c, _store, admin) = start().await;
     let a = c.http_addr();
     let cases: Vec<(Value, &str)> = vec![
         (
@@ -374,25 +235,25 @@ async fn invalid_specs_name_the_field() {
         ),
     ];
     for (body, field) in cases {
-        let msg = send_json(a, "POST", "/v1/functions", &body)
+        let msg = send_json(a, Some(&admin), "POST", "/v1/functions", &body)
             .await
             .error(400, "InvalidArgument");
         assert!(msg.contains(field), "{field}: {msg}");
     }
-    let msg = request(a, "POST", "/v1/functions", b"{\"name\": ")
+    let msg = request(a, Some(&admin), "POST", "/v1/functions", b"{\"name\": ")
         .await
         .error(400, "InvalidArgument");
     assert!(msg.contains("invalid JSON"), "{msg}");
     // Nothing was stored.
-    assert!(client(a).functions().await.unwrap().is_empty());
+    assert!(client(a, &admin).functions().await.unwrap().is_empty());
     // An over-long JSON body.
     let big = vec![b' '; shoal_control::MAX_JSON_BODY + 1];
-    request(a, "POST", "/v1/functions", &big)
+    request(a, Some(&admin), "POST", "/v1/functions", &big)
         .await
         .error(413, "TooLarge");
     // A bad name in the path.
     refused(
-        client(a).function("No_Such").await,
+        client(a, &admin).function("No_Such").await,
         400,
         ErrorCode::InvalidArgument,
     );
@@ -402,8 +263,9 @@ async fn invalid_specs_name_the_field() {
 #[tokio::test]
 async fn invoke_answers() {
     let store = Arc::new(MemStore::open(None, "").unwrap());
+    let admin = issue(store.as_ref(), SYSTEM_TENANT, Role::Admin).await;
     let c = start_with(store, 1024).await;
-    let api = client(c.http_addr());
+    let api = client(c.http_addr(), &admin);
     let msg = refused(
         api.invoke("nope", &b"args"[..], None).await,
         404,
@@ -435,13 +297,17 @@ async fn invoke_answers() {
 /// in chunks without a length: both 413, and the server keeps serving.
 #[tokio::test]
 async fn invoke_over_default_limit() {
-    let (c, _store) = start().await;
+    let (c, _store, admin) = start().await;
     let a = c.http_addr();
-    client(a).create_function(&typed(spec("f"))).await.unwrap();
+    client(a, &admin)
+        .create_function(&typed(spec("f")))
+        .await
+        .unwrap();
 
     let mut s = TcpStream::connect(a).await.unwrap();
     let head = format!(
-        "POST /v1/functions/f/invoke HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
+        "POST /v1/functions/f/invoke HTTP/1.1\r\nHost: t\r\nConnection: close\r\n{}Content-Length: {}\r\n\r\n",
+        auth_line(Some(&admin)),
         DEFAULT_MAX_INVOKE_BODY + 1
     );
     s.write_all(head.as_bytes()).await.unwrap();
@@ -455,8 +321,9 @@ async fn invoke_over_default_limit() {
     // Chunked, no declared length: the limit is found while reading.
     let s = TcpStream::connect(a).await.unwrap();
     let (mut rd, mut wr) = s.into_split();
+    let auth = auth_line(Some(&admin));
     let writer = tokio::spawn(async move {
-        let head = "POST /v1/functions/f/invoke HTTP/1.1\r\nHost: t\r\nConnection: close\r\nTransfer-Encoding: chunked\r\n\r\n";
+        let head = format!("POST /v1/functions/f/invoke HTTP/1.1\r\nHost: t\r\nConnection: close\r\n{auth}Transfer-Encoding: chunked\r\n\r\n");
         wr.write_all(head.as_bytes()).await?;
         let chunk = vec![b'x'; 64 << 10];
         for _ in 0..(DEFAULT_MAX_INVOKE_BODY / chunk.len() + 2) {
@@ -473,14 +340,14 @@ async fn invoke_over_default_limit() {
         .unwrap();
     parse(&raw).error(413, "TooLarge");
     let _ = writer.await;
-    client(a).health().await.unwrap();
+    client(a, &admin).health().await.unwrap();
     c.shutdown().await;
 }
 
 #[tokio::test]
 async fn pools_crud() {
-    let (c, _store) = start().await;
-    let api = client(c.http_addr());
+    let (c, _store, admin) = start().await;
+    let api = client(c.http_addr(), &admin);
     let pool: Pool = serde_json::from_value(
         json!({"name": "gpu", "node_selector": {"gpu": "a100"}, "cpu_milli": 64000, "mem_mib": 512000}),
     )
@@ -506,8 +373,8 @@ async fn pools_crud() {
 
 #[tokio::test]
 async fn instances_are_read_from_the_store() {
-    let (c, store) = start().await;
-    let api = client(c.http_addr());
+    let (c, store, admin) = start().await;
+    let api = client(c.http_addr(), &admin);
     api.create_function(&typed(spec("f"))).await.unwrap();
     api.create_function(&typed(spec("f-2"))).await.unwrap();
     let rec = |f: &str, id: &str, state: &str| json!({"id": id, "function": f, "node": "n1", "state": state, "reason": null, "pid": 42});
@@ -549,10 +416,12 @@ async fn instances_are_read_from_the_store() {
 async fn state_survives_restart() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("meta.json");
+    let admin;
     {
         let store = Arc::new(MemStore::open(Some(&path), "").unwrap());
+        admin = issue(store.as_ref(), SYSTEM_TENANT, Role::Admin).await;
         let c = start_with(store.clone(), DEFAULT_MAX_INVOKE_BODY).await;
-        let api = client(c.http_addr());
+        let api = client(c.http_addr(), &admin);
         let mut next = api.create_function(&typed(spec("keep"))).await.unwrap();
         next.max_instances = 9;
         api.update_function("keep", &next).await.unwrap();
@@ -565,7 +434,7 @@ async fn state_survives_restart() {
     }
     let store = Arc::new(MemStore::open(Some(&path), "").unwrap());
     let c = start_with(store.clone(), DEFAULT_MAX_INVOKE_BODY).await;
-    let api = client(c.http_addr());
+    let api = client(c.http_addr(), &admin);
     let f = api.function("keep").await.unwrap();
     assert_eq!((f.version, f.max_instances), (2, 9));
     api.pool("p").await.unwrap();
@@ -575,7 +444,7 @@ async fn state_survives_restart() {
 
 #[tokio::test]
 async fn garbage_closes_only_that_connection() {
-    let (c, _store) = start().await;
+    let (c, _store, admin) = start().await;
     let a = c.http_addr();
     let mut s = TcpStream::connect(a).await.unwrap();
     // An idle, well-behaved connection stays usable meanwhile.
@@ -598,18 +467,18 @@ async fn garbage_closes_only_that_connection() {
     let mut raw = Vec::new();
     other.read_to_end(&mut raw).await.unwrap();
     assert_eq!(parse(&raw).status, 200);
-    client(a).health().await.unwrap();
+    client(a, &admin).health().await.unwrap();
     c.shutdown().await;
 }
 
 #[tokio::test]
 async fn standby_refuses_writes_and_serves_reads() {
-    let (leader, store) = start().await;
+    let (leader, store, admin) = start().await;
     let standby = Control::start(config(DEFAULT_MAX_INVOKE_BODY), store.clone(), None)
         .await
         .unwrap();
     let s = standby.http_addr();
-    let on_standby = client(s);
+    let on_standby = client(s, &admin);
     wait_until("the second control says it is standby", || async {
         on_standby.leader().await.unwrap().role == ControlRole::Standby
     })
@@ -629,13 +498,13 @@ async fn standby_refuses_writes_and_serves_reads() {
         ErrorCode::Unavailable,
     );
     // The write goes through the leader and the standby reads it.
-    client(leader.http_addr())
+    client(leader.http_addr(), &admin)
         .create_function(&typed(spec("f")))
         .await
         .unwrap();
     on_standby.function("f").await.unwrap();
     // The role header is not part of the client's answers: read it by hand.
-    let read = get(s, "/v1/functions/f").await;
+    let read = get(s, Some(&admin), "/v1/functions/f").await;
     assert_eq!(read.status, 200);
     assert_eq!(read.header("x-shoal-role"), Some("standby"));
     standby.shutdown().await;
@@ -644,18 +513,27 @@ async fn standby_refuses_writes_and_serves_reads() {
 
 #[tokio::test]
 async fn unknown_routes_and_methods() {
-    let (c, _store) = start().await;
+    let (c, _store, admin) = start().await;
     let a = c.http_addr();
-    get(a, "/v1/nothing").await.error(404, "NotFound");
-    get(a, "/v1/functions/").await.error(404, "NotFound");
-    let r = request(a, "PATCH", "/v1/functions/f", b"{}").await;
+    get(a, Some(&admin), "/v1/nothing")
+        .await
+        .error(404, "NotFound");
+    get(a, Some(&admin), "/v1/functions/")
+        .await
+        .error(404, "NotFound");
+    let r = request(a, Some(&admin), "PATCH", "/v1/functions/f", b"{}").await;
     r.error(405, "InvalidArgument");
     assert_eq!(r.header("allow"), Some("GET, PUT, DELETE"));
-    let r = request(a, "DELETE", "/v1/functions", b"").await;
+    let r = request(a, Some(&admin), "DELETE", "/v1/functions", b"").await;
     r.error(405, "InvalidArgument");
     // /metrics without a recorder.
-    get(a, "/metrics").await.error(404, "NotFound");
-    assert_eq!(client(a).health().await.unwrap().role, ControlRole::Leader);
+    get(a, Some(&admin), "/metrics")
+        .await
+        .error(404, "NotFound");
+    assert_eq!(
+        client(a, &admin).health().await.unwrap().role,
+        ControlRole::Leader
+    );
     c.shutdown().await;
 }
 
@@ -715,8 +593,8 @@ fn openapi_matches_the_route_table() {
 
 #[tokio::test]
 async fn openapi_is_served() {
-    let (c, _store) = start().await;
-    let r = get(c.http_addr(), "/v1/openapi.json").await;
+    let (c, _store, admin) = start().await;
+    let r = get(c.http_addr(), Some(&admin), "/v1/openapi.json").await;
     assert_eq!(r.status, 200);
     assert_eq!(r.header("content-type"), Some("application/json"));
     assert_eq!(r.text(), shoal_control::OPENAPI_JSON);

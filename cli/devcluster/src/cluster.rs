@@ -3,8 +3,10 @@
 //! and each waited for until it prints its ready line; stopped in the reverse order.
 //!
 //! Layout of the runtime directory: `tls/` (a development CA, control's certificate for the
-//! metadata API and one certificate per node, made on first use and kept), `control/` (the embedded metadata file), and one directory
-//! per node holding its sockets and its agent's files.
+//! metadata API and one certificate per node, made on first use and kept), `control/` (the
+//! embedded metadata file), `admin.token` (an operator token control keeps there, 0600, for
+//! the local user's clients), and one directory per node holding its sockets and its agent's
+//! files.
 use crate::error::Error;
 use crate::process::Proc;
 use crate::ready::{
@@ -93,8 +95,15 @@ impl ClusterSpec {
         self.runtime_dir.join(id)
     }
 
+    /// Where control keeps the operator token: `<runtime dir>/admin.token`, where the CLI
+    /// looks when nothing else names a token.
+    pub fn token_file(&self) -> PathBuf {
+        self.runtime_dir.join("admin.token")
+    }
+
     /// `shoal control`'s flags: an ephemeral metadata API (mutual TLS with control's
-    /// certificate from `tls/`), the REST frontend through the first node.
+    /// certificate from `tls/`), the REST frontend through the first node, the operator token
+    /// in the runtime directory.
     fn control_args(&self, first: &str) -> Vec<String> {
         let mut args = vec![
             "control".to_string(),
@@ -110,6 +119,8 @@ impl ClusterSpec {
             path_arg(&self.node_dir(first).join("proxy.sock")),
             "--dataworker-socket".into(),
             path_arg(&self.node_dir(first).join("dataworker.sock")),
+            "--admin-token-file".into(),
+            path_arg(&self.token_file()),
         ];
         if let Store::Etcd { .. } = self.store {
             args.extend(self.etcd_flags());
@@ -232,6 +243,14 @@ impl RunningCluster {
     /// what was started is stopped again.
     pub fn start(spec: &ClusterSpec) -> Result<RunningCluster, Error> {
         let ids: Vec<&str> = spec.nodes.iter().map(|n| n.id.as_str()).collect();
+        // Private from the start: control refuses to write the admin token into a directory
+        // others may write to (a umask of 002 would make it group-writable).
+        std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
+            .create(&spec.runtime_dir)
+            .map_err(|source| Error::Dir {
+                dir: spec.runtime_dir.clone(),
+                source,
+            })?;
         ensure_tls(&spec.tls_dir(), &ids)?;
         let control = spec.start_control()?;
         let store = spec.store_flags(&control.ready)?;
@@ -277,11 +296,13 @@ impl RunningCluster {
                 http: control.http,
                 pid: control.pid,
                 etcd: self.etcd.clone(),
+                token_file: control.token_file.clone(),
             },
             env: ClientEnv {
                 dataworker_socket,
                 proxy_socket,
                 control: control.http,
+                token_file: control.token_file.clone(),
             },
             nodes,
             runtime_dir: self.runtime_dir.clone(),
@@ -355,11 +376,15 @@ mod tests {
             .windows(2)
             .any(|w| w == ["--proxy-socket", "/rt/n1/proxy.sock"]));
         assert!(control.windows(2).any(|w| w == ["--tls-dir", "/rt/tls"]));
+        assert!(control
+            .windows(2)
+            .any(|w| w == ["--admin-token-file", "/rt/admin.token"]));
         assert!(!control.contains(&"--etcd".to_string()));
         let ready = ControlReady {
             meta: Some("127.0.0.1:7000".parse().unwrap()),
             http: "127.0.0.1:7701".parse().unwrap(),
             pid: 1,
+            token_file: None,
         };
         assert_eq!(
             spec.store_flags(&ready).unwrap(),

@@ -35,6 +35,11 @@ pub struct ControlReady {
     pub http: SocketAddr,
     /// Process id.
     pub pid: u32,
+    /// The file holding an operator token (`--admin-token-file`), when one was asked for.
+    /// When the ready line is printed it holds a token, unless this control is a standby
+    /// (the leader writes it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_file: Option<PathBuf>,
 }
 
 /// `shoal proxy --ready-json`.
@@ -93,6 +98,10 @@ pub struct ControlInfo {
     pub pid: u32,
     /// etcd client URLs (comma-separated), when metadata lives there.
     pub etcd: Option<String>,
+    /// The file holding an operator token (the system tenant's admin), 0600: what clients
+    /// send to the REST API (`SHOAL_TOKEN_FILE` names it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_file: Option<PathBuf>,
 }
 
 /// One node, as `shoal up --json` describes it: its three processes and their endpoints.
@@ -141,12 +150,19 @@ pub struct ClientEnv {
     /// `SHOAL_CONTROL`: control's HTTP API.
     #[serde(rename = "SHOAL_CONTROL")]
     pub control: SocketAddr,
+    /// `SHOAL_TOKEN_FILE`: the file holding the operator token control's API takes.
+    #[serde(
+        rename = "SHOAL_TOKEN_FILE",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub token_file: Option<PathBuf>,
 }
 
 impl ClientEnv {
     /// The variables as name and value, for `Command::envs` or an `export` line.
-    pub fn vars(&self) -> [(&'static str, String); 3] {
-        [
+    pub fn vars(&self) -> Vec<(&'static str, String)> {
+        let mut v = vec![
             (
                 "SHOAL_DATAWORKER_SOCKET",
                 self.dataworker_socket.display().to_string(),
@@ -156,7 +172,11 @@ impl ClientEnv {
                 self.proxy_socket.display().to_string(),
             ),
             ("SHOAL_CONTROL", self.control.to_string()),
-        ]
+        ];
+        if let Some(f) = &self.token_file {
+            v.push(("SHOAL_TOKEN_FILE", f.display().to_string()));
+        }
+        v
     }
 }
 
@@ -235,11 +255,13 @@ mod tests {
                 http: "127.0.0.1:7701".parse().unwrap(),
                 pid: 9,
                 etcd: None,
+                token_file: Some("/run/shoal/admin.token".into()),
             },
             env: ClientEnv {
                 dataworker_socket: node.dataworker_socket.clone(),
                 proxy_socket: node.proxy_socket.clone(),
                 control: "127.0.0.1:7701".parse().unwrap(),
+                token_file: Some("/run/shoal/admin.token".into()),
             },
             nodes: vec![node],
             runtime_dir: "/run/shoal".into(),
@@ -247,7 +269,8 @@ mod tests {
         };
         // Every field today's scripts read, with the names and shapes they had.
         let want = r#"{
-            "control": {"meta": null, "http": "127.0.0.1:7701", "pid": 9, "etcd": null},
+            "control": {"meta": null, "http": "127.0.0.1:7701", "pid": 9, "etcd": null,
+                        "token_file": "/run/shoal/admin.token"},
             "nodes": [{
                 "id": "node-1",
                 "socket_dir": "/run/shoal/node-1",
@@ -267,7 +290,8 @@ mod tests {
             "env": {
                 "SHOAL_DATAWORKER_SOCKET": "/run/shoal/node-1/dataworker.sock",
                 "SHOAL_PROXY_SOCKET": "/run/shoal/node-1/proxy.sock",
-                "SHOAL_CONTROL": "127.0.0.1:7701"
+                "SHOAL_CONTROL": "127.0.0.1:7701",
+                "SHOAL_TOKEN_FILE": "/run/shoal/admin.token"
             },
             "runtime_dir": "/run/shoal",
             "tls_dir": "/run/shoal/tls"
@@ -278,11 +302,14 @@ mod tests {
         assert_eq!(back, c);
     }
 
-    /// A line from an older component (no `arena_bytes`) still parses.
+    /// A line from an older component (no `arena_bytes`, no `token_file`) still parses.
     #[test]
     fn older_ready_lines_parse() {
         let line = r#"{"node":"node-0","socket":"/s","http":null,"peer_addr":null,"pid":3}"#;
         let r: DataworkerReady = serde_json::from_str(line).unwrap();
         assert_eq!((r.pid, r.arena_bytes), (3, 0));
+        let line = r#"{"meta":null,"http":"127.0.0.1:1","pid":4}"#;
+        let r: ControlReady = serde_json::from_str(line).unwrap();
+        assert_eq!((r.pid, r.token_file), (4, None));
     }
 }

@@ -2,11 +2,12 @@
 use crate::error::{code_named, ClientError};
 use crate::routes::Route;
 use crate::types::{
-    ErrorBody, FunctionList, Health, InstanceList, InstanceLogs, Leader, LogList, Nodes, PoolList,
+    ErrorBody, FunctionList, Health, InstanceList, InstanceLogs, IssuedToken, Leader, LogList,
+    Nodes, PoolList, QuotaStatus, TokenInfo, TokenList, TokenRequest, WhoAmI,
 };
 use bytes::Bytes;
 use serde::de::{DeserializeOwned, IgnoredAny};
-use shoal_meta::records::{FunctionSpec, InstanceRecord, Pool};
+use shoal_meta::records::{FunctionSpec, InstanceRecord, Pool, Quota};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,11 +25,27 @@ const SHOWN_BODY: usize = 512;
 
 /// A client of one control process's REST API (`http://host:port`). Cheap to clone; clones
 /// share connections.
+///
+/// Every route but `/health` needs a token: give it with [`ControlClient::with_token`]
+/// ([`crate::find_token`] finds the one a user has); without one, control answers
+/// `Unauthenticated`.
 #[derive(Debug, Clone)]
 pub struct ControlClient {
     base: String,
     http: reqwest::Client,
     timeout: Duration,
+    token: Option<Bearer>,
+}
+
+/// The `Authorization` header value, marked sensitive (kept out of debug output and HTTP/2
+/// header compression).
+#[derive(Clone)]
+struct Bearer(reqwest::header::HeaderValue);
+
+impl std::fmt::Debug for Bearer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Bearer <secret>")
+    }
 }
 
 /// A request body and its content type.
@@ -83,7 +100,24 @@ impl ControlClient {
             base: url.as_str().trim_end_matches('/').to_string(),
             http,
             timeout: DEFAULT_TIMEOUT,
+            token: None,
         })
+    }
+
+    /// The same client sending `token` as `Authorization: Bearer <token>` on every request.
+    /// [`ClientError::InvalidToken`] if it cannot be a header value (it is not checked
+    /// otherwise: control decides).
+    pub fn with_token(mut self, token: &str) -> Result<ControlClient, ClientError> {
+        let mut v = reqwest::header::HeaderValue::from_str(&format!("Bearer {}", token.trim()))
+            .map_err(|_| ClientError::InvalidToken)?;
+        v.set_sensitive(true);
+        self.token = Some(Bearer(v));
+        Ok(self)
+    }
+
+    /// Whether requests carry a token.
+    pub fn has_token(&self) -> bool {
+        self.token.is_some()
     }
 
     /// The same client with another deadline for each request (invoke excepted).
@@ -221,6 +255,45 @@ impl ControlClient {
         Ok(())
     }
 
+    /// `GET /v1/whoami`: the tenant and role the client's token stands for.
+    pub async fn whoami(&self) -> Result<WhoAmI, ClientError> {
+        self.json(Route::WhoAmI, None, None, None).await
+    }
+
+    /// `POST /v1/tokens`: issues a token; the answer holds its only copy. A tenant's admin
+    /// issues in its own tenant only (`PermissionDenied` otherwise); the operator anywhere.
+    pub async fn create_token(&self, req: &TokenRequest) -> Result<IssuedToken, ClientError> {
+        let body = json_body(req)?;
+        self.json(Route::CreateToken, None, None, Some(body)).await
+    }
+
+    /// `GET /v1/tokens`: the tokens of the caller's tenant (the operator's: every tenant's,
+    /// or only `tenant`'s when given). Never a secret.
+    pub async fn tokens(&self, tenant: Option<&str>) -> Result<Vec<TokenInfo>, ClientError> {
+        let query = tenant.map(|t| format!("tenant={t}"));
+        let l: TokenList = self.json(Route::ListTokens, None, query, None).await?;
+        Ok(l.tokens)
+    }
+
+    /// `DELETE /v1/tokens/{id}`: revokes a token of the caller's tenant; it stops working
+    /// within a second everywhere. `NotFound` for an unknown id or another tenant's.
+    pub async fn revoke_token(&self, id: &str) -> Result<(), ClientError> {
+        let _: IgnoredAny = self.json(Route::RevokeToken, Some(id), None, None).await?;
+        Ok(())
+    }
+
+    /// `GET /v1/tenants/{tenant}/quota`: the tenant's limits and what it uses.
+    pub async fn quota(&self, tenant: &str) -> Result<QuotaStatus, ClientError> {
+        self.json(Route::GetQuota, Some(tenant), None, None).await
+    }
+
+    /// `PUT /v1/tenants/{tenant}/quota`: replaces the tenant's limits (the operator only).
+    pub async fn set_quota(&self, tenant: &str, quota: &Quota) -> Result<QuotaStatus, ClientError> {
+        let body = json_body(quota)?;
+        self.json(Route::SetQuota, Some(tenant), None, Some(body))
+            .await
+    }
+
     /// A request whose success answer is JSON of type `T`.
     async fn json<T: DeserializeOwned>(
         &self,
@@ -259,6 +332,9 @@ impl ControlClient {
             _ => reqwest::Method::GET,
         };
         let mut req = self.http.request(verb, url).timeout(timeout);
+        if let Some(Bearer(v)) = &self.token {
+            req = req.header(reqwest::header::AUTHORIZATION, v.clone());
+        }
         if let Some(b) = body {
             req = req
                 .header(reqwest::header::CONTENT_TYPE, b.content_type)

@@ -17,6 +17,19 @@ pub enum ClientError {
     /// The HTTP client could not be built (TLS set-up).
     #[error("building the HTTP client: {0}")]
     Setup(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The token cannot be sent in an HTTP header (a control character, say). The token
+    /// itself is not shown.
+    #[error("the token is not usable in an HTTP header")]
+    InvalidToken,
+    /// The token could not be read from where it was named.
+    #[error("reading the token from {path}: {source}")]
+    TokenFile {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What went wrong.
+        #[source]
+        source: std::io::Error,
+    },
     /// The request body could not be encoded as JSON.
     #[error("encoding the request body: {0}")]
     Encode(#[source] serde_json::Error),
@@ -113,6 +126,9 @@ mod tests {
             ErrorCode::TooLarge,
             ErrorCode::Unavailable,
             ErrorCode::InstanceFailed,
+            ErrorCode::Unauthenticated,
+            ErrorCode::PermissionDenied,
+            ErrorCode::QuotaExceeded,
         ] {
             assert_eq!(code_named(c.name()), c);
         }

@@ -1,7 +1,7 @@
 //! The routes the client calls: the only place a method or a path is written.
 
 /// Every `(method, path template)` the client calls, as `control/openapi.json` spells them
-/// (`{name}` is one path segment). Each request takes its method and path from here (by
+/// (each `{param}` is one path segment; a template has at most one). Each request takes its method and path from here (by
 /// position, through a private enum); `tests/openapi.rs` checks each entry against the
 /// OpenAPI document.
 pub const ROUTES: &[(&str, &str)] = &[
@@ -21,6 +21,12 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/pools"),
     ("GET", "/v1/pools/{name}"),
     ("DELETE", "/v1/pools/{name}"),
+    ("GET", "/v1/whoami"),
+    ("POST", "/v1/tokens"),
+    ("GET", "/v1/tokens"),
+    ("DELETE", "/v1/tokens/{id}"),
+    ("GET", "/v1/tenants/{tenant}/quota"),
+    ("PUT", "/v1/tenants/{tenant}/quota"),
 ];
 
 /// A route of [`ROUTES`], by position (the variants are in the table's order; the
@@ -43,6 +49,12 @@ pub(crate) enum Route {
     CreatePool,
     GetPool,
     DeletePool,
+    WhoAmI,
+    CreateToken,
+    ListTokens,
+    RevokeToken,
+    GetQuota,
+    SetQuota,
 }
 
 impl Route {
@@ -51,22 +63,33 @@ impl Route {
         ROUTES[self as usize]
     }
 
-    /// The path with `name` (percent-encoded) in place of `{name}`.
-    pub(crate) fn path(self, name: Option<&str>) -> String {
+    /// The path with `param` (percent-encoded) in place of its `{param}`.
+    pub(crate) fn path(self, param: Option<&str>) -> String {
         let (_, template) = self.spec();
-        match name {
-            Some(n) => template.replace("{name}", &encode_segment(n)),
-            None => template.to_string(),
+        let slot = template
+            .find('{')
+            .and_then(|start| Some((start, start + template[start..].find('}')? + 1)));
+        match (param, slot) {
+            (Some(p), Some((start, end))) => {
+                format!(
+                    "{}{}{}",
+                    &template[..start],
+                    encode_segment(p),
+                    &template[end..]
+                )
+            }
+            _ => template.to_string(),
         }
     }
 }
 
 /// `s` as one path segment: every byte outside the unreserved set percent-encoded, so a name
-/// can never add segments or a query.
+/// can never add segments or a query; `.` too, so no segment is a `..` that URL
+/// normalisation would resolve.
 fn encode_segment(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'~') {
             out.push(b as char);
         } else {
             out.push_str(&format!("%{b:02X}"));
@@ -99,6 +122,12 @@ mod tests {
             (CreatePool, "POST /v1/pools"),
             (GetPool, "GET /v1/pools/{name}"),
             (DeletePool, "DELETE /v1/pools/{name}"),
+            (WhoAmI, "GET /v1/whoami"),
+            (CreateToken, "POST /v1/tokens"),
+            (ListTokens, "GET /v1/tokens"),
+            (RevokeToken, "DELETE /v1/tokens/{id}"),
+            (GetQuota, "GET /v1/tenants/{tenant}/quota"),
+            (SetQuota, "PUT /v1/tenants/{tenant}/quota"),
         ];
         assert_eq!(all.len(), ROUTES.len());
         for (r, want) in all {
@@ -118,5 +147,13 @@ mod tests {
             "/v1/functions/a%2Fb%3Fc/logs"
         );
         assert_eq!(Route::ListPools.path(None), "/v1/pools");
+        assert_eq!(
+            Route::GetQuota.path(Some("team-a")),
+            "/v1/tenants/team-a/quota"
+        );
+        assert_eq!(
+            Route::RevokeToken.path(Some("../x")),
+            "/v1/tokens/%2E%2E%2Fx"
+        );
     }
 }

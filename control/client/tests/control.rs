@@ -1,19 +1,22 @@
 //! Every client call against a real control (in-process, `MemStore`, HTTP on 127.0.0.1:0),
-//! the answers decoded into records and the refusals into their stable `ErrorCode`.
+//! the answers decoded into records and the refusals into their stable `ErrorCode`; and a
+//! token found the way the CLI finds it.
 #![allow(clippy::unwrap_used)]
 
 use serde_json::json;
 use shoal_control::{Control, ControlConfig};
 use shoal_control_client::{
-    ClientError, ControlClient, ControlRole, ErrorCode, FunctionSpec, Pool,
+    find_token, ClientError, ControlClient, ControlRole, ErrorCode, FunctionSpec, Pool, Quota,
+    Role, TokenRequest, TokenSource,
 };
 use shoal_meta::MemStore;
+use std::ffi::OsString;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-async fn leading_control() -> Control {
-    let store = Arc::new(MemStore::open(None, "").unwrap());
-    let config = ControlConfig {
+fn config(admin_token_file: Option<PathBuf>) -> ControlConfig {
+    ControlConfig {
         meta_addr: None,
         meta_tls: None,
         http_addr: "127.0.0.1:0".parse().unwrap(),
@@ -21,18 +24,30 @@ async fn leading_control() -> Control {
         name: "client-test".into(),
         max_invoke_body: 1024,
         frontend: Default::default(),
-    };
-    let c = Control::start(config, store, None).await.unwrap();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while !c.is_leader() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "never became leader"
-        );
-        // The poll interval: control announces no change of role.
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        admin_token_file,
     }
-    c
+}
+
+/// A leading control and an operator token issued on its store.
+async fn leading_control() -> (Control, String) {
+    let store = Arc::new(MemStore::open(None, "").unwrap());
+    let admin = shoal_meta::issue_token(
+        store.as_ref(),
+        shoal_meta::records::SYSTEM_TENANT,
+        Role::Admin,
+        "test",
+        None,
+    )
+    .await
+    .unwrap()
+    .token;
+    let c = Control::start(config(None), store, None).await.unwrap();
+    shoal_devcluster::wait::wait_for_async("leader", Duration::from_secs(10), || async {
+        c.is_leader().then_some(())
+    })
+    .await
+    .unwrap();
+    (c, admin)
 }
 
 fn spec(name: &str) -> FunctionSpec {
@@ -56,8 +71,20 @@ fn code<T: std::fmt::Debug>(r: Result<T, ClientError>) -> (ErrorCode, String) {
 
 #[tokio::test]
 async fn every_call_against_a_real_control() {
-    let control = leading_control().await;
-    let c = ControlClient::new(&control.http_addr().to_string()).unwrap();
+    let (control, admin) = leading_control().await;
+    let c = ControlClient::new(&control.http_addr().to_string())
+        .unwrap()
+        .with_token(&admin)
+        .unwrap();
+    assert!(
+        !format!("{c:?}").contains(&admin),
+        "the token leaks into debug output"
+    );
+    // Without the token: refused, health excepted.
+    let anonymous = ControlClient::new(&control.http_addr().to_string()).unwrap();
+    anonymous.health().await.unwrap();
+    let (k, _) = code(anonymous.functions().await);
+    assert_eq!(k, ErrorCode::Unauthenticated);
 
     let h = c.health().await.unwrap();
     assert_eq!((h.status.as_str(), h.name.as_str()), ("ok", "client-test"));
@@ -142,6 +169,75 @@ async fn every_call_against_a_real_control() {
     assert_eq!(k, ErrorCode::NotFound);
     assert!(c.pools().await.unwrap().is_empty());
 
+    // Who am I, tokens and quotas.
+    let me = c.whoami().await.unwrap();
+    assert_eq!(
+        (me.tenant.as_str(), me.home_tenant.as_str()),
+        ("system", "default")
+    );
+    let issued = c
+        .create_token(&TokenRequest {
+            tenant: Some("team-a".into()),
+            role: Role::Reader,
+            description: Some("dashboards".into()),
+            ttl_secs: Some(3600),
+        })
+        .await
+        .unwrap();
+    assert!(!format!("{issued:?}").contains(&issued.token));
+    assert_eq!(issued.record.description, "dashboards");
+    let listed = c.tokens(Some("team-a")).await.unwrap();
+    assert_eq!(listed, std::slice::from_ref(&issued.record));
+    c.revoke_token(&issued.record.id).await.unwrap();
+    let (k, _) = code(c.revoke_token(&issued.record.id).await);
+    assert_eq!(k, ErrorCode::NotFound);
+    let q = Quota {
+        instances: Some(10),
+        ..Quota::default()
+    };
+    let status = c.set_quota("default", &q).await.unwrap();
+    assert_eq!((status.quota, status.usage.instances), (q, 4));
+    assert_eq!(c.quota("default").await.unwrap().tenant, "default");
+    let (k, _) = code(
+        c.create_function(&{
+            let mut s = spec("big");
+            s.max_instances = 7;
+            s
+        })
+        .await,
+    );
+    assert_eq!(k, ErrorCode::QuotaExceeded);
+
+    control.shutdown().await;
+}
+
+/// The admin token control writes is the one a client finds by itself, through
+/// `SHOAL_TOKEN_FILE` or in the runtime directory.
+#[tokio::test]
+async fn a_client_finds_the_admin_token_control_writes() {
+    let xdg = tempfile::tempdir().unwrap();
+    let file = xdg.path().join("shoal").join("admin.token");
+    let store = Arc::new(MemStore::open(None, "").unwrap());
+    let control = Control::start(config(Some(file.clone())), store, None)
+        .await
+        .unwrap();
+    assert_eq!(
+        control.admin_token().await,
+        shoal_control::AdminTokenState::Ready
+    );
+    let xdg_s = OsString::from(xdg.path());
+    let by_default = move |k: &str| (k == "XDG_RUNTIME_DIR").then(|| xdg_s.clone());
+    let found = find_token(None, &by_default).unwrap().unwrap();
+    assert_eq!(found.source, TokenSource::Default(file.clone()));
+    let file_s = OsString::from(&file);
+    let named = move |k: &str| (k == "SHOAL_TOKEN_FILE").then(|| file_s.clone());
+    let also = find_token(None, &named).unwrap().unwrap();
+    assert_eq!(also.token, found.token);
+    let c = ControlClient::new(&control.http_addr().to_string())
+        .unwrap()
+        .with_token(&found.token)
+        .unwrap();
+    assert_eq!(c.whoami().await.unwrap().role, Role::Admin);
     control.shutdown().await;
 }
 
