@@ -283,23 +283,37 @@ impl Client {
 
     /// Looks `id` up in the shared index under this connection's tenant, with no syscall:
     /// the default tenant's names are the ids themselves (no copy); another tenant's are
-    /// `tenant\0id`, built on the stack (on the heap past [`STACK_NAME`] bytes).
+    /// `tenant\0id` (see [`Client::fast_get_qualified`]).
     fn fast_get(&self, ns: Namespace, id: &ObjectId) -> Option<View> {
         let fast = self.shared.fast.as_ref()?;
-        let (prefix, name) = (&*self.shared.prefix, id.as_str().as_bytes());
-        let pin = if prefix.is_empty() {
-            fast.get(&self.shared.arena, ns.tag(), name)?
-        } else if prefix.len() + name.len() <= STACK_NAME {
-            let mut buf = [0u8; STACK_NAME];
-            let n = prefix.len() + name.len();
-            buf[..prefix.len()].copy_from_slice(prefix);
-            buf[prefix.len()..n].copy_from_slice(name);
-            fast.get(&self.shared.arena, ns.tag(), &buf[..n])?
+        let pin = if self.shared.prefix.is_empty() {
+            fast.get(&self.shared.arena, ns.tag(), id.as_str().as_bytes())?
         } else {
-            let q = [prefix, name].concat();
-            fast.get(&self.shared.arena, ns.tag(), &q)?
+            self.fast_get_qualified(fast, ns, id)?
         };
         Some(View::fast(self.shared.clone(), pin))
+    }
+
+    /// The lookup of a non-default tenant: the qualified name is built on the stack (on the
+    /// heap past [`STACK_NAME`] bytes). Kept out of line so the default tenant's path stays
+    /// what it was.
+    #[inline(never)]
+    fn fast_get_qualified(
+        &self,
+        fast: &FastReader,
+        ns: Namespace,
+        id: &ObjectId,
+    ) -> Option<shoal_shm::FastPin> {
+        let (prefix, name) = (&*self.shared.prefix, id.as_str().as_bytes());
+        let n = prefix.len() + name.len();
+        if n <= STACK_NAME {
+            let mut buf = [0u8; STACK_NAME];
+            buf[..prefix.len()].copy_from_slice(prefix);
+            buf[prefix.len()..n].copy_from_slice(name);
+            fast.get(&self.shared.arena, ns.tag(), &buf[..n])
+        } else {
+            fast.get(&self.shared.arena, ns.tag(), &[prefix, name].concat())
+        }
     }
 
     fn views(&self, resp: Response) -> Result<Vec<Result<View, Error>>, Error> {
