@@ -675,12 +675,7 @@ impl Store {
 
     /// Every tenant holding bytes now, with its usage.
     pub fn tenant_usages(&self) -> Vec<(String, TenantUsage)> {
-        let mut v: Vec<_> = self
-            .tenants
-            .all()
-            .iter()
-            .map(|(t, u)| (t.clone(), *u))
-            .collect();
+        let mut v: Vec<_> = self.tenants.all().into_iter().collect();
         v.sort_by(|a, b| a.0.cmp(&b.0));
         v
     }
@@ -773,6 +768,6 @@ impl Store {
             }
         }
         by_tenant.retain(|_, u| *u != TenantUsage::default());
-        assert_eq!(&by_tenant, self.tenants.all(), "tenant usage vs entries");
+        assert_eq!(by_tenant, self.tenants.all(), "tenant usage vs entries");
     }
 }

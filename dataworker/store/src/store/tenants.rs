@@ -14,6 +14,7 @@
 //! side), and a spill that would pass the spill limit does not happen: the entry is dropped
 //! instead, or, when it must be kept (a primary in a cluster), stays in memory.
 use super::StoreError;
+use shoal_protocol::DEFAULT_TENANT;
 use std::collections::HashMap;
 
 /// Bytes one tenant holds on this node.
@@ -34,9 +35,12 @@ pub struct TenantLimits {
     pub spill_bytes: Option<u64>,
 }
 
-/// Usage and limits by tenant.
+/// Usage and limits by tenant. The default tenant's (nearly every entry of a single-user
+/// node) sit in fields of their own, so its writes pay no hashing for them.
 #[derive(Debug, Default)]
 pub(super) struct Tenants {
+    default_usage: TenantUsage,
+    default_limits: TenantLimits,
     usage: HashMap<String, TenantUsage>,
     limits: HashMap<String, TenantLimits>,
 }
@@ -50,6 +54,9 @@ pub(super) enum Side {
 
 impl Tenants {
     fn slot(&mut self, tenant: &str) -> &mut TenantUsage {
+        if tenant == DEFAULT_TENANT {
+            return &mut self.default_usage;
+        }
         if !self.usage.contains_key(tenant) {
             self.usage.insert(tenant.to_owned(), TenantUsage::default());
         }
@@ -67,7 +74,12 @@ impl Tenants {
     }
 
     pub(super) fn sub(&mut self, tenant: &str, side: Side, bytes: u64) {
-        let Some(u) = self.usage.get_mut(tenant) else {
+        let u = if tenant == DEFAULT_TENANT {
+            Some(&mut self.default_usage)
+        } else {
+            self.usage.get_mut(tenant)
+        };
+        let Some(u) = u else {
             debug_assert!(
                 bytes == 0,
                 "uncharging {bytes} from unknown tenant {tenant}"
@@ -80,21 +92,31 @@ impl Tenants {
         };
         debug_assert!(*v >= bytes, "{tenant}: usage would go negative");
         *v = v.saturating_sub(bytes);
-        if *u == TenantUsage::default() {
+        if *u == TenantUsage::default() && tenant != DEFAULT_TENANT {
             self.usage.remove(tenant);
         }
     }
 
     pub(super) fn usage(&self, tenant: &str) -> TenantUsage {
+        if tenant == DEFAULT_TENANT {
+            return self.default_usage;
+        }
         self.usage.get(tenant).copied().unwrap_or_default()
     }
 
-    pub(super) fn all(&self) -> &HashMap<String, TenantUsage> {
-        &self.usage
+    /// Every tenant holding bytes, with its usage.
+    pub(super) fn all(&self) -> HashMap<String, TenantUsage> {
+        let mut m = self.usage.clone();
+        if self.default_usage != TenantUsage::default() {
+            m.insert(DEFAULT_TENANT.to_owned(), self.default_usage);
+        }
+        m
     }
 
     pub(super) fn set_limits(&mut self, tenant: &str, limits: TenantLimits) {
-        if limits == TenantLimits::default() {
+        if tenant == DEFAULT_TENANT {
+            self.default_limits = limits;
+        } else if limits == TenantLimits::default() {
             self.limits.remove(tenant);
         } else {
             self.limits.insert(tenant.to_owned(), limits);
@@ -102,30 +124,33 @@ impl Tenants {
     }
 
     pub(super) fn limits(&self, tenant: &str) -> TenantLimits {
+        if tenant == DEFAULT_TENANT {
+            return self.default_limits;
+        }
         self.limits.get(tenant).copied().unwrap_or_default()
     }
 
     /// May `tenant` take `more` new arena bytes? The rule of `Quota::admit`: refused when
     /// the sum would pass the limit (a limit of 0 refuses everything but nothing).
     pub(super) fn admit_arena(&self, tenant: &str, more: u64) -> Result<(), StoreError> {
-        let used = self.usage(tenant).arena_bytes;
-        match self.limits(tenant).arena_bytes {
-            Some(limit) if more > 0 && used.saturating_add(more) > limit => {
-                Err(StoreError::QuotaExceeded {
-                    resource: "arena_bytes",
-                    limit,
-                    wanted: used.saturating_add(more),
-                })
-            }
-            _ => Ok(()),
+        let Some(limit) = self.limits(tenant).arena_bytes else {
+            return Ok(());
+        };
+        let wanted = self.usage(tenant).arena_bytes.saturating_add(more);
+        if more > 0 && wanted > limit {
+            return Err(StoreError::QuotaExceeded {
+                resource: "arena_bytes",
+                limit,
+                wanted,
+            });
         }
+        Ok(())
     }
 
     /// Whether `bytes` more may be spilled for `tenant`.
     pub(super) fn spill_fits(&self, tenant: &str, bytes: u64) -> bool {
-        let used = self.usage(tenant).spill_bytes;
         self.limits(tenant)
             .spill_bytes
-            .is_none_or(|limit| used.saturating_add(bytes) <= limit)
+            .is_none_or(|limit| self.usage(tenant).spill_bytes.saturating_add(bytes) <= limit)
     }
 }
