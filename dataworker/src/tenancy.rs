@@ -3,7 +3,10 @@
 //! At connect ([`Auth::admit`]) a client becomes a [`Caller`]: by the token its
 //! [`ClientHello`] carries, checked against the [`TokenBook`] the worker follows when it has a
 //! metadata store, or else by its uid (`SO_PEERCRED`) through the configured map (the
-//! worker's own uid: the default tenant's admin). A token wins over the uid, so a function
+//! worker's own uid: the default tenant's admin). It acts in its credential's tenant, or in
+//! the one its hello names if the credential may act there (only the operator, the system
+//! tenant's admin, may name another; without a name the operator acts in the default
+//! tenant). A token wins over the uid, so a function
 //! instance running as the user's uid acts in its own tenant. No mapping and no token:
 //! `PermissionDenied`; a token that is malformed, unknown, revoked or expired, or a token
 //! on a worker without a metadata store: `Unauthenticated`.
@@ -53,8 +56,16 @@ impl Caller {
         )
     }
 
+    /// `principal` acting in `tenant`, else in its own tenant; the operator (who holds no
+    /// data of its own) acts in the default tenant unless it names one, as `kubectl` does.
     fn new(principal: Principal, tenant: Option<String>, token: Option<String>) -> Caller {
-        let tenant = tenant.unwrap_or_else(|| principal.tenant.clone());
+        let tenant = tenant.unwrap_or_else(|| {
+            if principal.is_system_admin() {
+                DEFAULT_TENANT.to_owned()
+            } else {
+                principal.tenant.clone()
+            }
+        });
         Caller {
             may_read: principal.authorize(Action::ReadData, &tenant).is_ok(),
             may_write: principal.authorize(Action::WriteData, &tenant).is_ok(),

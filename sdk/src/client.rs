@@ -42,7 +42,7 @@ pub struct ConnectOptions {
     /// default tenant). [`ConnectOptions::new`] takes it from `SHOAL_TOKEN` when set.
     pub token: Option<String>,
     /// Act in this tenant instead of the credential's own (only the operator, the system
-    /// tenant's admin, may).
+    /// tenant's admin, may; without it the operator acts in the default tenant).
     pub tenant: Option<String>,
 }
 

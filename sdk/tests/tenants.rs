@@ -480,7 +480,8 @@ async fn only_the_operator_acts_in_another_tenant() {
         ..ConnectOptions::new(n.w().socket_path())
     };
     let admin = n.token("system", Role::Admin).await;
-    n.with_token(&admin).await;
+    // Without naming a tenant the operator works in the default one, like the local user.
+    assert_eq!(n.with_token(&admin).await.tenant(), "default");
     let op = Client::connect_with(as_tenant(admin, "team-a"))
         .await
         .unwrap();
