@@ -414,9 +414,14 @@ pub(crate) struct DataworkerArgs {
     /// Fault all arena pages in at start (first writes then run at memory speed).
     #[arg(long, env = "SHOAL_SHM_POPULATE")]
     pub(crate) shm_populate: bool,
-    /// Extra uids allowed to connect (the worker's own uid always is).
+    /// Extra uids allowed to connect as the local user (the default tenant's admin, like the
+    /// worker's own uid).
     #[arg(long = "allow-uid", env = "SHOAL_ALLOW_UIDS", value_delimiter = ',')]
     pub(crate) allow_uids: Vec<u32>,
+    /// Map a uid to a tenant: `UID=TENANT` or `UID=TENANT:ROLE` (role admin by default;
+    /// reader only reads). Clients of other uids must present a token.
+    #[arg(long = "tenant-uid", env = "SHOAL_TENANT_UIDS", value_delimiter = ',')]
+    pub(crate) tenant_uids: Vec<shoal_dataworker::UidTenant>,
     /// Spill evicted objects to this directory instead of dropping them.
     #[arg(long, env = "SHOAL_SPILL_DIR")]
     pub(crate) spill_dir: Option<PathBuf>,
@@ -814,6 +819,12 @@ impl DataworkerArgs {
             let uids: Vec<String> = self.allow_uids.iter().map(u32::to_string).collect();
             f.extend(["--allow-uid".into(), uids.join(",")]);
         }
+        for m in &self.tenant_uids {
+            f.extend([
+                "--tenant-uid".into(),
+                format!("{}={}:{}", m.uid, m.tenant, m.role),
+            ]);
+        }
         if let Some(d) = &self.spill_dir {
             let d = if several { d.join(node) } else { d.clone() };
             f.extend(["--spill-dir".into(), d.display().to_string()]);
@@ -832,6 +843,7 @@ impl DataworkerArgs {
         c.shm_size = self.shm_size;
         c.shm_populate = self.shm_populate;
         c.allowed_uids = self.allow_uids.clone();
+        c.tenant_uids = self.tenant_uids.clone();
         c.spill_dir = self.spill_dir.clone();
         c.high_watermark = self.high_watermark;
         c.low_watermark = self.low_watermark;
@@ -878,6 +890,8 @@ mod tests {
             "off",
             "--allow-uid",
             "7,8",
+            "--tenant-uid",
+            "1001=team-a:reader",
             "--spill-dir",
             "/spill",
             "--shm-populate",
@@ -900,6 +914,12 @@ mod tests {
         assert_eq!(got.mailbox_spin, Duration::from_micros(10));
         assert_eq!(got.http_addr, None);
         assert_eq!(got.allowed_uids, [7, 8]);
+        assert_eq!(got.tenant_uids, want.tenant_uids);
+        assert_eq!(
+            got.tenant_uids[0].role,
+            shoal_meta::records::Role::Reader,
+            "the role survives"
+        );
         assert_eq!(got.low_watermark, 0.5);
         assert_eq!(got.spill_dir, Some(PathBuf::from("/spill/node-2")));
         assert_eq!(

@@ -1,6 +1,43 @@
+use shoal_meta::records::{validate_tenant, Role, DEFAULT_TENANT};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
+
+/// A local uid mapped to a tenant: clients of that uid that present no token act in
+/// `tenant` with `role`. Written `UID=TENANT` or `UID=TENANT:ROLE` (role `admin` by default).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UidTenant {
+    /// The client's uid (`SO_PEERCRED`).
+    pub uid: u32,
+    /// The tenant it acts in.
+    pub tenant: String,
+    /// What it may do there (`reader`: read only; `invoker`, `admin`: read and write).
+    pub role: Role,
+}
+
+impl std::str::FromStr for UidTenant {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (uid, rest) = s
+            .split_once('=')
+            .ok_or_else(|| format!("{s:?}: expected UID=TENANT or UID=TENANT:ROLE"))?;
+        let uid = uid
+            .trim()
+            .parse::<u32>()
+            .map_err(|_| format!("{uid:?} is not a uid"))?;
+        let (tenant, role) = match rest.split_once(':') {
+            Some((t, r)) => (t, r.parse::<Role>().map_err(|e| e.to_string())?),
+            None => (rest, Role::Admin),
+        };
+        validate_tenant(tenant).map_err(|e| e.to_string())?;
+        Ok(UidTenant {
+            uid,
+            tenant: tenant.to_owned(),
+            role,
+        })
+    }
+}
 
 /// Everything a dataworker needs, parsed and validated once at start-up.
 #[derive(Debug, Clone)]
@@ -13,8 +50,13 @@ pub struct Config {
     pub shm_size: u64,
     /// Fault every arena page in at start.
     pub shm_populate: bool,
-    /// Uids allowed to connect (peer credentials); the worker's own uid is always allowed.
+    /// Uids allowed to connect as the local user: each acts in the default tenant as admin,
+    /// like the worker's own uid (kept for `--allow-uid`; see [`Config::tenant_uids`]).
     pub allowed_uids: Vec<u32>,
+    /// Uids mapped to tenants (`--tenant-uid`). The worker's own uid maps to the default
+    /// tenant as admin unless it is listed here. A client whose uid is not mapped must
+    /// present a token.
+    pub tenant_uids: Vec<UidTenant>,
     /// Where evicted objects go instead of being dropped.
     pub spill_dir: Option<PathBuf>,
     /// Eviction starts past this fraction of the arena.
@@ -104,6 +146,7 @@ impl Config {
             shm_size: 1 << 30,
             shm_populate: false,
             allowed_uids: Vec::new(),
+            tenant_uids: Vec::new(),
             spill_dir: None,
             high_watermark: 0.9,
             low_watermark: 0.8,
@@ -171,6 +214,14 @@ impl Config {
                 return bad("--fetch-chunk", "at least 64KiB".into());
             }
         }
+        for m in &self.tenant_uids {
+            if let Err(e) = validate_tenant(&m.tenant) {
+                return bad("--tenant-uid", e.to_string());
+            }
+            if self.tenant_uids.iter().filter(|o| o.uid == m.uid).count() > 1 {
+                return bad("--tenant-uid", format!("uid {} is mapped twice", m.uid));
+            }
+        }
         if self.pins_per_client == 0 || self.index_buckets == 0 {
             return bad(
                 "--pins-per-client/--index-buckets",
@@ -178,6 +229,22 @@ impl Config {
             );
         }
         Ok(())
+    }
+
+    /// Who each mapped uid is: `tenant_uids`, then `allowed_uids` and the worker's own uid
+    /// (`own_uid`) as the default tenant's admin where not mapped otherwise.
+    pub fn uid_map(&self, own_uid: u32) -> Vec<UidTenant> {
+        let mut m = self.tenant_uids.clone();
+        for uid in self.allowed_uids.iter().copied().chain([own_uid]) {
+            if !m.iter().any(|x| x.uid == uid) {
+                m.push(UidTenant {
+                    uid,
+                    tenant: DEFAULT_TENANT.into(),
+                    role: Role::Admin,
+                });
+            }
+        }
+        m
     }
 
     /// The socket clients connect to.
@@ -204,5 +271,39 @@ mod tests {
         let mut c = Config::new("/tmp");
         c.shm_size = 10;
         assert!(c.validate().unwrap_err().to_string().contains("--shm-size"));
+        let mut c = Config::new("/tmp");
+        c.tenant_uids = vec!["5=team-a".parse().unwrap(), "5=team-b".parse().unwrap()];
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("--tenant-uid"));
+    }
+
+    #[test]
+    fn uid_mappings_parse_and_default_to_the_own_uid() {
+        let m: UidTenant = "1001=team-a:reader".parse().unwrap();
+        assert_eq!(
+            (m.uid, m.tenant.as_str(), m.role),
+            (1001, "team-a", Role::Reader)
+        );
+        let m: UidTenant = "7=team-b".parse().unwrap();
+        assert_eq!(m.role, Role::Admin);
+        for bad in ["x=team", "7", "7=Team", "7=team:root", "7="] {
+            assert!(bad.parse::<UidTenant>().is_err(), "{bad}");
+        }
+        let mut c = Config::new("/tmp");
+        c.allowed_uids = vec![9];
+        c.tenant_uids = vec!["0=team-z".parse().unwrap()];
+        let map = c.uid_map(0);
+        let find = |uid| map.iter().find(|m| m.uid == uid).map(|m| m.tenant.as_str());
+        assert_eq!(
+            find(0),
+            Some("team-z"),
+            "an explicit mapping of the own uid wins"
+        );
+        assert_eq!(find(9), Some(DEFAULT_TENANT));
+        assert_eq!(find(5), None);
+        assert_eq!(Config::new("/tmp").uid_map(42)[0].tenant, DEFAULT_TENANT);
     }
 }

@@ -1,4 +1,11 @@
-//! One client connection: peer check, hello with the arena fds, then a request loop.
+//! One client connection: the client's hello (its token, if any), who it is (uid or token,
+//! see [`crate::tenancy`]), our hello with the arena fds, then a request loop in which every
+//! request is checked against the caller's role and qualified with its tenant.
+//!
+//! The client speaks first: one [`ClientHello`] frame (at most [`MAX_CLIENT_HELLO`] bytes,
+//! within [`HELLO_TIMEOUT`]), then nothing until it has read our [`Hello`]. A connection that
+//! breaks this, or whose credential is refused, gets a `Refused` frame and is closed. A
+//! connection made with a token is closed within a second of the token's revocation.
 //!
 //! The loop owns the socket. Requests that complete at once are answered inline, in order;
 //! a get that must wait for an unsealed object runs as a child task whose reply comes back
@@ -8,20 +15,21 @@
 use crate::local::{GetMode, GetOutcome};
 use crate::ops;
 use crate::ring::RingClient;
+use crate::tenancy::{self, Caller};
 use crate::worker::Worker;
 use bytes::BytesMut;
 use shoal_protocol::{
-    encode_frame, ClientFrame, CtlLayout, ErrorCode, FrameDecoder, Hello, Request, Response,
-    ServerFrame, WireError, PROTOCOL_VERSION,
+    encode_frame, ClientFrame, ClientHello, CtlLayout, ErrorCode, FrameDecoder, Hello, Request,
+    Response, ServerFrame, WireError, MAX_CLIENT_HELLO, PROTOCOL_VERSION,
 };
 use shoal_shm::Mailbox;
 use std::io::{Read, Write};
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream as StdUnixStream;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tokio::io::unix::AsyncFd;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
@@ -44,6 +52,36 @@ fn encode(frame: &ServerFrame, out: &mut Vec<u8>) {
     }
 }
 
+/// How long a new client has to send its [`ClientHello`].
+const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often the token of a connection made with one is checked again.
+const RECHECK: Duration = Duration::from_secs(1);
+
+/// Reads the client's first frame.
+async fn read_client_hello(stream: &mut UnixStream) -> Result<ClientHello, WireError> {
+    let bad = |m: String| WireError::new(ErrorCode::ProtocolError, m);
+    let decoder = FrameDecoder::new(MAX_CLIENT_HELLO);
+    let mut buf = BytesMut::with_capacity(256);
+    loop {
+        if let Some(h) = decoder
+            .decode::<ClientHello>(&mut buf)
+            .map_err(|e| bad(format!("the first frame must be a ClientHello: {e}")))?
+        {
+            if !buf.is_empty() {
+                return Err(bad("bytes after the ClientHello, before the Hello".into()));
+            }
+            return Ok(h);
+        }
+        let n = stream
+            .read_buf(&mut buf)
+            .await
+            .map_err(|e| bad(e.to_string()))?;
+        if n == 0 {
+            return Err(bad("closed before its ClientHello".into()));
+        }
+    }
+}
+
 /// Refuses a connection with a typed error, then closes it.
 async fn refuse(mut stream: UnixStream, err: WireError) {
     let mut out = Vec::new();
@@ -54,7 +92,7 @@ async fn refuse(mut stream: UnixStream, err: WireError) {
 
 pub(crate) async fn serve(
     worker: Arc<Worker>,
-    stream: UnixStream,
+    mut stream: UnixStream,
     client: u64,
     shutdown: CancellationToken,
 ) {
@@ -65,20 +103,27 @@ pub(crate) async fn serve(
             return;
         }
     };
-    let own = nix::unistd::getuid().as_raw();
-    if cred.uid() != own && !worker.local.cfg.allowed_uids.contains(&cred.uid()) {
-        tracing::warn!(client, uid = cred.uid(), pid = ?cred.pid(), "uid not allowed; closing");
-        metrics::counter!("shoal_refused_clients_total").increment(1);
-        refuse(
-            stream,
-            WireError::new(
-                ErrorCode::PermissionDenied,
-                format!("uid {} is not allowed", cred.uid()),
-            ),
-        )
-        .await;
-        return;
-    }
+    let hello = tokio::select! {
+        _ = shutdown.cancelled() => return,
+        r = tokio::time::timeout(HELLO_TIMEOUT, read_client_hello(&mut stream)) => r,
+    };
+    let admitted = match hello {
+        Ok(Ok(h)) => worker.auth.admit(cred.uid(), h).await,
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(WireError::new(
+            ErrorCode::ProtocolError,
+            format!("no ClientHello within {HELLO_TIMEOUT:?}"),
+        )),
+    };
+    let caller = match admitted {
+        Ok(c) => Arc::new(c),
+        Err(e) => {
+            tracing::warn!(client, uid = cred.uid(), pid = ?cred.pid(), error = %e, "client refused");
+            metrics::counter!("shoal_refused_clients_total").increment(1);
+            refuse(stream, e).await;
+            return;
+        }
+    };
     let region = match worker.local.client_joined() {
         Ok(r) => r,
         Err(e) => {
@@ -86,7 +131,7 @@ pub(crate) async fn serve(
             return;
         }
     };
-    tracing::debug!(client, pid = ?cred.pid(), ?region, "client connected");
+    tracing::debug!(client, pid = ?cred.pid(), tenant = %caller.tenant, ?region, "client connected");
     let sock = match stream.into_std().and_then(Sock::new) {
         Ok(s) => s,
         Err(e) => {
@@ -98,7 +143,7 @@ pub(crate) async fn serve(
     let mailbox = if worker.local.cfg.mailbox {
         match Mailbox::create(worker.local.cfg.max_frame() as u64) {
             Ok(m) => {
-                let rc = RingClient::new(client, m);
+                let rc = RingClient::new(client, m, caller.clone());
                 worker.ring.add(rc.clone());
                 Some(rc)
             }
@@ -114,6 +159,7 @@ pub(crate) async fn serve(
         client,
         region,
         mailbox: mailbox.as_deref(),
+        caller: &caller,
     };
     match run(&worker, &sock, &session, &shutdown).await {
         Ok(()) => tracing::debug!(client, "client disconnected"),
@@ -130,6 +176,7 @@ struct Session<'a> {
     client: u64,
     region: Option<u32>,
     mailbox: Option<&'a RingClient>,
+    caller: &'a Caller,
 }
 
 async fn send_hello(worker: &Worker, sock: &Sock, s: &Session<'_>) -> Result<(), ConnError> {
@@ -147,6 +194,7 @@ async fn send_hello(worker: &Worker, sock: &Sock, s: &Session<'_>) -> Result<(),
         mailbox: s.mailbox.map(|m| m.mailbox().capacity()),
         inline_limit: worker.local.cfg.inline_limit,
         max_frame: worker.local.cfg.max_frame() as u32,
+        tenant: s.caller.tenant.clone(),
     });
     let mut out = Vec::new();
     encode(&hello, &mut out);
@@ -172,10 +220,20 @@ async fn run(
     let mut out = Vec::with_capacity(64 << 10);
     let (tx, mut deferred) = mpsc::channel::<(u32, Response)>(64);
     let mut waiting = JoinSet::new();
+    let mut recheck = tokio::time::interval(RECHECK);
+    let caller = session.caller;
     loop {
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
+            _ = recheck.tick(), if caller.token.is_some() => {
+                let token = caller.token.as_deref().unwrap_or_default();
+                if !worker.auth.still_valid(token, &caller.principal) {
+                    tracing::info!(client, tenant = %caller.tenant, "token revoked or expired; closing");
+                    break;
+                }
+                continue;
+            }
             Some((id, resp)) = deferred.recv() => {
                 encode(&ServerFrame::Reply { id, resp }, &mut out);
             }
@@ -188,7 +246,21 @@ async fn run(
                     let op = op_name(&frame.req);
                     let started = Instant::now();
                     metrics::counter!("shoal_requests_total", "op" => op).increment(1);
-                    let req = frame.req;
+                    let one_way = frame.req.is_one_way();
+                    let req = match tenancy::qualify(frame.req, caller) {
+                        Ok(r) => r,
+                        Err(e) if one_way => {
+                            tracing::debug!(client, error = %e, "one-way request refused");
+                            if let Some(m) = session.mailbox {
+                                m.oneway_done();
+                            }
+                            continue;
+                        }
+                        Err(e) => {
+                            encode(&ServerFrame::Reply { id: frame.id, resp: Response::Error(e) }, &mut out);
+                            continue;
+                        }
+                    };
                     if ops::is_deferred(worker, &req) {
                         // A get of objects sealed here answers inline; the rest waits in a task.
                         let now = match &req {
@@ -214,7 +286,6 @@ async fn run(
                             }
                         }
                     } else {
-                        let one_way = req.is_one_way();
                         let resp = worker.handle(client, req);
                         if !one_way {
                             encode(&ServerFrame::Reply { id: frame.id, resp }, &mut out);

@@ -22,6 +22,8 @@
 //!   (requests that wait: gets, cluster deletes) and `http` (`/metrics`, `/health`) run on it.
 //! - `cluster`: this node's part of the cluster (membership, node loss, directory shard,
 //!   outbox, remote pulls, the peer service); holds `Arc<Local>`, never the worker.
+//! - `tenancy`: who a client is (uid map, token book) and the qualification of its requests
+//!   with its tenant; `conn` and `ring` pass every request through it.
 //! - `spill`: spill files; `config`: the typed configuration.
 //!
 //! The references form no cycle: worker → cluster → local, worker → local.
@@ -37,10 +39,11 @@ mod ops;
 mod ring;
 mod server;
 mod spill;
+mod tenancy;
 mod worker;
 
-pub use config::{ClusterConfig, Config, ConfigError};
-pub use server::{ClusterParts, Dataworker, StartError};
+pub use config::{ClusterConfig, Config, ConfigError, UidTenant};
+pub use server::{ClusterParts, Dataworker, StartError, StartParts};
 
 /// The runtime a dataworker runs on: `threads` worker threads (1 serves the socket path best
 /// on small machines: no cross-thread wakeups; local hits do not use the worker at all).

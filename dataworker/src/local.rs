@@ -13,6 +13,7 @@
 use crate::cluster::{Note, Outbox};
 use crate::spill::SpillDir;
 use crate::Config;
+use shoal_meta::records::Quota;
 use shoal_protocol::HeldObject;
 use shoal_protocol::{
     ErrorCode, KvEntry, Namespace, ObjectId, Request, Response, StatusInfo, ViewDesc, WireError,
@@ -20,8 +21,9 @@ use shoal_protocol::{
 use shoal_shm::{key_hash, Arena, Ctl, IndexEntry, IndexWriter};
 use shoal_store::{
     ClientId, Evicted, ExternalPins, Gen, Lookup, Placement, Store, StoreConfig, StoreError,
+    TenantLimits, TenantUsage,
 };
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 use tokio::sync::watch;
@@ -56,6 +58,28 @@ pub(crate) struct Inner {
     pub(crate) clients: usize,
     /// When the gauges were last exported (ms on the worker clock).
     gauges_at: u64,
+    /// Tenants' quota records (`quotas/<tenant>`), as the worker last read them.
+    quotas: HashMap<String, Quota>,
+    /// Tenants whose usage gauges were exported (so a tenant that left is set to zero).
+    gauge_tenants: HashSet<String>,
+}
+
+/// One tenant's line of `/v1/usage`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub(crate) struct UsageLine {
+    /// Arena bytes held (payloads and names, sealed or not).
+    pub(crate) arena_bytes: u64,
+    /// Bytes spilled to disk.
+    pub(crate) spill_bytes: u64,
+    /// The tenant's quota record, if it has one.
+    pub(crate) quota: Option<Quota>,
+}
+
+fn limits_of(q: &Quota) -> TenantLimits {
+    TenantLimits {
+        arena_bytes: q.arena_bytes,
+        spill_bytes: q.spill_bytes,
+    }
 }
 
 /// The node's local store, shared by the worker and the cluster side; see the module docs.
@@ -143,6 +167,8 @@ impl Local {
             free_regions: (0..ctl.pin_regions()).rev().collect(),
             clients: 0,
             gauges_at: 0,
+            quotas: HashMap::new(),
+            gauge_tenants: HashSet::new(),
         };
         Ok(Local {
             cfg,
@@ -570,6 +596,17 @@ impl Local {
             Request::KvMSet { entries, ttl_secs } => {
                 let total: usize = entries.iter().map(|e| e.value.len()).sum();
                 self.check_inline(total)?;
+                // All or nothing for the quota: the keys (all of the caller's tenant) are
+                // checked together before the first is written.
+                if let Some(first) = entries.first() {
+                    let charge: u64 = entries
+                        .iter()
+                        .map(|e| (e.value.len() + e.key.local().len()) as u64)
+                        .sum();
+                    g.store
+                        .admit(first.key.tenant(), charge)
+                        .map_err(store_err)?;
+                }
                 for KvEntry { key, value } in &entries {
                     self.kv_set(g, client, key, value, ttl_secs)?;
                 }
@@ -692,7 +729,20 @@ impl Local {
         g.store.next_expiry()
     }
 
-    fn export_gauges(&self, g: &Inner) {
+    fn export_gauges(&self, g: &mut Inner) {
+        let mut seen = HashSet::new();
+        for (tenant, u) in g.store.tenant_usages() {
+            metrics::gauge!("shoal_tenant_arena_bytes", "tenant" => tenant.clone())
+                .set(u.arena_bytes as f64);
+            metrics::gauge!("shoal_tenant_spill_bytes", "tenant" => tenant.clone())
+                .set(u.spill_bytes as f64);
+            seen.insert(tenant);
+        }
+        for gone in g.gauge_tenants.difference(&seen) {
+            metrics::gauge!("shoal_tenant_arena_bytes", "tenant" => gone.clone()).set(0.0);
+            metrics::gauge!("shoal_tenant_spill_bytes", "tenant" => gone.clone()).set(0.0);
+        }
+        g.gauge_tenants = seen;
         let s = self.status_locked(g);
         metrics::gauge!("shoal_arena_bytes").set(s.arena_bytes as f64);
         metrics::gauge!("shoal_arena_used_bytes").set(s.used_bytes as f64);
@@ -702,6 +752,66 @@ impl Local {
         metrics::gauge!("shoal_pins").set(s.pins as f64);
         metrics::gauge!("shoal_spilled_objects").set(s.spilled_now as f64);
         metrics::gauge!("shoal_zombies").set(s.zombies as f64);
+    }
+}
+
+/// Tenants: quotas in, usage out.
+impl Local {
+    /// Replaces every tenant's quota (a fresh read of `quotas/`).
+    pub(crate) fn set_quotas(&self, quotas: HashMap<String, Quota>) {
+        let mut g = self.lock();
+        let old: Vec<String> = g.quotas.keys().cloned().collect();
+        for t in old {
+            g.store.set_tenant_limits(&t, TenantLimits::default());
+        }
+        for (t, q) in &quotas {
+            g.store.set_tenant_limits(t, limits_of(q));
+        }
+        g.quotas = quotas;
+    }
+
+    /// Sets (or with `None` removes) one tenant's quota.
+    pub(crate) fn set_quota(&self, tenant: &str, quota: Option<Quota>) {
+        let mut g = self.lock();
+        g.store
+            .set_tenant_limits(tenant, quota.as_ref().map(limits_of).unwrap_or_default());
+        match quota {
+            Some(q) => g.quotas.insert(tenant.to_owned(), q),
+            None => g.quotas.remove(tenant),
+        };
+    }
+
+    /// Usage against quota of every tenant that holds bytes or has a quota, or of `only`.
+    pub(crate) fn usage(
+        &self,
+        only: Option<&str>,
+    ) -> std::collections::BTreeMap<String, UsageLine> {
+        let g = self.lock();
+        let line = |t: &str, u: TenantUsage| UsageLine {
+            arena_bytes: u.arena_bytes,
+            spill_bytes: u.spill_bytes,
+            quota: g.quotas.get(t).cloned(),
+        };
+        match only {
+            Some(t) => [(t.to_owned(), line(t, g.store.tenant_usage(t)))].into(),
+            None => {
+                let mut m: std::collections::BTreeMap<String, UsageLine> = g
+                    .store
+                    .tenant_usages()
+                    .into_iter()
+                    .map(|(t, u)| {
+                        let l = line(&t, u);
+                        (t, l)
+                    })
+                    .collect();
+                for t in g.quotas.keys() {
+                    if !m.contains_key(t) {
+                        m.insert(t.clone(), line(t, TenantUsage::default()));
+                    }
+                }
+                m
+            }
+        }
     }
 }
 

@@ -14,6 +14,7 @@
 use crate::conn::op_name;
 use crate::local::{GetMode, GetOutcome};
 use crate::ops;
+use crate::tenancy::{self, Caller};
 use crate::worker::Worker;
 use shoal_protocol::{
     encode_frame, ClientFrame, ErrorCode, FrameDecoder, Request, Response, ServerFrame,
@@ -35,6 +36,8 @@ struct MailboxState {
 #[derive(Debug)]
 pub(crate) struct RingClient {
     client: u64,
+    /// Who the client is: its requests are checked and qualified as on its socket.
+    caller: Arc<Caller>,
     mailbox: Mailbox,
     state: Mutex<MailboxState>,
     /// One-way socket frames of this client that the connection task has handled.
@@ -46,9 +49,10 @@ pub(crate) struct RingClient {
 }
 
 impl RingClient {
-    pub(crate) fn new(client: u64, mailbox: Mailbox) -> Arc<Self> {
+    pub(crate) fn new(client: u64, mailbox: Mailbox, caller: Arc<Caller>) -> Arc<Self> {
         Arc::new(Self {
             client,
+            caller,
             mailbox,
             state: Mutex::new(MailboxState {
                 open: true,
@@ -203,7 +207,15 @@ fn serve_one(
             let started = Instant::now();
             metrics::counter!("shoal_requests_total", "op" => op, "path" => "mailbox").increment(1);
             let in_cluster = worker.in_cluster();
-            let resp = match f.req {
+            let req = match tenancy::qualify(f.req, &rc.caller) {
+                Ok(r) => r,
+                Err(e) => {
+                    encode_reply(&rc.mailbox, f.id, Response::Error(e), out);
+                    rc.mailbox.respond(seq, out);
+                    return true;
+                }
+            };
+            let resp = match req {
                 Request::Get { ids, timeout_ms: 0 } => {
                     // In a cluster a miss may be sealed on another node: pull it in a task.
                     let mode = if in_cluster {

@@ -3,15 +3,24 @@
 //! [`Dataworker::start_with`] binds the sockets, then builds the parts in the order they
 //! depend on each other: the cluster outbox channel, the [`Local`] store (which reports to the
 //! outbox), the [`Cluster`] over the store (which drains it), and the [`Worker`] over both. It
-//! then starts the owned tasks (accept loop, timer, HTTP endpoint, the cluster's tasks) on one
-//! task tracker under one shutdown token, and the mailbox thread. Shutdown cancels the token,
-//! waits for every task, stops the mailbox thread and removes the socket file.
+//! then starts the owned tasks (accept loop, timer, HTTP endpoint, the cluster's tasks, the
+//! quota follower) on one task tracker under one shutdown token, the token book's follower,
+//! and the mailbox thread. Shutdown cancels the token, waits for every task, stops the token
+//! follower and the mailbox thread and removes the socket file.
+//!
+//! With a metadata store (the cluster's, or [`StartParts::meta`] for a standalone node) the
+//! worker follows `tokens/` (clients may connect with a token) and `quotas/` (each tenant's
+//! arena and spill limits); without one it knows clients by their uid only and enforces no
+//! quota.
 use crate::cluster::{Cluster, Outbox};
 use crate::conn;
 use crate::local::Local;
+use crate::tenancy::Auth;
 use crate::worker::Worker;
 use crate::{http, Config, ConfigError};
 use metrics_exporter_prometheus::PrometheusHandle;
+use shoal_meta::records::{validate_tenant, Quota, QUOTAS_PREFIX};
+use shoal_meta::{Followed, Follower, MetaStore, TokenBook, TokenFollower, WatchEvent};
 use shoal_protocol::{NodeRecord, StatusInfo};
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
@@ -92,6 +101,15 @@ pub struct ClusterParts {
     pub tls: shoal_transport::NodeTls,
 }
 
+/// Everything [`Dataworker::start_parts`] takes besides the config.
+#[derive(Debug, Default)]
+pub struct StartParts {
+    /// Join a cluster (its metadata store also serves tokens and quotas).
+    pub cluster: Option<ClusterParts>,
+    /// For a node outside a cluster: a metadata store to follow for tokens and quotas only.
+    pub meta: Option<Arc<dyn MetaStore>>,
+}
+
 /// A running dataworker. Dropping it does not stop it; call [`Dataworker::shutdown`].
 #[derive(Debug)]
 pub struct Dataworker {
@@ -101,6 +119,7 @@ pub struct Dataworker {
     socket_path: PathBuf,
     http_addr: Option<SocketAddr>,
     poller: Option<std::thread::JoinHandle<()>>,
+    tokens: Option<TokenFollower>,
 }
 
 fn bind(path: &Path) -> Result<UnixListener, StartError> {
@@ -140,7 +159,31 @@ impl Dataworker {
         metrics: Option<PrometheusHandle>,
         cluster: Option<ClusterParts>,
     ) -> Result<Dataworker, StartError> {
+        Self::start_parts(
+            cfg,
+            metrics,
+            StartParts {
+                cluster,
+                meta: None,
+            },
+        )
+        .await
+    }
+
+    /// Like [`Dataworker::start_with`], with every optional part: see [`StartParts`].
+    pub async fn start_parts(
+        cfg: Config,
+        metrics: Option<PrometheusHandle>,
+        parts: StartParts,
+    ) -> Result<Dataworker, StartError> {
+        let StartParts { cluster, meta } = parts;
         cfg.validate()?;
+        if cluster.is_some() && meta.is_some() {
+            return Err(StartError::Cluster(
+                "a cluster node follows its cluster's metadata store; pass no other".into(),
+            ));
+        }
+        let meta = meta.or_else(|| cluster.as_ref().map(|c| c.meta.clone()));
         if cfg.cluster.is_some() != cluster.is_some() {
             return Err(StartError::Cluster(
                 "a cluster config needs a metadata store and TLS identity, and the reverse".into(),
@@ -211,7 +254,19 @@ impl Dataworker {
             c.spawn(notes, record);
             in_cluster = Some(c);
         }
-        let worker = Arc::new(Worker::new(local, in_cluster));
+        let (book, tokens) = match &meta {
+            Some(m) => {
+                let (book, follower) = TokenBook::follow(m.clone());
+                (Some(book), Some(follower))
+            }
+            None => (None, None),
+        };
+        let own_uid = nix::unistd::getuid().as_raw();
+        let auth = Auth::new(local.cfg.uid_map(own_uid), book);
+        if let Some(m) = &meta {
+            tasks.spawn(follow_quotas(local.clone(), m.clone(), shutdown.clone()));
+        }
+        let worker = Arc::new(Worker::new(local, in_cluster, auth));
         tasks.spawn(accept_loop(
             worker.clone(),
             listener,
@@ -252,6 +307,7 @@ impl Dataworker {
             socket_path,
             http_addr,
             poller,
+            tokens,
         })
     }
 
@@ -292,6 +348,9 @@ impl Dataworker {
         self.shutdown.cancelled().await;
         self.tasks.close();
         self.tasks.wait().await;
+        if let Some(t) = self.tokens.take() {
+            t.stop().await;
+        }
         if let Some(h) = self.poller.take() {
             self.worker.ring.request_stop();
             self.worker.local.ctl.wake_worker();
@@ -322,6 +381,42 @@ async fn accept_loop(
                     // Usually EMFILE: back off instead of spinning.
                     tracing::warn!(error = %e, "accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+}
+
+/// Keeps the store's tenant limits equal to `quotas/` (a fresh read after every broken
+/// watch; while the store is down the last limits stay in force).
+async fn follow_quotas(local: Arc<Local>, meta: Arc<dyn MetaStore>, shutdown: CancellationToken) {
+    let mut f = Follower::new(meta, QUOTAS_PREFIX, Duration::from_millis(250));
+    let parse = |key: &str, value: &[u8]| -> Option<(String, Quota)> {
+        let tenant = key.strip_prefix(QUOTAS_PREFIX)?;
+        validate_tenant(tenant).ok()?;
+        match serde_json::from_slice::<Quota>(value) {
+            Ok(q) if q.validate().is_ok() => Some((tenant.to_owned(), q)),
+            _ => {
+                tracing::warn!(key, "malformed quota record; ignored");
+                None
+            }
+        }
+    };
+    while let Some(next) = f.next(&shutdown).await {
+        match next {
+            Followed::Snapshot(kvs) => local.set_quotas(
+                kvs.iter()
+                    .filter_map(|kv| parse(&kv.key, &kv.value))
+                    .collect(),
+            ),
+            Followed::Event(WatchEvent::Put(kv)) => {
+                if let Some((t, q)) = parse(&kv.key, &kv.value) {
+                    local.set_quota(&t, Some(q));
+                }
+            }
+            Followed::Event(WatchEvent::Delete { key, .. }) => {
+                if let Some(t) = key.strip_prefix(QUOTAS_PREFIX) {
+                    local.set_quota(t, None);
                 }
             }
         }

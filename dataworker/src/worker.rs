@@ -9,6 +9,7 @@
 use crate::cluster::Cluster;
 use crate::local::Local;
 use crate::ring::Poller;
+use crate::tenancy::Auth;
 use shoal_protocol::{Request, Response, StatusInfo};
 use shoal_store::ClientId;
 use std::sync::Arc;
@@ -24,16 +25,19 @@ pub(crate) struct Worker {
     pub(crate) ring: Poller,
     /// The runtime, for work the mailbox thread hands off (remote gets, cluster deletes).
     pub(crate) rt: tokio::runtime::Handle,
+    /// Who clients are (uid map, token book).
+    pub(crate) auth: Auth,
 }
 
 impl Worker {
     /// Must be called within the runtime the worker runs on.
-    pub(crate) fn new(local: Arc<Local>, cluster: Option<Arc<Cluster>>) -> Worker {
+    pub(crate) fn new(local: Arc<Local>, cluster: Option<Arc<Cluster>>, auth: Auth) -> Worker {
         Worker {
             local,
             cluster,
             ring: Poller::default(),
             rt: tokio::runtime::Handle::current(),
+            auth,
         }
     }
 

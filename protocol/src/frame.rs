@@ -162,6 +162,33 @@ mod tests {
     }
 
     #[test]
+    fn client_hello_round_trips_and_is_bounded() {
+        let h = crate::ClientHello {
+            token: Some("shoal_x".into()),
+            tenant: None,
+        };
+        let mut wire = Vec::new();
+        encode_frame(&h, &mut wire).unwrap();
+        let dec = FrameDecoder::new(crate::MAX_CLIENT_HELLO);
+        let got: crate::ClientHello = dec.decode(&mut BytesMut::from(&wire[..])).unwrap().unwrap();
+        assert_eq!(got, h);
+        assert!(got.check().is_ok());
+        let long = crate::ClientHello {
+            token: Some("x".repeat(crate::MAX_TOKEN_LEN + 1)),
+            tenant: None,
+        };
+        assert_eq!(
+            long.check().unwrap_err().code,
+            crate::ErrorCode::Unauthenticated
+        );
+        let empty_tenant = crate::ClientHello {
+            token: None,
+            tenant: Some(String::new()),
+        };
+        assert!(empty_tenant.check().is_err());
+    }
+
+    #[test]
     fn invalid_id_inside_frame_is_malformed() {
         // An empty id is refused by ObjectId's Deserialize.
         let mut body = postcard::to_stdvec(&7u32).unwrap();
@@ -185,6 +212,10 @@ mod tests {
             while let Ok(Some(_)) = dec.decode::<ClientFrame>(&mut buf) {}
             let mut buf = BytesMut::from(&data[..]);
             let _ = dec.decode::<ServerFrame>(&mut buf);
+            let mut buf = BytesMut::from(&data[..]);
+            if let Ok(Some(h)) = dec.decode::<crate::ClientHello>(&mut buf) {
+                let _ = h.check();
+            }
             // The node-to-node messages are postcard too: garbage is an error, not a panic.
             let _ = postcard::from_bytes::<crate::PeerRequest>(&data);
             let _ = postcard::from_bytes::<crate::PeerResponse>(&data);

@@ -17,9 +17,12 @@ mod peer;
 pub use call::{CallerFrame, LaneInfo, Payload, ProxyFrame, Role};
 pub use error::{ErrorCode, WireError};
 pub use frame::{encode_frame, FrameDecoder, FrameError, FRAME_HEADER_LEN, PROTOCOL_VERSION};
-pub use id::{IdError, ObjectId, MAX_ID_LEN};
+pub use id::{
+    split_qualified, tenant_prefix, IdError, ObjectId, DEFAULT_TENANT, MAX_ID_LEN, MAX_TENANT_LEN,
+    TENANT_SEPARATOR,
+};
 pub use message::{
-    ClientFrame, CtlLayout, Hello, KvEntry, ListEntry, Namespace, Request, Response, ServerFrame,
-    StatusInfo, ViewDesc,
+    ClientFrame, ClientHello, CtlLayout, Hello, KvEntry, ListEntry, Namespace, Request, Response,
+    ServerFrame, StatusInfo, ViewDesc, MAX_CLIENT_HELLO, MAX_TOKEN_LEN,
 };
 pub use peer::{HeldObject, NodeRecord, PeerRequest, PeerResponse};

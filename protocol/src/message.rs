@@ -121,6 +121,46 @@ pub struct Hello {
     pub inline_limit: u64,
     /// Largest frame the worker accepts.
     pub max_frame: u32,
+    /// The tenant this connection acts in. Every id the client sends is the tenant's own;
+    /// the client looks its ids up in the shared index under [`crate::tenant_prefix`] of it.
+    pub tenant: String,
+}
+
+/// Longest token a [`ClientHello`] may carry (a shoal token is 87 bytes).
+pub const MAX_TOKEN_LEN: usize = 256;
+/// Largest [`ClientHello`] frame body a worker reads.
+pub const MAX_CLIENT_HELLO: usize = 1024;
+
+/// The first frame a client sends on a new connection, before the worker answers with
+/// [`Hello`] (or [`ServerFrame::Refused`]). Without a token the worker maps the client by
+/// its uid (`SO_PEERCRED`); with one, the token decides, and a bad token is refused.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClientHello {
+    /// A bearer token (`shoal_<id>_<secret>`), e.g. from `SHOAL_TOKEN`.
+    pub token: Option<String>,
+    /// Act in this tenant instead of the credential's own; only the operator (the system
+    /// tenant's admin) may name another tenant.
+    pub tenant: Option<String>,
+}
+
+impl ClientHello {
+    /// Checks the bounds a worker enforces before it looks at the contents.
+    pub fn check(&self) -> Result<(), WireError> {
+        if self.token.as_ref().is_some_and(|t| t.len() > MAX_TOKEN_LEN) {
+            return Err(WireError::new(ErrorCode::Unauthenticated, "token too long"));
+        }
+        if self
+            .tenant
+            .as_ref()
+            .is_some_and(|t| t.is_empty() || t.len() > crate::MAX_TENANT_LEN)
+        {
+            return Err(WireError::new(
+                ErrorCode::InvalidArgument,
+                "tenant must be 1 to 63 characters",
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// A request from a local client to its dataworker.
@@ -257,6 +297,25 @@ impl Request {
     /// Whether the worker sends no reply.
     pub fn is_one_way(&self) -> bool {
         matches!(self, Request::Release { .. } | Request::Abort { .. })
+    }
+
+    /// Whether the request changes data (needs the `WriteData` permission); everything else
+    /// only reads.
+    pub fn writes(&self) -> bool {
+        matches!(
+            self,
+            Request::Create { .. }
+                | Request::Seal { .. }
+                | Request::Abort { .. }
+                | Request::Put { .. }
+                | Request::Delete { .. }
+                | Request::KvSet { .. }
+                | Request::KvCreate { .. }
+                | Request::KvCommit { .. }
+                | Request::KvMSet { .. }
+                | Request::KvDel { .. }
+                | Request::KvExpire { .. }
+        )
     }
 }
 

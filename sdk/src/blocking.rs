@@ -31,6 +31,11 @@ impl Client {
         self.rt.block_on(self.inner.mailbox_calls())
     }
 
+    /// The tenant this connection acts in.
+    pub fn tenant(&self) -> &str {
+        self.inner.tenant()
+    }
+
     /// The async client underneath.
     pub fn inner(&self) -> &crate::Client {
         &self.inner

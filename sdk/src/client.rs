@@ -2,7 +2,8 @@ use crate::conn::{handshake, Conn, MailboxConn};
 use crate::view::{ObjectBuilder, View};
 use crate::Error;
 use shoal_protocol::{
-    ErrorCode, Hello, KvEntry, ListEntry, Namespace, ObjectId, Request, Response, StatusInfo,
+    tenant_prefix, ClientHello, ErrorCode, Hello, KvEntry, ListEntry, Namespace, ObjectId, Request,
+    Response, StatusInfo,
 };
 use shoal_shm::{Arena, Ctl, FastReader, Mailbox};
 use std::path::{Path, PathBuf};
@@ -11,9 +12,16 @@ use std::time::Duration;
 
 /// The environment variable [`ConnectOptions::from_env`] reads.
 pub const SOCKET_ENV: &str = "SHOAL_DATAWORKER_SOCKET";
+/// The environment variable [`ConnectOptions::new`] takes the token from (a function
+/// instance's own credential, set by its agent).
+pub const TOKEN_ENV: &str = "SHOAL_TOKEN";
+
+/// Longest id whose tenant-qualified form a fast-path lookup builds on the stack; longer
+/// ones use a heap buffer.
+const STACK_NAME: usize = 256;
 
 /// How to connect.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ConnectOptions {
     /// The dataworker's socket.
     pub socket: PathBuf,
@@ -29,10 +37,33 @@ pub struct ConnectOptions {
     /// polls) before it sleeps on the shared reply futex. 200 µs by default; the figure
     /// matters little under load because sleepers are woken together, one syscall per sweep.
     pub mailbox_spin: Duration,
+    /// A token to present at connect: the connection then acts in the token's tenant with its
+    /// role. Without one the worker knows the client by its uid (the worker's own uid: the
+    /// default tenant). [`ConnectOptions::new`] takes it from `SHOAL_TOKEN` when set.
+    pub token: Option<String>,
+    /// Act in this tenant instead of the credential's own (only the operator, the system
+    /// tenant's admin, may; without it the operator acts in the default tenant).
+    pub tenant: Option<String>,
+}
+
+impl std::fmt::Debug for ConnectOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnectOptions")
+            .field("socket", &self.socket)
+            .field("populate", &self.populate)
+            .field("fast_path", &self.fast_path)
+            .field("mailbox", &self.mailbox)
+            .field("mailbox_spin", &self.mailbox_spin)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("tenant", &self.tenant)
+            .finish()
+    }
 }
 
 impl ConnectOptions {
-    /// Options for `socket`.
+    /// Options for `socket`, with the token from `SHOAL_TOKEN` when that is set (so a
+    /// function instance acts in its own tenant however its code connects). This is the one
+    /// variable it reads; set `token` to `None` to connect by uid regardless.
     pub fn new(socket: impl Into<PathBuf>) -> Self {
         Self {
             socket: socket.into(),
@@ -40,6 +71,21 @@ impl ConnectOptions {
             fast_path: true,
             mailbox: true,
             mailbox_spin: Duration::from_micros(200),
+            token: std::env::var(TOKEN_ENV).ok().filter(|t| !t.is_empty()),
+            tenant: None,
+        }
+    }
+
+    /// These options with `token` presented at connect.
+    pub fn with_token(mut self, token: impl Into<String>) -> Self {
+        self.token = Some(token.into());
+        self
+    }
+
+    fn client_hello(&self) -> ClientHello {
+        ClientHello {
+            token: self.token.clone(),
+            tenant: self.tenant.clone(),
         }
     }
 
@@ -66,6 +112,9 @@ pub(crate) struct Shared {
     pub(crate) arena: Arena,
     pub(crate) fast: Option<FastReader>,
     pub(crate) hello: Hello,
+    /// What this connection's names start with in the shared index (empty for the default
+    /// tenant).
+    prefix: Box<[u8]>,
     conn: tokio::sync::Mutex<Conn>,
     /// One-way requests a `Drop` could not write because a request was in flight.
     pending: std::sync::Mutex<Vec<Request>>,
@@ -131,7 +180,8 @@ impl Client {
     /// Connects with options. Must run inside a tokio runtime.
     pub async fn connect_with(opts: ConnectOptions) -> Result<Client, Error> {
         let path = opts.socket.clone();
-        let parts = tokio::task::spawn_blocking(move || handshake(&path))
+        let hello = opts.client_hello();
+        let parts = tokio::task::spawn_blocking(move || handshake(&path, &hello))
             .await
             .map_err(|e| Error::protocol(e.to_string()))??;
         Self::from_handshake(parts, &opts, false)
@@ -139,7 +189,7 @@ impl Client {
 
     /// Connects without a runtime; requests then block the calling thread.
     pub(crate) fn connect_blocking(opts: &ConnectOptions) -> Result<Client, Error> {
-        Self::from_handshake(handshake(&opts.socket)?, opts, true)
+        Self::from_handshake(handshake(&opts.socket, &opts.client_hello())?, opts, true)
     }
 
     fn from_handshake(
@@ -186,6 +236,7 @@ impl Client {
             shared: Arc::new(Shared {
                 arena,
                 fast,
+                prefix: tenant_prefix(&hello.tenant).into_boxed_slice(),
                 hello,
                 conn: tokio::sync::Mutex::new(conn),
                 pending: std::sync::Mutex::new(Vec::new()),
@@ -210,6 +261,11 @@ impl Client {
         &self.shared.hello.node_id
     }
 
+    /// The tenant this connection acts in (`default` for the local user).
+    pub fn tenant(&self) -> &str {
+        &self.shared.hello.tenant
+    }
+
     /// Requests this client sent through its shared-memory mailbox (diagnostics).
     pub async fn mailbox_calls(&self) -> u64 {
         self.shared.conn.lock().await.mailbox_calls
@@ -225,10 +281,39 @@ impl Client {
         self.shared.hello.inline_limit
     }
 
+    /// Looks `id` up in the shared index under this connection's tenant, with no syscall:
+    /// the default tenant's names are the ids themselves (no copy); another tenant's are
+    /// `tenant\0id` (see [`Client::fast_get_qualified`]).
     fn fast_get(&self, ns: Namespace, id: &ObjectId) -> Option<View> {
         let fast = self.shared.fast.as_ref()?;
-        let pin = fast.get(&self.shared.arena, ns.tag(), id.as_str().as_bytes())?;
+        let pin = if self.shared.prefix.is_empty() {
+            fast.get(&self.shared.arena, ns.tag(), id.as_str().as_bytes())?
+        } else {
+            self.fast_get_qualified(fast, ns, id)?
+        };
         Some(View::fast(self.shared.clone(), pin))
+    }
+
+    /// The lookup of a non-default tenant: the qualified name is built on the stack (on the
+    /// heap past [`STACK_NAME`] bytes). Kept out of line so the default tenant's path stays
+    /// what it was.
+    #[inline(never)]
+    fn fast_get_qualified(
+        &self,
+        fast: &FastReader,
+        ns: Namespace,
+        id: &ObjectId,
+    ) -> Option<shoal_shm::FastPin> {
+        let (prefix, name) = (&*self.shared.prefix, id.as_str().as_bytes());
+        let n = prefix.len() + name.len();
+        if n <= STACK_NAME {
+            let mut buf = [0u8; STACK_NAME];
+            buf[..prefix.len()].copy_from_slice(prefix);
+            buf[prefix.len()..n].copy_from_slice(name);
+            fast.get(&self.shared.arena, ns.tag(), &buf[..n])
+        } else {
+            fast.get(&self.shared.arena, ns.tag(), &[prefix, name].concat())
+        }
     }
 
     fn views(&self, resp: Response) -> Result<Vec<Result<View, Error>>, Error> {

@@ -1,14 +1,15 @@
-//! The socket side of a client: handshake (hello + fds), request/reply, and one-way messages
-//! (release, abort) that can be sent from `Drop` without blocking.
+//! The socket side of a client: handshake (our `ClientHello` with the token, if any; the
+//! worker's hello + fds), request/reply, and one-way messages (release, abort) that can be
+//! sent from `Drop` without blocking.
 use crate::Error;
 use bytes::BytesMut;
 use nix::sys::socket::MsgFlags;
 use shoal_protocol::{
-    encode_frame, ClientFrame, FrameDecoder, Hello, Request, Response, ServerFrame,
+    encode_frame, ClientFrame, ClientHello, FrameDecoder, Hello, Request, Response, ServerFrame,
     FRAME_HEADER_LEN,
 };
 use shoal_shm::{Ctl, Mailbox};
-use std::io::Read;
+use std::io::{Read, Write};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream as StdStream;
 use std::path::Path;
@@ -20,10 +21,16 @@ use tokio::net::UnixStream;
 /// Hello frames are small; anything bigger is not a shoal worker.
 const MAX_HELLO: usize = 64 << 10;
 
-/// Connects and completes the handshake on a blocking socket. Returns the socket (still
-/// blocking), the hello and the arena + control fds.
-pub(crate) fn handshake(path: &Path) -> Result<(StdStream, Hello, Vec<OwnedFd>), Error> {
+/// Connects and completes the handshake on a blocking socket: sends `hello`, reads the
+/// worker's. Returns the socket (still blocking), the hello and the arena + control fds.
+pub(crate) fn handshake(
+    path: &Path,
+    hello: &ClientHello,
+) -> Result<(StdStream, Hello, Vec<OwnedFd>), Error> {
     let mut s = StdStream::connect(path)?;
+    let mut first = Vec::new();
+    encode_frame(hello, &mut first).map_err(|e| Error::protocol(e.to_string()))?;
+    s.write_all(&first)?;
     let mut buf = vec![0u8; MAX_HELLO];
     let (mut n, fds) =
         shoal_shm::recv_with_fds(s.as_fd(), &mut buf, 3).map_err(|e| Error::Shm(e.to_string()))?;

@@ -11,7 +11,11 @@
 //!
 //! A local hit costs no syscall: the client probes the worker's shared index and pins the
 //! object in its own pin table (see ARCHITECTURE.md). Views release their pin when dropped.
-//! Everything else is one request on the worker's Unix socket. The only `unsafe` is in
+//! Everything else is one request on the worker's Unix socket.
+//!
+//! Each connection acts in one tenant: the worker's own uid's clients in the default tenant,
+//! a client that presents a token (`SHOAL_TOKEN`, or [`ConnectOptions::token`]) in the
+//! token's. Ids are the tenant's own; another tenant's objects and keys are invisible. The only `unsafe` is in
 //! `view.rs` (handing out a writable slice of a buffer this client created).
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
@@ -25,7 +29,7 @@ mod lane;
 mod view;
 
 pub use call::{serve, CallClient, CallOptions, Data, FunctionInstance, InstanceEnv};
-pub use client::{Client, ConnectOptions, SetOptions, SOCKET_ENV};
+pub use client::{Client, ConnectOptions, SetOptions, SOCKET_ENV, TOKEN_ENV};
 pub use error::Error;
 pub use shoal_protocol::Payload;
 pub use shoal_protocol::{ErrorCode, ListEntry, ObjectId, StatusInfo};

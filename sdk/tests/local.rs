@@ -838,6 +838,10 @@ impl RawConn {
             stream,
             buf: bytes::BytesMut::new(),
         };
+        // The client speaks first: a hello without a token (known by its uid).
+        let mut hello = Vec::new();
+        encode_frame(&shoal_protocol::ClientHello::default(), &mut hello).unwrap();
+        r.stream.write_all(&hello).unwrap();
         assert!(matches!(r.next(), Some(ServerFrame::Hello(_))));
         r
     }

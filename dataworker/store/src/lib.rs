@@ -12,7 +12,11 @@
 //! - an allocation is freed only when no socket pin and no external pin holds it;
 //! - a name maps to at most one live entry; a deleted entry that is still pinned is a zombie,
 //!   no longer reachable by name, freed when its last pin ends;
-//! - only sealed, in-memory, unpinned entries are evicted, least recently used first.
+//! - only sealed, in-memory, unpinned entries are evicted, least recently used first;
+//! - each tenant's arena and spill usage equals the charges of its entries in memory and on
+//!   disk (names qualified by tenant, see `shoal_protocol::ObjectId`), never goes negative,
+//!   and a request that would pass a tenant's limit fails with `QuotaExceeded` before it
+//!   changes anything.
 //!
 //! Beside the index, two more pure pieces for the cluster: the consistent-hash [`Ring`] that
 //! says which nodes own an id's directory entry, and the [`Directory`] shard an owner keeps.
@@ -27,7 +31,7 @@ pub use directory::{DirRecord, Directory, DirectoryConfig, Locate, Refused};
 pub use ring::{key_point, Ring, DEFAULT_VNODES};
 pub use store::{
     ClientId, Evicted, ExternalPins, Gen, Lookup, NoExternalPins, Placement, Stats, Store,
-    StoreConfig, StoreError, UNIT,
+    StoreConfig, StoreError, TenantLimits, TenantUsage, UNIT,
 };
 
 #[cfg(test)]

@@ -2,12 +2,15 @@
 //! eviction. Its invariants are those listed in the crate doc. What it takes and returns lives
 //! in `types`; its key-value side in `kv`.
 use offset_allocator::{Allocation, Allocator};
-use shoal_protocol::{ListEntry, Namespace, ObjectId};
+use shoal_protocol::{split_qualified, ListEntry, Namespace, ObjectId};
 use std::collections::{BTreeSet, HashMap, HashSet};
+use tenants::{Side, Tenants};
 
 mod kv;
+mod tenants;
 mod types;
 
+pub use tenants::{TenantLimits, TenantUsage};
 pub use types::{
     ClientId, Evicted, ExternalPins, Gen, Lookup, NoExternalPins, Placement, Stats, StoreConfig,
     StoreError, UNIT,
@@ -33,6 +36,10 @@ struct Entry {
     named: bool,
     /// A cached copy of an object whose primary lives on another node.
     replica: bool,
+    /// What its tenant is charged: payload plus the name as the tenant wrote it.
+    charge: u64,
+    /// On disk; its charge is on the tenant's spill side (else, with `mem`, the arena side).
+    spilled: bool,
 }
 
 impl std::fmt::Debug for Entry {
@@ -63,6 +70,7 @@ pub struct Store {
     next_gen: Gen,
     evictions: u64,
     spills: u64,
+    tenants: Tenants,
 }
 
 impl std::fmt::Debug for Store {
@@ -97,6 +105,7 @@ impl Store {
             next_gen: 1,
             evictions: 0,
             spills: 0,
+            tenants: Tenants::default(),
         }
     }
 
@@ -116,9 +125,16 @@ impl Store {
         if let Some(e) = self.entries.get_mut(&gen) {
             if let Some((a, _)) = e.mem.take() {
                 self.alloc.free(a);
+                self.tenants.sub(e.id.tenant(), Side::Arena, e.charge);
             }
             self.lru.remove(&(e.last_access, gen));
         }
+    }
+
+    /// Whether evicting `e` would spill it: spilling is on, it is not a replica, and its
+    /// tenant's spill limit has room for it.
+    fn spill_ok(&self, e: &Entry) -> bool {
+        self.cfg.spill && !e.replica && self.tenants.spill_fits(e.id.tenant(), e.charge)
     }
 
     fn evictable(&self, gen: Gen, ext: &dyn ExternalPins) -> bool {
@@ -127,7 +143,7 @@ impl Store {
                 && e.named
                 && e.pins == 0
                 && e.mem.is_some()
-                && (e.replica || self.cfg.spill || !self.cfg.keep_primaries)
+                && (e.replica || !self.cfg.keep_primaries || self.spill_ok(e))
         }) && !ext.is_pinned(gen)
     }
 
@@ -153,7 +169,7 @@ impl Store {
                 continue;
             }
             let e = self.entries.get(&gen)?;
-            let (spill, replica) = (self.cfg.spill && !e.replica, e.replica);
+            let (spill, replica) = (self.spill_ok(e), e.replica);
             let (offset, len) = (e.mem.map(|(_, o)| o)?, e.size);
             let ev = Evicted {
                 gen,
@@ -168,6 +184,10 @@ impl Store {
             self.evictions += 1;
             if spill {
                 self.spills += 1;
+                if let Some(e) = self.entries.get_mut(&gen) {
+                    e.spilled = true;
+                    self.tenants.add(e.id.tenant(), Side::Spill, e.charge);
+                }
             } else {
                 self.remove_entry(gen);
             }
@@ -239,7 +259,10 @@ impl Store {
         let bytes = size
             .checked_add(key_len)
             .ok_or_else(|| StoreError::InvalidArgument(format!("size {size} is too large")))?;
+        let charge = size.saturating_add(id.local().len() as u64);
+        self.tenants.admit_arena(id.tenant(), charge)?;
         let (a, offset) = self.allocate(bytes, ext, evicted)?;
+        self.tenants.add(id.tenant(), Side::Arena, charge);
         let gen = self.next_gen;
         self.next_gen += 1;
         self.entries.insert(
@@ -255,6 +278,8 @@ impl Store {
                 expires_at: None,
                 named: false,
                 replica: false,
+                charge,
+                spilled: false,
             },
         );
         self.client_unsealed.entry(owner).or_default().insert(gen);
@@ -382,6 +407,9 @@ impl Store {
     /// Removes an entry completely (its memory must be freed already).
     fn remove_entry(&mut self, gen: Gen) {
         if let Some(e) = self.entries.remove(&gen) {
+            if e.spilled {
+                self.tenants.sub(e.id.tenant(), Side::Spill, e.charge);
+            }
             self.lru.remove(&(e.last_access, gen));
             if let Some(t) = e.expires_at {
                 self.expiry.remove(&(t, gen));
@@ -458,6 +486,12 @@ impl Store {
             e.mem = Some((a, offset));
             e.last_access = now;
             self.lru.insert((now, gen));
+            // Back from disk: its charge moves to the arena side (never refused; see
+            // `tenants`).
+            if std::mem::take(&mut e.spilled) {
+                self.tenants.sub(e.id.tenant(), Side::Spill, e.charge);
+            }
+            self.tenants.add(e.id.tenant(), Side::Arena, e.charge);
         }
         Ok((
             Placement {
@@ -589,16 +623,22 @@ impl Store {
             .is_some_and(|e| e.state == State::Sealed && e.expires_at.is_none_or(|t| t > now))
     }
 
-    /// Names in `ns` starting with `prefix`, sorted, at most `limit`.
+    /// Names in `ns` of one tenant starting with a prefix, sorted, at most `limit`.
+    /// `prefix` is qualified like a name (`tenant\0prefix`, or plain for the default
+    /// tenant): only that tenant's names are listed, and they come back as the tenant wrote
+    /// them (without the tenant prefix).
     pub fn list(&self, ns: Namespace, prefix: &str, limit: usize, now: u64) -> Vec<ListEntry> {
+        let (tenant, prefix) = split_qualified(prefix);
         let mut v: Vec<ListEntry> = self
             .names
             .iter()
-            .filter(|((n, id), _)| *n == ns && id.as_str().starts_with(prefix))
+            .filter(|((n, id), _)| {
+                *n == ns && id.tenant() == tenant && id.local().starts_with(prefix)
+            })
             .filter_map(|(_, g)| self.entries.get(g))
             .filter(|e| e.expires_at.is_none_or(|t| t > now))
             .map(|e| ListEntry {
-                id: e.id.clone(),
+                id: e.id.clone().into_local(),
                 size: e.size,
                 sealed: e.state == State::Sealed,
                 pins: e.pins,
@@ -624,6 +664,37 @@ impl Store {
     /// Generation and state of a name (for the caller's bookkeeping, e.g. spill files).
     pub fn gen_of(&self, ns: Namespace, id: &ObjectId) -> Option<Gen> {
         self.names.get(&(ns, id.clone())).copied()
+    }
+
+    // ----- tenants -----
+
+    /// Bytes `tenant` holds now (see the `tenants` module for what is charged).
+    pub fn tenant_usage(&self, tenant: &str) -> TenantUsage {
+        self.tenants.usage(tenant)
+    }
+
+    /// Every tenant holding bytes now, with its usage.
+    pub fn tenant_usages(&self) -> Vec<(String, TenantUsage)> {
+        let mut v: Vec<_> = self.tenants.all().into_iter().collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+
+    /// Sets `tenant`'s limits (all `None`: unlimited). Lowering a limit below the usage
+    /// removes nothing; new bytes are refused until the usage is back under it.
+    pub fn set_tenant_limits(&mut self, tenant: &str, limits: TenantLimits) {
+        self.tenants.set_limits(tenant, limits);
+    }
+
+    /// `tenant`'s limits.
+    pub fn tenant_limits(&self, tenant: &str) -> TenantLimits {
+        self.tenants.limits(tenant)
+    }
+
+    /// Whether `tenant` may take `bytes` more arena bytes (for a caller that creates several
+    /// entries and must check them together before it creates the first).
+    pub fn admit(&self, tenant: &str, bytes: u64) -> Result<(), StoreError> {
+        self.tenants.admit_arena(tenant, bytes)
     }
 
     /// Counters and gauges.
@@ -682,5 +753,21 @@ impl Store {
             .sum();
         let entry_pins: u64 = self.entries.values().map(|e| u64::from(e.pins)).sum();
         assert_eq!(pins, entry_pins, "pin accounting");
+        let mut by_tenant: HashMap<String, TenantUsage> = HashMap::new();
+        for (g, e) in &self.entries {
+            assert_ne!(
+                e.mem.is_some(),
+                e.spilled,
+                "entry {g} is in memory xor spilled"
+            );
+            let u = by_tenant.entry(e.id.tenant().to_owned()).or_default();
+            if e.spilled {
+                u.spill_bytes += e.charge;
+            } else {
+                u.arena_bytes += e.charge;
+            }
+        }
+        by_tenant.retain(|_, u| *u != TenantUsage::default());
+        assert_eq!(by_tenant, self.tenants.all(), "tenant usage vs entries");
     }
 }

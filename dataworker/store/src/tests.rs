@@ -367,26 +367,160 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
+/// The tenants of the property test: names are spread over them by number.
+const TENANTS: [&str; 3] = [shoal_protocol::DEFAULT_TENANT, "ta", "tb"];
+
+fn tenant_name(n: u8) -> ObjectId {
+    id(&format!("n{n}")).qualified(TENANTS[usize::from(n) % 3])
+}
+
+#[test]
+fn tenants_are_charged_payload_and_name_and_limits_refuse_without_change() {
+    let mut s = Store::new(StoreConfig::new(1024 * KB));
+    let mut x = NoExternalPins;
+    let a = |n: &str| id(n).qualified("team-a");
+    s.set_tenant_limits(
+        "team-a",
+        TenantLimits {
+            arena_bytes: Some(1000),
+            spill_bytes: None,
+        },
+    );
+    // "obj" costs 3 name bytes: 997 payload bytes fill the limit exactly.
+    s.create(&a("obj"), 997, 1, &mut x).unwrap();
+    s.seal(&a("obj"), 1, 0).unwrap();
+    assert_eq!(s.tenant_usage("team-a").arena_bytes, 1000);
+    let used = s.used();
+    let err = s.create(&a("one"), 1, 1, &mut x).unwrap_err();
+    assert!(matches!(
+        err,
+        StoreError::QuotaExceeded {
+            limit: 1000,
+            wanted: 1004,
+            ..
+        }
+    ));
+    assert_eq!(err.code(), shoal_protocol::ErrorCode::QuotaExceeded);
+    assert!(matches!(
+        s.kv_create(&a("k"), 0, 1, &mut x),
+        Err(StoreError::QuotaExceeded { .. })
+    ));
+    assert_eq!(s.used(), used, "nothing allocated");
+    assert_eq!(s.get(Namespace::Object, &a("one"), 1, 0), Lookup::Missing);
+    assert_eq!(s.tenant_usage("team-a").arena_bytes, 1000);
+    // Other tenants are not limited by it, nor counted in it.
+    put(&mut s, "free", 5000, 0).unwrap();
+    assert_eq!(
+        s.tenant_usage(shoal_protocol::DEFAULT_TENANT).arena_bytes,
+        5004
+    );
+    assert_eq!(s.tenant_usage("team-a").arena_bytes, 1000);
+    // Deleting frees the tenant's room.
+    s.delete(Namespace::Object, &a("obj"), &mut x).unwrap();
+    assert_eq!(s.tenant_usage("team-a"), TenantUsage::default());
+    s.create(&a("one"), 1, 1, &mut x).unwrap();
+    s.check_invariants();
+}
+
+#[test]
+fn listings_hold_only_the_callers_tenant_and_strip_the_prefix() {
+    let mut s = Store::new(StoreConfig::new(1024 * KB));
+    let mut x = NoExternalPins;
+    for (t, n) in [("team-a", "x"), ("team-b", "x"), ("team-b", "y")] {
+        let q = id(n).qualified(t);
+        s.create(&q, 1, 1, &mut x).unwrap();
+        s.seal(&q, 1, 0).unwrap();
+    }
+    put(&mut s, "x", 1, 0).unwrap();
+    let names = |prefix: &str| -> Vec<String> {
+        s.list(Namespace::Object, prefix, 10, 0)
+            .into_iter()
+            .map(|e| e.id.to_string())
+            .collect()
+    };
+    assert_eq!(names(""), ["x"], "the default tenant sees only its own");
+    assert_eq!(names("team-b\0"), ["x", "y"]);
+    assert_eq!(names("team-b\0y"), ["y"]);
+    assert_eq!(names("team-a\0"), ["x"]);
+    assert!(names("team-c\0").is_empty());
+    // A plain prefix never reaches into a tenant.
+    assert!(names("team-b").is_empty());
+}
+
+#[test]
+fn spill_moves_the_charge_and_the_spill_limit_drops_instead() {
+    let mut cfg = StoreConfig::new(100 * KB);
+    cfg.spill = true;
+    let mut s = Store::new(cfg);
+    let mut x = NoExternalPins;
+    let a = |n: &str| id(n).qualified("ta");
+    s.set_tenant_limits(
+        "ta",
+        TenantLimits {
+            arena_bytes: None,
+            spill_bytes: Some(40 * KB),
+        },
+    );
+    for (i, n) in ["p", "q", "r"].into_iter().enumerate() {
+        s.create(&a(n), 30 * KB - 1, 1, &mut x).unwrap();
+        s.seal(&a(n), 1, i as u64).unwrap();
+    }
+    // Past the high watermark: "p" is spilled (its 30 KiB fit the 40 KiB spill limit).
+    let u = s.tenant_usage("ta");
+    assert_eq!((u.arena_bytes, u.spill_bytes), (60 * KB, 30 * KB));
+    // The next eviction of "q" would pass the spill limit: it is dropped instead.
+    s.create(&a("s"), 30 * KB - 1, 1, &mut x).unwrap();
+    s.seal(&a("s"), 1, 9).unwrap();
+    let u = s.tenant_usage("ta");
+    assert_eq!((u.arena_bytes, u.spill_bytes), (60 * KB, 30 * KB));
+    assert_eq!(s.get(Namespace::Object, &a("q"), 1, 10), Lookup::Missing);
+    let Lookup::Spilled(g) = s.get(Namespace::Object, &a("p"), 1, 10) else {
+        panic!("p stays on disk")
+    };
+    s.check_invariants();
+    // A restore moves the charge back (and may spill or drop others to make room).
+    s.restore(g, 11, &mut x).unwrap();
+    assert_eq!(s.tenant_usage("ta").spill_bytes, 0);
+    s.check_invariants();
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(256))]
 
     /// Any sequence of operations keeps the invariants; a pinned generation is never evicted or
-    /// freed; and when every client is gone and every name deleted, usage returns to zero.
+    /// freed; a request refused by a quota changes nothing; spill usage never passes its
+    /// limit; and when every client is gone and every name deleted, usage (the arena's and
+    /// every tenant's) returns to zero.
     #[test]
-    fn random_operations_keep_invariants(ops in proptest::collection::vec(op(), 1..120), spill in any::<bool>()) {
+    fn random_operations_keep_invariants(
+        ops in proptest::collection::vec(op(), 1..120),
+        spill in any::<bool>(),
+        arena_limit in proptest::option::of(0u64..60_000),
+        spill_limit in proptest::option::of(0u64..60_000),
+    ) {
         let mut cfg = StoreConfig::new(128 * KB);
         cfg.spill = spill;
         let mut s = Store::new(cfg);
+        let limits = TenantLimits { arena_bytes: arena_limit, spill_bytes: spill_limit };
+        s.set_tenant_limits("ta", limits);
+        s.set_tenant_limits("tb", TenantLimits { arena_bytes: None, spill_bytes: spill_limit });
         let mut ext = FakePins::default();
         let mut now = 0u64;
         let mut views: Vec<(u64, Gen)> = Vec::new();
-        let name = |n: u8| id(&format!("n{n}"));
+        let name = tenant_name;
         for op in ops {
             let pinned_before: HashSet<Gen> = views.iter().map(|v| v.1).chain(ext.pinned.iter().copied()).collect();
             let mut evicted = Vec::new();
+            let before = (s.used(), s.tenant_usages());
             match op {
                 Op::Create { name: n, size, client } => {
-                    if let Ok((_, ev)) = s.create(&name(n), u64::from(size), u64::from(client), &mut ext) { evicted = ev; }
+                    match s.create(&name(n), u64::from(size), u64::from(client), &mut ext) {
+                        Ok((_, ev)) => evicted = ev,
+                        Err(StoreError::QuotaExceeded { .. }) => {
+                            prop_assert_eq!(&(s.used(), s.tenant_usages()), &before, "a refused create changed something");
+                        }
+                        Err(_) => {}
+                    }
                 }
                 Op::Seal { name: n, client } => { let _ = s.seal(&name(n), u64::from(client), now); }
                 Op::Get { name: n, client, kv } => {
@@ -410,9 +544,15 @@ proptest! {
                     let _ = s.delete(ns, &name(n), &mut ext);
                 }
                 Op::KvSet { name: n, size, client, ttl } => {
-                    if let Ok((_, ev)) = s.kv_create(&name(n), u64::from(size), u64::from(client), &mut ext) {
-                        evicted = ev;
-                        s.kv_commit(&name(n), u64::from(client), u64::from(ttl) * 1000, now, &mut ext).unwrap();
+                    match s.kv_create(&name(n), u64::from(size), u64::from(client), &mut ext) {
+                        Ok((_, ev)) => {
+                            evicted = ev;
+                            s.kv_commit(&name(n), u64::from(client), u64::from(ttl) * 1000, now, &mut ext).unwrap();
+                        }
+                        Err(StoreError::QuotaExceeded { .. }) => {
+                            prop_assert_eq!(&(s.used(), s.tenant_usages()), &before, "a refused kv set changed something");
+                        }
+                        Err(_) => {}
                     }
                 }
                 Op::ExtPin { name: n } => {
@@ -433,6 +573,14 @@ proptest! {
             }
             s.check_invariants();
             prop_assert!(s.used() <= s.capacity());
+            for t in ["ta", "tb"] {
+                let u = s.tenant_usage(t);
+                prop_assert!(spill_limit.is_none_or(|l| u.spill_bytes <= l), "{t} spilled past its limit");
+                // Without spill nothing is restored, so the arena limit holds too.
+                if !spill && t == "ta" {
+                    prop_assert!(arena_limit.is_none_or(|l| u.arena_bytes <= l), "ta past its arena limit");
+                }
+            }
         }
         ext.pinned.clear();
         for c in 0..3 { s.client_gone(c, &mut ext); }
@@ -443,5 +591,6 @@ proptest! {
         s.sweep(&mut ext);
         s.check_invariants();
         prop_assert_eq!(s.used(), 0);
+        prop_assert!(s.tenant_usages().is_empty(), "tenant usage left: {:?}", s.tenant_usages());
     }
 }

@@ -106,6 +106,16 @@ pub enum StoreError {
     /// A size or range is out of bounds.
     #[error("{0}")]
     InvalidArgument(String),
+    /// The tenant of the name would pass one of its limits; nothing was changed.
+    #[error("quota exceeded: {resource} would be {wanted}, the limit is {limit}")]
+    QuotaExceeded {
+        /// Which limit (`arena_bytes`, `spill_bytes`).
+        resource: &'static str,
+        /// The limit.
+        limit: u64,
+        /// Usage after the request.
+        wanted: u64,
+    },
 }
 
 impl StoreError {
@@ -118,6 +128,7 @@ impl StoreError {
             StoreError::NotUnsealed(_) => ErrorCode::NotSealed,
             StoreError::StoreFull { .. } => ErrorCode::StoreFull,
             StoreError::InvalidArgument(_) => ErrorCode::InvalidArgument,
+            StoreError::QuotaExceeded { .. } => ErrorCode::QuotaExceeded,
         }
     }
 
