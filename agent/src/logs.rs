@@ -122,7 +122,9 @@ async fn answer(
             .flatten()
     };
     // An instance whose tenant is not known is the operator's to read.
-    let tenant = tenant.as_deref().unwrap_or(shoal_meta::records::SYSTEM_TENANT);
+    let tenant = tenant
+        .as_deref()
+        .unwrap_or(shoal_meta::records::SYSTEM_TENANT);
     if let Err(d) = principal.authorize(Action::ReadMeta, tenant) {
         return refused(d);
     }

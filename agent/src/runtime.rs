@@ -36,8 +36,8 @@ use crate::supervisor::{
     InstanceSpec, InstanceState, InstanceStatus, RestartPolicy, Supervisor, SupervisorConfig,
 };
 use shoal_meta::records::{
-    agent_key, function_key, AgentRecord, CodeSource, FunctionSpec, InstanceBinding,
-    InstancePhase, InstanceRecord, TokenRecord, INSTANCES_PREFIX, TOKENS_PREFIX,
+    agent_key, function_key, AgentRecord, CodeSource, FunctionSpec, InstanceBinding, InstancePhase,
+    InstanceRecord, TokenRecord, INSTANCES_PREFIX, TOKENS_PREFIX,
 };
 use shoal_meta::{
     issue_instance_token, revoke_token, Compare, Followed, Follower, LeasedRecord, MetaError,

@@ -32,9 +32,13 @@ async fn place(meta: &dyn MetaStore, pkg: &Path, tenant: &str, name: &str, id: &
         "env": {"OUT": out.display().to_string()},
         "resources": {"cpu_milli": 100, "mem_mib": 16},
     });
-    meta.put(&function_key(name), serde_json::to_vec(&spec).unwrap(), None)
-        .await
-        .unwrap();
+    meta.put(
+        &function_key(name),
+        serde_json::to_vec(&spec).unwrap(),
+        None,
+    )
+    .await
+    .unwrap();
     let rec = InstanceRecord {
         id: id.into(),
         function: name.into(),
@@ -44,9 +48,13 @@ async fn place(meta: &dyn MetaStore, pkg: &Path, tenant: &str, name: &str, id: &
         pid: None,
         function_version: Some(1),
     };
-    meta.put(&instance_key(name, id), serde_json::to_vec(&rec).unwrap(), None)
-        .await
-        .unwrap();
+    meta.put(
+        &instance_key(name, id),
+        serde_json::to_vec(&rec).unwrap(),
+        None,
+    )
+    .await
+    .unwrap();
 }
 
 /// The token records bound to instance `id` of `function`.
@@ -112,7 +120,9 @@ async fn each_instance_gets_its_own_credential_and_its_logs_need_one() {
 
     // The instance's environment holds a token bound to it, in its function's tenant.
     let token = support::wait_for("the instance writes its token", WAIT, || async {
-        std::fs::read_to_string(&out_a).ok().filter(|t| !t.is_empty())
+        std::fs::read_to_string(&out_a)
+            .ok()
+            .filter(|t| !t.is_empty())
     })
     .await;
     let (book, follower) = TokenBook::follow(meta.clone());
@@ -169,7 +179,11 @@ async fn each_instance_gets_its_own_credential_and_its_logs_need_one() {
     })
     .await
     .unwrap();
-    assert_eq!(answers, [200, 401, 401, 404, 403], "health, none, garbage, team-b, invoker");
+    assert_eq!(
+        answers,
+        [200, 401, 401, 404, 403],
+        "health, none, garbage, team-b, invoker"
+    );
     // A reader of team-a and the operator read them (the tokens reach the agent's book
     // within a moment of being issued).
     for t in [reader_a, operator] {
@@ -200,7 +214,9 @@ async fn each_instance_gets_its_own_credential_and_its_logs_need_one() {
     let out_b = tmp.path().join("token-b");
     place(meta.as_ref(), &pkg, "team-b", "fb", "fb-1", &out_b).await;
     support::wait_for("the second instance writes its token", WAIT, || async {
-        std::fs::read_to_string(&out_b).ok().filter(|t| !t.is_empty())
+        std::fs::read_to_string(&out_b)
+            .ok()
+            .filter(|t| !t.is_empty())
     })
     .await;
     assert_eq!(bound(meta.as_ref(), "fb", "fb-1").await.len(), 1);

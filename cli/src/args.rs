@@ -401,11 +401,19 @@ pub(crate) struct ProxyArgs {
     pub(crate) http_addr: SocketAddr,
     /// A further uid whose processes may connect to the proxy's socket (repeatable; the
     /// proxy's own uid and those of `--tenant-uid` always may). They must present a token.
-    #[arg(long = "allow-uid", env = "SHOAL_PROXY_ALLOW_UIDS", value_delimiter = ',')]
+    #[arg(
+        long = "allow-uid",
+        env = "SHOAL_PROXY_ALLOW_UIDS",
+        value_delimiter = ','
+    )]
     pub(crate) allow_uids: Vec<u32>,
     /// The tenant of a local caller with this uid that presents no token (UID=TENANT,
     /// repeatable); the proxy's own uid is tenant `default` unless given here.
-    #[arg(long = "tenant-uid", env = "SHOAL_PROXY_TENANT_UIDS", value_delimiter = ',')]
+    #[arg(
+        long = "tenant-uid",
+        env = "SHOAL_PROXY_TENANT_UIDS",
+        value_delimiter = ','
+    )]
     pub(crate) tenant_uids: Vec<String>,
     #[command(flatten)]
     pub(crate) child: ChildArgs,

@@ -531,7 +531,11 @@ fn a_call_through_the_nodes_proxy() {
         .token;
     // Without it (or with it under another name) the proxy refuses the registration.
     let forged = rt.block_on(shoal_sdk::FunctionInstance::register(
-        &proxy, "echo", "echo-2", 4, Some(&token),
+        &proxy,
+        "echo",
+        "echo-2",
+        4,
+        Some(&token),
     ));
     assert_eq!(
         forged.unwrap_err().code(),
@@ -539,7 +543,11 @@ fn a_call_through_the_nodes_proxy() {
     );
     let instance = rt
         .block_on(shoal_sdk::FunctionInstance::register(
-            &proxy, "echo", "echo-1", 4, Some(&token),
+            &proxy,
+            "echo",
+            "echo-1",
+            4,
+            Some(&token),
         ))
         .unwrap();
     rt.spawn(instance.run(|arg: Vec<u8>| async move { Ok(arg) }));

@@ -119,7 +119,9 @@ pub(crate) fn denied(d: Denied, what: &str) -> WireError {
             ErrorCode::PermissionDenied,
             format!("role {role} may not {action:?}"),
         ),
-        Denied::OtherTenant => WireError::new(ErrorCode::NotFound, format!("no instance of {what}")),
+        Denied::OtherTenant => {
+            WireError::new(ErrorCode::NotFound, format!("no instance of {what}"))
+        }
     }
 }
 
@@ -136,10 +138,7 @@ impl Access {
         let (ready, _) = watch::channel(!has_store);
         Self {
             allowed_uids: allowed,
-            tenant_uids: tenant_uids
-                .iter()
-                .map(|(u, t)| (*u, t.clone()))
-                .collect(),
+            tenant_uids: tenant_uids.iter().map(|(u, t)| (*u, t.clone())).collect(),
             book: OnceLock::new(),
             ready,
             tenants: Mutex::new(HashMap::new()),

@@ -16,8 +16,8 @@ use crate::ProxyConfig;
 use bytes::BytesMut;
 use shoal_meta::records::Principal;
 use shoal_protocol::{
-    CallerFrame, ErrorCode, FrameDecoder, FrameError, LaneInfo, LaneKey, Payload, ProxyFrame,
-    Role, WireError, PROTOCOL_VERSION,
+    CallerFrame, ErrorCode, FrameDecoder, FrameError, LaneInfo, LaneKey, Payload, ProxyFrame, Role,
+    WireError, PROTOCOL_VERSION,
 };
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -426,19 +426,19 @@ impl Shared {
                 instance_id,
                 concurrency,
             } => {
-                let principal =
-                    match self
-                        .access
-                        .instance(token.as_deref(), &function, &instance_id)
-                    {
-                        Ok(p) => p,
-                        Err(e) => {
-                            tracing::warn!(conn, %function, %instance_id, code = e.code.name(), "instance registration refused");
-                            metrics::counter!("shoal_proxy_refused_total", "why" => "credential")
-                                .increment(1);
-                            return Err(self.refuse(conn, e));
-                        }
-                    };
+                let principal = match self.access.instance(
+                    token.as_deref(),
+                    &function,
+                    &instance_id,
+                ) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        tracing::warn!(conn, %function, %instance_id, code = e.code.name(), "instance registration refused");
+                        metrics::counter!("shoal_proxy_refused_total", "why" => "credential")
+                            .increment(1);
+                        return Err(self.refuse(conn, e));
+                    }
+                };
                 let mut router = lock(&self.router);
                 match router.register(
                     conn,

@@ -5,6 +5,7 @@ mod support;
 
 use shoal_meta::records::{InstanceBinding, DEFAULT_TENANT};
 use shoal_meta::MetaStore;
+use shoal_protocol::Role;
 use shoal_proxy::{EngineKind, Proxy, ProxyConfig};
 use shoal_sdk::{CallClient, ErrorCode, FunctionInstance};
 use std::future::Future;
@@ -13,7 +14,6 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use shoal_protocol::Role;
 use support::{raw, wait_for, wait_until};
 use tokio::sync::{Notify, Semaphore};
 use tokio::task::JoinHandle;
@@ -34,7 +34,12 @@ fn store() -> Arc<dyn MetaStore> {
 
 /// The credential of instance `instance` of `function` in `tenant`, issued on `meta` as the
 /// node's agent would.
-async fn token_in(meta: &Arc<dyn MetaStore>, tenant: &str, function: &str, instance: &str) -> String {
+async fn token_in(
+    meta: &Arc<dyn MetaStore>,
+    tenant: &str,
+    function: &str,
+    instance: &str,
+) -> String {
     let binding = InstanceBinding {
         function: function.into(),
         instance: instance.into(),
@@ -771,9 +776,8 @@ async fn garbage_in_a_lane_closes_only_that_lane() {
         // lane and its key, then opens the lane itself.
         let mut caller = raw::open(&path, Role::Caller, None).unwrap();
         let info = caller.lanes(1, "echo").pop().expect("the instance's lane");
-        let raw::Lane {
-            mut s, region, ..
-        } = raw::open_lane(&info.path, &info.key).expect("a lane");
+        let raw::Lane { mut s, region, .. } =
+            raw::open_lane(&info.path, &info.key).expect("a lane");
         assert!(region.post(0, b"\x05\x00\x00\x00\x01garbage"));
         s.write_all(&[1]).unwrap(); // ring, in case the instance sleeps
         s.set_read_timeout(Some(5 * SEC)).unwrap();

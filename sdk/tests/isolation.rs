@@ -66,8 +66,7 @@ impl Node {
         concurrency: u32,
         token: Option<&str>,
     ) -> Result<FunctionInstance, shoal_sdk::Error> {
-        FunctionInstance::register(self.proxy.socket_path(), function, id, concurrency, token)
-            .await
+        FunctionInstance::register(self.proxy.socket_path(), function, id, concurrency, token).await
     }
 
     /// An echo instance `id` of `function` in `tenant`, served in a task.
@@ -105,7 +104,12 @@ async fn a_forged_registration_is_refused() {
         let own = node.instance_token(DEFAULT_TENANT, "echo", "e3").await;
         let cases: [(&str, &str, Option<&str>, ErrorCode); 6] = [
             ("echo", "e1", None, ErrorCode::Unauthenticated),
-            ("echo", "e1", Some("shoal_0123456789abcdef_00"), ErrorCode::Unauthenticated),
+            (
+                "echo",
+                "e1",
+                Some("shoal_0123456789abcdef_00"),
+                ErrorCode::Unauthenticated,
+            ),
             ("echo", "e1", Some(&other), ErrorCode::PermissionDenied),
             ("echo", "e9", Some(&other), ErrorCode::PermissionDenied),
             ("evil", "e3", Some(&own), ErrorCode::PermissionDenied),
@@ -117,13 +121,15 @@ async fn a_forged_registration_is_refused() {
         }
         // A revoked credential stops working (within a second: the book follows the store).
         let revoked = node.instance_token(DEFAULT_TENANT, "echo", "e4").await;
-        let id = shoal_meta::records::parse_token(&revoked).unwrap().id.to_owned();
+        let id = shoal_meta::records::parse_token(&revoked)
+            .unwrap()
+            .id
+            .to_owned();
         assert!(shoal_meta::revoke_token(node.meta.as_ref(), &id)
             .await
             .unwrap());
         wait_until("the revocation reaches the proxy", 5 * SEC, || async {
-            code(node.register("echo", "e4", 1, Some(&revoked)).await)
-                == ErrorCode::Unauthenticated
+            code(node.register("echo", "e4", 1, Some(&revoked)).await) == ErrorCode::Unauthenticated
         })
         .await;
         // The victim is untouched.
@@ -206,7 +212,10 @@ async fn a_caller_of_another_tenant_cannot_call_a_function() {
     let b = node.user_token("team-b", TokenRole::Admin).await;
     for lanes in [false, true] {
         let c = node.caller(Some(&b), lanes).await;
-        assert_eq!(code(c.invoke("secret", b"x", SEC).await), ErrorCode::NotFound);
+        assert_eq!(
+            code(c.invoke("secret", b"x", SEC).await),
+            ErrorCode::NotFound
+        );
         assert_eq!(
             code(c.invoke_instance("secret", "s1", b"x", SEC).await),
             ErrorCode::NotFound
@@ -271,7 +280,10 @@ async fn a_returned_foreign_object_is_not_released() {
     let store = shoal_sdk::Client::connect(worker.socket_path())
         .await
         .unwrap();
-    store.put("precious", b"the caller's own data").await.unwrap();
+    store
+        .put("precious", b"the caller's own data")
+        .await
+        .unwrap();
     let node = Node::start(EngineKind::Tokio, |_| {});
     // The instance speaks the protocol itself: every call is answered with "precious".
     let token = node.instance_token(DEFAULT_TENANT, "evil", "v1").await;
@@ -341,9 +353,13 @@ async fn calls_in_flight_over_quota_are_refused_at_once() {
                 calls_in_flight: Some(n),
                 ..Default::default()
             };
-            meta.put(&quota_key(DEFAULT_TENANT), serde_json::to_vec(&q).unwrap(), None)
-                .await
-                .unwrap();
+            meta.put(
+                &quota_key(DEFAULT_TENANT),
+                serde_json::to_vec(&q).unwrap(),
+                None,
+            )
+            .await
+            .unwrap();
         }
     };
     let c = node.caller(None, true).await;
@@ -380,7 +396,11 @@ async fn calls_in_flight_over_quota_are_refused_at_once() {
         assert_eq!(h.await.unwrap().unwrap(), b"hold");
     }
     assert_eq!(c.invoke("slow", b"after", SEC).await.unwrap(), b"after");
-    assert_eq!(c.lane_calls(), 0, "a tenant under a calls quota takes no lanes");
+    assert_eq!(
+        c.lane_calls(),
+        0,
+        "a tenant under a calls quota takes no lanes"
+    );
     node.proxy.shutdown().await;
 }
 

@@ -519,7 +519,10 @@ mod tests {
         inst.set_draining();
         assert!(!caller.has_room());
         assert!(caller.is_draining());
-        assert!(!caller.try_acquire(true), "a caller's mapping admits nothing");
+        assert!(
+            !caller.try_acquire(true),
+            "a caller's mapping admits nothing"
+        );
     }
 
     /// What a caller writes into its mapping of the gauge reaches the mirror only: the
@@ -529,7 +532,12 @@ mod tests {
     fn a_caller_cannot_change_the_instances_limit() {
         let inst = LaneGauge::create(2).unwrap();
         let caller = LaneGauge::open(inst.fd().try_clone_to_owned().unwrap()).unwrap();
-        for (off, v) in [(G_LIMIT, 0), (G_ACTIVE, u32::MAX), (G_QUEUED, 7), (G_DRAINING, 1)] {
+        for (off, v) in [
+            (G_LIMIT, 0),
+            (G_ACTIVE, u32::MAX),
+            (G_QUEUED, 7),
+            (G_DRAINING, 1),
+        ] {
             word(&caller.mem, off).store(v, Ordering::SeqCst);
         }
         assert!(!caller.has_room(), "the mirror is what the caller wrote");
@@ -558,7 +566,11 @@ mod tests {
         assert!(server.complete(0, b"r"));
         assert!(caller.peek_reply(0, &mut buf));
         assert_eq!(buf, b"r");
-        assert_eq!(server.state(0), SlotState::Done, "held until the caller resets");
+        assert_eq!(
+            server.state(0),
+            SlotState::Done,
+            "held until the caller resets"
+        );
         assert!(caller.reset(0));
         assert_eq!(server.state(0), SlotState::Free);
     }

@@ -241,7 +241,9 @@ fn a_function_belongs_to_the_tenant_of_its_first_instance() {
 }
 
 fn object(name: &str) -> Result<Payload, WireError> {
-    Ok(Payload::Object(shoal_protocol::ObjectId::new(name).unwrap()))
+    Ok(Payload::Object(
+        shoal_protocol::ObjectId::new(name).unwrap(),
+    ))
 }
 
 #[test]
@@ -261,16 +263,31 @@ fn object_results_are_released_to_the_instance_that_stored_them() {
     r.result(10, i3, object("r3"), now);
     assert!(r.release(1, 2).is_empty(), "an inline result holds nothing");
     assert!(r.release(2, 9).is_empty(), "unknown ids are ignored");
-    assert_eq!(r.release(1, 1), vec![Action::Release { instance: 10, id: i1 }]);
+    assert_eq!(
+        r.release(1, 1),
+        vec![Action::Release {
+            instance: 10,
+            id: i1
+        }]
+    );
     assert!(r.release(1, 1).is_empty(), "once");
     // A caller that goes away releases what it held.
-    assert_eq!(r.disconnect(2), vec![Action::Release { instance: 10, id: i3 }]);
+    assert_eq!(
+        r.disconnect(2),
+        vec![Action::Release {
+            instance: 10,
+            id: i3
+        }]
+    );
     // A result whose call ended first is released at once.
     let i4 = invoke(&r.call(1, req(3, "f", None, 10), now));
     r.tick(now + Duration::from_millis(20));
     assert_eq!(
         r.result(10, i4, object("late"), now),
-        vec![Action::Release { instance: 10, id: i4 }]
+        vec![Action::Release {
+            instance: 10,
+            id: i4
+        }]
     );
     // An instance that goes away takes its results with it: nobody is left to tell.
     let i5 = invoke(&r.call(1, req(4, "f", None, 1000), now));

@@ -354,7 +354,8 @@ impl FunctionInstance {
                     inline_limit,
                     poll,
                 )?;
-                wr.write_all(&encode(&CallerFrame::Lane { path, key })?).await?;
+                wr.write_all(&encode(&CallerFrame::Lane { path, key })?)
+                    .await?;
                 Some(server)
             }
             None => None,

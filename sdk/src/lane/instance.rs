@@ -668,7 +668,8 @@ impl LaneLoop {
             if self.lanes.len() >= MAX_LANES || self.pending.len() >= MAX_PENDING {
                 continue; // dropped: that caller goes through the proxy
             }
-            let uid = nix::sys::socket::getsockopt(&stream, nix::sys::socket::sockopt::PeerCredentials);
+            let uid =
+                nix::sys::socket::getsockopt(&stream, nix::sys::socket::sockopt::PeerCredentials);
             if uid.map_or(true, |c| c.uid() != self.own_uid) {
                 continue;
             }
@@ -688,12 +689,10 @@ impl LaneLoop {
     /// its lane, a wrong key or a closed socket is dropped.
     fn read_keys(&mut self, ready: &[bool]) {
         let mut keep = Vec::with_capacity(self.pending.len());
-        for (mut p, ready) in std::mem::take(&mut self.pending).into_iter().zip(
-            ready
-                .iter()
-                .copied()
-                .chain(std::iter::repeat(false)),
-        ) {
+        for (mut p, ready) in std::mem::take(&mut self.pending)
+            .into_iter()
+            .zip(ready.iter().copied().chain(std::iter::repeat(false)))
+        {
             if !ready {
                 keep.push(p);
                 continue;
