@@ -220,6 +220,10 @@ impl ServerLane {
     }
 
     fn unhold(&self, slot: u32) -> Option<ObjectId> {
+        // The common case, every call without an object result: no lock taken.
+        if self.holding.load(Ordering::SeqCst) == 0 {
+            return None;
+        }
         let o = lock(&self.held).get_mut(slot as usize)?.take()?;
         self.holding.fetch_sub(1, Ordering::SeqCst);
         Some(o)
