@@ -36,6 +36,9 @@ use tokio_util::sync::CancellationToken;
 const MAX_TOKEN_LEN: usize = 256;
 /// Longest wait for the first read of `tokens/` before hellos are answered anyway.
 const BOOK_WAIT: Duration = Duration::from_secs(5);
+/// Longest wait for the book to learn a token it does not know (one issued a moment ago,
+/// such as an instance's, issued just before its process started).
+const TOKEN_WAIT: Duration = Duration::from_secs(1);
 /// Pause before reading `quotas/` again after the store failed.
 const RETRY_PAUSE: Duration = Duration::from_millis(300);
 
@@ -152,6 +155,23 @@ impl Access {
         let _ = tokio::time::timeout(BOOK_WAIT, rx.wait_for(|r| *r)).await;
     }
 
+    /// Waits until the book knows `token`, at most [`TOKEN_WAIT`]: a token issued a moment ago
+    /// reaches the book as a watch event. (An unknown token thus costs its connection a
+    /// second before it is refused.)
+    pub(crate) async fn wait_for_token(&self, token: &str) {
+        if self.book.get().is_none()
+            || token.len() > MAX_TOKEN_LEN
+            || shoal_meta::records::parse_token(token).is_err()
+        {
+            return; // nothing will make it good
+        }
+        let deadline = tokio::time::Instant::now() + TOKEN_WAIT;
+        while self.authenticate(token).is_err() && tokio::time::Instant::now() < deadline {
+            // The poll interval: the book has no per-token notification.
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
     /// Refuses a local peer whose uid is not allowed.
     pub(crate) fn check_peer(&self, peer: PeerCred) -> Result<(), WireError> {
         if self.allowed_uids.contains(&peer.uid) {
@@ -163,7 +183,8 @@ impl Access {
         ))
     }
 
-    fn authenticate(&self, token: &str) -> Result<Principal, WireError> {
+    /// The principal `token` stands for now.
+    pub(crate) fn authenticate(&self, token: &str) -> Result<Principal, WireError> {
         if token.len() > MAX_TOKEN_LEN {
             return Err(denied(Denied::Unauthenticated, ""));
         }

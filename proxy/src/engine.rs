@@ -198,7 +198,7 @@ where
                             return Ok(());
                         }
                         if state.phase == Phase::Hello {
-                            shared.access.ready().await;
+                            shared.before_hello(&decoder, &buf).await;
                         }
                         shared.on_bytes(id, &mut state, &decoder, &mut buf)?;
                     }
@@ -358,7 +358,7 @@ async fn uring_conn(shared: Arc<Shared>, stream: tokio_uring::net::UnixStream, c
                 }
                 buf.extend_from_slice(&chunk[..n]);
                 if state.phase == Phase::Hello {
-                    shared.access.ready().await;
+                    shared.before_hello(&decoder, &buf).await;
                 }
                 shared.on_bytes(id, &mut state, &decoder, &mut buf)?;
             }

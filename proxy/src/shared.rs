@@ -66,7 +66,13 @@ pub(crate) struct ConnState {
     principal: Option<Principal>,
     /// The calls-in-flight counter of a caller's tenant.
     calls: Option<Arc<TenantCalls>>,
+    /// A caller's token and when it was last checked: a revoked token stops working within
+    /// [`RECHECK`] on a connection opened with it.
+    token: Option<(String, Instant)>,
 }
+
+/// How often a caller's token is checked again while its connection lasts.
+const RECHECK: Duration = Duration::from_secs(1);
 
 impl ConnState {
     /// A Unix socket connection from `peer`, before its hello.
@@ -76,6 +82,7 @@ impl ConnState {
             peer: Some(peer),
             principal: None,
             calls: None,
+            token: None,
         }
     }
 
@@ -86,6 +93,7 @@ impl ConnState {
             peer: None,
             principal: None,
             calls: None,
+            token: None,
         }
     }
 }
@@ -321,11 +329,20 @@ impl Shared {
     /// socket, never a path elsewhere.
     fn is_lane_path(&self, path: &str) -> bool {
         let path = std::path::Path::new(path);
-        path.parent() == self.cfg.socket_path.parent()
-            && path.file_name().is_some_and(|n| {
-                let n = n.to_string_lossy();
-                n.starts_with("l-") && n.ends_with(".sock")
-            })
+        let named = path.file_name().is_some_and(|n| {
+            let n = n.to_string_lossy();
+            n.starts_with("l-") && n.ends_with(".sock")
+        });
+        let (Some(dir), Some(ours)) = (path.parent(), self.cfg.socket_path.parent()) else {
+            return false;
+        };
+        // The same directory, however each side spelled it.
+        let same = dir == ours
+            || matches!(
+                (std::fs::canonicalize(dir), std::fs::canonicalize(ours)),
+                (Ok(a), Ok(b)) if a == b
+            );
+        named && same
     }
 
     /// Removes the lane socket of an instance that left without draining (killed).
@@ -347,6 +364,47 @@ impl Shared {
             self.on_frame(conn, state, frame)?;
         }
         Ok(())
+    }
+
+    /// Checks a caller's token again once [`RECHECK`] has passed since the last time; a
+    /// revoked or expired one closes the connection.
+    fn recheck(&self, conn: ConnId, state: &mut ConnState) -> Result<(), ConnError> {
+        let Some((token, checked)) = &mut state.token else {
+            return Ok(());
+        };
+        if checked.elapsed() < RECHECK {
+            return Ok(());
+        }
+        match self.access.authenticate(token) {
+            Ok(p) if Some(&p) == state.principal.as_ref() => {
+                *checked = Instant::now();
+                Ok(())
+            }
+            _ => {
+                tracing::info!(conn, "the caller's token no longer holds; closing");
+                Err(self.refuse(
+                    conn,
+                    WireError::new(
+                        ErrorCode::Unauthenticated,
+                        "the token was revoked or has expired",
+                    ),
+                ))
+            }
+        }
+    }
+
+    /// Before a hello is handled: waits until tokens are loaded, and, when the hello presents
+    /// a token the book does not know yet, a moment for it to arrive. Decides nothing: the
+    /// hello is handled by [`Shared::on_bytes`] after this.
+    pub(crate) async fn before_hello(&self, decoder: &FrameDecoder, buf: &BytesMut) {
+        self.access.ready().await;
+        let mut peek = buf.clone();
+        if let Ok(Some(CallerFrame::Hello {
+            token: Some(token), ..
+        })) = decoder.decode::<CallerFrame>(&mut peek)
+        {
+            self.access.wait_for_token(&token).await;
+        }
     }
 
     fn reply(&self, conn: ConnId, id: u64, e: WireError) {
@@ -417,6 +475,7 @@ impl Shared {
                 };
                 state.calls = Some(self.access.tenant(&principal.tenant));
                 state.principal = Some(principal);
+                state.token = token.map(|t| (t, Instant::now()));
                 push(&mut lock(&self.conns), conn, welcome);
                 state.phase = Phase::Caller;
                 Ok(())
@@ -539,6 +598,7 @@ impl Shared {
                         return Ok(());
                     }
                 }
+                self.recheck(conn, state)?;
                 // A peer's calls were checked and counted by the proxy they came from.
                 let charge = match &state.calls {
                     Some(t) => match t.charge() {
@@ -601,10 +661,16 @@ impl Shared {
                 Ok(())
             }
             (Phase::Instance, CallerFrame::Lane { path, key }) => {
-                if path.is_empty() || path.len() > MAX_LANE_PATH || !self.is_lane_path(&path) {
+                if path.is_empty() || path.len() > MAX_LANE_PATH {
                     return Err(ConnError::Protocol(format!(
-                        "lane path {path:?} is not an l-*.sock beside the proxy's socket"
+                        "lane path of {} bytes",
+                        path.len()
                     )));
+                }
+                if !self.is_lane_path(&path) {
+                    // Not offered: its callers go through the proxy.
+                    tracing::warn!(conn, %path, "lane socket not beside the proxy's; not offered");
+                    return Ok(());
                 }
                 if let Some(i) = lock(&self.instances).get_mut(&conn) {
                     i.lane = Some((path, key));
@@ -612,6 +678,7 @@ impl Shared {
                 Ok(())
             }
             (Phase::Caller, CallerFrame::Lanes { id, function }) => {
+                self.recheck(conn, state)?;
                 let allowed = {
                     let router = lock(&self.router);
                     let tenant = router.function_tenant(&function);
@@ -744,5 +811,26 @@ impl Shared {
         let mut router = lock(&self.router);
         let actions = router.bounce(route, id, error, Instant::now());
         apply(&mut router, &mut lock(&self.conns), actions);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn lanes_are_offered_only_beside_the_proxys_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        let shared = Shared::new(ProxyConfig::new("n", dir.path().join("proxy.sock")));
+        let beside = |name: &str| dir.path().join(name).display().to_string();
+        assert!(shared.is_lane_path(&beside("l-1-0.sock")));
+        // The same directory spelled another way.
+        let dotted = dir.path().join(".").join("l-1-0.sock");
+        assert!(shared.is_lane_path(&dotted.display().to_string()));
+        assert!(!shared.is_lane_path(&beside("proxy.sock")));
+        assert!(!shared.is_lane_path(&beside("l-1-0.txt")));
+        assert!(!shared.is_lane_path("/run/l-1-0.sock"));
+        assert!(!shared.is_lane_path("l-1-0.sock"));
     }
 }

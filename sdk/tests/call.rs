@@ -832,7 +832,7 @@ async fn the_proxy_names_lanes_until_an_instance_drains() {
             path: lane_path("b"),
             key: [2; 16],
         });
-        let mut c = raw::open(&path, instance("c"), Some(&tokens[2])).unwrap(); // no lane
+        let _c = raw::open(&path, instance("c"), Some(&tokens[2])).unwrap(); // no lane
         let mut caller = raw::open(&path, Role::Caller, None).unwrap();
         let lane = |id: &str, key: u8| LaneInfo {
             instance_id: id.into(),
@@ -854,12 +854,6 @@ async fn the_proxy_names_lanes_until_an_instance_drains() {
             // The poll interval: the proxy tells nobody when it has seen b's end.
             std::thread::sleep(Duration::from_millis(10));
         }
-        // A lane elsewhere than beside the proxy's socket is refused: the connection closes.
-        c.send(&CallerFrame::Lane {
-            path: "/run/x.sock".into(),
-            key: [3; 16],
-        });
-        assert!(c.recv().is_none());
         // A caller cannot announce a lane.
         caller.send(&CallerFrame::Lane {
             path: lane_path("x"),

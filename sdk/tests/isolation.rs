@@ -433,3 +433,39 @@ async fn a_peer_with_another_uid_is_refused() {
     assert_eq!(c.invoke("echo", b"ok", SEC).await.unwrap(), b"ok");
     node.proxy.shutdown().await;
 }
+
+/// A caller's token revoked while its connection is open stops working there too, within a
+/// second or so; a new connection with it is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_callers_token_stops_working() {
+    let node = Node::start(EngineKind::Tokio, |_| {});
+    node.echo("team-a", "f", "f1").await;
+    let issued = shoal_meta::issue_token(
+        node.meta.as_ref(),
+        "team-a",
+        TokenRole::Invoker,
+        "test",
+        None,
+    )
+    .await
+    .unwrap();
+    let c = node.caller(Some(&issued.token), false).await;
+    assert_eq!(c.invoke("f", b"ok", SEC).await.unwrap(), b"ok");
+    shoal_meta::revoke_token(node.meta.as_ref(), &issued.record.id)
+        .await
+        .unwrap();
+    wait_until("the open connection stops serving", 10 * SEC, || async {
+        c.invoke("f", b"x", SEC).await.is_err()
+    })
+    .await;
+    let again = CallClient::connect_with(
+        node.proxy.socket_path(),
+        CallOptions {
+            token: Some(issued.token.clone()),
+            ..CallOptions::default()
+        },
+    )
+    .await;
+    assert_eq!(code(again), ErrorCode::Unauthenticated);
+    node.proxy.shutdown().await;
+}

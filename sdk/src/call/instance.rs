@@ -340,6 +340,8 @@ impl FunctionInstance {
                 }
             })
         };
+        // Held for the loop's life, so `released` ends only when the loop does.
+        let _release = release.clone();
         let admission = Admission::new(concurrency)?;
         let lanes = match lanes.then(|| LaneListener::bind(&proxy_socket)).flatten() {
             Some(listener) => {
