@@ -8,7 +8,9 @@
 //! ([`NodeResources`]).
 //!
 //! [`Agent`] wires these to the metadata store: it registers the node's capacity under a lease
-//! and runs the instance records control assigns to the node, reporting their state back.
+//! and runs the instance records control assigns to the node, reporting their state back. It
+//! gives each instance its own credential (`SHOAL_TOKEN`, bound to that instance, revoked
+//! when it ends) and serves instance logs only to a token that may read their tenant.
 //!
 //! It reads no environment variables (only [`S3Settings::from_env`] does, for the binary to
 //! call) and holds no global state; everything is passed in. It reads records and keys from

@@ -18,6 +18,12 @@
 //!   mod revision, and never over a record that control marked `stopping` or moved. A deleted
 //!   (or `stopping`) record stops the process: SIGTERM, SIGKILL after [`AgentConfig::grace`].
 //!
+//! Each instance gets its own credential: before it starts, the agent issues a token bound
+//! to it (`shoal_meta::issue_instance_token`, in the function's tenant; any older token bound
+//! to the same function and instance is revoked first) and passes it as `SHOAL_TOKEN`. The
+//! token is revoked when the instance ends for good, when it is stopped or removed, and at
+//! shutdown. It is never logged.
+//!
 //! [`Agent::shutdown`] stops every instance and waits for their processes to be gone.
 //! Downloading a remote package is async; unpacking runs on the blocking pool. The assignment
 //! loop waits for both, so assignments are handled one at a time. Every failure before the
@@ -30,11 +36,12 @@ use crate::supervisor::{
     InstanceSpec, InstanceState, InstanceStatus, RestartPolicy, Supervisor, SupervisorConfig,
 };
 use shoal_meta::records::{
-    agent_key, function_key, AgentRecord, CodeSource, FunctionSpec, InstancePhase, InstanceRecord,
-    INSTANCES_PREFIX,
+    agent_key, function_key, AgentRecord, CodeSource, FunctionSpec, InstanceBinding, InstancePhase,
+    InstanceRecord, TokenRecord, INSTANCES_PREFIX, TOKENS_PREFIX,
 };
 use shoal_meta::{
-    Compare, Followed, Follower, LeasedRecord, MetaError, MetaStore, Txn, TxnOp, WatchEvent,
+    issue_instance_token, revoke_token, Compare, Followed, Follower, LeasedRecord, MetaError,
+    MetaStore, TokenBook, Txn, TxnOp, WatchEvent,
 };
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -231,7 +238,14 @@ impl Agent {
         let tasks = TaskTracker::new();
         let running = Arc::new(AtomicU64::new(0));
         let cfg = Arc::new(cfg);
-        tasks.spawn(crate::logs::serve(logs, cfg.log_dir.clone(), stop.clone()));
+        let (book, follower) = TokenBook::follow(meta.clone());
+        tasks.spawn(crate::logs::serve(
+            logs,
+            cfg.log_dir.clone(),
+            book,
+            follower,
+            stop.clone(),
+        ));
         tasks.spawn(refresh_use(
             held,
             cfg.clone(),
@@ -320,6 +334,8 @@ struct Tracked {
     key: String,
     reporter: Option<CancellationToken>,
     supervised: bool,
+    /// The id of the instance's credential, until it is revoked.
+    token_id: Option<String>,
 }
 
 /// The assignment loop's state; owned by its task.
@@ -412,17 +428,32 @@ async fn update_record(
     Ok(false)
 }
 
+/// Revokes credential `id`; failures are logged (a revocation that does not reach the store
+/// leaves a token only the ended instance ever held).
+async fn revoke(meta: &dyn MetaStore, id: &str) {
+    if let Err(e) = revoke_token(meta, id).await {
+        tracing::warn!(token = %id, error = %e, "revoking an instance credential failed");
+    }
+}
+
 /// Reports every status change of one instance into its record until stopped or the
-/// instance's task ends.
+/// instance's task ends; revokes its credential `token_id` once it has ended for good.
 async fn report(
     meta: Arc<dyn MetaStore>,
     key: String,
     node: String,
     mut rx: watch::Receiver<InstanceStatus>,
+    token_id: String,
     stop: CancellationToken,
 ) {
+    let mut revoked = false;
     loop {
-        let (state, reason, pid) = record_fields(&rx.borrow_and_update().clone());
+        let status = rx.borrow_and_update().clone();
+        if status.state.is_terminal() && !revoked {
+            revoke(meta.as_ref(), &token_id).await;
+            revoked = true;
+        }
+        let (state, reason, pid) = record_fields(&status);
         if let Err(e) = update_record(meta.as_ref(), &key, &node, state, reason, pid).await {
             tracing::warn!(%key, error = %e, "instance state not written");
         }
@@ -473,12 +504,55 @@ impl Runtime {
             }
         }
         // Shutdown: reporters first (the records stay as they are; control sees the lease
-        // go), then every process.
+        // go), then every process, then their credentials.
         self.reporters_stop.cancel();
         self.reporters.close();
         let statuses = self.sup.shutdown().await;
         self.reporters.wait().await;
+        for t in self.tracked.values_mut() {
+            if let Some(id) = t.token_id.take() {
+                revoke(self.meta.as_ref(), &id).await;
+            }
+        }
         tracing::info!(instances = statuses.len(), "agent instances stopped");
+    }
+
+    /// Revokes every credential still bound to `binding` (left by an agent that died, or by
+    /// an earlier start of the same instance).
+    async fn revoke_stale(&self, binding: &InstanceBinding) -> Result<(), MetaError> {
+        let (kvs, _) = self.meta.range(TOKENS_PREFIX).await?;
+        for kv in kvs {
+            let Ok(rec) = serde_json::from_slice::<TokenRecord>(&kv.value) else {
+                continue;
+            };
+            if rec.instance.as_ref() == Some(binding) {
+                revoke(self.meta.as_ref(), &rec.id).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// Issues the credential of instance `rec` of `spec`; `None` (logged) if the store
+    /// refused.
+    async fn issue_token(
+        &self,
+        rec: &InstanceRecord,
+        spec: &FunctionSpec,
+    ) -> Option<shoal_meta::records::Issued> {
+        let binding = InstanceBinding {
+            function: rec.function.clone(),
+            instance: rec.id.clone(),
+        };
+        if let Err(e) = self.revoke_stale(&binding).await {
+            tracing::warn!(instance = %rec.id, error = %e, "looking for stale credentials failed");
+        }
+        match issue_instance_token(self.meta.as_ref(), spec.tenant(), binding).await {
+            Ok(issued) => Some(issued),
+            Err(e) => {
+                tracing::warn!(instance = %rec.id, error = %e, "issuing the instance's credential failed");
+                None
+            }
+        }
     }
 
     /// Handles one record; returns its instance id when it is this node's and tracked.
@@ -512,6 +586,7 @@ impl Runtime {
                 key: key.to_string(),
                 reporter: None,
                 supervised: false,
+                token_id: None,
             },
         );
         if let Err(e) = update_record(
@@ -594,6 +669,14 @@ impl Runtime {
             self.cfg.dataworker_socket.display().to_string(),
         );
         env.insert("SHOAL_CONCURRENCY".into(), spec.concurrency.to_string());
+        let Some(issued) = self.issue_token(rec, &spec).await else {
+            // The store's trouble, not the instance's: tried again on the next re-read.
+            let dir = self.cfg.work_dir.join(&rec.id);
+            let _ = tokio::task::spawn_blocking(move || remove_dir(&dir)).await;
+            return;
+        };
+        let token_id = issued.record.id.clone();
+        env.insert("SHOAL_TOKEN".into(), issued.token);
         let ispec = InstanceSpec {
             id: rec.id.clone(),
             function: rec.function.clone(),
@@ -612,23 +695,29 @@ impl Runtime {
         };
         let rx = match self.sup.start(ispec) {
             Ok(rx) => rx,
-            Err(e) => return self.fail(key, rec, format!("start: {}", chain(&e))).await,
+            Err(e) => {
+                revoke(self.meta.as_ref(), &token_id).await;
+                return self.fail(key, rec, format!("start: {}", chain(&e))).await;
+            }
         };
-        tracing::info!(instance = %rec.id, function = %rec.function, "instance started");
-        let token = self.reporters_stop.child_token();
+        crate::logs::record_tenant(&self.cfg.log_dir, &rec.id, spec.tenant());
+        tracing::info!(instance = %rec.id, function = %rec.function, tenant = %spec.tenant(), "instance started");
+        let stop_reporting = self.reporters_stop.child_token();
         self.reporters.spawn(report(
             self.meta.clone(),
             key.to_string(),
             self.cfg.node_id.clone(),
             rx,
-            token.clone(),
+            token_id.clone(),
+            stop_reporting.clone(),
         ));
         self.tracked.insert(
             rec.id.clone(),
             Tracked {
                 key: key.to_string(),
-                reporter: Some(token),
+                reporter: Some(stop_reporting),
                 supervised: true,
+                token_id: Some(token_id),
             },
         );
         self.count();
@@ -695,6 +784,9 @@ impl Runtime {
                 Err(e) => tracing::warn!(instance = %id, error = %e, "stopping instance failed"),
             }
             self.sup.remove(id);
+        }
+        if let Some(token) = &t.token_id {
+            revoke(self.meta.as_ref(), token).await;
         }
         let dir = self.cfg.work_dir.join(id);
         let _ = tokio::task::spawn_blocking(move || remove_dir(&dir)).await;

@@ -514,6 +514,22 @@ pub(crate) struct ProxyArgs {
     /// Address of the proxy's HTTP endpoint (`/metrics`, `/health`; port 0 picks one).
     #[arg(long, env = "SHOAL_PROXY_HTTP_ADDR", default_value = "127.0.0.1:0")]
     pub(crate) http_addr: SocketAddr,
+    /// A further uid whose processes may connect to the proxy's socket (repeatable; the
+    /// proxy's own uid and those of `--tenant-uid` always may). They must present a token.
+    #[arg(
+        long = "allow-uid",
+        env = "SHOAL_PROXY_ALLOW_UIDS",
+        value_delimiter = ','
+    )]
+    pub(crate) allow_uids: Vec<u32>,
+    /// The tenant of a local caller with this uid that presents no token (UID=TENANT,
+    /// repeatable); the proxy's own uid is tenant `default` unless given here.
+    #[arg(
+        long = "tenant-uid",
+        env = "SHOAL_PROXY_TENANT_UIDS",
+        value_delimiter = ','
+    )]
+    pub(crate) tenant_uids: Vec<String>,
     #[command(flatten)]
     pub(crate) child: ChildArgs,
 }

@@ -191,17 +191,26 @@ pub(crate) fn proxy(a: ProxyArgs) -> anyhow::Result<ExitCode> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
+    cfg.allowed_uids = a.allow_uids.clone();
+    for (uid, tenant) in crate::fn_cmds::key_values("--tenant-uid", &a.tenant_uids)? {
+        let uid: u32 = uid
+            .parse()
+            .with_context(|| format!("--tenant-uid {uid}={tenant}: not a uid"))?;
+        cfg.tenant_uids.insert(uid, tenant);
+    }
     rt.block_on(async {
         if a.store.enabled() {
             let files = a.tls.tls_files(&a.node_id)?;
             let tls = shoal_transport::NodeTls::load(&files)?;
+            cfg.meta = Some(a.store.connect(&a.tls, &a.node_id).await?);
             cfg.peer = Some(shoal_proxy::PeerConfig {
                 listen: a.peer_listen,
                 advertise: None,
                 tls,
-                meta: a.store.connect(&a.tls, &a.node_id).await?,
                 lease_ttl: a.lease_ttl,
             });
+        } else {
+            tracing::warn!("no metadata store: tokens cannot be checked, so no function instance can register");
         }
         let http = tokio::net::TcpListener::bind(a.http_addr)
             .await

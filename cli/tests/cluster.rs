@@ -597,9 +597,44 @@ fn a_call_through_the_nodes_proxy() {
         .enable_all()
         .build()
         .unwrap();
+    // Its credential, issued on the cluster's store as an agent would.
+    let meta = up.info().control.meta.unwrap();
+    let token = rt
+        .block_on(async {
+            let tls = shoal_pki::NodeTls::load(&shoal_pki::TlsFiles::in_dir(
+                &up.dir.path().join("tls"),
+                "node-1",
+            ))
+            .unwrap();
+            let store = shoal_meta::RemoteStore::connect(meta, &tls).unwrap();
+            let binding = shoal_meta::records::InstanceBinding {
+                function: "echo".into(),
+                instance: "echo-1".into(),
+            };
+            shoal_meta::issue_instance_token(&store, shoal_meta::records::DEFAULT_TENANT, binding)
+                .await
+        })
+        .unwrap()
+        .token;
+    // Without it (or with it under another name) the proxy refuses the registration.
+    let forged = rt.block_on(shoal_sdk::FunctionInstance::register(
+        &proxy,
+        "echo",
+        "echo-2",
+        4,
+        Some(&token),
+    ));
+    assert_eq!(
+        forged.unwrap_err().code(),
+        shoal_sdk::ErrorCode::PermissionDenied
+    );
     let instance = rt
         .block_on(shoal_sdk::FunctionInstance::register(
-            &proxy, "echo", "echo-1", 4,
+            &proxy,
+            "echo",
+            "echo-1",
+            4,
+            Some(&token),
         ))
         .unwrap();
     rt.spawn(instance.run(|arg: Vec<u8>| async move { Ok(arg) }));

@@ -215,7 +215,7 @@ impl Control {
             meta: meta.clone(),
             registry: Registry::new(meta.clone()),
             max_invoke_body: cfg.max_invoke_body,
-            frontend: frontend::Frontend::new(cfg.frontend.clone()),
+            frontend: frontend::Frontend::new(cfg.frontend.clone(), meta.clone()),
             auth: auth::Auth::new(book, http_addr.ip().is_loopback()),
         });
         let (admin_tx, admin_token) = tokio::sync::watch::channel(AdminTokenState::Pending);
@@ -294,6 +294,7 @@ impl Control {
         self.shutdown.cancel();
         self.tasks.close();
         self.tasks.wait().await;
+        self.view.frontend.close().await;
         if let Some(t) = self.tokens.take() {
             t.stop().await;
         }

@@ -172,6 +172,34 @@ fn call_threads(
     )
 }
 
+/// An in-memory metadata store for an in-process proxy (opened on `rt`).
+fn bench_meta(
+    rt: &tokio::runtime::Runtime,
+) -> anyhow::Result<std::sync::Arc<dyn shoal_meta::MetaStore>> {
+    let _rt = rt.enter();
+    Ok(std::sync::Arc::new(shoal_meta::MemStore::open(None, "")?))
+}
+
+/// The credential of instance `instance` of `function` (tenant `default`), as an agent
+/// issues it: the proxy registers an instance only with its own.
+fn instance_token(
+    rt: &tokio::runtime::Runtime,
+    meta: &dyn shoal_meta::MetaStore,
+    function: &str,
+    instance: &str,
+) -> anyhow::Result<String> {
+    let binding = shoal_meta::records::InstanceBinding {
+        function: function.into(),
+        instance: instance.into(),
+    };
+    let issued = rt.block_on(shoal_meta::issue_instance_token(
+        meta,
+        shoal_meta::records::DEFAULT_TENANT,
+        binding,
+    ))?;
+    Ok(issued.token)
+}
+
 /// Cross-node warm calls: callers on node a's proxy, the instance on node b's.
 fn remote_calls(spec: &RunSpec, clients: usize) -> anyhow::Result<Record> {
     use shoal_meta::MetaStore;
@@ -182,10 +210,7 @@ fn remote_calls(spec: &RunSpec, clients: usize) -> anyhow::Result<Record> {
         .thread_name("bench-instance")
         .enable_all()
         .build()?;
-    let meta: std::sync::Arc<dyn MetaStore> = {
-        let _rt = rt.enter();
-        std::sync::Arc::new(shoal_meta::MemStore::open(None, "")?)
-    };
+    let meta: std::sync::Arc<dyn MetaStore> = bench_meta(&rt)?;
     // Node b runs the instance; the records say so, as an agent and placement would.
     let function = FunctionSpec {
         name: "echo".into(),
@@ -230,21 +255,23 @@ fn remote_calls(spec: &RunSpec, clients: usize) -> anyhow::Result<Record> {
     })?;
     let start = |node: &str| -> anyhow::Result<Proxy> {
         let mut cfg = ProxyConfig::new(node, dir.path().join(format!("{node}.sock")));
+        cfg.meta = Some(meta.clone());
         cfg.peer = Some(shoal_proxy::PeerConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             advertise: None,
             tls: shoal_transport::NodeTls::from_node_cert(&ca.issue(node)?)?,
-            meta: meta.clone(),
             lease_ttl: Duration::from_secs(10),
         });
         Ok(Proxy::start(cfg)?)
     };
     let (a, b) = (start("a")?, start("b")?);
+    let token = instance_token(&rt, &*meta, "echo", "echo-b")?;
     let instance = rt.block_on(shoal_sdk::FunctionInstance::register(
         b.socket_path(),
         "echo",
         "echo-b",
         16,
+        Some(&token),
     ))?;
     rt.spawn(instance.run(echo));
     // Wait until node a routes to node b.
@@ -294,17 +321,21 @@ fn large_arg_calls(spec: &RunSpec, object: bool) -> anyhow::Result<Record> {
     wcfg.node_id = "bench".into();
     let worker = rt.block_on(shoal_dataworker::Dataworker::start(wcfg, None))?;
     let socket = worker.socket_path().to_owned();
+    let meta = bench_meta(&rt)?;
     let mut cfg = ProxyConfig::new("bench", dir.path().join("proxy.sock"));
     cfg.inline_limit = 2 * BIG as u64;
     cfg.max_frame = 4 * BIG;
+    cfg.meta = Some(meta.clone());
     let proxy = Proxy::start(cfg)?;
     let store = rt.block_on(shoal_sdk::Client::connect(&socket))?;
+    let token = instance_token(&rt, &*meta, "echo", "sum-1")?;
     let instance = rt
         .block_on(shoal_sdk::FunctionInstance::register(
             proxy.socket_path(),
             "echo",
             "sum-1",
             16,
+            Some(&token),
         ))?
         .with_store(store.clone());
     rt.spawn(instance.run_data(|d: shoal_sdk::Data| async move {
@@ -377,16 +408,23 @@ fn shoal_calls(
 ) -> anyhow::Result<(Record, f64)> {
     let dir = tempfile::tempdir()?;
     let path = dir.path().join("proxy.sock");
-    let mut cfg = ProxyConfig::new("bench", &path);
-    cfg.engine = engine;
-    let proxy = Proxy::start(cfg)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .thread_name("bench-instance")
         .enable_all()
         .build()?;
+    let meta = bench_meta(&rt)?;
+    let mut cfg = ProxyConfig::new("bench", &path);
+    cfg.engine = engine;
+    cfg.meta = Some(meta.clone());
+    let proxy = Proxy::start(cfg)?;
+    let token = instance_token(&rt, &*meta, "echo", "echo-1")?;
     let instance = rt.block_on(shoal_sdk::FunctionInstance::register(
-        &path, "echo", "echo-1", 16,
+        &path,
+        "echo",
+        "echo-1",
+        16,
+        Some(&token),
     ))?;
     rt.spawn(instance.run(echo));
     let cpu0 = thread_cpu("shoal-proxy");

@@ -14,7 +14,7 @@ mod id;
 mod message;
 mod peer;
 
-pub use call::{CallerFrame, LaneInfo, Payload, ProxyFrame, Role};
+pub use call::{CallerFrame, LaneInfo, LaneKey, Payload, ProxyFrame, Role, LANE_KEY_LEN};
 pub use error::{ErrorCode, WireError};
 pub use frame::{encode_frame, FrameDecoder, FrameError, FRAME_HEADER_LEN, PROTOCOL_VERSION};
 pub use id::{

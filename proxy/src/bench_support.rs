@@ -32,7 +32,7 @@ impl BenchRouter {
         now: Instant,
     ) -> bool {
         self.inner
-            .register(conn, function, instance_id, concurrency, now)
+            .register(conn, function, instance_id, concurrency, "default", now)
             .is_ok()
     }
 
@@ -54,13 +54,14 @@ impl BenchRouter {
             timeout: Duration::from_secs(1),
             trace_id: 0,
             local_only: false,
+            charge: None,
         };
         self.inner
             .call(caller, req, now)
             .into_iter()
             .find_map(|a| match a {
                 Action::Invoke { instance, id, .. } => Some((instance, id)),
-                Action::Reply { .. } => None,
+                Action::Reply { .. } | Action::Release { .. } => None,
             })
     }
 

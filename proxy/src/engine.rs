@@ -10,8 +10,9 @@
 //! when the queue is dropped (connection closed, refused or proxy shutdown) or the socket
 //! fails, and then cancels the reader. Shutdown: stop accepting, fail all calls with
 //! `Unavailable`, drop all queues, wait for every connection task and the timer.
+use crate::access::PeerCred;
 use crate::peer::{self, PeerSetup};
-use crate::shared::{Conn, ConnError, Phase, Shared};
+use crate::shared::{Conn, ConnError, ConnState, Phase, Shared};
 use crate::StartError;
 use bytes::BytesMut;
 use shoal_protocol::{encode_frame, ProxyFrame};
@@ -109,6 +110,9 @@ pub(crate) fn start_tokio(
                     let st = stop2.clone();
                     tracker.spawn(async move { s.timer_loop(st).await });
                 }
+                if let Some(meta) = shared.cfg.meta.clone() {
+                    tracker.spawn(shared.access.clone().follow(meta, stop2.clone()));
+                }
                 if let Some(p) = peer {
                     tracker.spawn(peer::run(shared.clone(), p, stop2.clone(), tracker.clone()));
                 }
@@ -117,9 +121,12 @@ pub(crate) fn start_tokio(
                         tokio::select! {
                             _ = stop2.cancelled() => break,
                             r = listener.accept() => match r {
-                                Ok((stream, _)) => {
-                                    tracker.spawn(serve_stream(shared.clone(), stream, Phase::Hello));
-                                }
+                                Ok((stream, _)) => match peer_cred(&stream) {
+                                    Some(cred) => {
+                                        tracker.spawn(serve_stream(shared.clone(), stream, ConnState::local(cred)));
+                                    }
+                                    None => drop(stream),
+                                },
                                 Err(e) => {
                                     tracing::warn!(error = %e, "accept failed");
                                     tokio::time::sleep(Duration::from_millis(10)).await;
@@ -137,9 +144,20 @@ pub(crate) fn start_tokio(
     Ok(EngineThread { stop, done, thread })
 }
 
+/// The uid of a local peer; `None` (the connection is dropped) if the kernel cannot say.
+fn peer_cred(stream: &tokio::net::UnixStream) -> Option<PeerCred> {
+    match stream.peer_cred() {
+        Ok(c) => Some(PeerCred { uid: c.uid() }),
+        Err(e) => {
+            tracing::warn!(error = %e, "no peer credentials; closing");
+            None
+        }
+    }
+}
+
 /// Serves one connection on a tokio stream (a Unix socket, or a peer proxy's TLS stream),
-/// starting in `first` phase.
-pub(crate) async fn serve_stream<S>(shared: Arc<Shared>, stream: S, first: Phase)
+/// starting in `state`.
+pub(crate) async fn serve_stream<S>(shared: Arc<Shared>, stream: S, state: ConnState)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite,
 {
@@ -168,7 +186,7 @@ where
             return;
         }
         let decoder = shared.decoder();
-        let mut phase = first;
+        let mut state = state;
         let mut buf = BytesMut::with_capacity(READ_CHUNK);
         let r: Result<(), ConnError> = async {
             loop {
@@ -179,7 +197,10 @@ where
                         if n? == 0 {
                             return Ok(());
                         }
-                        shared.on_bytes(id, &mut phase, &decoder, &mut buf)?;
+                        if state.phase == Phase::Hello {
+                            shared.before_hello(&decoder, &buf).await;
+                        }
+                        shared.on_bytes(id, &mut state, &decoder, &mut buf)?;
                     }
                 }
             }
@@ -236,6 +257,10 @@ pub(crate) fn start_uring(
                     let st = stop2.clone();
                     tokio_uring::spawn(tracker.track_future(async move { s.timer_loop(st).await }));
                 }
+                if let Some(meta) = shared.cfg.meta.clone() {
+                    let follow = shared.access.clone().follow(meta, stop2.clone());
+                    tokio_uring::spawn(tracker.track_future(follow));
+                }
                 if let Some(p) = peer {
                     // Peer connections are TLS streams on tokio sockets, inside this runtime.
                     let run = peer::run(shared.clone(), p, stop2.clone(), tracker.clone());
@@ -245,11 +270,15 @@ pub(crate) fn start_uring(
                     loop {
                         tokio::select! {
                             _ = stop2.cancelled() => break,
-                            r = listener.accept() => match r.and_then(|(s, _)| s.into_std()) {
-                                Ok(stream) => {
+                            r = listener.accept() => match r.and_then(|(s, _)| {
+                                let cred = peer_cred(&s);
+                                s.into_std().map(|s| (s, cred))
+                            }) {
+                                Ok((stream, Some(cred))) => {
                                     let stream = tokio_uring::net::UnixStream::from_std(stream);
-                                    tokio_uring::spawn(tracker.track_future(uring_conn(shared.clone(), stream)));
+                                    tokio_uring::spawn(tracker.track_future(uring_conn(shared.clone(), stream, cred)));
                                 }
+                                Ok((_, None)) => {}
                                 Err(e) => {
                                     tracing::warn!(error = %e, "accept failed");
                                     tokio::time::sleep(Duration::from_millis(10)).await;
@@ -279,7 +308,7 @@ pub(crate) fn start_uring(
     }
 }
 
-async fn uring_conn(shared: Arc<Shared>, stream: tokio_uring::net::UnixStream) {
+async fn uring_conn(shared: Arc<Shared>, stream: tokio_uring::net::UnixStream, cred: PeerCred) {
     let stream = Rc::new(stream);
     let Conn {
         id,
@@ -311,7 +340,7 @@ async fn uring_conn(shared: Arc<Shared>, stream: tokio_uring::net::UnixStream) {
             return;
         }
         let decoder = shared.decoder();
-        let mut phase = Phase::Hello;
+        let mut state = ConnState::local(cred);
         let mut buf = BytesMut::with_capacity(READ_CHUNK);
         let mut chunk = vec![0u8; READ_CHUNK];
         let r: Result<(), ConnError> = async {
@@ -328,7 +357,10 @@ async fn uring_conn(shared: Arc<Shared>, stream: tokio_uring::net::UnixStream) {
                     return Ok(());
                 }
                 buf.extend_from_slice(&chunk[..n]);
-                shared.on_bytes(id, &mut phase, &decoder, &mut buf)?;
+                if state.phase == Phase::Hello {
+                    shared.before_hello(&decoder, &buf).await;
+                }
+                shared.on_bytes(id, &mut state, &decoder, &mut buf)?;
             }
         }
         .await;

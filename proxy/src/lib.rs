@@ -18,9 +18,17 @@
 //! instance first, then to the least-loaded remote node running the function, and crosses
 //! the network at most once. Payloads are forwarded as they are; the proxy never reads
 //! dataworker objects. This crate reads no environment variables.
+//!
+//! Access (the `access` module): the socket takes only allowed uids (`SO_PEERCRED`); a
+//! caller acts in the tenant of its token, else of its uid, and is served only that
+//! tenant's functions (another tenant's are `NotFound`); an instance registers only with
+//! its own credential (a token bound to exactly that function and instance id), checked
+//! against `tokens/` in the metadata store ([`ProxyConfig::meta`]); a tenant's calls in
+//! flight are counted against `quotas/<tenant>` (`QuotaExceeded` past it).
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+mod access;
 #[doc(hidden)]
 pub mod bench_support;
 mod engine;
@@ -31,6 +39,7 @@ mod shared;
 
 use shared::Shared;
 use shoal_meta::MetaStore;
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -66,8 +75,19 @@ pub struct ProxyConfig {
     pub max_frame: usize,
     /// IO engine (default [`EngineKind::Auto`]).
     pub engine: EngineKind,
-    /// Forwarding to and from other nodes' proxies (default none: local calls only).
+    /// Forwarding to and from other nodes' proxies (default none: local calls only; needs
+    /// [`ProxyConfig::meta`]).
     pub peer: Option<PeerConfig>,
+    /// The metadata store: tokens (`tokens/`) and quotas (`quotas/`) are followed on it, and
+    /// with [`ProxyConfig::peer`] routes too. Without one (the default) no token can be
+    /// checked: callers are known by uid only, and no instance can register.
+    pub meta: Option<Arc<dyn MetaStore>>,
+    /// Uids whose processes may connect to the socket, besides those of
+    /// [`ProxyConfig::tenant_uids`] (default: none more).
+    pub allowed_uids: Vec<u32>,
+    /// The tenant of a local caller that presents no token, by its uid (default: the
+    /// proxy's own uid is tenant `default`). A uid here may connect.
+    pub tenant_uids: BTreeMap<u32, String>,
 }
 
 /// How a proxy reaches the rest of the cluster.
@@ -79,8 +99,6 @@ pub struct PeerConfig {
     pub advertise: Option<SocketAddr>,
     /// This node's certificate and the cluster CA.
     pub tls: shoal_transport::NodeTls,
-    /// The metadata store: routes are read from it, the proxy record written to it.
-    pub meta: Arc<dyn MetaStore>,
     /// TTL of the lease `proxies/<node>` lives under.
     pub lease_ttl: Duration,
 }
@@ -97,6 +115,9 @@ impl ProxyConfig {
             max_frame: 1 << 20,
             engine: EngineKind::Auto,
             peer: None,
+            meta: None,
+            allowed_uids: Vec::new(),
+            tenant_uids: access::default_tenant_uids(nix::unistd::getuid().as_raw()),
         }
     }
 }
@@ -182,6 +203,20 @@ impl Proxy {
         if cfg.max_connections == 0 {
             return Err(StartError::InvalidConfig(
                 "max_connections must be at least 1",
+            ));
+        }
+        if cfg.peer.is_some() && cfg.meta.is_none() {
+            return Err(StartError::InvalidConfig(
+                "forwarding to other proxies needs a metadata store",
+            ));
+        }
+        if cfg
+            .tenant_uids
+            .values()
+            .any(|t| shoal_meta::records::validate_tenant(t).is_err())
+        {
+            return Err(StartError::InvalidConfig(
+                "a tenant of tenant_uids is not a valid tenant name",
             ));
         }
         prepare_socket(&cfg.socket_path)?;

@@ -14,7 +14,7 @@
 //! [`RECONNECT_PAUSE`].
 use crate::engine::serve_stream;
 use crate::routes::{feed_loop, register_loop, RouteTable};
-use crate::shared::{Forward, Phase, Shared};
+use crate::shared::{ConnState, Forward, Shared, ToPeer};
 use crate::{PeerConfig, StartError};
 use bytes::BytesMut;
 use shoal_meta::records::ProxyRecord;
@@ -49,7 +49,7 @@ pub(crate) struct Forwarders {
     me: String,
     connector: TlsConnector,
     max_frame: usize,
-    by_node: HashMap<String, (SocketAddr, mpsc::Sender<Forward>)>,
+    by_node: HashMap<String, (SocketAddr, mpsc::Sender<ToPeer>)>,
     tasks: TaskTracker,
     stop: CancellationToken,
 }
@@ -65,7 +65,7 @@ impl std::fmt::Debug for Forwarders {
 
 impl Forwarders {
     /// The forwarder of `node` if it leads to `addr`.
-    pub(crate) fn get(&self, node: &str, addr: SocketAddr) -> Option<mpsc::Sender<Forward>> {
+    pub(crate) fn get(&self, node: &str, addr: SocketAddr) -> Option<mpsc::Sender<ToPeer>> {
         self.by_node
             .get(node)
             .filter(|(a, _)| *a == addr)
@@ -84,7 +84,7 @@ impl Forwarders {
         shared: &Arc<Shared>,
         node: &str,
         addr: SocketAddr,
-    ) -> mpsc::Sender<Forward> {
+    ) -> mpsc::Sender<ToPeer> {
         let (tx, rx) = mpsc::channel(FORWARD_QUEUE);
         let f = Forwarder {
             shared: shared.clone(),
@@ -189,14 +189,19 @@ pub(crate) async fn run(
         node_id: me.clone(),
         peer_addr: cfg.advertise.unwrap_or(addr),
     };
+    // `Proxy::start` refuses a peer config without a store.
+    let Some(meta) = shared.cfg.meta.clone() else {
+        tracing::error!("forwarding needs a metadata store");
+        return;
+    };
     tasks.spawn(register_loop(
-        cfg.meta.clone(),
+        meta.clone(),
         record,
         cfg.lease_ttl,
         stop.clone(),
     ));
     let table = RouteTable::new(shared.clone(), forwarders);
-    tasks.spawn(feed_loop(cfg.meta.clone(), table, me, stop.clone()));
+    tasks.spawn(feed_loop(meta, table, me, stop.clone()));
     loop {
         tokio::select! {
             _ = stop.cancelled() => break,
@@ -221,7 +226,7 @@ async fn accept_peer(
 ) {
     let _ = tcp.set_nodelay(true);
     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-        Ok(Ok(tls)) => serve_stream(shared, tls, Phase::PeerHello).await,
+        Ok(Ok(tls)) => serve_stream(shared, tls, ConnState::network()).await,
         Ok(Err(e)) => tracing::warn!(peer = %from, error = %e, "peer TLS handshake failed"),
         Err(_) => tracing::warn!(peer = %from, "peer TLS handshake timed out"),
     }
@@ -247,13 +252,16 @@ fn never_started(e: &WireError) -> bool {
 }
 
 impl Forwarder {
-    async fn run(self, mut rx: mpsc::Receiver<Forward>) {
+    async fn run(self, mut rx: mpsc::Receiver<ToPeer>) {
         let mut paused_until: Option<tokio::time::Instant> = None;
         loop {
             let first = tokio::select! {
                 _ = self.stop.cancelled() => return,
                 f = rx.recv() => match f {
-                    Some(f) => f,
+                    Some(ToPeer::Call(f)) => f,
+                    // No connection, so not the one its call went on: the peer released
+                    // it when that one ended.
+                    Some(ToPeer::Release(_)) => continue,
                     None => return,
                 },
             };
@@ -306,14 +314,16 @@ impl Forwarder {
     }
 
     /// Gives `first` and every queued invoke back to the router unstarted.
-    fn give_back(&self, first: Forward, rx: &mut mpsc::Receiver<Forward>, why: &str) {
+    fn give_back(&self, first: Forward, rx: &mut mpsc::Receiver<ToPeer>, why: &str) {
         let e = WireError::new(
             ErrorCode::Unavailable,
             format!("node {}'s proxy at {} {why}", self.node, self.addr),
         );
         self.shared.route_bounce(first.route, first.id, e.clone());
         while let Ok(f) = rx.try_recv() {
-            self.shared.route_bounce(f.route, f.id, e.clone());
+            if let ToPeer::Call(f) = f {
+                self.shared.route_bounce(f.route, f.id, e.clone());
+            }
         }
     }
 
@@ -337,7 +347,7 @@ impl Forwarder {
         &self,
         stream: PeerStream,
         first: Forward,
-        rx: &mut mpsc::Receiver<Forward>,
+        rx: &mut mpsc::Receiver<ToPeer>,
         inflight: &mut HashMap<u64, u64>,
     ) -> Result<(), String> {
         let (mut rd, mut wr) = tokio::io::split(stream);
@@ -349,6 +359,7 @@ impl Forwarder {
             role: Role::Peer {
                 node_id: self.me.clone(),
             },
+            token: None,
         };
         encode_frame(&hello, &mut out).map_err(|e| e.to_string())?;
         wr.write_all(&out).await.map_err(|e| e.to_string())?;
@@ -368,7 +379,7 @@ impl Forwarder {
                 return Err("closed during hello".into());
             }
         }
-        let mut pending = Some(first);
+        let mut pending = Some(ToPeer::Call(first));
         let mut closed = false;
         loop {
             if let Some(f) = pending.take() {
@@ -376,16 +387,21 @@ impl Forwarder {
                 let mut next = Some(f);
                 let mut n = 0;
                 while let Some(f) = next {
-                    let call = CallerFrame::Call {
-                        id: f.id,
-                        function: f.function,
-                        instance: f.target,
-                        args: f.args,
-                        timeout_ms: f.timeout_ms,
-                        trace_id: f.trace_id,
+                    let frame = match f {
+                        ToPeer::Call(f) => {
+                            inflight.insert(f.id, f.route);
+                            CallerFrame::Call {
+                                id: f.id,
+                                function: f.function,
+                                instance: f.target,
+                                args: f.args,
+                                timeout_ms: f.timeout_ms,
+                                trace_id: f.trace_id,
+                            }
+                        }
+                        ToPeer::Release(id) => CallerFrame::Release { id },
                     };
-                    encode_frame(&call, &mut out).map_err(|e| e.to_string())?;
-                    inflight.insert(f.id, f.route);
+                    encode_frame(&frame, &mut out).map_err(|e| e.to_string())?;
                     n += 1;
                     next = if n < WRITE_BATCH {
                         rx.try_recv().ok()

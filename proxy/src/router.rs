@@ -18,6 +18,19 @@
 //! unstarted ([`Router::bounce`]: its proxy had no free instance, or could not be reached)
 //! goes to another instance with a free slot that it has not tried, or fails with the
 //! route's error; these are the only retries, as no instance has seen the call.
+//!
+//! Tenants: every function belongs to one tenant, taken from the credential of its first
+//! instance (or the function record of a remote route); an instance or route of another
+//! tenant is refused for it. [`Router::function_tenant`] is what callers are checked against.
+//! A call may carry a [`Charge`] on its caller's tenant's calls in flight, held exactly as
+//! long as the call is (dropped with it, whichever way it ends).
+//!
+//! Result objects: the router remembers, per caller, which instance answered each call with
+//! an object ([`MAX_HELD`] at most per caller), so that the caller's
+//! [`Router::release`] reaches that instance ([`Action::Release`]); a caller that goes away
+//! releases all of its own, and a result nobody will read (its call ended first) is
+//! released at once.
+use crate::access::Charge;
 use shoal_protocol::{ErrorCode, Payload, WireError};
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
@@ -45,10 +58,24 @@ pub(crate) enum Action {
         /// The instance the caller named, if any (a remote route passes it on).
         target: Option<String>,
     },
+    /// Send `ProxyFrame::Release` to an instance (or a route): the caller of invoke `id` is
+    /// done with its object result.
+    Release { instance: ConnId, id: u64 },
+}
+
+/// Object results one caller holds unreleased at most; past it the oldest is released.
+pub(crate) const MAX_HELD: usize = 1024;
+
+/// An object result a caller has not released yet.
+#[derive(Debug, Clone, Copy)]
+struct Held {
+    caller_id: u64,
+    instance: ConnId,
+    invoke: u64,
 }
 
 /// A call as the caller sent it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub(crate) struct CallRequest {
     pub(crate) id: u64,
     pub(crate) function: String,
@@ -58,6 +85,8 @@ pub(crate) struct CallRequest {
     pub(crate) trace_id: u64,
     /// Served by local instances only (the call came from another proxy).
     pub(crate) local_only: bool,
+    /// What the call counts against, released when the call ends.
+    pub(crate) charge: Option<Charge>,
 }
 
 #[derive(Debug)]
@@ -104,6 +133,8 @@ impl Instance {
 
 #[derive(Debug, Default)]
 struct Function {
+    /// The tenant it belongs to.
+    tenant: String,
     /// Instance connections, in registration order.
     instances: Vec<ConnId>,
     /// Invoke ids waiting for a slot, oldest first.
@@ -124,6 +155,8 @@ struct Call {
     local_only: bool,
     /// Remote routes that gave the call back unstarted.
     tried: Vec<ConnId>,
+    /// Dropped with the call.
+    _charge: Option<Charge>,
 }
 
 /// The router's state. See the module docs for its invariants.
@@ -136,6 +169,8 @@ pub(crate) struct Router {
     deadlines: BTreeSet<(Instant, u64)>,
     next_invoke: u64,
     closed: bool,
+    /// Unreleased object results, by caller, oldest first.
+    held: HashMap<ConnId, VecDeque<Held>>,
 }
 
 fn err(code: ErrorCode, msg: impl Into<String>) -> WireError {
@@ -153,18 +188,38 @@ impl Router {
             deadlines: BTreeSet::new(),
             next_invoke: 1,
             closed: false,
+            held: HashMap::new(),
         }
     }
 
-    /// Registers connection `conn` as an instance of `function`; queued calls it can take are
-    /// dispatched to it. Refused for a duplicate instance id, zero concurrency or after
-    /// shutdown.
+    /// The tenant `function` belongs to, while it has instances, routes or queued calls.
+    pub(crate) fn function_tenant(&self, function: &str) -> Option<&str> {
+        self.functions.get(function).map(|f| f.tenant.as_str())
+    }
+
+    /// The function entry of `function` for `tenant`: created if absent; `None` if it
+    /// belongs to another tenant.
+    fn function_of(&mut self, function: &str, tenant: &str) -> Option<&mut Function> {
+        let f = self
+            .functions
+            .entry(function.to_owned())
+            .or_insert_with(|| Function {
+                tenant: tenant.to_owned(),
+                ..Function::default()
+            });
+        (f.tenant == tenant).then_some(f)
+    }
+
+    /// Registers connection `conn` as an instance of `function` of `tenant`; queued calls it
+    /// can take are dispatched to it. Refused for a duplicate instance id, zero concurrency,
+    /// a function of another tenant, or after shutdown.
     pub(crate) fn register(
         &mut self,
         conn: ConnId,
         function: &str,
         instance_id: &str,
         concurrency: u32,
+        tenant: &str,
         now: Instant,
     ) -> Result<Vec<Action>, WireError> {
         if self.closed {
@@ -192,6 +247,13 @@ impl Router {
                 format!("instance {instance_id} is already registered"),
             ));
         }
+        let Some(f) = self.function_of(function, tenant) else {
+            return Err(err(
+                ErrorCode::PermissionDenied,
+                format!("function {function} belongs to another tenant"),
+            ));
+        };
+        f.instances.push(conn);
         self.instances.insert(
             conn,
             Instance {
@@ -203,19 +265,17 @@ impl Router {
                 retired: false,
             },
         );
-        self.functions
-            .entry(function.to_owned())
-            .or_default()
-            .instances
-            .push(conn);
         let mut out = Vec::new();
         self.fill(conn, now, &mut out);
         Ok(out)
     }
 
-    /// Adds or updates the remote route `conn`: node `node`'s proxy, serving `function` with
-    /// `instance_ids` and `concurrency` calls at once in all. Queued calls it may take are
-    /// dispatched to it. A retired route is taken back into service.
+    /// Adds or updates the remote route `conn`: node `node`'s proxy, serving `function` (of
+    /// `tenant`) with `instance_ids` and `concurrency` calls at once in all. Queued calls it
+    /// may take are dispatched to it. A retired route is taken back into service. A route
+    /// for a function that here belongs to another tenant is left out (retired, if it was
+    /// in service).
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn set_remote(
         &mut self,
         conn: ConnId,
@@ -223,10 +283,15 @@ impl Router {
         node: &str,
         instance_ids: BTreeSet<String>,
         concurrency: u32,
+        tenant: &str,
         now: Instant,
     ) -> Vec<Action> {
         let mut out = Vec::new();
         if self.closed {
+            return out;
+        }
+        if self.function_of(function, tenant).is_none() {
+            self.retire(conn);
             return out;
         }
         match self.instances.get_mut(&conn) {
@@ -234,11 +299,9 @@ impl Router {
                 inst.concurrency = concurrency.max(1) as usize;
                 inst.remote = Some(RemoteRoute { instance_ids });
                 if std::mem::take(&mut inst.retired) {
-                    self.functions
-                        .entry(function.to_owned())
-                        .or_default()
-                        .instances
-                        .push(conn);
+                    if let Some(f) = self.functions.get_mut(function) {
+                        f.instances.push(conn);
+                    }
                 }
             }
             None => {
@@ -253,11 +316,9 @@ impl Router {
                         retired: false,
                     },
                 );
-                self.functions
-                    .entry(function.to_owned())
-                    .or_default()
-                    .instances
-                    .push(conn);
+                if let Some(f) = self.functions.get_mut(function) {
+                    f.instances.push(conn);
+                }
             }
         }
         self.fill(conn, now, &mut out);
@@ -357,6 +418,7 @@ impl Router {
                 running_on: None,
                 local_only: req.local_only,
                 tried: Vec::new(),
+                _charge: req.charge,
             },
         );
         self.deadlines.insert((deadline, invoke));
@@ -381,10 +443,18 @@ impl Router {
         now: Instant,
     ) -> Vec<Action> {
         let mut out = Vec::new();
+        let object = matches!(result, Ok(Payload::Object(_)));
         if !self.runs_on(id, instance) {
+            if object {
+                // Its call ended first: nobody will read it.
+                out.push(Action::Release { instance, id });
+            }
             return out;
         }
         if let Some(call) = self.remove_call(id) {
+            if object {
+                self.hold(call.caller, call.caller_id, instance, id, &mut out);
+            }
             out.push(Action::Reply {
                 caller: call.caller,
                 id: call.caller_id,
@@ -394,6 +464,53 @@ impl Router {
         self.fill(instance, now, &mut out);
         self.reap(instance);
         out
+    }
+
+    /// Remembers that `caller` holds the object result of its call `caller_id`, which
+    /// `instance` stored for invoke `invoke`; past [`MAX_HELD`], its oldest is released.
+    fn hold(
+        &mut self,
+        caller: ConnId,
+        caller_id: u64,
+        instance: ConnId,
+        invoke: u64,
+        out: &mut Vec<Action>,
+    ) {
+        let held = self.held.entry(caller).or_default();
+        if held.len() >= MAX_HELD {
+            if let Some(old) = held.pop_front() {
+                out.push(Action::Release {
+                    instance: old.instance,
+                    id: old.invoke,
+                });
+            }
+        }
+        held.push_back(Held {
+            caller_id,
+            instance,
+            invoke,
+        });
+    }
+
+    /// `caller` is done with the object result of its call `caller_id`: the instance that
+    /// stored it is told. Unknown ids are ignored.
+    pub(crate) fn release(&mut self, caller: ConnId, caller_id: u64) -> Vec<Action> {
+        let Some(held) = self.held.get_mut(&caller) else {
+            return Vec::new();
+        };
+        let Some(pos) = held.iter().position(|h| h.caller_id == caller_id) else {
+            return Vec::new();
+        };
+        let h = held.remove(pos);
+        if held.is_empty() {
+            self.held.remove(&caller);
+        }
+        h.map(|h| Action::Release {
+            instance: h.instance,
+            id: h.invoke,
+        })
+        .into_iter()
+        .collect()
     }
 
     /// Remote route `route` gives invoke `id` back unstarted (its proxy had no instance free,
@@ -542,6 +659,17 @@ impl Router {
         for id in queued {
             self.remove_call(id);
         }
+        // As a caller: what it held is released; as an instance: nobody is left to tell.
+        if let Some(held) = self.held.remove(&conn) {
+            out.extend(held.into_iter().map(|h| Action::Release {
+                instance: h.instance,
+                id: h.invoke,
+            }));
+        }
+        self.held.retain(|_, held| {
+            held.retain(|h| h.instance != conn);
+            !held.is_empty()
+        });
         out
     }
 

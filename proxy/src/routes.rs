@@ -34,6 +34,8 @@ pub(crate) struct RouteSpec {
     pub(crate) addr: SocketAddr,
     pub(crate) instance_ids: BTreeSet<String>,
     pub(crate) concurrency: u32,
+    /// The function's tenant (callers of others are not served it).
+    pub(crate) tenant: String,
 }
 
 /// (node, function).
@@ -88,7 +90,8 @@ impl RouteView {
         }
     }
 
-    /// The remote routes seen from node `me`.
+    /// The remote routes seen from node `me`. An instance whose function has no record is
+    /// left out: its tenant is unknown, so nobody could be allowed to call it.
     pub(crate) fn routes(&self, me: &str) -> BTreeMap<RouteKey, RouteSpec> {
         let mut out: BTreeMap<RouteKey, RouteSpec> = BTreeMap::new();
         for inst in self.instances.values() {
@@ -98,16 +101,17 @@ impl RouteView {
             let Some(proxy) = self.proxies.get(&inst.node) else {
                 continue;
             };
-            let per = self
-                .functions
-                .get(&inst.function)
-                .map_or(1, |f| f.concurrency.max(1));
+            let Some(function) = self.functions.get(&inst.function) else {
+                continue;
+            };
+            let per = function.concurrency.max(1);
             let r = out
                 .entry((inst.node.clone(), inst.function.clone()))
                 .or_insert_with(|| RouteSpec {
                     addr: proxy.peer_addr,
                     instance_ids: BTreeSet::new(),
                     concurrency: 0,
+                    tenant: function.tenant().to_owned(),
                 });
             r.instance_ids.insert(inst.id.clone());
             r.concurrency = r.concurrency.saturating_add(per);
@@ -168,6 +172,7 @@ impl RouteTable {
                 &key.0,
                 spec.instance_ids.clone(),
                 spec.concurrency,
+                &spec.tenant,
                 tx,
             );
             self.active.insert(key, (route, spec));
@@ -263,6 +268,20 @@ mod tests {
         )
     }
 
+    fn function(name: &str, tenant: &str) -> (String, Vec<u8>) {
+        let spec = serde_json::json!({
+            "name": name,
+            "tenant": tenant,
+            "code": {"kind": "dir", "path": "/tmp"},
+            "command": ["x"],
+            "resources": {"cpu_milli": 100, "mem_mib": 16},
+        });
+        (
+            shoal_meta::records::function_key(name),
+            serde_json::to_vec(&spec).unwrap(),
+        )
+    }
+
     fn proxy(node: &str, port: u16) -> (String, Vec<u8>) {
         let r = ProxyRecord {
             node_id: node.into(),
@@ -283,6 +302,9 @@ mod tests {
             inst("d", "echo", "n3", InstancePhase::Running), // no proxy on n3
             inst("e", "echo", "n2", InstancePhase::Starting),
             inst("f", "wc", "n2", InstancePhase::Failed),
+            inst("g", "unrecorded", "n2", InstancePhase::Running), // no function record
+            function("echo", "team-a"),
+            function("wc", ""),
             proxy("n1", 1),
             proxy("n2", 2),
             (shoal_meta::records::node_key("n2"), b"ignored".to_vec()),
@@ -291,6 +313,7 @@ mod tests {
         assert_eq!(r.len(), 1);
         let spec = &r[&("n2".to_string(), "echo".to_string())];
         assert_eq!(spec.addr.port(), 2);
+        assert_eq!(spec.tenant, "team-a");
         assert_eq!(spec.concurrency, 2, "two instances, concurrency 1 each");
         assert_eq!(
             spec.instance_ids.iter().cloned().collect::<Vec<_>>(),
@@ -308,6 +331,7 @@ mod tests {
     fn deletes_and_garbage_remove_routes() {
         let mut view = RouteView::from_kvs([
             inst("b", "echo", "n2", InstancePhase::Running),
+            function("echo", ""),
             proxy("n2", 2),
         ]);
         assert_eq!(view.routes("n1").len(), 1);

@@ -1,6 +1,7 @@
 //! The proxy's network listener for other proxies: mutual TLS under the cluster CA, only the
 //! `Peer` role, a malformed peer connection closed without disturbing the others, and the
-//! proxy's `proxies/<node>` record held under a lease.
+//! proxy's `proxies/<node>` record held under a lease; a peer's release of an object result
+//! reaches the instance that stored it.
 #![allow(clippy::unwrap_used)] // test setup panics on failure by design
 use bytes::BytesMut;
 use shoal_meta::records::{proxy_key, ProxyRecord};
@@ -53,14 +54,26 @@ async fn proxy_record(meta: &Arc<dyn MetaStore>, not: Option<LeaseId>) -> (Lease
 
 fn start(dir: &std::path::Path, ca: &DevCa, meta: Arc<dyn MetaStore>) -> Proxy {
     let mut cfg = ProxyConfig::new("a", dir.join("a.sock"));
+    cfg.meta = Some(meta);
     cfg.peer = Some(PeerConfig {
         listen: SocketAddr::from(([127, 0, 0, 1], 0)),
         advertise: None,
         tls: NodeTls::from_node_cert(&ca.issue("a").unwrap()).unwrap(),
-        meta,
         lease_ttl: Duration::from_secs(5),
     });
     Proxy::start(cfg).unwrap()
+}
+
+/// The credential of instance `instance` of `function`, as its agent would issue it.
+async fn instance_token(meta: &Arc<dyn MetaStore>, function: &str, instance: &str) -> String {
+    let binding = shoal_meta::records::InstanceBinding {
+        function: function.into(),
+        instance: instance.into(),
+    };
+    shoal_meta::issue_instance_token(meta.as_ref(), "default", binding)
+        .await
+        .unwrap()
+        .token
 }
 
 async fn connect(addr: SocketAddr, ca: &DevCa, node: &str) -> std::io::Result<Tls> {
@@ -97,6 +110,7 @@ fn hello(role: Role) -> CallerFrame {
     CallerFrame::Hello {
         version: PROTOCOL_VERSION,
         role,
+        token: None,
     }
 }
 
@@ -144,12 +158,14 @@ async fn a_malformed_peer_is_closed_and_others_are_served() {
     let dir = tempfile::tempdir().unwrap();
     let ca = DevCa::generate().unwrap();
     let meta: Arc<dyn MetaStore> = Arc::new(MemStore::open(None, "").unwrap());
-    let proxy = start(dir.path(), &ca, meta);
+    let proxy = start(dir.path(), &ca, meta.clone());
     let addr = proxy.peer_addr().unwrap();
     // A local instance that echoes.
-    let inst = shoal_sdk::FunctionInstance::register(proxy.socket_path(), "echo", "e-1", 4)
-        .await
-        .unwrap();
+    let token = instance_token(&meta, "echo", "e-1").await;
+    let inst =
+        shoal_sdk::FunctionInstance::register(proxy.socket_path(), "echo", "e-1", 4, Some(&token))
+            .await
+            .unwrap();
     tokio::spawn(inst.run(|a: Vec<u8>| async move { Ok(a) }));
 
     let mut good = connect(addr, &ca, "b").await.unwrap();
@@ -227,4 +243,98 @@ async fn the_proxy_record_lives_under_a_lease() {
         None,
         "shutdown removes the record"
     );
+}
+
+/// The next frame the proxy sends on a Unix socket connection.
+async fn next(s: &mut tokio::net::UnixStream, buf: &mut BytesMut) -> ProxyFrame {
+    let dec = FrameDecoder::new(1 << 20);
+    loop {
+        if let Some(f) = dec.decode::<ProxyFrame>(buf).unwrap() {
+            return f;
+        }
+        let n = tokio::time::timeout(WAIT, s.read_buf(buf))
+            .await
+            .expect("the proxy said nothing")
+            .unwrap();
+        assert!(n > 0, "the proxy closed the connection");
+    }
+}
+
+/// A call from another proxy answered with an object: the peer's `Release` reaches the
+/// instance (as the invoke's id), and a second one, or one for another call, does not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peers_release_reaches_the_instance() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = DevCa::generate().unwrap();
+    let meta: Arc<dyn MetaStore> = Arc::new(MemStore::open(None, "").unwrap());
+    let proxy = start(dir.path(), &ca, meta.clone());
+    let addr = proxy.peer_addr().unwrap();
+    // A raw local instance, to see what the proxy sends it.
+    let token = instance_token(&meta, "obj", "o-1").await;
+    let mut inst = tokio::net::UnixStream::connect(proxy.socket_path())
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    let register = CallerFrame::Hello {
+        version: PROTOCOL_VERSION,
+        role: Role::Instance {
+            function: "obj".into(),
+            instance_id: "o-1".into(),
+            concurrency: 1,
+        },
+        token: Some(token),
+    };
+    encode_frame(&register, &mut out).unwrap();
+    inst.write_all(&out).await.unwrap();
+    let mut ibuf = BytesMut::new();
+    assert!(matches!(
+        next(&mut inst, &mut ibuf).await,
+        ProxyFrame::Welcome { .. }
+    ));
+
+    let mut peer_conn = connect(addr, &ca, "b").await.unwrap();
+    send(&mut peer_conn, &hello(peer())).await;
+    let mut pbuf = BytesMut::new();
+    recv(&mut peer_conn, &mut pbuf).await.unwrap();
+    let call = CallerFrame::Call {
+        id: 5,
+        function: "obj".into(),
+        instance: None,
+        args: Payload::Inline(vec![]),
+        timeout_ms: 5000,
+        trace_id: 1,
+    };
+    send(&mut peer_conn, &call).await;
+    let ProxyFrame::Invoke { id: invoke, .. } = next(&mut inst, &mut ibuf).await else {
+        panic!("expected an invoke");
+    };
+    let object = Payload::Object(shoal_protocol::ObjectId::new("result-1").unwrap());
+    out.clear();
+    let answer = CallerFrame::Result {
+        id: invoke,
+        result: Ok(object.clone()),
+    };
+    encode_frame(&answer, &mut out).unwrap();
+    inst.write_all(&out).await.unwrap();
+    match recv(&mut peer_conn, &mut pbuf).await {
+        Some(ProxyFrame::Reply { id: 5, result }) => assert_eq!(result.unwrap(), object),
+        other => panic!("expected the reply, got {other:?}"),
+    }
+    send(&mut peer_conn, &CallerFrame::Release { id: 4 }).await; // not a call of ours
+    send(&mut peer_conn, &CallerFrame::Release { id: 5 }).await;
+    send(&mut peer_conn, &CallerFrame::Release { id: 5 }).await; // once only
+    assert_eq!(
+        next(&mut inst, &mut ibuf).await,
+        ProxyFrame::Release { id: invoke }
+    );
+    // Nothing more: a drain is answered at once, with nothing queued before it.
+    out.clear();
+    encode_frame(&CallerFrame::Drain, &mut out).unwrap();
+    inst.write_all(&out).await.unwrap();
+    assert_eq!(
+        next(&mut inst, &mut ibuf).await,
+        ProxyFrame::Drained,
+        "one release only"
+    );
+    proxy.shutdown().await;
 }

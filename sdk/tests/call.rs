@@ -3,6 +3,9 @@
 #![allow(clippy::unwrap_used)] // test helpers panic on setup failure by design
 mod support;
 
+use shoal_meta::records::{InstanceBinding, DEFAULT_TENANT};
+use shoal_meta::MetaStore;
+use shoal_protocol::Role;
 use shoal_proxy::{EngineKind, Proxy, ProxyConfig};
 use shoal_sdk::{CallClient, ErrorCode, FunctionInstance};
 use std::future::Future;
@@ -11,7 +14,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use support::{wait_for, wait_until};
+use support::{raw, wait_for, wait_until};
 use tokio::sync::{Notify, Semaphore};
 use tokio::task::JoinHandle;
 
@@ -19,18 +22,72 @@ const SEC: Duration = Duration::from_secs(1);
 
 struct Node {
     proxy: Proxy,
+    /// The store the proxy checks tokens against (and follows quotas on).
+    meta: Arc<dyn MetaStore>,
     _dir: tempfile::TempDir,
+}
+
+/// An in-memory metadata store for a proxy.
+fn store() -> Arc<dyn MetaStore> {
+    Arc::new(shoal_meta::MemStore::open(None, "").unwrap())
+}
+
+/// The credential of instance `instance` of `function` in `tenant`, issued on `meta` as the
+/// node's agent would.
+async fn token_in(
+    meta: &Arc<dyn MetaStore>,
+    tenant: &str,
+    function: &str,
+    instance: &str,
+) -> String {
+    let binding = InstanceBinding {
+        function: function.into(),
+        instance: instance.into(),
+    };
+    shoal_meta::issue_instance_token(meta.as_ref(), tenant, binding)
+        .await
+        .unwrap()
+        .token
 }
 
 impl Node {
     fn start(engine: EngineKind, tweak: impl FnOnce(&mut ProxyConfig)) -> Node {
         let dir = tempfile::tempdir().unwrap();
+        let meta = store();
         let mut cfg = ProxyConfig::new("n1", dir.path().join("proxy.sock"));
         cfg.engine = engine;
+        cfg.meta = Some(meta.clone());
         tweak(&mut cfg);
         let proxy = Proxy::start(cfg).unwrap();
         assert_eq!(proxy.engine(), engine);
-        Node { proxy, _dir: dir }
+        Node {
+            proxy,
+            meta,
+            _dir: dir,
+        }
+    }
+
+    /// The credential of instance `id` of `function` (tenant `default`).
+    async fn token(&self, function: &str, id: &str) -> String {
+        token_in(&self.meta, DEFAULT_TENANT, function, id).await
+    }
+
+    /// Registers instance `id` of `function` with its own credential.
+    async fn register(
+        &self,
+        function: &str,
+        id: &str,
+        concurrency: u32,
+    ) -> Result<FunctionInstance, shoal_sdk::Error> {
+        let token = self.token(function, id).await;
+        FunctionInstance::register(
+            self.proxy.socket_path(),
+            function,
+            id,
+            concurrency,
+            Some(&token),
+        )
+        .await
     }
 
     async fn client(&self) -> CallClient {
@@ -61,9 +118,7 @@ impl Node {
         F: Fn(Vec<u8>) -> Fut + Send + Sync + 'static,
         Fut: std::future::Future<Output = Result<Vec<u8>, String>> + Send + 'static,
     {
-        let inst = FunctionInstance::register(self.proxy.socket_path(), function, id, concurrency)
-            .await
-            .unwrap();
+        let inst = self.register(function, id, concurrency).await.unwrap();
         tokio::spawn(inst.run(handler))
     }
 
@@ -210,7 +265,7 @@ async fn unknown_function_is_not_found(engine: EngineKind) {
         ErrorCode::NotFound
     );
     // A second instance with the same id is refused.
-    let dup = FunctionInstance::register(node.proxy.socket_path(), "echo", "e1", 1).await;
+    let dup = node.register("echo", "e1", 1).await;
     assert_eq!(code(dup), ErrorCode::AlreadyExists);
     node.proxy.shutdown().await;
 }
@@ -395,17 +450,21 @@ async fn shutdown_fails_in_flight_calls(engine: EngineKind) {
 #[tokio::test]
 async fn auto_picks_an_engine() {
     let dir = tempfile::tempdir().unwrap();
-    let proxy = Proxy::start(ProxyConfig::new("n1", dir.path().join("p.sock"))).unwrap();
+    let meta = store();
+    let mut cfg = ProxyConfig::new("n1", dir.path().join("p.sock"));
+    cfg.meta = Some(meta.clone());
+    let proxy = Proxy::start(cfg).unwrap();
     assert_ne!(proxy.engine(), EngineKind::Auto);
-    let _i = FunctionInstance::register(proxy.socket_path(), "f", "i", 1)
+    let token = token_in(&meta, DEFAULT_TENANT, "f", "i").await;
+    let _i = FunctionInstance::register(proxy.socket_path(), "f", "i", 1, Some(&token))
         .await
         .unwrap();
     proxy.shutdown().await;
 }
 
 /// Payloads above the inline limit travel as objects and none is left behind: the caller
-/// deletes its argument and the result after reading it, and an instance that finishes past
-/// the deadline stores nothing (nobody would read it).
+/// deletes its argument, the instance its result once the caller has read it, and an
+/// instance that finishes past the deadline stores nothing (nobody would read it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_payloads_travel_as_objects_and_none_is_left_behind() {
     let dir = tempfile::tempdir().unwrap();
@@ -418,7 +477,8 @@ async fn large_payloads_travel_as_objects_and_none_is_left_behind() {
         .await
         .unwrap();
     let node = Node::start(EngineKind::Tokio, |_| {});
-    let inst = FunctionInstance::register(node.proxy.socket_path(), "echo", "e1", 4)
+    let inst = node
+        .register("echo", "e1", 4)
         .await
         .unwrap()
         .with_store(store.clone());
@@ -442,11 +502,27 @@ async fn large_payloads_travel_as_objects_and_none_is_left_behind() {
         .unwrap();
     let big: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
     assert!(c.invoke("echo", &big, SEC).await.unwrap() == big);
-    assert_eq!(
-        store.status().await.unwrap().objects,
-        0,
-        "payload objects left"
-    );
+    // The result is deleted by the instance once the caller released it: soon after.
+    wait_until("no payload object left", 5 * SEC, || async {
+        store.status().await.unwrap().objects == 0
+    })
+    .await;
+    // The same through the proxy.
+    let via_proxy = CallClient::connect_with(
+        node.proxy.socket_path(),
+        shoal_sdk::CallOptions {
+            lanes: false,
+            store: Some(store.clone()),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    assert!(via_proxy.invoke("echo", &big, SEC).await.unwrap() == big);
+    wait_until("no payload object left (proxy)", 5 * SEC, || async {
+        store.status().await.unwrap().objects == 0
+    })
+    .await;
 
     // Past the deadline: Timeout for the caller, and no result object stored afterwards.
     let mut slow = big.clone();
@@ -530,7 +606,8 @@ async fn lanes_carry_calls_to_local_instances() {
     let big = vec![7u8; 64 * 1024 + 1];
     assert_eq!(code(c.invoke("echo", &big, SEC).await), ErrorCode::TooLarge);
     // An instance that offers no lane is served through the proxy.
-    let plain = FunctionInstance::register(node.proxy.socket_path(), "plain", "p1", 1)
+    let plain = node
+        .register("plain", "p1", 1)
         .await
         .unwrap()
         .without_lanes();
@@ -693,21 +770,14 @@ async fn garbage_in_a_lane_closes_only_that_lane() {
     let _e = node.echo("echo", "e1").await;
     let good = node.client().await;
     let warm = lane_ready(&good, "echo").await;
-    let lane_path = std::fs::read_dir(node.proxy.socket_path().parent().unwrap())
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .find(|p| p.file_name().unwrap().to_string_lossy().starts_with("l-"))
-        .expect("the instance's lane socket");
+    let path = node.proxy.socket_path().to_owned();
     tokio::task::spawn_blocking(move || {
-        use std::os::fd::AsFd;
-        let mut s = std::os::unix::net::UnixStream::connect(&lane_path).unwrap();
-        let mut hello = [0u8; 24];
-        let (n, mut fds) = shoal_shm::recv_with_fds(s.as_fd(), &mut hello, 2).unwrap();
-        assert_eq!((n, fds.len()), (24, 2));
-        let slots = u32::from_le_bytes(hello[8..12].try_into().unwrap());
-        let cap = u64::from_le_bytes(hello[12..20].try_into().unwrap());
-        let _gauge = fds.pop();
-        let region = shoal_shm::LaneRegion::open(fds.pop().unwrap(), slots, cap).unwrap();
+        // A caller of the function's tenant, as the SDK would be: it asks the proxy for the
+        // lane and its key, then opens the lane itself.
+        let mut caller = raw::open(&path, Role::Caller, None).unwrap();
+        let info = caller.lanes(1, "echo").pop().expect("the instance's lane");
+        let raw::Lane { mut s, region, .. } =
+            raw::open_lane(&info.path, &info.key).expect("a lane");
         assert!(region.post(0, b"\x05\x00\x00\x00\x01garbage"));
         s.write_all(&[1]).unwrap(); // ring, in case the instance sleeps
         s.set_read_timeout(Some(5 * SEC)).unwrap();
@@ -732,117 +802,66 @@ async fn garbage_in_a_lane_closes_only_that_lane() {
     node.proxy.shutdown().await;
 }
 
-/// The proxy names the lanes of a function's local instances, and stops naming an instance
-/// once it drains.
+/// The proxy names the lanes of a function's local instances (with their keys), and stops
+/// naming an instance once it drains.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_proxy_names_lanes_until_an_instance_drains() {
-    use shoal_protocol::{encode_frame, CallerFrame, FrameDecoder, LaneInfo, ProxyFrame, Role};
+    use shoal_protocol::{CallerFrame, LaneInfo, ProxyFrame};
     let node = Node::start(EngineKind::Tokio, |_| {});
     let path = node.proxy.socket_path().to_owned();
+    let dir = path.parent().unwrap().to_owned();
+    let tokens = [
+        node.token("f", "a").await,
+        node.token("f", "b").await,
+        node.token("f", "c").await,
+    ];
     tokio::task::spawn_blocking(move || {
-        let open = |role: Role| {
-            let mut s = std::os::unix::net::UnixStream::connect(&path).unwrap();
-            s.set_read_timeout(Some(5 * SEC)).unwrap();
-            send(
-                &mut s,
-                &CallerFrame::Hello {
-                    version: shoal_protocol::PROTOCOL_VERSION,
-                    role,
-                },
-            );
-            assert!(matches!(recv(&mut s), ProxyFrame::Welcome { .. }));
-            s
-        };
         let instance = |id: &str| Role::Instance {
             function: "f".into(),
             instance_id: id.into(),
             concurrency: 1,
         };
-        let mut a = open(instance("a"));
-        send(
-            &mut a,
-            &CallerFrame::Lane {
-                path: "/run/a.sock".into(),
-            },
-        );
-        let mut b = open(instance("b"));
-        send(
-            &mut b,
-            &CallerFrame::Lane {
-                path: "/run/b.sock".into(),
-            },
-        );
-        let _c = open(instance("c")); // offers no lane
-        let mut caller = open(Role::Caller);
-        let mut ask = |id: u64, function: &str| {
-            send(
-                &mut caller,
-                &CallerFrame::Lanes {
-                    id,
-                    function: function.into(),
-                },
-            );
-            match recv(&mut caller) {
-                ProxyFrame::Lanes { id: got, mut lanes } => {
-                    assert_eq!(got, id);
-                    lanes.sort_by(|x, y| x.instance_id.cmp(&y.instance_id));
-                    lanes
-                }
-                other => panic!("unexpected {other:?}"),
-            }
-        };
-        let lane = |id: &str, p: &str| LaneInfo {
+        let lane_path = |n: &str| dir.join(format!("l-{n}.sock")).display().to_string();
+        let mut a = raw::open(&path, instance("a"), Some(&tokens[0])).unwrap();
+        a.send(&CallerFrame::Lane {
+            path: lane_path("a"),
+            key: [1; 16],
+        });
+        let mut b = raw::open(&path, instance("b"), Some(&tokens[1])).unwrap();
+        b.send(&CallerFrame::Lane {
+            path: lane_path("b"),
+            key: [2; 16],
+        });
+        let _c = raw::open(&path, instance("c"), Some(&tokens[2])).unwrap(); // no lane
+        let mut caller = raw::open(&path, Role::Caller, None).unwrap();
+        let lane = |id: &str, key: u8| LaneInfo {
             instance_id: id.into(),
-            path: p.into(),
+            path: lane_path(id),
+            key: [key; 16],
         };
-        assert_eq!(
-            ask(1, "f"),
-            vec![lane("a", "/run/a.sock"), lane("b", "/run/b.sock")]
-        );
-        assert_eq!(ask(2, "other"), vec![]);
-        send(&mut a, &CallerFrame::Drain);
-        assert!(matches!(recv(&mut a), ProxyFrame::Drained));
-        assert_eq!(ask(3, "f"), vec![lane("b", "/run/b.sock")]);
+        assert_eq!(caller.lanes(1, "f"), vec![lane("a", 1), lane("b", 2)]);
+        assert_eq!(caller.lanes(2, "other"), vec![]);
+        a.send(&CallerFrame::Drain);
+        assert!(matches!(a.recv(), Some(ProxyFrame::Drained)));
+        assert_eq!(caller.lanes(3, "f"), vec![lane("b", 2)]);
         drop(b);
         // The proxy notices b's connection closing on its own time.
         let deadline = Instant::now() + 5 * SEC;
         let mut id = 4;
-        while !ask(id, "f").is_empty() {
+        while !caller.lanes(id, "f").is_empty() {
             assert!(Instant::now() < deadline, "b's lane still named");
             id += 1;
             // The poll interval: the proxy tells nobody when it has seen b's end.
             std::thread::sleep(Duration::from_millis(10));
         }
         // A caller cannot announce a lane.
-        send(
-            &mut caller,
-            &CallerFrame::Lane {
-                path: "/run/x.sock".into(),
-            },
-        );
-        let mut rest = Vec::new();
-        caller.read_to_end(&mut rest).unwrap();
+        caller.send(&CallerFrame::Lane {
+            path: lane_path("x"),
+            key: [0; 16],
+        });
+        assert!(caller.recv().is_none());
     })
     .await
     .unwrap();
     node.proxy.shutdown().await;
-
-    fn send(s: &mut std::os::unix::net::UnixStream, f: &CallerFrame) {
-        let mut out = Vec::new();
-        encode_frame(f, &mut out).unwrap();
-        s.write_all(&out).unwrap();
-    }
-    fn recv(s: &mut std::os::unix::net::UnixStream) -> ProxyFrame {
-        let dec = FrameDecoder::new(1 << 20);
-        let mut buf = bytes::BytesMut::new();
-        loop {
-            if let Some(f) = dec.decode::<ProxyFrame>(&mut buf).unwrap() {
-                return f;
-            }
-            let mut chunk = [0u8; 4096];
-            let n = s.read(&mut chunk).unwrap();
-            assert!(n > 0, "closed");
-            buf.extend_from_slice(&chunk[..n]);
-        }
-    }
 }

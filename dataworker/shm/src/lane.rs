@@ -215,6 +215,21 @@ impl LaneRegion {
         true
     }
 
+    /// Copies the reply out and leaves the slot done (the caller frees it later with
+    /// [`LaneRegion::reset`], telling the instance it is finished with the reply); false (and
+    /// nothing read) unless it is done.
+    pub fn peek_reply(&self, slot: u32, out: &mut Vec<u8>) -> bool {
+        if self.state(slot) != SlotState::Done {
+            return false;
+        }
+        self.copy_out(
+            self.slot_base(slot) + SLOT_HEADER + self.cap,
+            self.rep_len(slot),
+            out,
+        );
+        true
+    }
+
     /// Frees a done or bounced slot without reading it; false in any other state.
     pub fn reset(&self, slot: u32) -> bool {
         self.cas(slot, DONE, FREE) || self.cas(slot, BOUNCED, FREE)
@@ -278,29 +293,60 @@ impl LaneRegion {
     }
 }
 
-/// An instance's admission counter, shared with the callers of all its lanes.
+/// An instance's admission counter. The instance counts in its own memory, which no caller
+/// can reach, and mirrors the figures into a small memfd shared with the callers of all its
+/// lanes, so they can see when it has no room and go through the proxy instead.
+///
+/// A caller maps the mirror writable (it is a memfd) and may write anything into it: that
+/// misleads only callers' advisory [`LaneGauge::has_room`], never the instance's own
+/// admission, limit or draining state.
 #[derive(Debug)]
 pub struct LaneGauge {
     mem: Arena,
+    /// The instance's own counts (`None` on a caller's mapping).
+    own: Option<Counts>,
+}
+
+/// The figures an instance admits by.
+#[derive(Debug)]
+struct Counts {
+    limit: u32,
+    active: AtomicU32,
+    queued: AtomicU32,
+    draining: AtomicU32,
 }
 
 /// Size of a gauge's mapping.
 const GAUGE_SIZE: u64 = 4096;
+/// Offsets of the mirrored figures.
+const G_ACTIVE: u64 = 0;
+const G_LIMIT: u64 = 4;
+const G_QUEUED: u64 = 8;
+const G_DRAINING: u64 = 12;
 
 impl LaneGauge {
     /// Creates a gauge for an instance that runs `limit` calls at once (instance side).
     pub fn create(limit: u32) -> Result<LaneGauge, ShmError> {
+        let limit = limit.max(1);
         let g = LaneGauge {
             mem: Arena::create("shoal-lane-gauge", GAUGE_SIZE, false)?,
+            own: Some(Counts {
+                limit,
+                active: AtomicU32::new(0),
+                queued: AtomicU32::new(0),
+                draining: AtomicU32::new(0),
+            }),
         };
-        word(&g.mem, 4).store(limit.max(1), Ordering::SeqCst);
+        word(&g.mem, G_LIMIT).store(limit, Ordering::SeqCst);
         Ok(g)
     }
 
-    /// Maps a gauge received from an instance.
+    /// Maps a gauge received from an instance (caller side: only [`LaneGauge::has_room`]
+    /// and [`LaneGauge::is_draining`] read it).
     pub fn open(fd: OwnedFd) -> Result<LaneGauge, ShmError> {
         Ok(LaneGauge {
             mem: Arena::open(fd, GAUGE_SIZE, false)?,
+            own: None,
         })
     }
 
@@ -309,64 +355,84 @@ impl LaneGauge {
         self.mem.fd()
     }
 
-    fn active(&self) -> &AtomicU32 {
-        word(&self.mem, 0)
+    fn mirror(&self, off: u64, v: u32) {
+        word(&self.mem, off).store(v, Ordering::SeqCst);
     }
 
-    fn limit(&self) -> u32 {
-        word(&self.mem, 4).load(Ordering::SeqCst)
+    /// The instance's limit (what it was created with; the mirror's copy is not read back).
+    pub fn limit(&self) -> u32 {
+        match &self.own {
+            Some(c) => c.limit,
+            None => word(&self.mem, G_LIMIT).load(Ordering::SeqCst),
+        }
     }
 
-    fn queued(&self) -> &AtomicU32 {
-        word(&self.mem, 8)
-    }
-
-    fn draining(&self) -> &AtomicU32 {
-        word(&self.mem, 12)
-    }
-
-    /// Caller side: whether the instance would start a call now (advisory: callers racing
-    /// for the last unit may wait in their slots for a moment).
+    /// Caller side: whether the instance would start a call now, by the mirror (advisory:
+    /// callers racing for the last unit may wait in their slots for a moment).
     pub fn has_room(&self) -> bool {
-        self.draining().load(Ordering::SeqCst) == 0
-            && self.queued().load(Ordering::SeqCst) == 0
-            && self.active().load(Ordering::SeqCst) < self.limit()
+        let w = |off| word(&self.mem, off).load(Ordering::SeqCst);
+        w(G_DRAINING) == 0 && w(G_QUEUED) == 0 && w(G_ACTIVE) < w(G_LIMIT)
     }
 
     /// Instance side: takes one unit if fewer than the limit are taken and, unless
-    /// `queue_jumping`, no call waits in the instance's own queue.
+    /// `queue_jumping`, no call waits in the instance's own queue. Always false on a
+    /// caller's mapping.
     pub fn try_acquire(&self, queue_jumping: bool) -> bool {
-        if !queue_jumping && self.queued().load(Ordering::SeqCst) != 0 {
+        let Some(c) = &self.own else {
+            return false;
+        };
+        if !queue_jumping && c.queued.load(Ordering::SeqCst) != 0 {
             return false;
         }
-        let limit = self.limit();
-        self.active()
+        match c
+            .active
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |a| {
-                (a < limit).then_some(a + 1)
-            })
-            .is_ok()
+                (a < c.limit).then_some(a + 1)
+            }) {
+            Ok(a) => {
+                self.mirror(G_ACTIVE, a + 1);
+                true
+            }
+            Err(_) => false,
+        }
     }
 
     /// Instance side: gives one unit back.
     pub fn release(&self) {
-        let _ = self
-            .active()
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |a| a.checked_sub(1));
+        let Some(c) = &self.own else {
+            return;
+        };
+        if let Ok(a) = c
+            .active
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |a| a.checked_sub(1))
+        {
+            self.mirror(G_ACTIVE, a - 1);
+        }
     }
 
     /// Instance side: the number of calls waiting in its own queue.
     pub fn set_queued(&self, n: u32) {
-        self.queued().store(n, Ordering::SeqCst);
+        if let Some(c) = &self.own {
+            c.queued.store(n, Ordering::SeqCst);
+            self.mirror(G_QUEUED, n);
+        }
     }
 
     /// Instance side: no new calls through lanes.
     pub fn set_draining(&self) {
-        self.draining().store(1, Ordering::SeqCst);
+        if let Some(c) = &self.own {
+            c.draining.store(1, Ordering::SeqCst);
+            self.mirror(G_DRAINING, 1);
+        }
     }
 
-    /// Whether the instance drains.
+    /// Whether the instance drains (its own state on the instance side; the mirror on a
+    /// caller's mapping).
     pub fn is_draining(&self) -> bool {
-        self.draining().load(Ordering::SeqCst) != 0
+        match &self.own {
+            Some(c) => c.draining.load(Ordering::SeqCst) != 0,
+            None => word(&self.mem, G_DRAINING).load(Ordering::SeqCst) != 0,
+        }
     }
 }
 
@@ -453,5 +519,59 @@ mod tests {
         inst.set_draining();
         assert!(!caller.has_room());
         assert!(caller.is_draining());
+        assert!(
+            !caller.try_acquire(true),
+            "a caller's mapping admits nothing"
+        );
+    }
+
+    /// What a caller writes into its mapping of the gauge reaches the mirror only: the
+    /// instance keeps admitting by its own limit and counts (#13: "a gauge limit of 0 stops
+    /// it").
+    #[test]
+    fn a_caller_cannot_change_the_instances_limit() {
+        let inst = LaneGauge::create(2).unwrap();
+        let caller = LaneGauge::open(inst.fd().try_clone_to_owned().unwrap()).unwrap();
+        for (off, v) in [
+            (G_LIMIT, 0),
+            (G_ACTIVE, u32::MAX),
+            (G_QUEUED, 7),
+            (G_DRAINING, 1),
+        ] {
+            word(&caller.mem, off).store(v, Ordering::SeqCst);
+        }
+        assert!(!caller.has_room(), "the mirror is what the caller wrote");
+        assert_eq!(inst.limit(), 2);
+        assert!(!inst.is_draining());
+        assert!(inst.try_acquire(false));
+        assert!(inst.try_acquire(false));
+        assert!(!inst.try_acquire(true), "still its own limit of 2");
+        inst.release();
+        inst.release();
+        assert_eq!(
+            word(&caller.mem, G_ACTIVE).load(Ordering::SeqCst),
+            0,
+            "the instance rewrote its count"
+        );
+    }
+
+    #[test]
+    fn a_peeked_reply_stays_until_reset() {
+        let server = LaneRegion::create(1, 64).unwrap();
+        let caller = LaneRegion::open(server.fd().try_clone_to_owned().unwrap(), 1, 64).unwrap();
+        let mut buf = Vec::new();
+        assert!(!caller.peek_reply(0, &mut buf));
+        assert!(caller.post(0, b"q"));
+        assert!(server.take(0, &mut buf));
+        assert!(server.complete(0, b"r"));
+        assert!(caller.peek_reply(0, &mut buf));
+        assert_eq!(buf, b"r");
+        assert_eq!(
+            server.state(0),
+            SlotState::Done,
+            "held until the caller resets"
+        );
+        assert!(caller.reset(0));
+        assert_eq!(server.state(0), SlotState::Free);
     }
 }

@@ -1,7 +1,9 @@
 //! The caller's side: [`CallClient`] multiplexes calls over one proxy connection (each waits at
 //! most its timeout plus `REPLY_GRACE`; at most `OUTBOUND_FRAMES` frames queue towards the
-//! proxy), and takes a call lane to an instance on this node when one is offered.
-use crate::lane::{CallerLane, LaneOutcome, LaneSet};
+//! proxy), and takes a call lane to an instance on this node when one is offered. An object
+//! result is viewed, then released to the instance that stored it (a `Release` frame through
+//! the proxy, or the lane slot given back), never deleted here.
+use crate::lane::{CallerLane, LaneOutcome, LaneSet, SlotHold};
 use crate::{Client, Error};
 use shoal_protocol::{
     encode_frame, CallerFrame, ErrorCode, FrameDecoder, LaneInfo, Payload, ProxyFrame, Role,
@@ -55,6 +57,9 @@ pub struct CallOptions {
     /// Pass payloads above the inline limit as objects through this client of the node's
     /// dataworker. Without it, such payloads fail with `TooLarge`.
     pub store: Option<Client>,
+    /// A bearer token presented to the proxy: the caller acts in its tenant. Without one the
+    /// proxy maps the caller's uid to a tenant (the local user's is `default`). Never logged.
+    pub token: Option<String>,
 }
 
 impl Default for CallOptions {
@@ -63,8 +68,28 @@ impl Default for CallOptions {
             lanes: true,
             lane_spin: Duration::from_micros(100),
             store: None,
+            token: None,
         }
     }
+}
+
+impl CallOptions {
+    /// The defaults, with [`CallOptions::token`] from `SHOAL_TOKEN` when it is set (a
+    /// function instance's own credential, when its agent started it).
+    pub fn from_env() -> CallOptions {
+        CallOptions {
+            token: std::env::var("SHOAL_TOKEN").ok().filter(|t| !t.is_empty()),
+            ..CallOptions::default()
+        }
+    }
+}
+
+/// What tells the instance that stored an object result that this caller holds it.
+enum Holding {
+    /// Through the proxy: `Release` of this call id.
+    Proxy(u64),
+    /// Through a lane: the slot, given back on drop.
+    Lane(SlotHold),
 }
 
 /// A caller's lanes, by function.
@@ -144,7 +169,7 @@ impl CallClient {
         opts: CallOptions,
     ) -> Result<CallClient, Error> {
         let (stream, mut buf, node_id, inline_limit) =
-            handshake(proxy_socket.as_ref(), Role::Caller).await?;
+            handshake(proxy_socket.as_ref(), Role::Caller, opts.token.as_deref()).await?;
         let (mut rd, mut wr) = stream.into_split();
         let (tx, mut rx) = mpsc::channel::<Vec<u8>>(OUTBOUND_FRAMES);
         let calls = Arc::new(Mutex::new(Calls::default()));
@@ -252,7 +277,8 @@ impl CallClient {
 
     /// Calls `function` (or its `instance`) with `args` as given: inline bytes, or the id of
     /// an object already in the store (left there). An object result comes back as a
-    /// zero-copy view, and the result object is deleted (the view stays valid).
+    /// zero-copy view; once it is viewed, the instance that stored it is told to delete it
+    /// (the view stays valid).
     pub async fn invoke_payload(
         &self,
         function: &str,
@@ -266,10 +292,27 @@ impl CallClient {
             }
         }
         match self.call(function, instance, args, timeout).await? {
-            Payload::Inline(v) => Ok(Data::Bytes(v)),
-            Payload::Object(id) => Ok(Data::Object(
-                view_object(self.inner.store.as_ref(), &id, OBJECT_WAIT, true).await?,
-            )),
+            (Payload::Inline(v), _) => Ok(Data::Bytes(v)),
+            (Payload::Object(id), holding) => {
+                let view = view_object(self.inner.store.as_ref(), &id, OBJECT_WAIT, false).await;
+                if let Some(h) = holding {
+                    self.release(h).await;
+                }
+                Ok(Data::Object(view?))
+            }
+        }
+    }
+
+    /// Tells the instance that stored an object result that this caller is done with it.
+    async fn release(&self, holding: Holding) {
+        match holding {
+            Holding::Lane(slot) => drop(slot),
+            Holding::Proxy(id) => {
+                if let Ok(frame) = encode(&CallerFrame::Release { id }) {
+                    // A closed connection released everything it held.
+                    let _ = self.inner.tx.send(frame).await;
+                }
+            }
         }
     }
 
@@ -299,13 +342,14 @@ impl CallClient {
         Ok(r?.into_vec())
     }
 
+    /// Makes the call; an object result comes with what releases it.
     async fn call(
         &self,
         function: &str,
         instance: Option<&str>,
         args: Payload,
         timeout: Duration,
-    ) -> Result<Payload, Error> {
+    ) -> Result<(Payload, Option<Holding>), Error> {
         let inner = &*self.inner;
         let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
         let args = match &inner.lanes {
@@ -313,7 +357,7 @@ impl CallClient {
                 .lane_call(lanes, id, function, instance, args, timeout)
                 .await
             {
-                Ok(result) => return Ok(result?),
+                Ok((result, hold)) => return Ok((result?, hold.map(Holding::Lane))),
                 Err(args) => args,
             },
             None => args,
@@ -351,11 +395,14 @@ impl CallClient {
                 "no reply from the proxy past the deadline",
             )),
         };
-        Ok(result?)
+        let payload = result?;
+        let holding = matches!(payload, Payload::Object(_)).then_some(Holding::Proxy(id));
+        Ok((payload, holding))
     }
 
     /// Makes the call through a lane to a local instance with room, if there is one; gives
-    /// the argument back when the call did not start there.
+    /// the argument back when the call did not start there. An object result comes with its
+    /// slot, held until the caller has viewed it.
     async fn lane_call(
         &self,
         lanes: &Lanes,
@@ -364,7 +411,7 @@ impl CallClient {
         instance: Option<&str>,
         args: Payload,
         timeout: Duration,
-    ) -> Result<Result<Payload, WireError>, Payload> {
+    ) -> Result<(Result<Payload, WireError>, Option<SlotHold>), Payload> {
         let Some(lane) = self.lane_for(lanes, function, instance).await else {
             return Err(args);
         };
@@ -388,9 +435,9 @@ impl CallClient {
             .checked_add(timeout)
             .unwrap_or_else(|| now + Duration::from_secs(365 * 86_400));
         match lane.call(&bytes, deadline, lanes.spin).await {
-            LaneOutcome::Answered(result) => {
+            LaneOutcome::Answered(result, hold) => {
                 lanes.calls.fetch_add(1, Ordering::Relaxed);
-                Ok(result)
+                Ok((result, hold))
             }
             LaneOutcome::NotStarted => {
                 if lane.is_dead() || !lane.has_room() {

@@ -1,10 +1,17 @@
-//! The instance's side: [`FunctionInstance`] registers with the proxy and runs the handler for
-//! each call (from the proxy or a lane), answering every call it took exactly once; [`serve`]
-//! is the one-call entry point, [`InstanceEnv`] the settings the agent passes in.
-use crate::lane::{run_holding, Admission, CallFn, LaneListener, LaneServer};
-use crate::{Client, Error};
+//! The instance's side: [`FunctionInstance`] registers with the proxy (with its own
+//! credential) and runs the handler for each call (from the proxy or a lane), answering every
+//! call it took exactly once; [`serve`] is the one-call entry point, [`InstanceEnv`] the
+//! settings the agent passes in.
+//!
+//! Result objects it stores are deleted by it, through its own dataworker client: when the
+//! caller releases one (a `Release` from the proxy, or the lane slot freed), when it has been
+//! held `RESULT_HOLD` unreleased, past `MAX_HELD_RESULTS`, or when the instance stops.
+use crate::lane::{run_holding, Admission, CallFn, LaneListener, LaneServer, ReleaseFn};
+use crate::{CallOptions, Client, Error};
 use bytes::BytesMut;
-use shoal_protocol::{CallerFrame, ErrorCode, FrameDecoder, Payload, ProxyFrame, Role, WireError};
+use shoal_protocol::{
+    CallerFrame, ErrorCode, FrameDecoder, LaneKey, ObjectId, Payload, ProxyFrame, Role, WireError,
+};
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -16,6 +23,87 @@ use tokio::task::JoinSet;
 
 use super::data::{put_object, view_object, Data, OBJECT_WAIT};
 use super::{encode, handshake, max_frame};
+
+/// Longest an object result waits for its caller's release before the instance deletes it.
+pub(crate) const RESULT_HOLD: Duration = Duration::from_secs(30);
+/// Object results held unreleased at most (through the proxy); past it the oldest is deleted.
+pub(crate) const MAX_HELD_RESULTS: usize = 4096;
+/// Object results handed over for deletion and not deleted yet, at most (then the releasing
+/// side deletes them itself).
+const RELEASE_QUEUE: usize = 4096;
+
+/// Object results this instance stored and its callers have not released yet (through the
+/// proxy), oldest first, and the deletions under way.
+struct HeldResults {
+    store: Option<Client>,
+    held: VecDeque<(tokio::time::Instant, u64, ObjectId)>,
+    deleting: JoinSet<()>,
+}
+
+impl HeldResults {
+    fn new(store: Option<Client>) -> Self {
+        Self {
+            store,
+            held: VecDeque::new(),
+            deleting: JoinSet::new(),
+        }
+    }
+
+    /// Deletes `id` through the instance's own client (so in its own tenant).
+    fn delete(&mut self, id: ObjectId) {
+        if let Some(store) = self.store.clone() {
+            self.deleting.spawn(async move {
+                let _ = store.delete(id.as_str()).await;
+            });
+        }
+    }
+
+    /// Invoke `invoke` was answered with object `id`.
+    fn hold(&mut self, invoke: u64, id: ObjectId) {
+        if self.held.len() >= MAX_HELD_RESULTS {
+            if let Some((_, _, old)) = self.held.pop_front() {
+                self.delete(old);
+            }
+        }
+        let until = tokio::time::Instant::now() + RESULT_HOLD;
+        self.held.push_back((until, invoke, id));
+    }
+
+    /// The caller of `invoke` is done with its result.
+    fn release(&mut self, invoke: u64) {
+        if let Some(pos) = self.held.iter().position(|(_, i, _)| *i == invoke) {
+            if let Some((_, _, id)) = self.held.remove(pos) {
+                self.delete(id);
+            }
+        }
+    }
+
+    /// When the oldest result is due.
+    fn next_due(&self) -> Option<tokio::time::Instant> {
+        self.held.front().map(|(t, _, _)| *t)
+    }
+
+    /// Deletes what is due.
+    fn expire(&mut self) {
+        let now = tokio::time::Instant::now();
+        while self.held.front().is_some_and(|(t, _, _)| *t <= now) {
+            if let Some((_, _, id)) = self.held.pop_front() {
+                self.delete(id);
+            }
+        }
+    }
+
+    /// Deletes everything still held and waits for every deletion.
+    async fn release_all(mut self, lanes: &mut tokio::sync::mpsc::Receiver<ObjectId>) {
+        while let Some((_, _, id)) = self.held.pop_front() {
+            self.delete(id);
+        }
+        while let Ok(id) = lanes.try_recv() {
+            self.delete(id);
+        }
+        while self.deleting.join_next().await.is_some() {}
+    }
+}
 
 /// A function instance registered with the proxy, not yet serving. [`FunctionInstance::run`]
 /// serves it; calls routed to it before that wait in the socket.
@@ -108,12 +196,16 @@ where
 
 impl FunctionInstance {
     /// Connects to the proxy and registers `instance_id` as an instance of `function` that
-    /// handles `concurrency` calls at once. Once this returns, calls can be routed to it.
+    /// handles `concurrency` calls at once, presenting `token`: the instance's own credential
+    /// (its agent passes it as `SHOAL_TOKEN`), bound to exactly this function and instance id.
+    /// Without it, or with another instance's, the proxy refuses (`Unauthenticated`,
+    /// `PermissionDenied`). Once this returns, calls can be routed to it.
     pub async fn register(
         proxy_socket: impl AsRef<Path>,
         function: &str,
         instance_id: &str,
         concurrency: u32,
+        token: Option<&str>,
     ) -> Result<FunctionInstance, Error> {
         let (stream, buf, node_id, inline_limit) = handshake(
             proxy_socket.as_ref(),
@@ -122,6 +214,7 @@ impl FunctionInstance {
                 instance_id: instance_id.to_owned(),
                 concurrency,
             },
+            token,
         )
         .await?;
         Ok(FunctionInstance {
@@ -220,6 +313,7 @@ impl FunctionInstance {
         let (mut rd, mut wr) = stream.into_split();
         let dec = FrameDecoder::new(max_frame(inline_limit));
         let handler = Arc::new(handler);
+        let mut results = HeldResults::new(store.clone());
         let call: CallFn = Arc::new(move |args, timeout_ms| {
             Box::pin(answer(
                 handler.clone(),
@@ -229,18 +323,41 @@ impl FunctionInstance {
                 timeout_ms,
             ))
         });
+        // Lane results callers are done with come here, to be deleted beside the others.
+        let (released_tx, mut released) = tokio::sync::mpsc::channel::<ObjectId>(RELEASE_QUEUE);
+        let release: ReleaseFn = {
+            let store = results.store.clone();
+            let rt = tokio::runtime::Handle::current();
+            Arc::new(move |id: ObjectId| {
+                if let Err(tokio::sync::mpsc::error::TrySendError::Full(id)) =
+                    released_tx.try_send(id)
+                {
+                    if let Some(store) = store.clone() {
+                        rt.spawn(async move {
+                            let _ = store.delete(id.as_str()).await;
+                        });
+                    }
+                }
+            })
+        };
+        // Held for the loop's life, so `released` ends only when the loop does.
+        let _release = release.clone();
         let admission = Admission::new(concurrency)?;
         let lanes = match lanes.then(|| LaneListener::bind(&proxy_socket)).flatten() {
             Some(listener) => {
                 let path = listener.path().to_string_lossy().into_owned();
+                let key: LaneKey = rand::random();
                 let server = LaneServer::start(
                     listener,
+                    key,
                     admission.clone(),
                     call.clone(),
+                    release,
                     inline_limit,
                     poll,
                 )?;
-                wr.write_all(&encode(&CallerFrame::Lane { path })?).await?;
+                wr.write_all(&encode(&CallerFrame::Lane { path, key })?)
+                    .await?;
                 Some(server)
             }
             None => None,
@@ -265,7 +382,7 @@ impl FunctionInstance {
         // What the gauge says waits in `queue` (written only when it changes: callers on
         // other cores read that word).
         let mut queued = 0usize;
-        loop {
+        let served: Result<(), Error> = async { loop {
             while let Some(frame) = dec
                 .decode::<ProxyFrame>(&mut buf)
                 .map_err(|e| Error::protocol(e.to_string()))?
@@ -290,6 +407,7 @@ impl FunctionInstance {
                         }
                     }
                     ProxyFrame::Drained => drained = true,
+                    ProxyFrame::Release { id } => results.release(id),
                     other => {
                         return Err(Error::protocol(format!(
                             "unexpected frame from the proxy: {other:?}"
@@ -309,6 +427,7 @@ impl FunctionInstance {
             // thread (one more branch that yields and comes back): on the proxy path a
             // parked instance costs a wake-up per call.
             let hot = hot_until.is_some_and(|t| std::time::Instant::now() < t);
+            let (due, deleting) = (results.next_due(), !results.deleting.is_empty());
             tokio::select! {
                 n = rd.read_buf(&mut buf) => {
                     if n? == 0 {
@@ -338,26 +457,43 @@ impl FunctionInstance {
                     }
                 }
                 Some(done) = tasks.join_next_with_id() => {
-                    if let Some(out) = result_frame(done, &mut ids)? {
-                        wr.write_all(&out).await?;
+                    if let Some((id, result)) = finished(done, &mut ids) {
+                        if let Ok(Payload::Object(o)) = &result {
+                            results.hold(id, o.clone());
+                        }
+                        wr.write_all(&encode(&CallerFrame::Result { id, result })?).await?;
                     }
                     hot_until = std::time::Instant::now().checked_add(poll);
+                }
+                Some(id) = released.recv() => results.delete(id),
+                Some(_) = results.deleting.join_next(), if deleting => {}
+                _ = tokio::time::sleep_until(due.unwrap_or_else(far_future)), if due.is_some() => {
+                    results.expire();
                 }
                 // The thread yields too, so a busy machine's other threads run first.
                 _ = async { std::thread::yield_now(); tokio::task::yield_now().await }, if hot => {}
             }
-        }
+        } }
+        .await;
+        // The lane thread stops first, handing back what its lanes held.
+        drop(lanes);
+        results.release_all(&mut released).await;
+        served
     }
+}
+
+fn far_future() -> tokio::time::Instant {
+    tokio::time::Instant::now() + Duration::from_secs(86_400)
 }
 
 /// How long an instance keeps looking for its next call after one, before it parks.
 const DEFAULT_POLL: Duration = Duration::from_micros(200);
 
-/// The `Result` frame for a finished handler task (`None`: not a call's task).
-fn result_frame(
+/// The invoke id and result of a finished handler task (`None`: not a call's task).
+fn finished(
     done: Result<(tokio::task::Id, Result<Payload, WireError>), tokio::task::JoinError>,
     ids: &mut HashMap<tokio::task::Id, u64>,
-) -> Result<Option<Vec<u8>>, Error> {
+) -> Option<(u64, Result<Payload, WireError>)> {
     let (task, result) = match done {
         Ok((task, r)) => (task, r),
         Err(e) => (
@@ -368,10 +504,8 @@ fn result_frame(
             )),
         ),
     };
-    let Some(id) = ids.remove(&task) else {
-        return Ok(None);
-    };
-    Ok(Some(encode(&CallerFrame::Result { id, result })?))
+    let id = ids.remove(&task)?;
+    Some((id, result))
 }
 
 /// Resolves on the next SIGTERM; never without a handler.
@@ -384,20 +518,22 @@ async fn sigterm(term: &mut Option<tokio::signal::unix::Signal>) {
     }
 }
 
-/// Registers a function instance with the proxy at `proxy_socket` and serves calls with
-/// `handler` (at most `concurrency` at once) until the proxy closes the connection.
+/// Registers a function instance with the proxy at `proxy_socket`, presenting `token` (see
+/// [`FunctionInstance::register`]), and serves calls with `handler` (at most `concurrency` at
+/// once) until the proxy closes the connection.
 pub async fn serve<F, Fut>(
     proxy_socket: impl AsRef<Path>,
     function: &str,
     instance_id: &str,
     concurrency: u32,
+    token: Option<&str>,
     handler: F,
 ) -> Result<(), Error>
 where
     F: Fn(Vec<u8>) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Result<Vec<u8>, String>> + Send + 'static,
 {
-    FunctionInstance::register(proxy_socket, function, instance_id, concurrency)
+    FunctionInstance::register(proxy_socket, function, instance_id, concurrency, token)
         .await?
         .run(handler)
         .await
@@ -416,6 +552,9 @@ pub struct InstanceEnv {
     pub instance_id: String,
     /// `SHOAL_CONCURRENCY` (else 1).
     pub concurrency: u32,
+    /// `SHOAL_TOKEN`: the instance's own credential, which the proxy requires to register it
+    /// (and which its calls to other functions present). Never logged.
+    pub token: Option<String>,
 }
 
 impl InstanceEnv {
@@ -442,7 +581,17 @@ impl InstanceEnv {
                 .unwrap_or_else(|| format!("{function}-{}", std::process::id())),
             function,
             concurrency,
+            token: var("SHOAL_TOKEN"),
         })
+    }
+
+    /// Options for this instance's own calls to other functions: they present its
+    /// credential, so they act in its function's tenant.
+    pub fn call_options(&self) -> CallOptions {
+        CallOptions {
+            token: self.token.clone(),
+            ..CallOptions::default()
+        }
     }
 
     /// Registers with the proxy, with a dataworker client when a socket is named, draining
@@ -453,6 +602,7 @@ impl InstanceEnv {
             &self.function,
             &self.instance_id,
             self.concurrency,
+            self.token.as_deref(),
         )
         .await?
         .drain_on_sigterm();

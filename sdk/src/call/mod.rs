@@ -13,9 +13,17 @@
 //! Arguments and results up to the proxy's inline limit travel in the call itself; larger ones
 //! travel as objects in the dataworker, named by id, when the caller (or the instance) has a
 //! dataworker [`Client`] ([`CallClient::connect_with_store`], [`FunctionInstance::with_store`]).
-//! The side that creates such an object for a call deletes it once the call is answered (the
-//! caller its argument; the caller, after reading it, the instance's result). Without a
-//! client, payloads above the limit fail with `TooLarge`. A handler that takes [`Data`] sees an
+//! The side that creates such an object for a call deletes it, on its own connection (so in
+//! its own tenant): the caller its argument once the call is answered; the instance its result
+//! once the caller says it holds a view of it (or, failing that, after a while or when the
+//! instance stops). A caller never deletes an object it did not create: an instance that
+//! returns someone else's id gets nothing released. Without a client, payloads above the
+//! limit fail with `TooLarge`.
+//!
+//! Credentials: a connection presents a token in its hello when it has one
+//! ([`CallOptions::token`]; [`CallOptions::from_env`] takes `SHOAL_TOKEN`); without one the
+//! proxy knows a caller by its uid. An instance must present its own credential, which its
+//! agent passes as `SHOAL_TOKEN` ([`InstanceEnv`]). A handler that takes [`Data`] sees an
 //! object argument as a zero-copy [`View`], on whichever node the object lives (another node's
 //! object is pulled once).
 //!
@@ -89,15 +97,18 @@ async fn read_frame(
     }
 }
 
-/// Connects and says hello; returns the stream, leftover bytes, node id and inline limit.
+/// Connects and says hello (presenting `token`, if any); returns the stream, leftover bytes,
+/// node id and inline limit.
 async fn handshake(
     proxy_socket: &Path,
     role: Role,
+    token: Option<&str>,
 ) -> Result<(UnixStream, BytesMut, String, u64), Error> {
     let mut stream = UnixStream::connect(proxy_socket).await?;
     let hello = encode(&CallerFrame::Hello {
         version: PROTOCOL_VERSION,
         role,
+        token: token.map(str::to_owned),
     })?;
     stream.write_all(&hello).await?;
     let mut buf = BytesMut::with_capacity(64 * 1024);

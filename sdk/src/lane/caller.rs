@@ -1,8 +1,10 @@
 //! The caller's side of call lanes: a [`CallerLane`] per instance connection, posting calls
 //! into free slots and waiting for their results (polling briefly, then ringing and sleeping),
 //! and the [`LaneSet`] of a caller's lanes. A call the instance never took goes through the
-//! proxy instead; a taken call whose lane closes fails.
-use super::{lock, poll_step, CONNECT_TIMEOUT, HELLO_LEN, HELLO_MAGIC};
+//! proxy instead; a taken call whose lane closes fails. A caller opens a lane by presenting
+//! the key the proxy handed it; an object result keeps its slot done (a [`SlotHold`]) until
+//! the caller has viewed it, which is how the instance learns it may delete the object.
+use super::{lock, poll_step, CONNECT_TIMEOUT, HELLO_LEN, HELLO_MAGIC, KEY_MAGIC};
 use crate::Error;
 use bytes::BytesMut;
 use shoal_protocol::{CallerFrame, ErrorCode, FrameDecoder, LaneInfo, Payload, WireError};
@@ -15,9 +17,32 @@ use tokio::sync::Notify;
 
 /// How a lane call ended.
 pub(crate) enum LaneOutcome {
-    /// The instance answered (or the call failed after it started).
-    Answered(Result<Payload, WireError>),
+    /// The instance answered (or the call failed after it started); an object result comes
+    /// with its slot, held until dropped.
+    Answered(Result<Payload, WireError>, Option<SlotHold>),
     /// The call never started; it may go through the proxy.
+    NotStarted,
+}
+
+/// A done slot whose reply named an object: while it is held, the instance keeps the object;
+/// dropping it frees the slot, and the instance then deletes the object.
+pub(crate) struct SlotHold {
+    lane: Arc<CallerLane>,
+    slot: u32,
+}
+
+impl Drop for SlotHold {
+    fn drop(&mut self) {
+        self.lane.region.reset(self.slot);
+        self.lane.set_slot(self.slot, SlotUse::Free);
+    }
+}
+
+/// What [`CallerLane::settle`] found in a slot whose call is over.
+enum Settled {
+    Answered(Result<Payload, WireError>),
+    /// A reply naming an object; the slot stays done until released.
+    Object(Result<Payload, WireError>),
     NotStarted,
 }
 
@@ -65,7 +90,12 @@ impl CallerLane {
     }
 
     async fn open(info: &LaneInfo) -> Result<CallerLane, Error> {
-        let stream = tokio::net::UnixStream::connect(&info.path).await?;
+        use tokio::io::AsyncWriteExt;
+        let mut stream = tokio::net::UnixStream::connect(&info.path).await?;
+        let mut key = [0u8; HELLO_LEN];
+        key[..8].copy_from_slice(KEY_MAGIC);
+        key[8..].copy_from_slice(&info.key);
+        stream.write_all(&key).await?;
         let mut hello = [0u8; HELLO_LEN];
         let (n, mut fds) = loop {
             stream.readable().await?;
@@ -143,7 +173,7 @@ impl CallerLane {
     /// Posts `frame` (an encoded `Invoke`) and waits for its answer until `deadline`,
     /// polling for `spin` first when it is this lane's only call.
     pub(crate) async fn call(
-        &self,
+        self: &Arc<Self>,
         frame: &[u8],
         deadline: tokio::time::Instant,
         spin: Duration,
@@ -163,49 +193,62 @@ impl CallerLane {
             .wait(slot, deadline, if alone { spin } else { Duration::ZERO })
             .await;
         self.in_flight.fetch_sub(1, Ordering::SeqCst);
-        out
+        match out {
+            Settled::Answered(r) => LaneOutcome::Answered(r, None),
+            Settled::Object(r) => LaneOutcome::Answered(
+                r,
+                Some(SlotHold {
+                    lane: self.clone(),
+                    slot,
+                }),
+            ),
+            Settled::NotStarted => LaneOutcome::NotStarted,
+        }
     }
 
     /// What `slot` holds now, if the call is over.
-    fn settle(&self, slot: u32, timed_out: bool) -> Option<LaneOutcome> {
+    fn settle(&self, slot: u32, timed_out: bool) -> Option<Settled> {
         match self.region.state(slot) {
             SlotState::Done => {
                 let mut buf = Vec::new();
-                self.region.reply(slot, &mut buf);
-                self.set_slot(slot, SlotUse::Free);
+                self.region.peek_reply(slot, &mut buf);
                 let mut b = BytesMut::from(&buf[..]);
-                Some(LaneOutcome::Answered(
-                    match self.decoder.decode::<CallerFrame>(&mut b) {
-                        Ok(Some(CallerFrame::Result { result, .. })) => result,
-                        _ => {
-                            self.dead.store(true, Ordering::SeqCst);
-                            Err(WireError::new(
-                                ErrorCode::ProtocolError,
-                                "malformed reply on the call lane",
-                            ))
-                        }
-                    },
-                ))
+                let result = match self.decoder.decode::<CallerFrame>(&mut b) {
+                    Ok(Some(CallerFrame::Result { result, .. })) => result,
+                    _ => {
+                        self.dead.store(true, Ordering::SeqCst);
+                        Err(WireError::new(
+                            ErrorCode::ProtocolError,
+                            "malformed reply on the call lane",
+                        ))
+                    }
+                };
+                if matches!(result, Ok(Payload::Object(_))) {
+                    return Some(Settled::Object(result));
+                }
+                self.region.reset(slot);
+                self.set_slot(slot, SlotUse::Free);
+                Some(Settled::Answered(result))
             }
             SlotState::Bounced => {
                 self.region.reset(slot);
                 self.set_slot(slot, SlotUse::Free);
-                Some(LaneOutcome::NotStarted)
+                Some(Settled::NotStarted)
             }
             SlotState::Posted if timed_out || self.is_dead() => {
                 if self.region.withdraw(slot) {
                     self.set_slot(slot, SlotUse::Free);
                     return Some(if timed_out {
-                        LaneOutcome::Answered(Err(timeout_error()))
+                        Settled::Answered(Err(timeout_error()))
                     } else {
-                        LaneOutcome::NotStarted
+                        Settled::NotStarted
                     });
                 }
                 None // taken meanwhile: look again
             }
             SlotState::Taken if timed_out || self.is_dead() => {
                 self.set_slot(slot, SlotUse::Abandoned);
-                Some(LaneOutcome::Answered(Err(if timed_out {
+                Some(Settled::Answered(Err(if timed_out {
                     timeout_error()
                 } else {
                     WireError::new(
@@ -218,7 +261,7 @@ impl CallerLane {
             SlotState::Free | SlotState::Invalid(_) => {
                 self.dead.store(true, Ordering::SeqCst);
                 self.set_slot(slot, SlotUse::Abandoned);
-                Some(LaneOutcome::Answered(Err(WireError::new(
+                Some(Settled::Answered(Err(WireError::new(
                     ErrorCode::InstanceFailed,
                     "the call lane was corrupted",
                 ))))
@@ -226,7 +269,7 @@ impl CallerLane {
         }
     }
 
-    async fn wait(&self, slot: u32, deadline: tokio::time::Instant, spin: Duration) -> LaneOutcome {
+    async fn wait(&self, slot: u32, deadline: tokio::time::Instant, spin: Duration) -> Settled {
         let start = Instant::now();
         let mut spins = 0u32;
         loop {

@@ -1,14 +1,16 @@
-//! The instance's side of call lanes: the listener that hands each caller a region and the gauge,
-//! the lane thread that polls every lane's slots (then sleeps in `poll(2)` once idle), and the
-//! admission that makes lane calls and proxy calls share the instance's concurrency units.
+//! The instance's side of call lanes: the listener that hands each caller who presents the
+//! lane key a region and the gauge, the lane thread that polls every lane's slots (then
+//! sleeps in `poll(2)` once idle), and the admission that makes lane calls and proxy calls
+//! share the instance's concurrency units. Object results are held per slot until the caller
+//! frees it, then handed to the [`ReleaseFn`].
 use super::{
-    encode_result, lock, poll_step, slot_capacity, HELLO_LEN, HELLO_MAGIC, MAX_LANES, SLOTS,
-    SOCKET_CHECK,
+    encode_result, lock, poll_step, slot_capacity, CONNECT_TIMEOUT, HELLO_LEN, HELLO_MAGIC,
+    KEY_MAGIC, MAX_LANES, MAX_PENDING, SLOTS, SOCKET_CHECK,
 };
 use crate::Error;
 use bytes::BytesMut;
 use nix::poll::{PollFd, PollFlags, PollTimeout};
-use shoal_protocol::{ErrorCode, FrameDecoder, Payload, ProxyFrame, WireError};
+use shoal_protocol::{ErrorCode, FrameDecoder, LaneKey, ObjectId, Payload, ProxyFrame, WireError};
 use shoal_shm::{LaneGauge, LaneRegion, SlotState};
 use std::collections::HashMap;
 use std::future::Future;
@@ -30,8 +32,11 @@ pub(crate) type CallFn = Arc<
         + Sync,
 >;
 
-/// The instance's concurrency units, shared by calls from the proxy and from lanes (the
-/// count itself lives in the [`LaneGauge`] so callers can read it).
+/// Deletes an object result the caller is done with (in the instance's own tenant).
+pub(crate) type ReleaseFn = Arc<dyn Fn(ObjectId) + Send + Sync>;
+
+/// The instance's concurrency units, shared by calls from the proxy and from lanes (counted
+/// by the [`LaneGauge`], which mirrors the count for callers to read).
 #[derive(Debug)]
 pub(crate) struct Admission {
     pub(crate) gauge: LaneGauge,
@@ -155,13 +160,42 @@ struct ServerLane {
     stream: UnixStream,
     /// Set when the lane misbehaved or its caller left: the lane thread drops it.
     closed: AtomicBool,
+    /// Object results by slot, kept until the caller frees the slot.
+    held: Mutex<Vec<Option<ObjectId>>>,
+    /// How many of `held` are set (the sweep looks at them only then).
+    holding: AtomicUsize,
 }
 
 impl ServerLane {
-    /// Publishes a reply and rings the caller if it sleeps.
-    fn finish(&self, slot: u32, id: u64, result: Result<Payload, WireError>, buf: &mut Vec<u8>) {
+    fn new(region: LaneRegion, stream: UnixStream) -> Self {
+        let slots = region.slots() as usize;
+        ServerLane {
+            region,
+            stream,
+            closed: AtomicBool::new(false),
+            held: Mutex::new(vec![None; slots]),
+            holding: AtomicUsize::new(0),
+        }
+    }
+
+    /// Publishes a reply and rings the caller if it sleeps. An object result is held until
+    /// the caller frees the slot.
+    fn finish(
+        &self,
+        slot: u32,
+        id: u64,
+        result: Result<Payload, WireError>,
+        buf: &mut Vec<u8>,
+        release: &ReleaseFn,
+    ) {
+        if let Ok(Payload::Object(o)) = &result {
+            self.hold(slot, o.clone(), release);
+        }
         encode_result(id, result, buf);
         if !self.region.complete(slot, buf) {
+            if let Some(o) = self.unhold(slot) {
+                release(o);
+            }
             let e = WireError::new(ErrorCode::Internal, "the result does not fit the lane");
             encode_result(id, Err(e), buf);
             if !self.region.complete(slot, buf) {
@@ -170,6 +204,52 @@ impl ServerLane {
         }
         if self.region.callers_sleep() {
             self.ring();
+        }
+    }
+
+    fn hold(&self, slot: u32, object: ObjectId, release: &ReleaseFn) {
+        let old = lock(&self.held)
+            .get_mut(slot as usize)
+            .and_then(|h| h.replace(object));
+        match old {
+            Some(o) => release(o), // never expected: the slot's last object, freed first
+            None => {
+                self.holding.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+    }
+
+    fn unhold(&self, slot: u32) -> Option<ObjectId> {
+        // The common case, every call without an object result: no lock taken.
+        if self.holding.load(Ordering::SeqCst) == 0 {
+            return None;
+        }
+        let o = lock(&self.held).get_mut(slot as usize)?.take()?;
+        self.holding.fetch_sub(1, Ordering::SeqCst);
+        Some(o)
+    }
+
+    /// Releases the objects of slots the caller has freed (a slot still taken holds a result
+    /// being published; a posted one is released when it is taken).
+    fn release_freed(&self, release: &ReleaseFn) {
+        if self.holding.load(Ordering::SeqCst) == 0 {
+            return;
+        }
+        for slot in 0..self.region.slots() {
+            if self.region.state(slot) == SlotState::Free {
+                if let Some(o) = self.unhold(slot) {
+                    release(o);
+                }
+            }
+        }
+    }
+
+    /// Releases every object held (the lane is going away).
+    fn release_all(&self, release: &ReleaseFn) {
+        for slot in 0..self.region.slots() {
+            if let Some(o) = self.unhold(slot) {
+                release(o);
+            }
         }
     }
 
@@ -183,6 +263,7 @@ impl ServerLane {
 struct LaneCtx {
     admission: Arc<Admission>,
     call: CallFn,
+    release: ReleaseFn,
     rt: tokio::runtime::Handle,
     stop: AtomicBool,
     /// Handlers that moved to the runtime, by a lane-local id (aborted on stop).
@@ -205,11 +286,14 @@ impl std::fmt::Debug for LaneServer {
 }
 
 impl LaneServer {
-    /// Starts serving lanes on `listener`.
+    /// Starts serving lanes on `listener` to callers that present `key`; object results
+    /// callers are done with go to `release`.
     pub(crate) fn start(
         listener: LaneListener,
+        key: LaneKey,
         admission: Arc<Admission>,
         call: CallFn,
+        release: ReleaseFn,
         inline_limit: u64,
         poll: Duration,
     ) -> Result<LaneServer, Error> {
@@ -220,6 +304,7 @@ impl LaneServer {
         let ctx = Arc::new(LaneCtx {
             admission,
             call,
+            release,
             rt: tokio::runtime::Handle::current(),
             stop: AtomicBool::new(false),
             tasks: Mutex::new(HashMap::new()),
@@ -230,7 +315,7 @@ impl LaneServer {
         let cap = slot_capacity(inline_limit);
         let thread = std::thread::Builder::new()
             .name("shoal-lanes".into())
-            .spawn(move || LaneLoop::new(thread_ctx, listener, bell_rx, cap, poll).run())?;
+            .spawn(move || LaneLoop::new(thread_ctx, listener, key, bell_rx, cap, poll).run())?;
         Ok(LaneServer {
             ctx,
             bell,
@@ -274,9 +359,30 @@ struct Sweep {
     blocked: bool,
 }
 
+/// A caller that connected and has not presented its key yet.
+struct Pending {
+    stream: UnixStream,
+    got: [u8; HELLO_LEN],
+    n: usize,
+    since: Instant,
+}
+
+/// Whether `got` is the key message for `key` (compared in constant time).
+fn key_matches(got: &[u8; HELLO_LEN], key: &LaneKey) -> bool {
+    let diff = got[8..]
+        .iter()
+        .zip(key)
+        .fold(0u8, |acc, (a, b)| acc | (a ^ b));
+    got[..8] == KEY_MAGIC[..] && diff == 0
+}
+
 struct LaneLoop {
     ctx: Arc<LaneCtx>,
     listener: LaneListener,
+    key: LaneKey,
+    /// Callers that have not presented their key yet.
+    pending: Vec<Pending>,
+    own_uid: u32,
     bell: UnixStream,
     cap: u64,
     /// How long to keep polling after the last call before sleeping.
@@ -291,6 +397,7 @@ impl LaneLoop {
     fn new(
         ctx: Arc<LaneCtx>,
         listener: LaneListener,
+        key: LaneKey,
         bell: UnixStream,
         cap: u64,
         poll: Duration,
@@ -298,6 +405,9 @@ impl LaneLoop {
         LaneLoop {
             ctx,
             listener,
+            key,
+            pending: Vec::new(),
+            own_uid: nix::unistd::getuid().as_raw(),
             bell,
             cap,
             poll,
@@ -360,6 +470,7 @@ impl LaneLoop {
                 }
             }
             let _ = l.stream.shutdown(std::net::Shutdown::Both);
+            l.release_all(&self.ctx.release);
         }
     }
 
@@ -372,6 +483,7 @@ impl LaneLoop {
             if lane.closed.load(Ordering::SeqCst) {
                 continue;
             }
+            lane.release_freed(&self.ctx.release);
             for slot in 0..lane.region.slots() {
                 match lane.region.state(slot) {
                     SlotState::Posted => {}
@@ -380,6 +492,10 @@ impl LaneLoop {
                         break;
                     }
                     _ => continue,
+                }
+                // Posted again: the caller is done with the slot's last result.
+                if let Some(o) = lane.unhold(slot) {
+                    (self.ctx.release)(o);
                 }
                 if draining {
                     if lane.region.bounce(slot) {
@@ -426,12 +542,12 @@ impl LaneLoop {
         match polled {
             Ok(Poll::Ready(result)) => {
                 drop(permit);
-                lane.finish(slot, id, result, &mut self.rep);
+                lane.finish(slot, id, result, &mut self.rep, &self.ctx.release);
             }
             Err(_) => {
                 drop(permit);
                 let e = WireError::new(ErrorCode::Internal, "handler panicked");
-                lane.finish(slot, id, Err(e), &mut self.rep);
+                lane.finish(slot, id, Err(e), &mut self.rep, &self.ctx.release);
             }
             Ok(Poll::Pending) => self.spawn(lane.clone(), slot, id, fut, permit, deadline),
         }
@@ -461,8 +577,13 @@ impl LaneLoop {
                 }
                 Err(_) => None, // aborted: the instance is going away
             };
-            if let Some(result) = result {
-                lane.finish(slot, id, result, &mut Vec::new());
+            match result {
+                Some(result) => lane.finish(slot, id, result, &mut Vec::new(), &watcher.release),
+                None => {
+                    if let Some(o) = lane.unhold(slot) {
+                        (watcher.release)(o);
+                    }
+                }
             }
             lock(&watcher.tasks).remove(&task);
             watcher.in_flight.fetch_sub(1, Ordering::SeqCst);
@@ -470,17 +591,26 @@ impl LaneLoop {
         });
     }
 
-    /// Waits up to `timeout` for socket events: new lanes, rings (drained), closed lanes.
+    /// Waits up to `timeout` for socket events: new lanes, keys presented, rings (drained),
+    /// closed lanes.
     fn check_sockets(&mut self, timeout: PollTimeout) {
+        let release = self.ctx.release.clone();
         self.lanes.retain(|l| {
             let keep = !l.closed.load(Ordering::SeqCst);
             if !keep {
                 let _ = l.stream.shutdown(std::net::Shutdown::Both);
+                l.release_all(&release);
             }
             keep
         });
-        let (new_lane, bell, ready) = {
-            let mut fds = Vec::with_capacity(self.lanes.len() + 2);
+        self.pending.retain(|p| p.since.elapsed() < CONNECT_TIMEOUT);
+        // While callers are presenting keys, wake up soon enough to drop the slow ones.
+        let timeout = match self.pending.is_empty() || timeout == PollTimeout::ZERO {
+            true => timeout,
+            false => PollTimeout::from(10u16),
+        };
+        let (new_lane, bell, ready, keyed) = {
+            let mut fds = Vec::with_capacity(self.lanes.len() + self.pending.len() + 2);
             fds.push(PollFd::new(
                 self.listener.listener.as_fd(),
                 PollFlags::POLLIN,
@@ -489,16 +619,24 @@ impl LaneLoop {
             for l in &self.lanes {
                 fds.push(PollFd::new(l.stream.as_fd(), PollFlags::POLLIN));
             }
+            for p in &self.pending {
+                fds.push(PollFd::new(p.stream.as_fd(), PollFlags::POLLIN));
+            }
             if nix::poll::poll(&mut fds, timeout).unwrap_or(0) <= 0 {
                 return;
             }
             let ready = |f: &PollFd| f.revents().is_some_and(|r| !r.is_empty());
+            let lanes_end = 2 + self.lanes.len();
             (
                 ready(&fds[0]),
                 ready(&fds[1]),
-                fds[2..].iter().map(ready).collect::<Vec<_>>(),
+                fds[2..lanes_end].iter().map(ready).collect::<Vec<_>>(),
+                fds[lanes_end..].iter().map(ready).collect::<Vec<_>>(),
             )
         };
+        if keyed.iter().any(|r| *r) {
+            self.read_keys(&keyed);
+        }
         let mut scratch = [0u8; 256];
         if bell {
             while matches!((&self.bell).read(&mut scratch), Ok(n) if n > 0) {}
@@ -527,16 +665,61 @@ impl LaneLoop {
         }
     }
 
+    /// Takes new callers: those of another uid are closed at once (they go through the
+    /// proxy); the others wait until they present the key.
     fn accept(&mut self) {
         while let Ok((stream, _)) = self.listener.listener.accept() {
-            if self.lanes.len() >= MAX_LANES {
+            if self.lanes.len() >= MAX_LANES || self.pending.len() >= MAX_PENDING {
                 continue; // dropped: that caller goes through the proxy
             }
-            match self.open_lane(stream) {
+            let uid =
+                nix::sys::socket::getsockopt(&stream, nix::sys::socket::sockopt::PeerCredentials);
+            if uid.map_or(true, |c| c.uid() != self.own_uid) {
+                continue;
+            }
+            if stream.set_nonblocking(true).is_err() {
+                continue;
+            }
+            self.pending.push(Pending {
+                stream,
+                got: [0; HELLO_LEN],
+                n: 0,
+                since: Instant::now(),
+            });
+        }
+    }
+
+    /// Reads what the callers marked in `ready` sent; one that presented the right key gets
+    /// its lane, a wrong key or a closed socket is dropped.
+    fn read_keys(&mut self, ready: &[bool]) {
+        let mut keep = Vec::with_capacity(self.pending.len());
+        for (mut p, ready) in std::mem::take(&mut self.pending)
+            .into_iter()
+            .zip(ready.iter().copied().chain(std::iter::repeat(false)))
+        {
+            if !ready {
+                keep.push(p);
+                continue;
+            }
+            match (&p.stream).read(&mut p.got[p.n..]) {
+                Ok(0) => continue,
+                Ok(n) => p.n += n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(_) => continue,
+            }
+            if p.n < HELLO_LEN {
+                keep.push(p);
+                continue;
+            }
+            if !key_matches(&p.got, &self.key) || self.lanes.len() >= MAX_LANES {
+                continue; // dropped: no lane without the key
+            }
+            match self.open_lane(p.stream) {
                 Ok(l) => self.lanes.push(Arc::new(l)),
                 Err(e) => tracing_free_warn(&format!("a call lane could not be set up: {e}")),
             }
         }
+        self.pending = keep;
     }
 
     fn open_lane(&self, stream: UnixStream) -> Result<ServerLane, Error> {
@@ -554,10 +737,6 @@ impl LaneLoop {
             return Err(Error::protocol("short lane hello"));
         }
         stream.set_nonblocking(true)?;
-        Ok(ServerLane {
-            region,
-            stream,
-            closed: AtomicBool::new(false),
-        })
+        Ok(ServerLane::new(region, stream))
     }
 }

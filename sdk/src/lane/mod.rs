@@ -16,6 +16,14 @@
 //! - A call the instance never started (it drains, or its lane closed) goes through the proxy
 //!   instead. A call that started and lost its lane fails with `InstanceFailed`, as through
 //!   the proxy.
+//! - Who may open a lane: a caller presents the instance's lane key (`KEY_MAGIC` and the
+//!   key, before anything else), which only the proxy hands out, and only to callers of the
+//!   function's tenant; its uid must be the instance's own (`SO_PEERCRED`). Anyone else is
+//!   closed without a lane and calls through the proxy.
+//! - The gauge a caller maps is a mirror: the instance admits by its own counts and limit,
+//!   which no caller can write.
+//! - An object result keeps its slot done until the caller has viewed it; when the caller
+//!   frees the slot (or its lane closes) the instance deletes the object, in its own tenant.
 //!
 //! Layout: `instance` (the lane thread, its listener and admission), `caller` (a caller's lanes
 //! and the calls it posts); this file holds the limits and the framing both sides share.
@@ -26,8 +34,8 @@ use std::time::Duration;
 mod caller;
 mod instance;
 
-pub(crate) use caller::{CallerLane, LaneOutcome, LaneSet};
-pub(crate) use instance::{run_holding, Admission, CallFn, LaneListener, LaneServer};
+pub(crate) use caller::{CallerLane, LaneOutcome, LaneSet, SlotHold};
+pub(crate) use instance::{run_holding, Admission, CallFn, LaneListener, LaneServer, ReleaseFn};
 
 #[cfg(doc)]
 use shoal_shm::{LaneGauge, LaneRegion};
@@ -45,7 +53,11 @@ const MAX_LANES: usize = 1024;
 const SOCKET_CHECK: Duration = Duration::from_millis(1);
 /// Magic of the hello an instance sends with a lane's two fds.
 const HELLO_MAGIC: &[u8; 8] = b"SHOALLN1";
+/// Magic of what a caller sends first: this, then the lane key (`HELLO_LEN` bytes in all).
+const KEY_MAGIC: &[u8; 8] = b"SHOALLK1";
 const HELLO_LEN: usize = 24;
+/// Callers that connected but have not presented their key yet, at most.
+const MAX_PENDING: usize = 64;
 /// A caller waits this long at most for an instance's lane hello.
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 
