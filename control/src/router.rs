@@ -550,7 +550,11 @@ async fn dispatch(
             let spec = reg.get_function(principal(caller.as_ref())?, name).await?;
             let timeout = invoke_timeout(query)?;
             let args = read_body(req, view.max_invoke_body).await?;
-            match view.frontend.invoke(spec.tenant(), name, &args, timeout).await {
+            match view
+                .frontend
+                .invoke(spec.tenant(), name, &args, timeout)
+                .await
+            {
                 Ok(out) => reply(StatusCode::OK, "application/octet-stream", out),
                 Err(e) => return Err(ApiError::new(e.code, e.message)),
             }
