@@ -27,6 +27,9 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 /// How long a connect with a token waits for the first read of `tokens/` after start.
+/// Longest wait for the book to learn a well-formed token it does not know yet (one issued a
+/// moment ago, e.g. control's frontend credential or an instance's).
+const TOKEN_WAIT: Duration = Duration::from_secs(1);
 const BOOK_WAIT: Duration = Duration::from_secs(2);
 
 /// A connected client: who it is and what it may do in the tenant it acts in.
@@ -108,13 +111,15 @@ impl Auth {
             ));
         };
         book.loaded(BOOK_WAIT).await;
-        book.authenticate(token).map_err(|e| match e {
-            Denied::Unauthenticated => refused(
-                ErrorCode::Unauthenticated,
-                "token is malformed, unknown, revoked or expired",
-            ),
-            other => refused(ErrorCode::PermissionDenied, other.to_string()),
-        })
+        book.authenticate_within(token, TOKEN_WAIT)
+            .await
+            .map_err(|e| match e {
+                Denied::Unauthenticated => refused(
+                    ErrorCode::Unauthenticated,
+                    "token is malformed, unknown, revoked or expired",
+                ),
+                other => refused(ErrorCode::PermissionDenied, other.to_string()),
+            })
     }
 
     /// Whether `token` still stands for the same principal (checked while connected).

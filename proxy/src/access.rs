@@ -165,10 +165,8 @@ impl Access {
         {
             return; // nothing will make it good
         }
-        let deadline = tokio::time::Instant::now() + TOKEN_WAIT;
-        while self.authenticate(token).is_err() && tokio::time::Instant::now() < deadline {
-            // The poll interval: the book has no per-token notification.
-            tokio::time::sleep(Duration::from_millis(5)).await;
+        if let Some(book) = self.book.get() {
+            let _ = book.authenticate_within(token, TOKEN_WAIT).await;
         }
     }
 

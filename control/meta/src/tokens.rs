@@ -37,7 +37,8 @@ pub enum IssueError {
 #[derive(Debug, Clone)]
 pub struct TokenBook {
     tokens: Arc<RwLock<HashMap<String, TokenRecord>>>,
-    loaded: watch::Receiver<bool>,
+    /// 0 until the first read of `tokens/` is in; then bumped on every change.
+    generation: watch::Receiver<u64>,
 }
 
 /// The task that keeps a [`TokenBook`] current; stop it with [`TokenFollower::stop`].
@@ -59,9 +60,9 @@ impl TokenBook {
     /// A book of `meta`'s tokens and the task that keeps it current.
     pub fn follow(meta: Arc<dyn MetaStore>) -> (TokenBook, TokenFollower) {
         let tokens = Arc::new(RwLock::new(HashMap::new()));
-        let (loaded_tx, loaded) = watch::channel(false);
+        let (loaded_tx, generation) = watch::channel(0u64);
         let stop = CancellationToken::new();
-        let book = TokenBook { tokens, loaded };
+        let book = TokenBook { tokens, generation };
         let task = tokio::spawn(run(
             Follower::new(meta, TOKENS_PREFIX, RETRY_PAUSE),
             book.tokens.clone(),
@@ -73,8 +74,8 @@ impl TokenBook {
 
     /// Waits until the first read of `tokens/` is in (or `timeout` passes); whether it is.
     pub async fn loaded(&self, timeout: Duration) -> bool {
-        let mut rx = self.loaded.clone();
-        tokio::time::timeout(timeout, rx.wait_for(|l| *l))
+        let mut rx = self.generation.clone();
+        tokio::time::timeout(timeout, rx.wait_for(|g| *g > 0))
             .await
             .is_ok_and(|r| r.is_ok())
     }
@@ -86,6 +87,30 @@ impl TokenBook {
         let tokens = self.tokens.read().unwrap_or_else(|e| e.into_inner());
         let record = tokens.get(parts.id).ok_or(Denied::Unauthenticated)?;
         record.check(parts.secret, now_ms())
+    }
+
+    /// Like [`TokenBook::authenticate`], but a well-formed token the book does not know yet
+    /// gets up to `wait` to arrive (one issued a moment ago reaches the book as a watch
+    /// event: an instance's credential, issued just before its process started). Woken by
+    /// the book's changes, not by polling.
+    pub async fn authenticate_within(
+        &self,
+        token: &str,
+        wait: Duration,
+    ) -> Result<Principal, Denied> {
+        parse_token(token)?;
+        let mut rx = self.generation.clone();
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            rx.borrow_and_update();
+            match self.authenticate(token) {
+                Ok(p) => return Ok(p),
+                Err(e) => match tokio::time::timeout_at(deadline, rx.changed()).await {
+                    Ok(Ok(())) => continue,
+                    _ => return Err(e),
+                },
+            }
+        }
     }
 
     /// Every token the book holds (expired ones included), by id.
@@ -100,7 +125,7 @@ impl TokenBook {
 async fn run(
     mut follower: Follower,
     tokens: Arc<RwLock<HashMap<String, TokenRecord>>>,
-    loaded: watch::Sender<bool>,
+    generation: watch::Sender<u64>,
     stop: CancellationToken,
 ) {
     while let Some(next) = follower.next(&stop).await {
@@ -109,7 +134,6 @@ async fn run(
             Followed::Snapshot(kvs) => {
                 map.clear();
                 map.extend(kvs.iter().filter_map(decode));
-                loaded.send_replace(true);
             }
             Followed::Event(WatchEvent::Put(kv)) => {
                 if let Some((id, rec)) = decode(&kv) {
@@ -122,6 +146,8 @@ async fn run(
                 }
             }
         }
+        drop(map);
+        generation.send_modify(|g| *g += 1);
     }
 }
 
