@@ -216,6 +216,11 @@ pub(crate) fn proxy(a: ProxyArgs) -> anyhow::Result<ExitCode> {
             .await
             .with_context(|| format!("--http-addr {}", a.http_addr))?;
         let http_addr = http.local_addr()?;
+        // Metrics name functions and their load: only on a loopback listener.
+        let metrics = metrics.filter(|_| http_addr.ip().is_loopback());
+        if !http_addr.ip().is_loopback() {
+            tracing::warn!(%http_addr, "the proxy's /metrics is served only on a loopback --http-addr; off here");
+        }
         let p = shoal_proxy::Proxy::start(cfg).context("starting the proxy")?;
         let stop_http = tokio_util::sync::CancellationToken::new();
         let served = tokio::spawn(shoal_httpd::serve(
@@ -244,7 +249,7 @@ pub(crate) fn proxy(a: ProxyArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
-/// The proxy's `/metrics` (Prometheus text) and `/health`.
+/// The proxy's `/metrics` (Prometheus text; `None` off a loopback listener) and `/health`.
 fn proxy_http(
     req: &hyper::Request<hyper::body::Incoming>,
     metrics: Option<&metrics_exporter_prometheus::PrometheusHandle>,

@@ -1161,3 +1161,57 @@ fn an_update_rolls_the_instances_without_dropping_calls() {
     );
     assert!(served > 10, "only {served} calls");
 }
+
+/// A tenant's own function, deployed and invoked through control's REST API with the tenant's
+/// token: control's frontend calls it in that tenant (its proxy connection and payload
+/// objects live there), and another tenant's token cannot reach it.
+#[test]
+fn a_tenant_deploys_and_invokes_its_own_function_over_rest() {
+    let up = Up::start(1, &[]);
+    let token_for = |tenant: &str| {
+        let o = up.shoal(
+            0,
+            &["token", "create", "--role", "admin", "--tenant", tenant],
+            None,
+        );
+        let out = String::from_utf8(ok(&o)).unwrap();
+        out.split_whitespace()
+            .find(|w| w.starts_with("shoal_"))
+            .unwrap_or_else(|| panic!("no token in {out:?}"))
+            .to_string()
+    };
+    let team_b = token_for("team-b");
+    let team_c = token_for("team-c");
+    let as_tenant = |token: &str, args: &[&str]| {
+        Command::new(SHOAL)
+            .arg("fn")
+            .args(args)
+            .env("SHOAL_CONTROL", up.info().env.control.to_string())
+            .env("SHOAL_TOKEN", token)
+            .output()
+            .unwrap()
+    };
+    let pkg = up.dir.path().join("echo-b-pkg");
+    std::fs::create_dir_all(&pkg).unwrap();
+    std::fs::copy(example("echo"), pkg.join("echo")).unwrap();
+    let path = pkg.to_str().unwrap();
+    ok(&as_tenant(
+        &team_b,
+        &[
+            "deploy", "echo-b", "--path", path, "--min", "1", "--", "./echo",
+        ],
+    ));
+    let answer = poll_until(Instant::now() + Duration::from_secs(30), || {
+        let o = as_tenant(&team_b, &["invoke", "echo-b", "hello"]);
+        o.status.success().then_some(o.stdout)
+    });
+    assert_eq!(
+        answer.as_deref(),
+        Some(&b"hello"[..]),
+        "echo-b never answered its tenant"
+    );
+    let other = as_tenant(&team_c, &["invoke", "echo-b", "hello"]);
+    assert!(!other.status.success());
+    let err = String::from_utf8_lossy(&other.stderr);
+    assert!(err.contains("NotFound"), "{err}");
+}
