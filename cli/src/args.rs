@@ -522,14 +522,15 @@ pub(crate) struct ProxyArgs {
         value_delimiter = ','
     )]
     pub(crate) allow_uids: Vec<u32>,
-    /// The tenant of a local caller with this uid that presents no token (UID=TENANT,
-    /// repeatable); the proxy's own uid is tenant `default` unless given here.
+    /// The tenant of a local caller with this uid that presents no token (`UID=TENANT`, the
+    /// dataworker's syntax, whose `:ROLE` the proxy ignores; repeatable); the proxy's own uid
+    /// is tenant `default` unless given here.
     #[arg(
         long = "tenant-uid",
         env = "SHOAL_PROXY_TENANT_UIDS",
         value_delimiter = ','
     )]
-    pub(crate) tenant_uids: Vec<String>,
+    pub(crate) tenant_uids: Vec<shoal_dataworker::UidTenant>,
     #[command(flatten)]
     pub(crate) child: ChildArgs,
 }

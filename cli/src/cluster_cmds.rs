@@ -192,11 +192,9 @@ pub(crate) fn proxy(a: ProxyArgs) -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()?;
     cfg.allowed_uids = a.allow_uids.clone();
-    for (uid, tenant) in crate::fn_cmds::key_values("--tenant-uid", &a.tenant_uids)? {
-        let uid: u32 = uid
-            .parse()
-            .with_context(|| format!("--tenant-uid {uid}={tenant}: not a uid"))?;
-        cfg.tenant_uids.insert(uid, tenant);
+    // The dataworker's `UID=TENANT[:ROLE]` syntax and validation; the proxy uses the tenant.
+    for m in &a.tenant_uids {
+        cfg.tenant_uids.insert(m.uid, m.tenant.clone());
     }
     rt.block_on(async {
         if a.store.enabled() {

@@ -24,7 +24,7 @@ use shoal_meta::records::{
     Action, Denied, InstanceBinding, Principal, Quota, Role, DEFAULT_TENANT, QUOTAS_PREFIX,
 };
 use shoal_meta::{Followed, Follower, MetaStore, TokenBook, WatchEvent};
-use shoal_protocol::{ErrorCode, WireError};
+use shoal_protocol::{ErrorCode, WireError, MAX_TOKEN_LEN};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
@@ -32,8 +32,6 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-/// Longest token a hello may carry (a shoal token is 87 bytes).
-const MAX_TOKEN_LEN: usize = 256;
 /// Longest wait for the first read of `tokens/` before hellos are answered anyway.
 const BOOK_WAIT: Duration = Duration::from_secs(5);
 /// Longest wait for the book to learn a token it does not know (one issued a moment ago,
