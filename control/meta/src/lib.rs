@@ -40,7 +40,7 @@ pub use keys::{MAX_KEY_LEN, MAX_LEASE_TTL, MAX_TXN_BYTES, MAX_TXN_OPS, MAX_VALUE
 pub use leased::{
     LeasedRecord, RETRY_PAUSE as LEASE_RETRY_PAUSE, STOP_TIMEOUT as LEASE_STOP_TIMEOUT,
 };
-pub use mem::{MemStore, MemStoreOptions};
+pub use mem::{decode_store, MemStore, MemStoreOptions, StoreFile, StoreFileError, StoreImage};
 pub use remote::{serve, RemoteStore};
 pub use tokens::{
     issue_instance_token, issue_token, now_ms, revoke_token, IssueError, TokenBook, TokenFollower,

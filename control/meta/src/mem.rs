@@ -1,11 +1,12 @@
-//! The embedded backend: a sorted in-memory map, optionally persisted to one local file.
+//! The embedded backend: a sorted in-memory map, optionally persisted to local files (a
+//! snapshot plus an append-only log of the mutations since it; see `disk`).
 //!
 //! Invariants:
-//! - Every mutation happens under one lock and, when the store has a file, is written to it
-//!   (full snapshot: temporary file, fsync, rename, fsync of the directory) *before* it
-//!   becomes visible: the change is applied to a copy, the copy is written, then swapped in.
-//!   A failed write leaves the store as it was and returns `Backend`. Mutations do not await,
-//!   so a cancelled caller can never leave a half-applied change.
+//! - Every mutation happens under one lock and, when the store has files, is made durable
+//!   (one checksummed log record, fsynced) *before* it becomes visible. It is applied in place
+//!   while a journal (`change`) records both its log record and how to undo it; a failed
+//!   write undoes it, leaving the store as it was, and returns `Backend`. Mutations do not
+//!   await, so a cancelled caller can never leave a half-applied change.
 //! - Watch events are published under the same lock, after the change is durable, so a
 //!   watcher registered at revision `r` sees every later event exactly once, in order.
 //! - The last `history` events are kept; a watch from an older revision gets `Compacted`.
@@ -15,10 +16,11 @@
 //!   the file get a fresh full TTL. An expired lease is revoked by the expiry task, or by the
 //!   next operation that looks at leases, whichever comes first.
 //!
-//! File format: `SHOALMETA` magic, `u16` format version, `u64` body length, `u32` CRC-32 of
-//! the body (all little-endian), then the postcard body. A missing file is an empty store;
-//! any damaged file is an error naming the file (control must not start empty by accident).
-//! The file is written and read by the `snapshot` submodule.
+//! Files: the snapshot at the given path and its log beside it (`.log` appended), both
+//! `0600`, never opened through a symbolic link. A missing pair is an empty store; a torn log
+//! tail (a crash during an append) is cut off; any other damage is an error naming the file
+//! (control must not start empty, or from a silently shortened history, by accident).
+//! Formats: `snapshot` and `log`; recovery from the bytes alone is [`decode_store`] (`image`).
 use crate::keys::{self, Namespace};
 use crate::types::{
     Compare, KeyValue, LeaseId, MetaError, MetaStore, Revision, Txn, TxnOp, WatchEvent, WatchStream,
@@ -34,11 +36,18 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
+mod change;
+mod disk;
+mod files;
+mod image;
+mod log;
 mod snapshot;
 
-use snapshot::{load, write_snapshot};
+use change::Journal;
+use disk::Disk;
+pub use image::{decode_store, StoreFile, StoreFileError, StoreImage};
 
-/// How long the expiry task waits before retrying after a failed snapshot write.
+/// How long the expiry task waits before retrying after a failed write.
 const EXPIRY_RETRY: Duration = Duration::from_secs(1);
 
 /// Tuning of a [`MemStore`].
@@ -48,6 +57,12 @@ pub struct MemStoreOptions {
     pub history: usize,
     /// Events a watcher may fall behind by before its stream is ended (default 1024).
     pub watch_queue: usize,
+    /// The log is compacted into a new snapshot once it is larger than both this many bytes
+    /// (default 4 MiB) and `log_ratio` times the snapshot.
+    pub log_min_bytes: u64,
+    /// See `log_min_bytes` (default 2; at least 1): the amortised cost of a mutation is its
+    /// log record plus `1 / log_ratio` of the snapshot's bytes.
+    pub log_ratio: u32,
 }
 
 impl Default for MemStoreOptions {
@@ -55,6 +70,8 @@ impl Default for MemStoreOptions {
         Self {
             history: 10_000,
             watch_queue: 1024,
+            log_min_bytes: 4 << 20,
+            log_ratio: 2,
         }
     }
 }
@@ -79,6 +96,7 @@ impl std::fmt::Debug for MemStore {
 
 struct Shared {
     state: Mutex<State>,
+    /// The snapshot's path, for `Debug`.
     file: Option<PathBuf>,
     options: MemStoreOptions,
     wake: Arc<Notify>,
@@ -89,6 +107,8 @@ struct Shared {
 
 struct State {
     data: Data,
+    /// The files, when the store is persisted.
+    disk: Option<Disk>,
     deadlines: HashMap<LeaseId, Instant>,
     history: VecDeque<WatchEvent>,
     /// Events with a revision up to this one may be missing from `history`.
@@ -151,16 +171,12 @@ impl MemStore {
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| {
             MetaError::Backend("MemStore::open must be called inside a Tokio runtime".into())
         })?;
-        let data = match path {
-            None => Data::empty(),
-            Some(p) => match load(p)? {
-                Some(d) => d,
-                None => {
-                    let d = Data::empty();
-                    write_snapshot(p, &d)?;
-                    d
-                }
-            },
+        let (disk, data) = match path {
+            None => (None, Data::empty()),
+            Some(p) => {
+                let (disk, data) = Disk::open(p, &options)?;
+                (Some(disk), data)
+            }
         };
         let now = Instant::now();
         let deadlines = data
@@ -174,6 +190,7 @@ impl MemStore {
             state: Mutex::new(State {
                 compacted: data.revision,
                 data,
+                disk,
                 deadlines,
                 history: VecDeque::new(),
                 watchers: Vec::new(),
@@ -211,11 +228,35 @@ impl MemStore {
         lock(&self.shared.state).data.revision
     }
 
-    /// Stops lease expiry and ends every watch, for every handle on this store, and waits
-    /// for the expiry task. Reads and writes keep working (for a final flush or inspection).
+    /// Writes the whole data as a new snapshot and starts an empty log (a persisted store;
+    /// nothing to do in memory). Happens by itself when the log outgrows its bound
+    /// ([`MemStoreOptions::log_min_bytes`]) and on [`MemStore::close`].
+    pub fn compact(&self) -> Result<(), MetaError> {
+        let mut st = lock(&self.shared.state);
+        let State { data, disk, .. } = &mut *st;
+        match disk {
+            Some(disk) => disk.compact(data),
+            None => Ok(()),
+        }
+    }
+
+    /// Bytes of the snapshot and of the log (zero for a store in memory).
+    pub fn file_sizes(&self) -> (u64, u64) {
+        lock(&self.shared.state)
+            .disk
+            .as_ref()
+            .map_or((0, 0), Disk::sizes)
+    }
+
+    /// Stops lease expiry and ends every watch, for every handle on this store, compacts its
+    /// files (so the next open reads one snapshot), and waits for the expiry task. Reads and
+    /// writes keep working (for a final flush or inspection).
     pub async fn close(&self) {
         self.shared.stop.cancel();
         lock(&self.shared.state).watchers.clear();
+        if let Err(e) = self.compact() {
+            tracing::warn!(error = %e, "compacting the metadata store at close failed; its log is intact");
+        }
         let task = self
             .shared
             .task
@@ -274,27 +315,32 @@ impl Shared {
         st.deadlines.values().min().copied()
     }
 
-    /// Runs `f` as one mutation: on a copy then persisted when the store has a file, in place
-    /// otherwise. `f` returns its result and whether it changed anything; it must not fail
-    /// after changing `Data` (it validates first).
+    /// Runs `f` as one mutation, in place, journaled: when the store has files and `f`
+    /// changed anything, its record is made durable before anyone sees the change; if `f`
+    /// fails or the write does, the journal undoes what `f` did.
     fn mutate<R>(
         &self,
         st: &mut State,
-        f: impl FnOnce(&mut Data, &mut Vec<WatchEvent>) -> Result<(R, bool), MetaError>,
+        f: impl FnOnce(&mut Data, &mut Journal) -> Result<R, MetaError>,
     ) -> Result<R, MetaError> {
-        let mut events = Vec::new();
-        let r = match &self.file {
-            None => f(&mut st.data, &mut events)?.0,
-            Some(path) => {
-                let mut next = st.data.clone();
-                let (r, changed) = f(&mut next, &mut events)?;
-                if changed {
-                    write_snapshot(path, &next)?;
-                    st.data = next;
-                }
-                r
+        let State { data, disk, .. } = &mut *st;
+        let mut j = Journal::begin(data, disk.is_some());
+        let r = match f(data, &mut j) {
+            Ok(r) => r,
+            Err(e) => {
+                j.rollback(data);
+                return Err(e);
             }
         };
+        if let Some(disk) = disk {
+            if j.changed(data) {
+                if let Err(e) = disk.commit(data, j.redo()) {
+                    j.rollback(data);
+                    return Err(e);
+                }
+            }
+        }
+        let events = std::mem::take(&mut j.events);
         st.publish(events, self.options.history);
         Ok(r)
     }
@@ -309,12 +355,11 @@ impl Shared {
         if due.is_empty() {
             return Ok(());
         }
-        self.mutate(st, |data, events| {
-            let mut changed = false;
+        self.mutate(st, |data, j| {
             for id in &due {
-                changed |= data.revoke(*id, events);
+                data.revoke(*id, j);
             }
-            Ok(((), changed))
+            Ok(())
         })?;
         for id in due {
             tracing::debug!(lease = id, "lease expired");
@@ -332,31 +377,31 @@ impl Shared {
         keys::check_value(&value)?;
         let mut st = lock(&self.state);
         self.expire_due(&mut st, Instant::now())?;
-        self.mutate(&mut st, |data, events| {
+        self.mutate(&mut st, |data, j| {
             data.check_lease(lease)?;
             let rev = data.revision + 1;
-            data.put(key, value, lease, rev, events);
+            data.put(key, value, lease, rev, j);
             data.revision = rev;
-            Ok((rev, true))
+            Ok(rev)
         })
     }
 
     fn delete(&self, key: &str) -> Result<bool, MetaError> {
         let mut st = lock(&self.state);
-        self.mutate(&mut st, |data, events| {
+        self.mutate(&mut st, |data, j| {
             let rev = data.revision + 1;
-            let existed = data.delete(key, rev, events);
+            let existed = data.delete(key, rev, j);
             if existed {
                 data.revision = rev;
             }
-            Ok((existed, existed))
+            Ok(existed)
         })
     }
 
     fn txn(&self, txn: Txn) -> Result<bool, MetaError> {
         let mut st = lock(&self.state);
         self.expire_due(&mut st, Instant::now())?;
-        self.mutate(&mut st, |data, events| {
+        self.mutate(&mut st, |data, j| {
             let ok = txn.compare.iter().all(|c| data.holds(c));
             let ops = if ok { txn.success } else { txn.failure };
             for op in &ops {
@@ -369,32 +414,26 @@ impl Shared {
             for op in ops {
                 match op {
                     TxnOp::Put { key, value, lease } => {
-                        data.put(key, value, lease, rev, events);
+                        data.put(key, value, lease, rev, j);
                         changed = true;
                     }
-                    TxnOp::Delete { key } => changed |= data.delete(&key, rev, events),
+                    TxnOp::Delete { key } => changed |= data.delete(&key, rev, j),
                 }
             }
             if changed {
                 data.revision = rev;
             }
-            Ok((ok, changed))
+            Ok(ok)
         })
     }
 
     fn grant(&self, ttl: Duration) -> Result<LeaseId, MetaError> {
         let ttl_secs = keys::lease_secs(ttl)?;
         let mut st = lock(&self.state);
-        let id = self.mutate(&mut st, |data, _| {
+        let id = self.mutate(&mut st, |data, j| {
             let id = data.alloc_lease();
-            data.leases.insert(
-                id,
-                Lease {
-                    ttl_secs,
-                    keys: BTreeSet::new(),
-                },
-            );
-            Ok((id, true))
+            data.set_lease(id, Some(ttl_secs), j);
+            Ok(id)
         })?;
         st.deadlines
             .insert(id, Instant::now() + Duration::from_secs(ttl_secs));
@@ -416,7 +455,7 @@ impl Shared {
 
     fn revoke(&self, lease: LeaseId) -> Result<(), MetaError> {
         let mut st = lock(&self.state);
-        self.mutate(&mut st, |data, events| Ok(((), data.revoke(lease, events))))?;
+        self.mutate(&mut st, |data, j| Ok(data.revoke(lease, j)))?;
         st.deadlines.remove(&lease);
         Ok(())
     }
@@ -559,57 +598,46 @@ impl Data {
         value: Vec<u8>,
         lease: Option<LeaseId>,
         rev: Revision,
-        events: &mut Vec<WatchEvent>,
+        j: &mut Journal,
     ) {
-        let (create_revision, old_lease) = match self.keys.get(&key) {
-            Some(e) => (e.create_revision, e.lease),
-            None => (rev, None),
-        };
-        if old_lease != lease {
-            if let Some(l) = old_lease.and_then(|id| self.leases.get_mut(&id)) {
-                l.keys.remove(&key);
-            }
-            if let Some(l) = lease.and_then(|id| self.leases.get_mut(&id)) {
-                l.keys.insert(key.clone());
-            }
-        }
+        let create_revision = self.keys.get(&key).map_or(rev, |e| e.create_revision);
         let entry = Entry {
             value,
             create_revision,
             mod_revision: rev,
             lease,
         };
-        events.push(WatchEvent::Put(kv(&key, &entry)));
-        self.keys.insert(key, entry);
+        j.events.push(WatchEvent::Put(kv(&key, &entry)));
+        self.set_key(key, Some(entry), j);
     }
 
     /// Deletes a key at `rev`; whether it existed.
-    fn delete(&mut self, key: &str, rev: Revision, events: &mut Vec<WatchEvent>) -> bool {
-        let Some(e) = self.keys.remove(key) else {
+    fn delete(&mut self, key: &str, rev: Revision, j: &mut Journal) -> bool {
+        if !self.keys.contains_key(key) {
             return false;
-        };
-        if let Some(l) = e.lease.and_then(|id| self.leases.get_mut(&id)) {
-            l.keys.remove(key);
         }
-        events.push(WatchEvent::Delete {
+        j.events.push(WatchEvent::Delete {
             key: key.to_owned(),
             mod_revision: rev,
         });
+        self.set_key(key.to_owned(), None, j);
         true
     }
 
     /// Ends a lease, deleting its keys in one revision; whether it existed.
-    fn revoke(&mut self, id: LeaseId, events: &mut Vec<WatchEvent>) -> bool {
-        let Some(lease) = self.leases.remove(&id) else {
+    fn revoke(&mut self, id: LeaseId, j: &mut Journal) -> bool {
+        let Some(lease) = self.leases.get(&id) else {
             return false;
         };
-        if !lease.keys.is_empty() {
+        let keys: Vec<String> = lease.keys.iter().cloned().collect();
+        if !keys.is_empty() {
             let rev = self.revision + 1;
-            for key in &lease.keys {
-                self.delete(key, rev, events);
+            for key in &keys {
+                self.delete(key, rev, j);
             }
             self.revision = rev;
         }
+        self.set_lease(id, None, j);
         true
     }
 }
@@ -730,6 +758,7 @@ mod tests {
         let opts = MemStoreOptions {
             history: 3,
             watch_queue: 4,
+            ..MemStoreOptions::default()
         };
         let s = MemStore::open_with(None, "", opts).unwrap();
         for i in 0..5u8 {
@@ -748,6 +777,7 @@ mod tests {
         let opts = MemStoreOptions {
             history: 100,
             watch_queue: 2,
+            ..MemStoreOptions::default()
         };
         let s = MemStore::open_with(None, "", opts).unwrap();
         let mut slow = s.watch("", 0).await.unwrap();
@@ -783,8 +813,9 @@ mod tests {
         let lease = s.grant(Duration::from_secs(30)).await.unwrap();
         s.put("a", b"1".to_vec(), None).await.unwrap();
         s.put("b", b"2".to_vec(), Some(lease)).await.unwrap();
-        let bytes = encode_snapshot(&lock(&s.shared.state).data).unwrap();
-        let data = decode_snapshot(&bytes).unwrap();
+        let bytes = encode_snapshot(&lock(&s.shared.state).data, 7).unwrap();
+        let (data, seq) = decode_snapshot(&bytes).unwrap();
+        assert_eq!(seq, 7);
         assert_eq!(data.revision, 2, "a grant is no revision");
         assert_eq!(data.keys.len(), 2);
         assert!(data.leases[&lease].keys.contains("b"));
@@ -801,25 +832,84 @@ mod tests {
         }
     }
 
+    /// Makes every later log append fail (the disk is full).
+    fn fill_disk(s: &MemStore) {
+        let full = std::fs::OpenOptions::new()
+            .append(true)
+            .open("/dev/full")
+            .unwrap();
+        lock(&s.shared.state)
+            .disk
+            .as_mut()
+            .unwrap()
+            .set_log_for_test(full);
+    }
+
     #[tokio::test]
     async fn failed_write_changes_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("meta");
         let s = MemStore::open(Some(&path), "").unwrap();
         s.put("a", b"1".to_vec(), None).await.unwrap();
+        let lease = s.grant(Duration::from_secs(60)).await.unwrap();
+        s.put("b", b"2".to_vec(), Some(lease)).await.unwrap();
         let mut w = s.watch("", 0).await.unwrap();
         assert_eq!(expect_event(&mut w).await.revision(), 1);
-        // Make the rename fail: a directory where the temporary file goes.
-        std::fs::create_dir(dir.path().join("meta.tmp")).unwrap();
+        assert_eq!(expect_event(&mut w).await.revision(), 2);
+
+        // The append fails, and so does cutting the log back: the store stays as it was and
+        // stops appending to that log.
+        fill_disk(&s);
         let err = s.put("a", b"2".to_vec(), None).await.unwrap_err();
         assert!(
-            matches!(err, MetaError::Backend(ref m) if m.contains("meta")),
+            matches!(err, MetaError::Backend(ref m) if m.contains("metadata log")),
             "{err}"
         );
         assert_eq!(s.get("a").await.unwrap().unwrap().value, b"1");
-        assert_eq!(s.revision(), 1);
+        assert_eq!(s.revision(), 2);
+
+        // Without a log the next mutation goes into a snapshot; make that fail too (a
+        // directory where the temporary file goes), for a revoke and a transaction.
+        std::fs::create_dir(dir.path().join("meta.tmp")).unwrap();
+        let err = s.revoke(lease).await.unwrap_err();
+        assert!(matches!(err, MetaError::Backend(_)), "{err}");
+        assert_eq!(s.keep_alive(lease).await.unwrap(), Duration::from_secs(60));
+        let b = s.get("b").await.unwrap().unwrap();
+        assert_eq!((b.value.as_slice(), b.lease), (&b"2"[..], Some(lease)));
+        let txn = Txn {
+            compare: vec![],
+            success: vec![
+                TxnOp::Delete { key: "a".into() },
+                TxnOp::Put {
+                    key: "c".into(),
+                    value: vec![3],
+                    lease: Some(lease),
+                },
+            ],
+            failure: vec![],
+        };
+        assert!(s.txn(txn).await.is_err());
+        assert_eq!(keys_of(&s).await, ["a", "b"]);
+        assert_eq!(s.revision(), 2);
+        assert!(s.grant(Duration::from_secs(5)).await.is_err());
+
+        // Once the snapshot can be written again, mutations are durable again.
         std::fs::remove_dir(dir.path().join("meta.tmp")).unwrap();
-        assert_eq!(s.put("a", b"3".to_vec(), None).await.unwrap(), 2);
-        assert_eq!(expect_event(&mut w).await.revision(), 2);
+        assert_eq!(s.put("a", b"3".to_vec(), None).await.unwrap(), 3);
+        assert_eq!(expect_event(&mut w).await.revision(), 3);
+        s.put("d", b"4".to_vec(), None).await.unwrap();
+        drop(w);
+        drop(s);
+        let s = MemStore::open(Some(&path), "").unwrap();
+        assert_eq!(keys_of(&s).await, ["a", "b", "d"]);
+        assert_eq!(s.get("a").await.unwrap().unwrap().value, b"3");
+        assert_eq!(s.revision(), 4);
+        s.revoke(lease).await.unwrap();
+        assert_eq!(keys_of(&s).await, ["a", "d"]);
+    }
+
+    async fn keys_of(s: &MemStore) -> Vec<String> {
+        let (kvs, _) = s.range("").await.unwrap();
+        kvs.into_iter().map(|kv| kv.key).collect()
     }
 }

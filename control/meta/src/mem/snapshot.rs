@@ -1,24 +1,27 @@
-//! The store's file: one full snapshot of the data, written to a temporary file, fsynced,
-//! renamed over the old one, and the directory fsynced, so a crash leaves the old or the new
-//! snapshot, never a mix. Format: `SHOALMETA` magic, `u16` format version, `u64` body length,
-//! `u32` CRC-32 of the body (all little-endian), then the postcard body. Decoding returns an
-//! error for any damaged file, never panics, and never yields an empty store by accident.
+//! The snapshot file: the whole data as of one log sequence number, written only by a
+//! compaction (see `disk`), never per mutation.
+//!
+//! Format 2: `SHOALMETA` magic, `u16` format version, `u64` body length, `u64` XXH3-64 of the
+//! body (all little-endian), then the postcard body (sequence number, revision, next lease
+//! id, keys, leases). Format 1 (written by earlier versions: a CRC-32 in place of the XXH3 and
+//! no sequence number) is still read. Decoding returns an error for any damaged file, never
+//! panics, and never yields an empty store by accident.
+use super::image::{StoreFile, StoreFileError};
+use super::{Data, Entry, Lease};
 use crate::keys;
 use crate::types::{LeaseId, MetaError, Revision};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
-use std::fs::File;
-use std::io::Write;
-use std::path::{Path, PathBuf};
-
-use super::{Data, Entry, Lease};
 
 const MAGIC: &[u8; 9] = b"SHOALMETA";
-const FORMAT_VERSION: u16 = 1;
-const HEADER_LEN: usize = MAGIC.len() + 2 + 8 + 4;
+const FORMAT_VERSION: u16 = 2;
+const V1_HEADER_LEN: usize = MAGIC.len() + 2 + 8 + 4;
+const HEADER_LEN: usize = MAGIC.len() + 2 + 8 + 8;
+const FILE: StoreFile = StoreFile::Snapshot;
 
 #[derive(Serialize)]
 struct SnapshotRef<'a> {
+    seq: u64,
     revision: Revision,
     next_lease: LeaseId,
     keys: &'a BTreeMap<String, Entry>,
@@ -27,23 +30,25 @@ struct SnapshotRef<'a> {
 
 #[derive(Deserialize)]
 struct Snapshot {
+    seq: u64,
     revision: Revision,
     next_lease: LeaseId,
     keys: BTreeMap<String, Entry>,
     leases: Vec<(LeaseId, u64)>,
 }
 
-fn tmp_path(path: &Path) -> Result<PathBuf, MetaError> {
-    let name = path.file_name().ok_or_else(|| {
-        MetaError::InvalidArgument(format!("metadata file {} has no file name", path.display()))
-    })?;
-    let mut tmp = name.to_os_string();
-    tmp.push(".tmp");
-    Ok(path.with_file_name(tmp))
+#[derive(Deserialize)]
+struct SnapshotV1 {
+    revision: Revision,
+    next_lease: LeaseId,
+    keys: BTreeMap<String, Entry>,
+    leases: Vec<(LeaseId, u64)>,
 }
 
-pub(super) fn encode_snapshot(data: &Data) -> Result<Vec<u8>, MetaError> {
+/// The snapshot file's bytes for `data`, which includes every record up to `seq`.
+pub(super) fn encode_snapshot(data: &Data, seq: u64) -> Result<Vec<u8>, MetaError> {
     let body = postcard::to_stdvec(&SnapshotRef {
+        seq,
         revision: data.revision,
         next_lease: data.next_lease,
         keys: &data.keys,
@@ -58,101 +63,120 @@ pub(super) fn encode_snapshot(data: &Data) -> Result<Vec<u8>, MetaError> {
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
     out.extend_from_slice(&(body.len() as u64).to_le_bytes());
-    out.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
+    out.extend_from_slice(&xxhash_rust::xxh3::xxh3_64(&body).to_le_bytes());
     out.extend_from_slice(&body);
     Ok(out)
 }
 
-pub(super) fn write_snapshot(path: &Path, data: &Data) -> Result<(), MetaError> {
-    let bytes = encode_snapshot(data)?;
-    let tmp = tmp_path(path)?;
-    let write = || -> std::io::Result<()> {
-        let mut f = File::create(&tmp)?;
-        f.write_all(&bytes)?;
-        f.sync_all()?;
-        drop(f);
-        std::fs::rename(&tmp, path)?;
-        let dir = match path.parent() {
-            Some(d) if !d.as_os_str().is_empty() => d,
-            _ => Path::new("."),
-        };
-        File::open(dir)?.sync_all()
-    };
-    write()
-        .map_err(|e| MetaError::Backend(format!("writing metadata file {}: {e}", path.display())))
+/// Splits `bytes` into a header of `header_len` and a body of the announced length.
+fn body_of(bytes: &[u8], header_len: usize) -> Result<&[u8], StoreFileError> {
+    if bytes.len() < header_len {
+        return Err(StoreFileError::ShortHeader {
+            file: FILE,
+            len: bytes.len(),
+            need: header_len,
+        });
+    }
+    let at = MAGIC.len() + 2;
+    let mut len = [0u8; 8];
+    len.copy_from_slice(&bytes[at..at + 8]);
+    let announced = u64::from_le_bytes(len);
+    let body = &bytes[header_len..];
+    let held = body.len() as u64;
+    if held < announced {
+        return Err(StoreFileError::ShortBody {
+            file: FILE,
+            announced,
+            held,
+        });
+    }
+    if held > announced {
+        return Err(StoreFileError::Trailing {
+            file: FILE,
+            extra: held - announced,
+            len: announced,
+        });
+    }
+    Ok(body)
 }
 
-pub(super) fn load(path: &Path) -> Result<Option<Data>, MetaError> {
-    let bytes = match std::fs::read(path) {
-        Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => {
-            return Err(MetaError::Backend(format!(
-                "metadata file {}: cannot read it: {e}",
-                path.display()
-            )))
+/// Decodes and checks a snapshot file's bytes: the data and the sequence number it includes.
+pub(super) fn decode_snapshot(bytes: &[u8]) -> Result<(Data, u64), StoreFileError> {
+    if bytes.len() < MAGIC.len() + 2 {
+        return Err(StoreFileError::ShortHeader {
+            file: FILE,
+            len: bytes.len(),
+            need: HEADER_LEN,
+        });
+    }
+    if &bytes[..MAGIC.len()] != MAGIC {
+        return Err(StoreFileError::BadMagic { file: FILE });
+    }
+    let version = u16::from_le_bytes([bytes[MAGIC.len()], bytes[MAGIC.len() + 1]]);
+    let sum_at = MAGIC.len() + 2 + 8;
+    let snap = match version {
+        1 => {
+            let body = body_of(bytes, V1_HEADER_LEN)?;
+            let mut crc = [0u8; 4];
+            crc.copy_from_slice(&bytes[sum_at..sum_at + 4]);
+            let stored = u32::from_le_bytes(crc);
+            let computed = crc32fast::hash(body);
+            if stored != computed {
+                return Err(StoreFileError::Checksum {
+                    file: FILE,
+                    stored: stored.into(),
+                    computed: computed.into(),
+                });
+            }
+            let v1: SnapshotV1 =
+                postcard::from_bytes(body).map_err(|e| StoreFileError::Undecodable {
+                    file: FILE,
+                    reason: e.to_string(),
+                })?;
+            Snapshot {
+                seq: 0,
+                revision: v1.revision,
+                next_lease: v1.next_lease,
+                keys: v1.keys,
+                leases: v1.leases,
+            }
+        }
+        FORMAT_VERSION => {
+            let body = body_of(bytes, HEADER_LEN)?;
+            let mut sum = [0u8; 8];
+            sum.copy_from_slice(&bytes[sum_at..sum_at + 8]);
+            let stored = u64::from_le_bytes(sum);
+            let computed = xxhash_rust::xxh3::xxh3_64(body);
+            if stored != computed {
+                return Err(StoreFileError::Checksum {
+                    file: FILE,
+                    stored,
+                    computed,
+                });
+            }
+            postcard::from_bytes(body).map_err(|e| StoreFileError::Undecodable {
+                file: FILE,
+                reason: e.to_string(),
+            })?
+        }
+        found => {
+            return Err(StoreFileError::Version {
+                file: FILE,
+                found,
+                supported: FORMAT_VERSION,
+            })
         }
     };
-    decode_snapshot(&bytes).map(Some).map_err(|what| {
-        MetaError::Backend(format!(
-            "metadata file {}: {what}; refusing to start from a damaged store (restore it from a \
-             backup, or move it away to start empty)",
-            path.display()
-        ))
-    })
-}
-
-/// Decodes and checks a snapshot file's bytes; the error says what is wrong.
-pub(super) fn decode_snapshot(bytes: &[u8]) -> Result<Data, String> {
-    if bytes.len() < HEADER_LEN {
-        return Err(format!(
-            "truncated: {} bytes, shorter than the {HEADER_LEN}-byte header",
-            bytes.len()
-        ));
+    let inconsistent = |what: String| StoreFileError::Inconsistent(what);
+    if snap.revision < 0 {
+        return Err(inconsistent(format!("negative revision {}", snap.revision)));
     }
-    let (header, body) = bytes.split_at(HEADER_LEN);
-    if &header[..MAGIC.len()] != MAGIC {
-        return Err("bad magic: not a shoal metadata file".into());
-    }
-    let field = |at: usize, n: usize| &header[MAGIC.len() + at..MAGIC.len() + at + n];
-    let version = u16::from_le_bytes([field(0, 2)[0], field(0, 2)[1]]);
-    if version != FORMAT_VERSION {
-        return Err(format!(
-            "format version {version} is not supported (this build reads {FORMAT_VERSION})"
-        ));
-    }
-    let mut len = [0u8; 8];
-    len.copy_from_slice(field(2, 8));
-    let len = u64::from_le_bytes(len);
-    let mut crc = [0u8; 4];
-    crc.copy_from_slice(field(10, 4));
-    let crc = u32::from_le_bytes(crc);
-    if (body.len() as u64) < len {
-        return Err(format!(
-            "truncated: the header announces {len} body bytes, the file holds {}",
-            body.len()
-        ));
-    }
-    if (body.len() as u64) > len {
-        return Err(format!(
-            "{} unexpected bytes after the {len}-byte body",
-            body.len() as u64 - len
-        ));
-    }
-    let actual = crc32fast::hash(body);
-    if actual != crc {
-        return Err(format!(
-            "checksum mismatch (stored {crc:#010x}, computed {actual:#010x}): the file is corrupt"
-        ));
-    }
-    let snap: Snapshot =
-        postcard::from_bytes(body).map_err(|e| format!("the body does not decode: {e}"))?;
     let mut leases = BTreeMap::new();
     for (id, ttl_secs) in snap.leases {
         if id <= 0 || ttl_secs == 0 || ttl_secs > keys::MAX_LEASE_TTL.as_secs() {
-            return Err(format!(
-                "inconsistent: lease {id} with a TTL of {ttl_secs} s"
-            ));
+            return Err(inconsistent(format!(
+                "lease {id} with a TTL of {ttl_secs} s"
+            )));
         }
         leases.insert(
             id,
@@ -168,7 +192,7 @@ pub(super) fn decode_snapshot(bytes: &[u8]) -> Result<Data, String> {
             || e.create_revision > e.mod_revision
             || e.mod_revision > snap.revision
         {
-            return Err(format!("inconsistent: revisions of key {key:?}"));
+            return Err(inconsistent(format!("revisions of key {key:?}")));
         }
         if let Some(id) = e.lease {
             match leases.get_mut(&id) {
@@ -176,17 +200,20 @@ pub(super) fn decode_snapshot(bytes: &[u8]) -> Result<Data, String> {
                     l.keys.insert(key.clone());
                 }
                 None => {
-                    return Err(format!(
-                        "inconsistent: key {key:?} names missing lease {id}"
-                    ))
+                    return Err(inconsistent(format!(
+                        "key {key:?} names missing lease {id}"
+                    )))
                 }
             }
         }
     }
-    Ok(Data {
-        revision: snap.revision,
-        next_lease: snap.next_lease.max(1),
-        keys: snap.keys,
-        leases,
-    })
+    Ok((
+        Data {
+            revision: snap.revision,
+            next_lease: snap.next_lease.max(1),
+            keys: snap.keys,
+            leases,
+        },
+        snap.seq,
+    ))
 }
