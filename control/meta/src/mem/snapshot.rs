@@ -217,3 +217,52 @@ pub(super) fn decode_snapshot(bytes: &[u8]) -> Result<(Data, u64), StoreFileErro
         snap.seq,
     ))
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[derive(Serialize)]
+    struct V1 {
+        revision: Revision,
+        next_lease: LeaseId,
+        keys: BTreeMap<String, Entry>,
+        leases: Vec<(LeaseId, u64)>,
+    }
+
+    #[test]
+    fn format_1_files_still_load() {
+        let mut keys = BTreeMap::new();
+        keys.insert(
+            "k".to_owned(),
+            Entry {
+                value: b"v".to_vec(),
+                create_revision: 1,
+                mod_revision: 3,
+                lease: Some(9),
+            },
+        );
+        let body = postcard::to_stdvec(&V1 {
+            revision: 3,
+            next_lease: 10,
+            keys,
+            leases: vec![(9, 30)],
+        })
+        .unwrap();
+        let mut file = MAGIC.to_vec();
+        file.extend_from_slice(&1u16.to_le_bytes());
+        file.extend_from_slice(&(body.len() as u64).to_le_bytes());
+        file.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
+        file.extend_from_slice(&body);
+        let (data, seq) = decode_snapshot(&file).unwrap();
+        assert_eq!((data.revision, data.next_lease, seq), (3, 10, 0));
+        assert!(data.leases[&9].keys.contains("k"));
+        let last = file.len() - 1;
+        file[last] ^= 1;
+        assert!(matches!(
+            decode_snapshot(&file),
+            Err(StoreFileError::Checksum { .. })
+        ));
+    }
+}
