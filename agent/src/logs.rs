@@ -63,7 +63,7 @@ fn tenant_of(log_dir: &Path, id: &str) -> Option<String> {
 }
 
 /// The bearer token of `req`, if it has one.
-fn bearer(req: &Request<hyper::body::Incoming>) -> Option<&str> {
+fn bearer(req: &Request<shoal_httpd::Body>) -> Option<&str> {
     req.headers()
         .get(hyper::header::AUTHORIZATION)?
         .to_str()
@@ -84,11 +84,7 @@ fn refused(d: Denied) -> Resp {
     }
 }
 
-async fn answer(
-    req: Request<hyper::body::Incoming>,
-    log_dir: Arc<PathBuf>,
-    book: TokenBook,
-) -> Resp {
+async fn answer(req: Request<shoal_httpd::Body>, log_dir: Arc<PathBuf>, book: TokenBook) -> Resp {
     if req.uri().path() == "/health" && req.method() == Method::GET {
         return reply(StatusCode::OK, "application/json", r#"{"status":"ok"}"#);
     }

@@ -249,7 +249,7 @@ pub(crate) fn proxy(a: ProxyArgs) -> anyhow::Result<ExitCode> {
 
 /// The proxy's `/metrics` (Prometheus text; `None` off a loopback listener) and `/health`.
 fn proxy_http(
-    req: &hyper::Request<hyper::body::Incoming>,
+    req: &hyper::Request<shoal_httpd::Body>,
     metrics: Option<&metrics_exporter_prometheus::PrometheusHandle>,
 ) -> shoal_httpd::Resp {
     use hyper::StatusCode;

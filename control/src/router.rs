@@ -25,10 +25,10 @@ use crate::registry::RegistryError;
 use crate::{read, View};
 use bytes::Bytes;
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use hyper::{Request, StatusCode};
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::json;
+use shoal_httpd::Body;
 use shoal_meta::records::LeaderInfo;
 use shoal_meta::records::{validate_tenant, Action, FunctionSpec, Pool, Principal, Quota};
 use shoal_meta::Role;
@@ -307,7 +307,7 @@ fn error_reply(e: &ApiError) -> Resp {
 }
 
 /// Reads a body of at most `limit` bytes.
-async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Bytes, ApiError> {
+async fn read_body(req: Request<Body>, limit: usize) -> Result<Bytes, ApiError> {
     let too_large = || {
         ApiError::new(
             ErrorCode::TooLarge,
@@ -335,9 +335,7 @@ async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Bytes, ApiErr
     }
 }
 
-async fn read_json<T: for<'de> serde::Deserialize<'de>>(
-    req: Request<Incoming>,
-) -> Result<T, ApiError> {
+async fn read_json<T: for<'de> serde::Deserialize<'de>>(req: Request<Body>) -> Result<T, ApiError> {
     let body = read_body(req, MAX_JSON_BODY).await?;
     serde_json::from_slice(&body).map_err(|e| {
         ApiError::new(
@@ -369,7 +367,7 @@ fn require_leader(view: &View) -> Result<(), ApiError> {
 
 /// Answers one request.
 pub(crate) async fn handle(
-    req: Request<Incoming>,
+    req: Request<Body>,
     view: &View,
     metrics: Option<&PrometheusHandle>,
 ) -> Resp {
@@ -445,7 +443,7 @@ fn principal(caller: Option<&Caller>) -> Result<&Principal, ApiError> {
 async fn dispatch(
     op: Op,
     name: &str,
-    req: Request<Incoming>,
+    req: Request<Body>,
     view: &View,
     metrics: Option<&PrometheusHandle>,
     caller: Option<Caller>,

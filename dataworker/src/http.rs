@@ -36,7 +36,7 @@ fn error_reply(e: &WireError) -> Resp {
 }
 
 /// The bearer token of a request, if it carries one.
-fn bearer(req: &Request<hyper::body::Incoming>) -> Option<String> {
+fn bearer(req: &Request<shoal_httpd::Body>) -> Option<String> {
     let v = req.headers().get(header::AUTHORIZATION)?.to_str().ok()?;
     let (scheme, token) = v.split_once(' ')?;
     scheme
@@ -115,7 +115,7 @@ pub(crate) async fn serve(
 ) {
     let loopback = listener.local_addr().is_ok_and(|a| a.ip().is_loopback());
     let metrics = Arc::new(metrics);
-    let handler = move |req: Request<hyper::body::Incoming>| {
+    let handler = move |req: Request<shoal_httpd::Body>| {
         let token = bearer(&req);
         route(
             req.method().clone(),

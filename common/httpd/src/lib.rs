@@ -1,28 +1,40 @@
 //! The HTTP/1 server loop shared by control's REST API, the dataworker's `/health` and
-//! `/metrics`, and the agent's log endpoint.
+//! `/metrics`, the agent's log endpoint and the proxy's `/metrics`: every HTTP server of
+//! shoal goes through [`serve`] (or [`serve_with`]), so each gets the same bounds ([`Limits`]):
 //!
-//! [`serve`] accepts connections until its token is cancelled, serves at most
-//! [`MAX_CONNECTIONS`] at once (further ones wait in the listen backlog), gives each client
-//! [`HEADER_READ_TIMEOUT`] to send a request's headers, and on shutdown lets requests in
-//! progress finish (hyper's graceful shutdown) before returning. A connection that breaks
-//! the protocol is answered (400) and closed by hyper; the others are unaffected.
+//! - at most `max_connections` connections at once (further ones wait in the listen backlog
+//!   until one ends);
+//! - `header_timeout` to send a request's head, counted from when the server starts waiting
+//!   for it: on a new connection, and on a kept-alive one after the previous response, so it
+//!   is also the keep-alive idle timeout;
+//! - `body_timeout` for the body, counted from the end of the head: the whole request arrives
+//!   within `header_timeout + body_timeout` or the connection is cut (408) — a client that
+//!   trickles its body cannot hold a connection;
+//! - `max_body` bytes of body, enforced while reading (a declared `Content-Length` over it is
+//!   refused before the handler runs): 413, and the connection closes;
+//! - `write_timeout` without progress while writing a response (a client that stops reading
+//!   is cut off);
+//! - on shutdown, requests in progress get `shutdown_grace` to finish (hyper's graceful
+//!   shutdown), then their connections are dropped.
+//!
+//! A connection that breaks the protocol is answered (400) and closed by hyper; the others are
+//! unaffected. Handlers receive the request with a [`Body`] that enforces the body bounds;
+//! when it trips, the handler's response is replaced by the 408 or 413.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+mod body;
+mod io;
+mod limits;
+mod server;
+
+pub use body::{Body, BodyError};
+pub use limits::{Limits, HEADER_READ_TIMEOUT, MAX_CONNECTIONS};
+pub use server::{serve, serve_with};
+
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper::body::Incoming;
-use hyper::{Request, Response, StatusCode};
-use std::future::Future;
-use std::sync::Arc;
-use std::time::Duration;
-use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
-
-/// Most HTTP connections served at once.
-pub const MAX_CONNECTIONS: usize = 1024;
-/// How long a client may take to send a request's headers.
-pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+use hyper::{Response, StatusCode};
 
 /// A whole response.
 pub type Resp = Response<Full<Bytes>>;
@@ -35,54 +47,4 @@ pub fn reply(status: StatusCode, ctype: &str, body: impl Into<Bytes>) -> Resp {
         r.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
     }
     r
-}
-
-/// Serves `listener` with `handler` until `shutdown`; see the crate docs.
-pub async fn serve<H, F>(listener: TcpListener, handler: H, shutdown: CancellationToken)
-where
-    H: Fn(Request<Incoming>) -> F + Send + Sync + 'static,
-    F: Future<Output = Resp> + Send + 'static,
-{
-    let handler = Arc::new(handler);
-    let conns = tokio_util::task::TaskTracker::new();
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-    loop {
-        let permit = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            p = slots.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => break,
-            },
-        };
-        let (stream, _) = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            r = listener.accept() => match r {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::warn!(error = %e, "http accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        let (handler, shutdown) = (handler.clone(), shutdown.clone());
-        conns.spawn(async move {
-            let _permit = permit;
-            let svc = hyper::service::service_fn(move |req| {
-                let resp = handler(req);
-                async move { Ok::<_, std::convert::Infallible>(resp.await) }
-            });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(HEADER_READ_TIMEOUT)
-                .serve_connection(hyper_util::rt::TokioIo::new(stream), svc);
-            tokio::pin!(conn);
-            tokio::select! {
-                r = conn.as_mut() => if let Err(e) = r { tracing::debug!(error = %e, "http connection closed") },
-                _ = shutdown.cancelled() => conn.as_mut().graceful_shutdown(),
-            }
-        });
-    }
-    conns.close();
-    conns.wait().await;
 }
