@@ -7,7 +7,16 @@
 //!
 //! Ordering with the socket: one-way frames (release, abort) still travel on the socket. A
 //! mailbox request carries how many one-way frames the client had written before it; the
-//! poller handles it only after the connection task has handled that many.
+//! poller handles it only after the connection task has handled that many. Such a request is
+//! not work: the poller sleeps over it (a client announcing one-way frames it never sends
+//! cannot keep it spinning), having told the client's [`RingClient`] what count it waits for;
+//! the connection task rings the doorbell when it reaches that count (the same Dekker pattern
+//! as the sleep itself: announce, re-check; publish, then look).
+//!
+//! Bounds: the mailbox holds one request, and requests that must wait (remote gets, cluster
+//! deletes) continue in a task. The protocol allows one such task per client (a client posts
+//! its next request only after reading the reply); a client that posts more anyway gets
+//! `Overloaded` at once past [`MAX_DEFERRED_PER_CLIENT`].
 //!
 //! Lifecycle: a client's mailbox is registered when it connects and closed (under its state
 //! lock, so an in-flight request finishes first) before the client's resources are released.
@@ -19,12 +28,16 @@ use crate::worker::Worker;
 use shoal_protocol::{
     encode_frame, ClientFrame, ErrorCode, FrameDecoder, Request, Response, ServerFrame,
 };
-use shoal_shm::Mailbox;
+use shoal_shm::{Ctl, Mailbox};
+use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+
+/// Most requests of one client's mailbox waiting in tasks at once; see the module docs.
+pub(crate) const MAX_DEFERRED_PER_CLIENT: usize = 4;
 
 #[derive(Debug)]
 struct MailboxState {
@@ -42,6 +55,11 @@ pub(crate) struct RingClient {
     state: Mutex<MailboxState>,
     /// One-way socket frames of this client that the connection task has handled.
     oneways_done: AtomicU64,
+    /// The count of one-way frames a pending request waits for (0: none); the connection
+    /// task rings `bell` when it reaches it.
+    waiting_for: AtomicU64,
+    /// The poller's doorbell, set by the poller before it first waits for one-way frames.
+    bell: OnceLock<Arc<Ctl>>,
     /// Requests handed to the runtime (remote gets, cluster deletes); they answer in the
     /// mailbox when done.
     deferred: TaskTracker,
@@ -59,6 +77,8 @@ impl RingClient {
                 last: 0,
             }),
             oneways_done: AtomicU64::new(0),
+            waiting_for: AtomicU64::new(0),
+            bell: OnceLock::new(),
             deferred: TaskTracker::new(),
             cancel: CancellationToken::new(),
         })
@@ -73,10 +93,33 @@ impl RingClient {
         self.deferred.wait().await;
     }
 
-    fn defer(self: &Arc<Self>, worker: &Arc<Worker>, seq: u32, id: u32, req: Request) {
+    /// Answers request `seq` in a task, or `Overloaded` at once when the client already has
+    /// [`MAX_DEFERRED_PER_CLIENT`] of them.
+    fn defer(
+        self: &Arc<Self>,
+        worker: &Arc<Worker>,
+        seq: u32,
+        id: u32,
+        req: Request,
+        out: &mut Vec<u8>,
+    ) {
+        if self.deferred.len() >= MAX_DEFERRED_PER_CLIENT {
+            metrics::counter!("shoal_mailbox_overloaded_total").increment(1);
+            let resp = Response::error(
+                ErrorCode::Overloaded,
+                format!(
+                    "more than {MAX_DEFERRED_PER_CLIENT} waiting mailbox requests from this client"
+                ),
+            );
+            encode_reply(&self.mailbox, id, resp, out);
+            self.mailbox.respond(seq, out);
+            return;
+        }
         let (rc, worker2) = (self.clone(), worker.clone());
         let cancel = self.cancel.clone();
+        metrics::gauge!("shoal_mailbox_deferred").increment(1.0);
         let fut = self.deferred.track_future(async move {
+            let _count = DeferredGauge;
             let resp = tokio::select! {
                 _ = cancel.cancelled() => return,
                 r = ops::run(worker2.clone(), rc.client, req) => r,
@@ -96,18 +139,50 @@ impl RingClient {
         &self.mailbox
     }
 
-    /// Called by the connection task after each one-way frame.
+    /// Called by the connection task after each one-way frame: wakes the poller if a pending
+    /// request was waiting for this many.
     pub(crate) fn oneway_done(&self) {
-        self.oneways_done.fetch_add(1, Ordering::SeqCst);
+        let done = self.oneways_done.fetch_add(1, Ordering::SeqCst) + 1;
+        let want = self.waiting_for.load(Ordering::SeqCst);
+        if want != 0 && done >= want {
+            if let Some(bell) = self.bell.get() {
+                bell.ring_doorbell();
+            }
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, MailboxState> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn has_work(&self) -> bool {
+    /// Whether the connection task has handled the `oneways` frames a request waits for. If
+    /// not, announces the wait (so that `oneway_done` rings `bell`), then looks again.
+    fn oneways_arrived(&self, oneways: u64, bell: &Arc<Ctl>) -> bool {
+        if self.oneways_done.load(Ordering::SeqCst) >= oneways {
+            return true;
+        }
+        self.bell.get_or_init(|| bell.clone());
+        self.waiting_for.store(oneways, Ordering::SeqCst);
+        self.oneways_done.load(Ordering::SeqCst) >= oneways
+    }
+
+    /// A request the poller can serve now (not one still waiting for one-way frames).
+    fn has_work(&self, bell: &Arc<Ctl>) -> bool {
         let st = self.lock();
-        st.open && self.mailbox.pending(st.last).is_some()
+        st.open
+            && self
+                .mailbox
+                .pending(st.last)
+                .is_some_and(|(_, oneways)| self.oneways_arrived(oneways, bell))
+    }
+}
+
+/// Counts a deferred request in `shoal_mailbox_deferred` for as long as it lives.
+struct DeferredGauge;
+
+impl Drop for DeferredGauge {
+    fn drop(&mut self) {
+        metrics::gauge!("shoal_mailbox_deferred").decrement(1.0);
     }
 }
 
@@ -170,10 +245,19 @@ impl Poller {
                 // Let client threads run on a small machine; come straight back.
                 std::thread::yield_now();
             } else {
-                worker.local.ctl.worker_sleep(
-                    || snapshot.iter().any(|rc| rc.has_work()),
+                let ctl = &worker.local.ctl;
+                let slept = Cell::new(false);
+                ctl.worker_sleep(
+                    || {
+                        let busy = snapshot.iter().any(|rc| rc.has_work(ctl));
+                        slept.set(!busy);
+                        busy
+                    },
                     Duration::from_millis(100),
                 );
+                if slept.get() {
+                    metrics::counter!("shoal_mailbox_poller_sleeps_total").increment(1);
+                }
                 idle_since = Instant::now();
             }
         }
@@ -194,9 +278,13 @@ fn serve_one(
     let Some((seq, oneways)) = rc.mailbox.pending(st.last) else {
         return false;
     };
-    if rc.oneways_done.load(Ordering::SeqCst) < oneways {
-        // Socket frames that came first are not handled yet; come back next sweep.
+    if !rc.oneways_arrived(oneways, &worker.local.ctl) {
+        // Socket frames that came first are not handled yet; the connection task rings when
+        // they are.
         return false;
+    }
+    if rc.waiting_for.load(Ordering::Relaxed) != 0 {
+        rc.waiting_for.store(0, Ordering::SeqCst);
     }
     st.last = seq;
     rc.mailbox.request(req);
@@ -227,7 +315,7 @@ fn serve_one(
                         GetOutcome::Done(r) => r,
                         GetOutcome::Wait(_) => {
                             let req = Request::Get { ids, timeout_ms: 0 };
-                            rc.defer(worker, seq, f.id, req);
+                            rc.defer(worker, seq, f.id, req, out);
                             return true;
                         }
                     }
@@ -237,7 +325,7 @@ fn serve_one(
                     "waiting gets go through the socket",
                 ),
                 r if ops::is_deferred(worker, &r) => {
-                    rc.defer(worker, seq, f.id, r);
+                    rc.defer(worker, seq, f.id, r, out);
                     return true;
                 }
                 r => worker.handle(rc.client, r),
