@@ -106,7 +106,7 @@ pub async fn serve_with<H, F>(
                     .and_then(|v| v.parse::<u64>().ok());
                 let verdict = Arc::new(Verdict::default());
                 let (max, timeout) = (limits.max_body, limits.body_timeout);
-                let resp = (!declared.is_some_and(|n| n > max)).then(|| {
+                let resp = declared.is_none_or(|n| n <= max).then(|| {
                     handler(req.map(|b| Body::new(b, max, timeout, verdict.clone())))
                 });
                 async move {
