@@ -1,7 +1,8 @@
 //! shoal's metadata store: the [`MetaStore`] trait (get/put/delete/range by prefix,
 //! compare-and-swap transactions, leases with keepalive, watches) and its backends:
 //!
-//! - [`MemStore`]: embedded, in the control process, persisted to a local file;
+//! - [`MemStore`]: embedded, in the control process, persisted to local files (a snapshot
+//!   and an append-only log; [`decode_store`] recovers it from their bytes);
 //! - [`RemoteStore`]: a client of a store served by control ([`serve`]) over mutual TLS under
 //!   the cluster CA (`shoal-pki`: a certificate per node, one for control);
 //! - `EtcdStore` (feature `etcd`): a real etcd through `etcd-client`.
