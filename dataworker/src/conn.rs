@@ -23,12 +23,9 @@ use shoal_protocol::{
     Response, ServerFrame, WireError, MAX_CLIENT_HELLO, PROTOCOL_VERSION,
 };
 use shoal_shm::Mailbox;
-use std::io::{Read, Write};
 use std::os::fd::AsFd;
-use std::os::unix::net::UnixStream as StdUnixStream;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 use tokio::sync::mpsc;
@@ -132,14 +129,6 @@ pub(crate) async fn serve(
         }
     };
     tracing::debug!(client, pid = ?cred.pid(), tenant = %caller.tenant, ?region, "client connected");
-    let sock = match stream.into_std().and_then(Sock::new) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::warn!(client, error = %e, "cannot register the connection");
-            worker.client_left(client, region);
-            return;
-        }
-    };
     let mailbox = if worker.local.cfg.mailbox {
         match Mailbox::create(worker.local.cfg.max_frame() as u64) {
             Ok(m) => {
@@ -161,7 +150,7 @@ pub(crate) async fn serve(
         mailbox: mailbox.as_deref(),
         caller: &caller,
     };
-    match run(&worker, &sock, &session, &shutdown).await {
+    match run(&worker, &mut stream, &session, &shutdown).await {
         Ok(()) => tracing::debug!(client, "client disconnected"),
         Err(e) => tracing::warn!(client, error = %e, "closing connection"),
     }
@@ -169,6 +158,8 @@ pub(crate) async fn serve(
         m.close_deferred().await;
     }
     worker.client_left(client, region);
+    // `stream` drops here, after everything that ran for the connection: tokio deregisters
+    // the fd from the reactor, then the stream closes it, once.
 }
 
 /// What the worker gave one connection.
@@ -179,7 +170,11 @@ struct Session<'a> {
     caller: &'a Caller,
 }
 
-async fn send_hello(worker: &Worker, sock: &Sock, s: &Session<'_>) -> Result<(), ConnError> {
+async fn send_hello(
+    worker: &Worker,
+    sock: &mut UnixStream,
+    s: &Session<'_>,
+) -> Result<(), ConnError> {
     let hello = ServerFrame::Hello(Hello {
         version: PROTOCOL_VERSION,
         client_id: s.client,
@@ -201,22 +196,21 @@ async fn send_hello(worker: &Worker, sock: &Sock, s: &Session<'_>) -> Result<(),
     // A fresh socket has room for a small hello; the fds ride on its first byte.
     let mut fds = vec![worker.local.arena.fd(), worker.local.ctl.fd()];
     fds.extend(s.mailbox.map(|m| m.mailbox().fd()));
-    let sent = shoal_shm::send_with_fds(sock.0.get_ref().as_fd(), &out, &fds)?;
+    let sent = shoal_shm::send_with_fds(sock.as_fd(), &out, &fds)?;
     sock.write_all(&out[sent..]).await?;
     Ok(())
 }
 
 async fn run(
     worker: &Arc<Worker>,
-    sock: &Sock,
+    sock: &mut UnixStream,
     session: &Session<'_>,
     shutdown: &CancellationToken,
 ) -> Result<(), ConnError> {
     let client = session.client;
     send_hello(worker, sock, session).await?;
     let decoder = FrameDecoder::new(worker.local.cfg.max_frame());
-    let mut rbuf = BytesMut::with_capacity(64 << 10);
-    let mut scratch = vec![0u8; 64 << 10];
+    let mut rbuf = BytesMut::with_capacity(READ_CHUNK);
     let mut out = Vec::with_capacity(64 << 10);
     let (tx, mut deferred) = mpsc::channel::<(u32, Response)>(64);
     let mut waiting = JoinSet::new();
@@ -238,7 +232,7 @@ async fn run(
                 encode(&ServerFrame::Reply { id, resp }, &mut out);
             }
             Some(_) = waiting.join_next(), if !waiting.is_empty() => continue,
-            n = sock.read_into(&mut rbuf, &mut scratch) => {
+            n = read_some(sock, &mut rbuf) => {
                 if n? == 0 {
                     break;
                 }
@@ -306,59 +300,22 @@ async fn run(
     Ok(())
 }
 
-/// The connection's socket, with readiness managed by hand: after a read that did not fill
-/// the buffer the socket is presumed drained and its readiness cleared, which saves the
-/// `read` that would only return `EAGAIN` (one syscall per request). Clearing is safe against
-/// data that arrives meanwhile: tokio clears only if no new readiness event came since the
-/// guard was taken, so such data still wakes us.
-struct Sock(AsyncFd<StdUnixStream>);
+/// Room the read buffer keeps for one read.
+const READ_CHUNK: usize = 64 << 10;
 
-impl Sock {
-    fn new(s: StdUnixStream) -> std::io::Result<Self> {
-        s.set_nonblocking(true)?;
-        // `AsyncFd::new` is deprecated because an inner type could change or close its fd
-        // while registered; a std `UnixStream` owns its fd for its whole life, so the
-        // registration stays valid. (`register` is the same call marked `unsafe`.)
-        #[allow(deprecated)]
-        let fd = AsyncFd::new(s)?;
-        Ok(Self(fd))
+/// Reads what the socket has into `buf`; 0 at EOF. Cancel-safe (a `select!` branch).
+///
+/// The socket is tokio's own `UnixStream`, which owns its fd and deregisters it before
+/// closing it, so no readiness registration can outlive the fd or land on a reused number.
+/// It also keeps the round-trip saving this path depends on: after a read that did not fill
+/// the buffer, tokio clears the read readiness itself, so the `read` that would only return
+/// `EAGAIN` is never made (data that arrives meanwhile still wakes us: readiness is cleared
+/// only if no new event came since the read started).
+async fn read_some(sock: &mut UnixStream, buf: &mut BytesMut) -> std::io::Result<usize> {
+    if buf.capacity() - buf.len() < READ_CHUNK / 2 {
+        buf.reserve(READ_CHUNK);
     }
-
-    async fn read_into(&self, buf: &mut BytesMut, scratch: &mut [u8]) -> std::io::Result<usize> {
-        loop {
-            let mut guard = self.0.readable().await?;
-            match guard.try_io(|s| s.get_ref().read(scratch)) {
-                Ok(Ok(n)) => {
-                    if n > 0 && n < scratch.len() {
-                        guard.clear_ready();
-                    }
-                    buf.extend_from_slice(&scratch[..n]);
-                    return Ok(n);
-                }
-                Ok(Err(e)) => return Err(e),
-                Err(_would_block) => continue,
-            }
-        }
-    }
-
-    async fn write_all(&self, mut data: &[u8]) -> std::io::Result<()> {
-        while !data.is_empty() {
-            // Try first: the socket almost always has room, and asking costs nothing then.
-            match self.0.get_ref().write(data) {
-                Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
-                Ok(n) => data = &data[n..],
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    let mut guard = self.0.writable().await?;
-                    if let Ok(r) = guard.try_io(|s| s.get_ref().write(data)) {
-                        data = &data[r?..];
-                    }
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(())
-    }
+    sock.read_buf(buf).await
 }
 
 /// How to look a get up inline: without a cluster, a zero timeout means "answer now".

@@ -23,6 +23,7 @@
 //!   bump and backs off. The worker therefore skips idle clients and scans only used slots.
 //! - Clearing a client's whole pin region is done by the worker only after the client's
 //!   connection is gone.
+use crate::mailbox::{Doorbell, OsFutex, ReplyBell};
 use crate::{Arena, ShmError};
 use std::collections::HashMap;
 use std::os::fd::{BorrowedFd, OwnedFd};
@@ -226,24 +227,24 @@ impl Ctl {
         self.word32(44)
     }
 
+    /// The poller's doorbell words (the protocol is `mailbox::Doorbell`, model-checked).
+    fn bell(&self) -> Doorbell<'_, AtomicU32> {
+        Doorbell {
+            sleeping: self.worker_sleeping(),
+            bell: self.doorbell(),
+        }
+    }
+
     /// Client side, after posting to its mailbox: wakes the worker's poller if it sleeps (the
     /// only syscall of a mailbox request, and only when the worker was idle).
     pub fn ring_doorbell(&self) {
-        if self.worker_sleeping().load(Ordering::SeqCst) != 0 {
-            self.doorbell().fetch_add(1, Ordering::SeqCst);
-            crate::mailbox::futex_wake(self.doorbell(), 1);
-        }
+        self.bell().ring(&OsFutex(std::time::Duration::ZERO));
     }
 
     /// Worker side: sleeps until a client rings or `timeout` passes, unless `work_pending`
     /// (checked after announcing the sleep, so no post is missed) says there is work.
     pub fn worker_sleep(&self, work_pending: impl Fn() -> bool, timeout: std::time::Duration) {
-        self.worker_sleeping().store(1, Ordering::SeqCst);
-        let bell = self.doorbell().load(Ordering::SeqCst);
-        if !work_pending() {
-            crate::mailbox::futex_wait(self.doorbell(), bell, timeout);
-        }
-        self.worker_sleeping().store(0, Ordering::SeqCst);
+        self.bell().sleep(&OsFutex(timeout), work_pending);
     }
 
     /// Callers sleeping until a mailbox reply.
@@ -256,31 +257,30 @@ impl Ctl {
         self.word32(52)
     }
 
+    /// The reply sleepers' words (the protocol is `mailbox::ReplyBell`, model-checked).
+    fn replies(&self) -> ReplyBell<'_, AtomicU32> {
+        ReplyBell {
+            sleepers: self.sleepers(),
+            epoch: self.reply_epoch(),
+        }
+    }
+
     /// Client side: sleeps until `ready()` holds or `timeout` passes (spurious returns are
     /// possible; callers loop). All callers of all clients share one futex word, so one wake
     /// after a sweep reaches every sleeper whose reply that sweep wrote.
     pub fn sleep_until(&self, ready: impl Fn() -> bool, timeout: std::time::Duration) {
-        self.sleepers().fetch_add(1, Ordering::SeqCst);
-        let epoch = self.reply_epoch().load(Ordering::SeqCst);
-        if !ready() {
-            crate::mailbox::futex_wait(self.reply_epoch(), epoch, timeout);
-        }
-        self.sleepers().fetch_sub(1, Ordering::SeqCst);
+        self.replies().sleep_until(&OsFutex(timeout), ready);
     }
 
     /// Worker side, after publishing replies: wakes sleeping callers (one syscall, and only if
     /// someone sleeps). A caller that counted itself before its last check is seen here.
     pub fn wake_sleepers(&self) {
-        if self.sleepers().load(Ordering::SeqCst) != 0 {
-            self.reply_epoch().fetch_add(1, Ordering::SeqCst);
-            crate::mailbox::futex_wake(self.reply_epoch(), i32::MAX);
-        }
+        self.replies().wake(&OsFutex(std::time::Duration::ZERO));
     }
 
     /// Wakes the poller regardless (shutdown).
     pub fn wake_worker(&self) {
-        self.doorbell().fetch_add(1, Ordering::SeqCst);
-        crate::mailbox::futex_wake(self.doorbell(), 1);
+        self.bell().ring_always(&OsFutex(std::time::Duration::ZERO));
     }
 
     fn bucket_of(&self, hash: u64) -> usize {

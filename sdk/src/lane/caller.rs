@@ -211,7 +211,8 @@ impl CallerLane {
         match self.region.state(slot) {
             SlotState::Done => {
                 let mut buf = Vec::new();
-                self.region.peek_reply(slot, &mut buf);
+                // A reply length beyond the slot leaves `buf` empty: malformed, like garbage.
+                let _ = self.region.peek_reply(slot, &mut buf);
                 let mut b = BytesMut::from(&buf[..]);
                 let result = match self.decoder.decode::<CallerFrame>(&mut b) {
                     Ok(Some(CallerFrame::Result { result, .. })) => result,

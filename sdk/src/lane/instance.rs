@@ -508,8 +508,14 @@ impl LaneLoop {
                     out.blocked = true;
                     return out;
                 };
-                if !lane.region.take(slot, &mut self.req) {
-                    continue; // withdrawn meanwhile; the permit goes back
+                match lane.region.take(slot, &mut self.req) {
+                    Ok(true) => {}
+                    Ok(false) => continue, // withdrawn meanwhile; the permit goes back
+                    Err(_) => {
+                        // A length beyond the slot: this caller breaks the protocol.
+                        lane.closed.store(true, Ordering::SeqCst);
+                        break;
+                    }
                 }
                 out.worked = true;
                 self.start(&lane, slot, permit);
