@@ -11,7 +11,7 @@
 //!   from that revision, read again when the watch ends). A record whose `node` is this node and whose `state` is `scheduled`,
 //!   `starting` or `running` and that this agent does not run yet is started: the function's
 //!   package is fetched into `<work_dir>/<instance id>` (a `shoal://` or `s3://` archive is
-//!   first downloaded to `<work_dir>/.staging/<instance id>.tar.gz`, removed afterwards) and
+//!   first downloaded into an unnamed private file in `<work_dir>/.staging`) and
 //!   run through the [`Supervisor`]
 //!   ([`RestartPolicy::OnFailure`] with back-off). A per-instance reporter writes every status
 //!   change back into the record (`state`, `reason`, `pid`) with a transaction on the record's
@@ -777,13 +777,9 @@ impl Runtime {
                 }
             }
             Source::Remote(source) => {
-                let staged = self
-                    .cfg
-                    .work_dir
-                    .join(STAGING_DIR)
-                    .join(format!("{id}.tar.gz"));
+                let staging = self.cfg.work_dir.join(STAGING_DIR);
                 self.downloader
-                    .fetch(&source, &staged, &dest, digest.as_deref())
+                    .fetch(&source, &staging, &dest, digest.as_deref())
                     .await
                     .map_err(|e| format!("fetch package: {}", chain(&e)))
             }
