@@ -244,7 +244,7 @@ pub(crate) enum CaOp {
         #[arg(long)]
         dir: PathBuf,
         /// Node ids to issue certificates for (comma-separated).
-        #[arg(long, value_delimiter = ',')]
+        #[arg(long, value_delimiter = ',', value_parser = parse_node_id)]
         nodes: Vec<String>,
     },
     /// Issue a node certificate (NODE.pem, NODE.key) from the CA in a directory.
@@ -253,6 +253,7 @@ pub(crate) enum CaOp {
         #[arg(long)]
         dir: PathBuf,
         /// Node id (`shoal-control` issues control's certificate).
+        #[arg(value_parser = parse_node_id)]
         node: String,
     },
 }
@@ -402,11 +403,13 @@ pub(crate) struct ConnArgs {
 
 #[derive(Debug, Args, Clone)]
 pub(crate) struct DataworkerArgs {
-    /// Node id.
-    #[arg(long, env = "SHOAL_NODE_ID", default_value = "node-0")]
+    /// Node id (1 to 64 of A-Z, a-z, 0-9, '.', '_', '-', starting with a letter or digit).
+    #[arg(long, env = "SHOAL_NODE_ID", default_value = "node-0", value_parser = parse_node_id)]
     pub(crate) node_id: String,
-    /// Directory for the node's sockets [default: $XDG_RUNTIME_DIR/shoal or /tmp/shoal-UID].
-    #[arg(long, env = "SHOAL_SOCKET_DIR")]
+    /// Directory for the node's sockets [default: $XDG_RUNTIME_DIR/shoal or /tmp/shoal-UID];
+    /// for `shoal up`, the runtime directory of the whole cluster. Created 0700; refused
+    /// unless it is a real directory of this user that nobody else may write.
+    #[arg(long, alias = "runtime-dir", env = "SHOAL_SOCKET_DIR")]
     pub(crate) socket_dir: Option<PathBuf>,
     /// Shared-memory arena size ("512MiB", "4GiB").
     #[arg(long, env = "SHOAL_SHM_SIZE", default_value = "1GiB", value_parser = parse_size)]
@@ -484,8 +487,8 @@ pub(crate) struct ChildArgs {
 
 #[derive(Debug, Args, Clone)]
 pub(crate) struct ProxyArgs {
-    /// Node id.
-    #[arg(long, env = "SHOAL_NODE_ID", default_value = "node-0")]
+    /// Node id (1 to 64 of A-Z, a-z, 0-9, '.', '_', '-', starting with a letter or digit).
+    #[arg(long, env = "SHOAL_NODE_ID", default_value = "node-0", value_parser = parse_node_id)]
     pub(crate) node_id: String,
     /// Directory for the node's sockets (`proxy.sock`) [default: as the dataworker's].
     #[arg(long, env = "SHOAL_SOCKET_DIR")]
@@ -537,8 +540,8 @@ pub(crate) struct ProxyArgs {
 
 #[derive(Debug, Args, Clone)]
 pub(crate) struct AgentArgs {
-    /// Node id.
-    #[arg(long, env = "SHOAL_NODE_ID", default_value = "node-0")]
+    /// Node id (1 to 64 of A-Z, a-z, 0-9, '.', '_', '-', starting with a letter or digit).
+    #[arg(long, env = "SHOAL_NODE_ID", default_value = "node-0", value_parser = parse_node_id)]
     pub(crate) node_id: String,
     /// Directory of the node's sockets (the proxy's and the dataworker's), where the agent
     /// also keeps `agent/work` and `agent/logs` [default: as the dataworker's].
@@ -643,6 +646,14 @@ pub(crate) struct BenchArgs {
     /// Only benchmarks whose name contains this (e.g. `kv_`, `get_small`).
     #[arg(long)]
     pub(crate) only: Option<String>,
+}
+
+/// A node id by the protocol's rule (it names directories, files and metadata keys).
+fn parse_node_id(s: &str) -> Result<String, String> {
+    shoal_protocol::IdKind::Node
+        .check(s)
+        .map(|()| s.to_string())
+        .map_err(|e| e.to_string())
 }
 
 pub(crate) fn parse_size(s: &str) -> Result<u64, String> {
