@@ -144,5 +144,68 @@ async fn hostile_instance_ids_never_become_paths() {
         let name = e.unwrap().file_name().to_string_lossy().into_owned();
         assert!(name.starts_with("f-1."), "unexpected log file {name:?}");
     }
+
+    // The log endpoint: an id with an (encoded) CR/LF or a traversal is refused as such, and
+    // nothing of it reaches a header of the answer.
+    let addr = {
+        let kv = meta
+            .get(&shoal_meta::records::agent_key("node-a"))
+            .await
+            .unwrap()
+            .unwrap();
+        serde_json::from_slice::<shoal_meta::records::AgentRecord>(&kv.value)
+            .unwrap()
+            .logs_addr
+            .unwrap()
+    };
+    let operator = shoal_meta::issue_token(
+        meta.as_ref(),
+        shoal_meta::records::SYSTEM_TENANT,
+        shoal_meta::records::Role::Admin,
+        "test",
+        None,
+    )
+    .await
+    .unwrap()
+    .token;
+    for path in [
+        "/v1/logs/f-1%0D%0AX-Injected:%20yes",
+        "/v1/logs/..%2F..%2Fetc%2Fpasswd",
+        "/v1/logs/.",
+    ] {
+        let (addr, token) = (addr.clone(), operator.clone());
+        let (status, head) = support::wait_for("the agent knows the token", WAIT, || {
+            let (addr, token) = (addr.clone(), token.clone());
+            async move {
+                let answer = tokio::task::spawn_blocking(move || raw_get(&addr, path, &token))
+                    .await
+                    .unwrap();
+                (answer.0 != 401).then_some(answer)
+            }
+        })
+        .await;
+        assert_eq!(status, 400, "{path}: {head}");
+        assert!(!head.to_ascii_lowercase().contains("x-injected"), "{head}");
+    }
     agent.shutdown().await;
+}
+
+/// `GET path` with a bearer token, raw: the status and the head of the answer.
+fn raw_get(addr: &str, path: &str, token: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.0\r\nHost: agent\r\nAuthorization: Bearer {token}\r\n\r\n"
+    )
+    .unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    let head = resp.split("\r\n\r\n").next().unwrap_or("").to_string();
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (status, head)
 }
