@@ -496,12 +496,21 @@ fn a_pax_global_header_is_skipped() {
     assert_eq!(escaped(&root), ["main.sh"]);
 }
 
-/// Whether some file descriptor of this process has `path` open.
+/// Whether some file descriptor of this process has `path` open for reading (the writer's
+/// own descriptors do not count).
 fn open_here(path: &Path) -> bool {
     fs::read_dir("/proc/self/fd")
         .unwrap()
-        .filter_map(|e| fs::read_link(e.ok()?.path()).ok())
-        .any(|p| p == path)
+        .filter_map(Result::ok)
+        .filter(|e| fs::read_link(e.path()).is_ok_and(|p| p == path))
+        .any(|e| {
+            let info = fs::read_to_string(Path::new("/proc/self/fdinfo").join(e.file_name()))
+                .unwrap_or_default();
+            info.lines()
+                .find_map(|l| l.strip_prefix("flags:"))
+                .and_then(|f| u32::from_str_radix(f.trim(), 8).ok())
+                .is_some_and(|flags| flags & 0o3 == 0)
+        })
 }
 
 /// The digest is checked on the very bytes that are unpacked: the archive is read once. A
@@ -529,14 +538,15 @@ fn the_digest_covers_the_bytes_that_are_unpacked() {
     let writer = {
         let (fifo, done) = (fifo.clone(), done.clone());
         std::thread::spawn(move || {
-            // The first reader gets the good archive.
-            fs::OpenOptions::new()
-                .write(true)
-                .open(&fifo)
-                .unwrap()
-                .write_all(&good)
-                .unwrap();
+            // The first reader gets the good archive. Its descriptor is seen before the
+            // writer lets go (it cannot reach the end before), so that its close below is its
+            // own and not an open still in progress.
             let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            let mut first = fs::OpenOptions::new().write(true).open(&fifo).unwrap();
+            shoal_devcluster::wait::poll_until(deadline, || open_here(&fifo).then_some(()))
+                .unwrap();
+            first.write_all(&good).unwrap();
+            drop(first);
             // Once that reader has closed it...
             shoal_devcluster::wait::poll_until(deadline, || {
                 (done.load(Ordering::SeqCst) || !open_here(&fifo)).then_some(())
