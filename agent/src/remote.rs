@@ -2,9 +2,11 @@
 //! and objects in S3-compatible stores (`s3://bucket/key`).
 //!
 //! A remote package is always a gzip-compressed tar archive. [`Downloader::fetch`] downloads
-//! it into a staging file and unpacks that file with [`fetch`] as a
-//! [`PackageSource::TarGz`], so the digest (over the archive's bytes), the corrupt-archive
-//! check and every [`FetchLimits`] bound apply exactly as for a local archive.
+//! it into an unnamed private staging file (in a staging directory), hashing the bytes as they
+//! arrive, and unpacks exactly that file as a local archive is unpacked, so the digest (over
+//! the archive's bytes), the corrupt-archive check and every [`FetchLimits`] bound apply
+//! exactly as for a local archive, and nothing can change the bytes between the check and
+//! the unpack.
 //!
 //! Invariants:
 //! - a download never grows past its byte limit (by default
@@ -12,7 +14,8 @@
 //!   first, and the bytes written are counted while they arrive;
 //! - S3 bodies are streamed to the staging file, never held in memory whole; a `shoal://`
 //!   object is already in shared memory and is copied from there;
-//! - the staging file is removed when the fetch ends, however it ends;
+//! - the staging file has no name (`O_TMPFILE`, or unlinked at once): no other process can
+//!   open it, and it is gone when the fetch ends, however it ends (a crash included);
 //! - TLS to S3 is rustls with the ring provider, configured for each client: nothing is
 //!   installed process-wide, and aws-lc is not linked.
 
@@ -29,7 +32,10 @@ use object_store::path::Path as ObjectPath;
 use object_store::{ClientConfigKey, ClientOptions, ObjectStoreExt, RetryConfig};
 use tokio::io::AsyncWriteExt;
 
-use crate::package::{fetch, FetchError, FetchLimits, PackageSource};
+use crate::package::{
+    digest_of, private_file_in, unpack_staged, FetchError, FetchLimits, StagedArchive,
+};
+use sha2::{Digest, Sha256};
 
 /// How long a `shoal://` read waits for the object to be created: not at all. A package must
 /// exist when its function is deployed; a sealed copy on another node is still pulled (bounded
@@ -318,10 +324,10 @@ pub enum RemoteError {
         /// The limit in bytes.
         limit: u64,
     },
-    /// The staging file could not be written.
-    #[error("write staging file {path}")]
+    /// The staging file could not be created or written.
+    #[error("write a staging file in {path}")]
     Stage {
-        /// The staging file.
+        /// The staging directory.
         path: PathBuf,
         /// Cause.
         #[source]
@@ -380,54 +386,47 @@ impl Downloader {
         self
     }
 
-    /// Downloads `source` to `staged` (its parent is created, an existing file replaced),
-    /// unpacks it into `dest` with [`fetch`] (so `dest` is created if missing and must be
-    /// empty if present, and `digest` is checked against the archive's bytes) and removes
-    /// `staged` again. Returns the canonical path of `dest`.
+    /// Downloads `source` into an unnamed private file in `staging` (a directory, created if
+    /// missing), hashing it on the way, checks `digest` against those bytes and unpacks them
+    /// into `dest` (created if missing; it must be empty if present). Returns the canonical
+    /// path of `dest`.
     pub async fn fetch(
         &self,
         source: &RemoteSource,
-        staged: &Path,
+        staging: &Path,
         dest: &Path,
         digest: Option<&str>,
     ) -> Result<PathBuf, RemoteError> {
-        let result = self.download_and_unpack(source, staged, dest, digest).await;
-        if let Err(e) = tokio::fs::remove_file(staged).await {
-            if e.kind() != io::ErrorKind::NotFound {
-                tracing::warn!(file = %staged.display(), error = %e, "removing staged package failed");
-            }
-        }
-        result
-    }
-
-    async fn download_and_unpack(
-        &self,
-        source: &RemoteSource,
-        staged: &Path,
-        dest: &Path,
-        digest: Option<&str>,
-    ) -> Result<PathBuf, RemoteError> {
-        if let Some(parent) = staged.parent() {
-            tokio::fs::create_dir_all(parent)
+        tokio::fs::create_dir_all(staging)
+            .await
+            .map_err(|e| stage_err(staging, e))?;
+        let file = {
+            let dir = staging.to_path_buf();
+            tokio::task::spawn_blocking(move || private_file_in(&dir))
                 .await
-                .map_err(|e| stage_err(staged, e))?;
-        }
+                .map_err(|e| stage_err(staging, io::Error::other(e)))?
+                .map_err(|e| stage_err(staging, e))?
+        };
+        let mut out = tokio::fs::File::from_std(file);
+        let mut hash = Sha256::new();
         let bytes = match source {
-            RemoteSource::Object { id } => self.download_object(id, staged).await?,
+            RemoteSource::Object { id } => {
+                self.download_object(id, staging, &mut out, &mut hash)
+                    .await?
+            }
             RemoteSource::S3 { bucket, key } => {
-                self.download_s3(bucket, key, &source.to_string(), staged)
+                let url = source.to_string();
+                self.download_s3(bucket, key, &url, staging, &mut out, &mut hash)
                     .await?
             }
         };
+        out.flush().await.map_err(|e| stage_err(staging, e))?;
         tracing::debug!(%source, bytes, "package downloaded");
+        let staged = StagedArchive::new(out.into_std().await, digest_of(hash));
         let what = source.to_string();
-        let (staged, dest, digest) = (
-            staged.to_path_buf(),
-            dest.to_path_buf(),
-            digest.map(str::to_string),
-        );
+        let (dest, digest) = (dest.to_path_buf(), digest.map(str::to_string));
         match tokio::task::spawn_blocking(move || {
-            fetch(&PackageSource::TarGz(staged), &dest, digest.as_deref())
+            unpack_staged(staged, &dest, digest.as_deref(), &FetchLimits::default())
         })
         .await
         {
@@ -444,7 +443,13 @@ impl Downloader {
         }
     }
 
-    async fn download_object(&self, id: &str, staged: &Path) -> Result<u64, RemoteError> {
+    async fn download_object(
+        &self,
+        id: &str,
+        staging: &Path,
+        out: &mut tokio::fs::File,
+        hash: &mut Sha256,
+    ) -> Result<u64, RemoteError> {
         let dw = |source| RemoteError::Dataworker {
             id: id.to_string(),
             source,
@@ -476,13 +481,10 @@ impl Downloader {
         if len > self.max_bytes {
             return Err(self.too_large(format_args!("shoal://{id}")));
         }
-        let mut file = tokio::fs::File::create(staged)
+        hash.update(&view[..]);
+        out.write_all(&view)
             .await
-            .map_err(|e| stage_err(staged, e))?;
-        file.write_all(&view)
-            .await
-            .map_err(|e| stage_err(staged, e))?;
-        file.flush().await.map_err(|e| stage_err(staged, e))?;
+            .map_err(|e| stage_err(staging, e))?;
         Ok(len)
     }
 
@@ -491,7 +493,9 @@ impl Downloader {
         bucket: &str,
         key: &str,
         url: &str,
-        staged: &Path,
+        staging: &Path,
+        out: &mut tokio::fs::File,
+        hash: &mut Sha256,
     ) -> Result<u64, RemoteError> {
         let s3 = |source| RemoteError::S3 {
             url: url.to_string(),
@@ -514,9 +518,6 @@ impl Downloader {
         if got.meta.size > self.max_bytes {
             return Err(self.too_large(url));
         }
-        let mut file = tokio::fs::File::create(staged)
-            .await
-            .map_err(|e| stage_err(staged, e))?;
         let mut body = got.into_stream();
         let mut written: u64 = 0;
         while let Some(chunk) = body.next().await {
@@ -525,11 +526,11 @@ impl Downloader {
             if written > self.max_bytes {
                 return Err(self.too_large(url));
             }
-            file.write_all(&chunk)
+            hash.update(&chunk[..]);
+            out.write_all(&chunk)
                 .await
-                .map_err(|e| stage_err(staged, e))?;
+                .map_err(|e| stage_err(staging, e))?;
         }
-        file.flush().await.map_err(|e| stage_err(staged, e))?;
         Ok(written)
     }
 }

@@ -11,12 +11,18 @@
 //!   from that revision, read again when the watch ends). A record whose `node` is this node and whose `state` is `scheduled`,
 //!   `starting` or `running` and that this agent does not run yet is started: the function's
 //!   package is fetched into `<work_dir>/<instance id>` (a `shoal://` or `s3://` archive is
-//!   first downloaded to `<work_dir>/.staging/<instance id>.tar.gz`, removed afterwards) and
+//!   first downloaded into an unnamed private file in `<work_dir>/.staging`) and
 //!   run through the [`Supervisor`]
 //!   ([`RestartPolicy::OnFailure`] with back-off). A per-instance reporter writes every status
 //!   change back into the record (`state`, `reason`, `pid`) with a transaction on the record's
 //!   mod revision, and never over a record that control marked `stopping` or moved. A deleted
 //!   (or `stopping`) record stops the process: SIGTERM, SIGKILL after [`AgentConfig::grace`].
+//!
+//! Names from the store are checked before they are used: an instance id or function name
+//! that breaks the protocol's rule (`shoal_protocol::IdKind`) is recorded as `failed` and
+//! never becomes a path, an environment variable or a credential's binding (so a record
+//! with the id `../x` or `/home/u` cannot make the agent clear a directory outside
+//! `<work_dir>`).
 //!
 //! Each instance gets its own credential: before it starts, the agent issues a token bound
 //! to it (`shoal_meta::issue_instance_token`, in the function's tenant; any older token bound
@@ -43,6 +49,7 @@ use shoal_meta::{
     issue_instance_token, revoke_token, Compare, Followed, Follower, LeasedRecord, MetaError,
     MetaStore, TokenBook, Txn, TxnOp, WatchEvent,
 };
+use shoal_protocol::IdKind;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -194,11 +201,8 @@ impl Agent {
         mut cfg: AgentConfig,
         meta: Arc<dyn MetaStore>,
     ) -> Result<Agent, AgentError> {
-        if cfg.node_id.is_empty() || cfg.node_id.contains('/') || cfg.node_id.len() > 128 {
-            return Err(invalid(
-                "node_id",
-                "must be 1 to 128 characters without '/'",
-            ));
+        if let Err(e) = IdKind::Node.check(&cfg.node_id) {
+            return Err(invalid("node_id", e.to_string()));
         }
         if cfg.lease_ttl < Duration::from_secs(1) {
             return Err(invalid("lease_ttl", "must be at least one second"));
@@ -464,6 +468,16 @@ async fn report(
     }
 }
 
+/// Whether the names of `rec` pass the protocol's rules; the reason to record if not. The
+/// instance id becomes a directory and log file names, the function name an environment
+/// variable and a credential's binding: neither is used before this check.
+fn checked_names(rec: &InstanceRecord) -> Result<(), String> {
+    IdKind::Instance
+        .check(&rec.id)
+        .and_then(|()| IdKind::Function.check(&rec.function))
+        .map_err(|e| format!("invalid instance record: {e}"))
+}
+
 fn instance_id_of(key: &str) -> Option<&str> {
     key.strip_prefix(INSTANCES_PREFIX)?.rsplit('/').next()
 }
@@ -572,7 +586,10 @@ impl Runtime {
             return None;
         }
         if !tracked && rec.state.is_wanted() {
-            self.launch(key, &rec).await;
+            match checked_names(&rec) {
+                Ok(()) => self.launch(key, &rec).await,
+                Err(reason) => self.fail(key, &rec, reason).await,
+            }
         }
         self.tracked.contains_key(&rec.id).then(|| rec.id.clone())
     }
@@ -671,8 +688,9 @@ impl Runtime {
         env.insert("SHOAL_CONCURRENCY".into(), spec.concurrency.to_string());
         let Some(issued) = self.issue_token(rec, &spec).await else {
             // The store's trouble, not the instance's: tried again on the next re-read.
-            let dir = self.cfg.work_dir.join(&rec.id);
-            let _ = tokio::task::spawn_blocking(move || remove_dir(&dir)).await;
+            if let Some(dir) = self.instance_dir(&rec.id) {
+                let _ = tokio::task::spawn_blocking(move || remove_dir(&dir)).await;
+            }
             return;
         };
         let token_id = issued.record.id.clone();
@@ -731,7 +749,9 @@ impl Runtime {
         source: Source,
         digest: Option<String>,
     ) -> Result<PathBuf, String> {
-        let dest = self.cfg.work_dir.join(id);
+        let dest = self
+            .instance_dir(id)
+            .ok_or_else(|| format!("fetch package: invalid instance id {id:?}"))?;
         {
             let dest = dest.clone();
             tokio::task::spawn_blocking(move || match std::fs::remove_dir_all(&dest) {
@@ -757,13 +777,9 @@ impl Runtime {
                 }
             }
             Source::Remote(source) => {
-                let staged = self
-                    .cfg
-                    .work_dir
-                    .join(STAGING_DIR)
-                    .join(format!("{id}.tar.gz"));
+                let staging = self.cfg.work_dir.join(STAGING_DIR);
                 self.downloader
-                    .fetch(&source, &staged, &dest, digest.as_deref())
+                    .fetch(&source, &staging, &dest, digest.as_deref())
                     .await
                     .map_err(|e| format!("fetch package: {}", chain(&e)))
             }
@@ -788,9 +804,19 @@ impl Runtime {
         if let Some(token) = &t.token_id {
             revoke(self.meta.as_ref(), token).await;
         }
-        let dir = self.cfg.work_dir.join(id);
-        let _ = tokio::task::spawn_blocking(move || remove_dir(&dir)).await;
+        if let Some(dir) = self.instance_dir(id) {
+            let _ = tokio::task::spawn_blocking(move || remove_dir(&dir)).await;
+        }
         self.count();
+    }
+
+    /// `<work_dir>/<id>`, for an id that passes the protocol's rule (so it is one plain path
+    /// component); `None` for any other id, which never becomes a path.
+    fn instance_dir(&self, id: &str) -> Option<PathBuf> {
+        IdKind::Instance
+            .check(id)
+            .ok()
+            .map(|()| self.cfg.work_dir.join(id))
     }
 
     fn count(&self) {

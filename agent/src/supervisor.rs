@@ -44,6 +44,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::cgroup::{CgroupHandle, Limiter};
+use shoal_protocol::IdKind;
 
 /// How long to wait for processes left in a cgroup to disappear after SIGKILL.
 const CGROUP_DRAIN: Duration = Duration::from_secs(2);
@@ -97,7 +98,8 @@ pub enum RestartPolicy {
 /// What to run.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InstanceSpec {
-    /// Instance id: 1 to 128 characters of `[A-Za-z0-9._-]`, not `.` or `..`.
+    /// Instance id: the protocol's rule ([`IdKind::Instance`]: 1 to 128 characters of
+    /// `[A-Za-z0-9._-]`, starting with a letter or a digit).
     pub id: String,
     /// Function the instance belongs to (reported, and passed as `SHOAL_FUNCTION`).
     pub function: String,
@@ -276,14 +278,10 @@ pub struct Supervisor {
     root: CancellationToken,
 }
 
+/// Whether `id` is an instance id by the protocol's rule ([`IdKind::Instance`]): then it is
+/// a safe single path component (`<work_dir>/<id>`, `<log_dir>/<id>.out`) and header value.
 pub(crate) fn valid_id(id: &str) -> bool {
-    !id.is_empty()
-        && id.len() <= 128
-        && id != "."
-        && id != ".."
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
+    IdKind::Instance.check(id).is_ok()
 }
 
 fn chain(e: &dyn std::error::Error) -> String {

@@ -27,7 +27,7 @@ async fn object_packages() {
     client.put("pkg-corrupt", &garbage()).await.unwrap();
 
     let dl = Downloader::new(worker.socket_path(), S3Settings::default());
-    let staged = tmp.path().join("work/.staging/i-1.tar.gz");
+    let staged = tmp.path().join("work/.staging");
 
     // 1. A stored package is read from the dataworker and unpacked, digest checked.
     let src = RemoteSource::object("pkg-hello").unwrap();
@@ -54,7 +54,10 @@ async fn object_packages() {
         std::fs::read(root.join("lib/data.txt")).unwrap(),
         b"some data\n"
     );
-    assert!(!staged.exists(), "staged file removed after success");
+    assert!(
+        support::nothing_in(&staged),
+        "staged file removed after success"
+    );
 
     // 2. A missing id is "not found", without waiting for it to appear.
     let started = Instant::now();
@@ -78,7 +81,7 @@ async fn object_packages() {
         "{:?}",
         started.elapsed()
     );
-    assert!(!staged.exists());
+    assert!(support::nothing_in(&staged));
     assert!(!dest.exists());
 
     // 3. Digest mismatch and corrupt archive, as for any archive.
@@ -120,7 +123,7 @@ async fn object_packages() {
         ),
         "{e:?}"
     );
-    assert!(!staged.exists());
+    assert!(support::nothing_in(&staged));
 
     // 4. No dataworker: an error naming the object, not a hang.
     let nowhere = Downloader::new(tmp.path().join("nothing.sock"), S3Settings::default());
@@ -130,7 +133,7 @@ async fn object_packages() {
         .unwrap_err();
     assert!(matches!(e, RemoteError::Dataworker { .. }), "{e:?}");
     assert!(e.to_string().contains("shoal://pkg-hello"), "{e}");
-    assert!(!staged.exists());
+    assert!(support::nothing_in(&staged));
 
     drop(client);
     worker.shutdown().await;

@@ -4,6 +4,7 @@
 use std::fs;
 use std::io::Write;
 use std::path::Path;
+use std::time::Duration;
 
 use shoal_agent::{fetch, fetch_with_limits, file_digest, FetchError, FetchLimits, PackageSource};
 
@@ -220,4 +221,372 @@ fn limits_are_enforced() {
     )
     .unwrap_err();
     assert!(matches!(e, FetchError::TooLarge { .. }), "{e:?}");
+}
+
+/// One raw tar entry: name, type, link target, data.
+struct Raw<'a> {
+    name: &'a [u8],
+    kind: tar::EntryType,
+    link: Option<&'a [u8]>,
+    data: &'a [u8],
+}
+
+fn file<'a>(name: &'a [u8], data: &'a [u8]) -> Raw<'a> {
+    Raw {
+        name,
+        kind: tar::EntryType::Regular,
+        link: None,
+        data,
+    }
+}
+
+fn dir(name: &[u8]) -> Raw<'_> {
+    Raw {
+        name,
+        kind: tar::EntryType::Directory,
+        link: None,
+        data: b"",
+    }
+}
+
+fn symlink<'a>(name: &'a [u8], target: &'a [u8]) -> Raw<'a> {
+    Raw {
+        name,
+        kind: tar::EntryType::Symlink,
+        link: Some(target),
+        data: b"",
+    }
+}
+
+/// Writes a tar.gz of `entries`, headers written byte by byte (no checks of the tar crate's
+/// builder in the way).
+fn crafted(out: &Path, entries: &[Raw<'_>]) {
+    let f = fs::File::create(out).unwrap();
+    let gz = flate2::write::GzEncoder::new(f, flate2::Compression::default());
+    let mut b = tar::Builder::new(gz);
+    for e in entries {
+        let mut h = tar::Header::new_gnu();
+        {
+            let old = h.as_old_mut();
+            old.name[..e.name.len()].copy_from_slice(e.name);
+            if let Some(l) = e.link {
+                old.linkname[..l.len()].copy_from_slice(l);
+            }
+        }
+        h.set_entry_type(e.kind);
+        h.set_mode(if e.kind.is_dir() { 0o755 } else { 0o644 });
+        h.set_size(e.data.len() as u64);
+        h.set_cksum();
+        b.append(&h, e.data).unwrap();
+    }
+    b.into_inner().unwrap().finish().unwrap();
+}
+
+/// Unpacks `entries` into `<tmp>/box/out`; the result, and `<tmp>/box` (the directory just
+/// outside the package) to look for anything that escaped.
+fn unpack(
+    t: &Path,
+    name: &str,
+    entries: &[Raw<'_>],
+) -> (Result<std::path::PathBuf, FetchError>, std::path::PathBuf) {
+    let boxed = t.join(name);
+    fs::create_dir_all(&boxed).unwrap();
+    let ar = t.join(format!("{name}.tar.gz"));
+    crafted(&ar, entries);
+    (
+        fetch(&PackageSource::TarGz(ar), &boxed.join("out"), None),
+        boxed,
+    )
+}
+
+/// What `dir` holds besides the package directory `out`.
+fn escaped(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n != "out")
+        .collect();
+    v.sort();
+    v
+}
+
+/// A chain of symlinks, each lexically inside the package, that together point outside it:
+/// `a -> .` and `b -> a/..` (which is the package's parent). Refused, and nothing is written
+/// through it: not a file, not a directory created on the way.
+#[test]
+fn symlink_chains_that_leave_the_package_are_refused() {
+    let t = tempfile::tempdir().unwrap();
+    // The chain alone: `b` would point outside.
+    let (r, boxed) = unpack(
+        t.path(),
+        "chain",
+        &[symlink(b"a", b"."), symlink(b"b", b"a/..")],
+    );
+    assert!(matches!(r, Err(FetchError::Unsafe(_))), "{r:?}");
+    assert!(escaped(&boxed).is_empty(), "{:?}", escaped(&boxed));
+    assert!(!boxed.join("out").exists(), "a failed fetch cleans up");
+    // Entries written through the chain: a file, and a directory path that would be created
+    // on the way.
+    let (r, boxed) = unpack(
+        t.path(),
+        "through",
+        &[
+            symlink(b"a", b"."),
+            symlink(b"b", b"a/.."),
+            file(b"b/owned.txt", b"pwned"),
+        ],
+    );
+    assert!(matches!(r, Err(FetchError::Unsafe(_))), "{r:?}");
+    assert!(escaped(&boxed).is_empty(), "{:?}", escaped(&boxed));
+    let (r, boxed) = unpack(
+        t.path(),
+        "mkdir",
+        &[
+            symlink(b"a", b"."),
+            symlink(b"b", b"a/.."),
+            file(b"b/newdir/deeper/x", b"pwned"),
+        ],
+    );
+    assert!(matches!(r, Err(FetchError::Unsafe(_))), "{r:?}");
+    assert!(escaped(&boxed).is_empty(), "{:?}", escaped(&boxed));
+    // A longer chain through a directory: `d/up -> ..` is the root, `x -> d/up/..` is
+    // outside.
+    let (r, boxed) = unpack(
+        t.path(),
+        "longer",
+        &[
+            dir(b"d"),
+            symlink(b"d/up", b".."),
+            symlink(b"x", b"d/up/../.."),
+        ],
+    );
+    assert!(matches!(r, Err(FetchError::Unsafe(_))), "{r:?}");
+    assert!(escaped(&boxed).is_empty());
+    // A loop resolves nowhere: refused too.
+    let (r, _) = unpack(
+        t.path(),
+        "loop",
+        &[symlink(b"p", b"q"), symlink(b"q", b"p")],
+    );
+    assert!(matches!(r, Err(FetchError::Unsafe(_))), "{r:?}");
+}
+
+/// An entry A is a symlink to a directory (inside or outside), entry B writes through
+/// `A/x`: refused either way, nothing is written through a link.
+#[test]
+fn nothing_is_written_through_a_symlink() {
+    let t = tempfile::tempdir().unwrap();
+    let outside = t.path().join("outside");
+    fs::create_dir(&outside).unwrap();
+    let target = format!("../../{}", "outside");
+    // Lexically outside: refused at the link already.
+    let (r, _) = unpack(
+        t.path(),
+        "direct",
+        &[symlink(b"a", target.as_bytes()), file(b"a/x", b"pwned")],
+    );
+    assert!(matches!(r, Err(FetchError::Unsafe(_))), "{r:?}");
+    assert!(fs::read_dir(&outside).unwrap().next().is_none());
+    // Inside, but a write through it is refused all the same.
+    let (r, boxed) = unpack(
+        t.path(),
+        "inside",
+        &[
+            dir(b"sub"),
+            symlink(b"lib", b"sub"),
+            file(b"lib/x", b"data"),
+        ],
+    );
+    assert!(matches!(r, Err(FetchError::Unsafe(_))), "{r:?}");
+    assert!(escaped(&boxed).is_empty());
+    // A symlink, then a file of the same name: the later entry replaces the link and the
+    // file lands in the package, not where the link pointed.
+    let out = t.path().join("replace/out");
+    let ar = t.path().join("replace.tar.gz");
+    crafted(
+        &ar,
+        &[symlink(b"f", b"sub/g"), dir(b"sub"), file(b"f", b"mine")],
+    );
+    let root = fetch(&PackageSource::TarGz(ar), &out, None).unwrap();
+    assert!(!fs::symlink_metadata(root.join("f"))
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    assert_eq!(fs::read(root.join("f")).unwrap(), b"mine");
+    assert!(!root.join("sub/g").exists());
+}
+
+/// Symlinks that stay inside are kept, chains included, and may be dangling.
+#[test]
+fn symlinks_inside_the_package_are_kept() {
+    let t = tempfile::tempdir().unwrap();
+    let out = t.path().join("ok/out");
+    let ar = t.path().join("ok.tar.gz");
+    crafted(
+        &ar,
+        &[
+            dir(b"bin"),
+            file(b"bin/tool", b"#!/bin/sh\n"),
+            symlink(b"here", b"."),
+            symlink(b"tool", b"here/bin/tool"),
+            symlink(b"bin/up", b".."),
+            symlink(b"bin/self", b"up/bin/tool"),
+            symlink(b"later", b"not/yet/there"),
+        ],
+    );
+    let root = fetch(&PackageSource::TarGz(ar), &out, None).unwrap();
+    assert_eq!(fs::read(root.join("tool")).unwrap(), b"#!/bin/sh\n");
+    assert_eq!(fs::read(root.join("bin/self")).unwrap(), b"#!/bin/sh\n");
+    assert_eq!(
+        fs::read_link(root.join("later")).unwrap(),
+        Path::new("not/yet/there")
+    );
+}
+
+/// Hard links, character and block devices and FIFOs are refused, whatever they name.
+#[test]
+fn links_devices_and_fifos_are_refused() {
+    let t = tempfile::tempdir().unwrap();
+    for (i, kind) in [
+        tar::EntryType::Link,
+        tar::EntryType::Char,
+        tar::EntryType::Block,
+        tar::EntryType::Fifo,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let (r, boxed) = unpack(
+            t.path(),
+            &format!("kind{i}"),
+            &[
+                file(b"ok.txt", b"fine"),
+                Raw {
+                    name: b"node",
+                    kind,
+                    link: Some(b"ok.txt"),
+                    data: b"",
+                },
+            ],
+        );
+        assert!(matches!(r, Err(FetchError::Unsafe(_))), "{kind:?}: {r:?}");
+        assert!(!boxed.join("out").exists(), "{kind:?}: cleaned up");
+    }
+}
+
+/// A pax global header (what `git archive` writes first) is metadata, not an entry.
+#[test]
+fn a_pax_global_header_is_skipped() {
+    let t = tempfile::tempdir().unwrap();
+    let out = t.path().join("pax/out");
+    let ar = t.path().join("pax.tar.gz");
+    crafted(
+        &ar,
+        &[
+            Raw {
+                name: b"pax_global_header",
+                kind: tar::EntryType::XGlobalHeader,
+                link: None,
+                data: b"52 comment=0123456789abcdef0123456789abcdef01234567\n",
+            },
+            file(b"main.sh", b"echo hi\n"),
+        ],
+    );
+    let root = fetch(&PackageSource::TarGz(ar), &out, None).unwrap();
+    assert_eq!(escaped(&root), ["main.sh"]);
+}
+
+/// Whether some file descriptor of this process has `path` open for reading (the writer's
+/// own descriptors do not count).
+fn open_here(path: &Path) -> bool {
+    fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter(|e| fs::read_link(e.path()).is_ok_and(|p| p == path))
+        .any(|e| {
+            let info = fs::read_to_string(Path::new("/proc/self/fdinfo").join(e.file_name()))
+                .unwrap_or_default();
+            info.lines()
+                .find_map(|l| l.strip_prefix("flags:"))
+                .and_then(|f| u32::from_str_radix(f.trim(), 8).ok())
+                .is_some_and(|flags| flags & 0o3 == 0)
+        })
+}
+
+/// The digest is checked on the very bytes that are unpacked: the archive is read once. A
+/// source that gives other bytes on a second read (here a FIFO whose writer sends the good
+/// archive to the first reader and a hostile one to whoever opens it after that reader is
+/// done) cannot slip the hostile bytes in after the check.
+#[test]
+fn the_digest_covers_the_bytes_that_are_unpacked() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let t = tempfile::tempdir().unwrap();
+    let good_dir = t.path().join("good-src");
+    fs::create_dir(&good_dir).unwrap();
+    fs::write(good_dir.join("main.sh"), b"echo good\n").unwrap();
+    let good = t.path().join("good.tar.gz");
+    tar_gz_of(&good_dir, &good);
+    let digest = file_digest(&good).unwrap();
+    let evil = t.path().join("evil.tar.gz");
+    crafted(&evil, &[file(b"main.sh", b"echo evil\n")]);
+    let (good, evil) = (fs::read(&good).unwrap(), fs::read(&evil).unwrap());
+
+    let fifo = t.path().join("pkg.tar.gz");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    let done = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (fifo, done) = (fifo.clone(), done.clone());
+        std::thread::spawn(move || {
+            // The first reader gets the good archive. Its descriptor is seen before the
+            // writer lets go (it cannot reach the end before), so that its close below is its
+            // own and not an open still in progress.
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            let mut first = fs::OpenOptions::new().write(true).open(&fifo).unwrap();
+            shoal_devcluster::wait::poll_until(deadline, || open_here(&fifo).then_some(()))
+                .unwrap();
+            first.write_all(&good).unwrap();
+            drop(first);
+            // Once that reader has closed it...
+            shoal_devcluster::wait::poll_until(deadline, || {
+                (done.load(Ordering::SeqCst) || !open_here(&fifo)).then_some(())
+            });
+            // ... whoever opens it next gets the hostile one (until the fetch is over).
+            let again = shoal_devcluster::wait::poll_until(deadline, || {
+                if done.load(Ordering::SeqCst) {
+                    return Some(None);
+                }
+                use std::os::unix::fs::OpenOptionsExt;
+                // Non-blocking: fails (ENXIO) while no reader is opening the FIFO.
+                fs::OpenOptions::new()
+                    .write(true)
+                    .custom_flags(nix::fcntl::OFlag::O_NONBLOCK.bits())
+                    .open(&fifo)
+                    .ok()
+                    .map(Some)
+            })
+            .flatten();
+            if let Some(mut f) = again {
+                let _ = f.write_all(&evil);
+            }
+        })
+    };
+    let out = t.path().join("out");
+    let r = fetch(&PackageSource::TarGz(fifo), &out, Some(&digest));
+    done.store(true, Ordering::SeqCst);
+    writer.join().unwrap();
+    let root = r.unwrap();
+    assert_eq!(fs::read(root.join("main.sh")).unwrap(), b"echo good\n");
+}
+
+/// A directory package's digest is computed over the copy that runs, and files are read
+/// without following a symlink swapped in for them.
+#[test]
+fn dir_digest_is_over_the_copy() {
+    let t = tempfile::tempdir().unwrap();
+    make_tree(&t.path().join("src"));
+    let src = PackageSource::Dir(t.path().join("src"));
+    let d = shoal_agent::dir_digest(&t.path().join("src")).unwrap();
+    let out = fetch(&src, &t.path().join("a"), Some(&d)).unwrap();
+    assert_eq!(shoal_agent::dir_digest(&out).unwrap(), d);
 }

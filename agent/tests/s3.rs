@@ -39,7 +39,7 @@ async fn s3_packages() {
 
     let tmp = tempfile::tempdir().unwrap();
     let staging = tmp.path().join("work/.staging");
-    let staged = staging.join("i-1.tar.gz");
+    let staged = staging.clone();
     // No dataworker here: s3:// never touches it.
     let dl = Downloader::new(tmp.path().join("no-dataworker.sock"), moto.settings());
 
@@ -56,7 +56,10 @@ async fn s3_packages() {
         .unwrap();
     assert_eq!(root, dest.canonicalize().unwrap());
     assert_hello(&root);
-    assert!(!staged.exists(), "staged file removed after success");
+    assert!(
+        support::nothing_in(&staged),
+        "staged file removed after success"
+    );
     assert_eq!(std::fs::read_dir(&staging).unwrap().count(), 0);
 
     // ... and without a digest as well.
@@ -83,7 +86,10 @@ async fn s3_packages() {
         e.to_string(),
         "s3://pkgs/fns/missing.tar.gz not found (404)"
     );
-    assert!(!staged.exists(), "staged file removed after a 404");
+    assert!(
+        support::nothing_in(&staged),
+        "staged file removed after a 404"
+    );
     assert!(!dest.exists());
 
     // 3. A digest that does not match refuses the package before unpacking anything.
@@ -109,7 +115,10 @@ async fn s3_packages() {
         }
         other => panic!("expected a digest mismatch, got {other:?}"),
     }
-    assert!(!staged.exists(), "staged file removed after a mismatch");
+    assert!(
+        support::nothing_in(&staged),
+        "staged file removed after a mismatch"
+    );
     assert!(!dest.exists());
 
     // 4. Random bytes are a corrupt archive; nothing is left behind.
@@ -129,7 +138,7 @@ async fn s3_packages() {
         "{e:?}"
     );
     assert!(
-        !staged.exists(),
+        support::nothing_in(&staged),
         "staged file removed after a corrupt archive"
     );
     assert!(!dest.exists());
@@ -146,7 +155,7 @@ async fn s3_packages() {
         "{e:?}"
     );
     assert!(e.to_string().contains("s3://pkgs/fns/hello.tar.gz"), "{e}");
-    assert!(!staged.exists());
+    assert!(support::nothing_in(&staged));
     assert!(!dest.exists());
 
     // 6. Malformed URLs never reach the network.
@@ -173,7 +182,7 @@ async fn s3_over_tls_verifies_certificates() {
         .unwrap()
         .starts_with("https://"));
     let dl = Downloader::new(tmp.path().join("no-dataworker.sock"), settings);
-    let staged = tmp.path().join("staging/i.tar.gz");
+    let staged = tmp.path().join("staging");
     let e = dl
         .fetch(
             &s3("s3://pkgs/hello.tar.gz"),
@@ -186,5 +195,5 @@ async fn s3_over_tls_verifies_certificates() {
     assert!(matches!(e, RemoteError::S3 { .. }), "{e:?}");
     let debug = format!("{e:?}");
     assert!(debug.contains("UnknownIssuer"), "{debug}");
-    assert!(!staged.exists());
+    assert!(support::nothing_in(&staged));
 }

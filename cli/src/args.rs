@@ -159,7 +159,7 @@ pub(crate) enum TokenOp {
         #[arg(long, value_parser = parse_role)]
         role: shoal_meta::records::Role,
         /// The tenant it acts for [default: yours; the operator's default is `default`].
-        #[arg(long)]
+        #[arg(long, value_parser = parse_tenant)]
         tenant: Option<String>,
         /// Lifetime ("24h", "30d") [default: no expiry].
         #[arg(long, value_parser = parse_duration)]
@@ -174,7 +174,7 @@ pub(crate) enum TokenOp {
     /// List the tokens of your tenant (the operator: every tenant's). Never a secret.
     Ls {
         /// Only this tenant's.
-        #[arg(long)]
+        #[arg(long, value_parser = parse_tenant)]
         tenant: Option<String>,
         /// Print JSON.
         #[arg(long)]
@@ -201,6 +201,7 @@ pub(crate) enum QuotaOp {
     /// Show a tenant's limits and use.
     Get {
         /// The tenant.
+        #[arg(value_parser = parse_tenant)]
         tenant: String,
         /// Print JSON.
         #[arg(long)]
@@ -209,6 +210,7 @@ pub(crate) enum QuotaOp {
     /// Change a tenant's limits (the operator only). Limits not named stay as they are.
     Set {
         /// The tenant.
+        #[arg(value_parser = parse_tenant)]
         tenant: String,
         /// Bytes of objects and keys in each node's arena ("1GiB").
         #[arg(long, value_parser = parse_size)]
@@ -244,7 +246,7 @@ pub(crate) enum CaOp {
         #[arg(long)]
         dir: PathBuf,
         /// Node ids to issue certificates for (comma-separated).
-        #[arg(long, value_delimiter = ',')]
+        #[arg(long, value_delimiter = ',', value_parser = parse_node_id)]
         nodes: Vec<String>,
     },
     /// Issue a node certificate (NODE.pem, NODE.key) from the CA in a directory.
@@ -253,6 +255,7 @@ pub(crate) enum CaOp {
         #[arg(long)]
         dir: PathBuf,
         /// Node id (`shoal-control` issues control's certificate).
+        #[arg(value_parser = parse_node_id)]
         node: String,
     },
 }
@@ -261,7 +264,8 @@ pub(crate) enum CaOp {
 pub(crate) enum FnOp {
     /// Register a function (or update it) with its code and command.
     Deploy {
-        /// Function name (lowercase letters, digits and dashes).
+        /// Function name (1 to 63 of a-z, 0-9 and '-', starting with a letter).
+        #[arg(value_parser = parse_function_name)]
         name: String,
         /// Code: a directory, a .tar.gz archive, shoal://OBJECT or s3://BUCKET/KEY.
         #[arg(long)]
@@ -295,13 +299,13 @@ pub(crate) enum FnOp {
         #[arg(long)]
         label: Vec<String>,
         /// Run only on nodes that run this function too (repeatable).
-        #[arg(long)]
+        #[arg(long, value_parser = parse_function_name)]
         affinity: Vec<String>,
         /// Never run on a node that runs this function (repeatable).
-        #[arg(long)]
+        #[arg(long, value_parser = parse_function_name)]
         anti_affinity: Vec<String>,
         /// Run in this resource pool (its nodes, within its capacity).
-        #[arg(long)]
+        #[arg(long, value_parser = parse_pool_name)]
         pool: Option<String>,
         /// The command that starts an instance, after `--` (relative to the package).
         #[arg(last = true, required = true)]
@@ -317,6 +321,7 @@ pub(crate) enum FnOp {
     /// `SHOAL_PROXY_SOCKET`), else through control's REST frontend.
     Invoke {
         /// Function name.
+        #[arg(value_parser = parse_function_name)]
         name: String,
         /// Argument: text, `@file`, or `-` for stdin (empty when omitted).
         #[arg(conflicts_with = "object")]
@@ -339,6 +344,7 @@ pub(crate) enum FnOp {
     /// Show the tail of every instance's stdout and stderr (read from their agents).
     Logs {
         /// Function name.
+        #[arg(value_parser = parse_function_name)]
         name: String,
         /// Bytes of each stream, at most.
         #[arg(long, default_value = "64KiB", value_parser = parse_size)]
@@ -350,6 +356,7 @@ pub(crate) enum FnOp {
     /// Remove a function.
     Rm {
         /// Function name.
+        #[arg(value_parser = parse_function_name)]
         name: String,
     },
 }
@@ -402,11 +409,13 @@ pub(crate) struct ConnArgs {
 
 #[derive(Debug, Args, Clone)]
 pub(crate) struct DataworkerArgs {
-    /// Node id.
-    #[arg(long, env = "SHOAL_NODE_ID", default_value = "node-0")]
+    /// Node id (1 to 64 of A-Z, a-z, 0-9, '.', '_', '-', starting with a letter or digit).
+    #[arg(long, env = "SHOAL_NODE_ID", default_value = "node-0", value_parser = parse_node_id)]
     pub(crate) node_id: String,
-    /// Directory for the node's sockets [default: $XDG_RUNTIME_DIR/shoal or /tmp/shoal-UID].
-    #[arg(long, env = "SHOAL_SOCKET_DIR")]
+    /// Directory for the node's sockets [default: $XDG_RUNTIME_DIR/shoal or /tmp/shoal-UID];
+    /// for `shoal up`, the runtime directory of the whole cluster. Created 0700; refused
+    /// unless it is a real directory of this user that nobody else may write.
+    #[arg(long, alias = "runtime-dir", env = "SHOAL_SOCKET_DIR")]
     pub(crate) socket_dir: Option<PathBuf>,
     /// Shared-memory arena size ("512MiB", "4GiB").
     #[arg(long, env = "SHOAL_SHM_SIZE", default_value = "1GiB", value_parser = parse_size)]
@@ -484,8 +493,8 @@ pub(crate) struct ChildArgs {
 
 #[derive(Debug, Args, Clone)]
 pub(crate) struct ProxyArgs {
-    /// Node id.
-    #[arg(long, env = "SHOAL_NODE_ID", default_value = "node-0")]
+    /// Node id (1 to 64 of A-Z, a-z, 0-9, '.', '_', '-', starting with a letter or digit).
+    #[arg(long, env = "SHOAL_NODE_ID", default_value = "node-0", value_parser = parse_node_id)]
     pub(crate) node_id: String,
     /// Directory for the node's sockets (`proxy.sock`) [default: as the dataworker's].
     #[arg(long, env = "SHOAL_SOCKET_DIR")]
@@ -537,8 +546,8 @@ pub(crate) struct ProxyArgs {
 
 #[derive(Debug, Args, Clone)]
 pub(crate) struct AgentArgs {
-    /// Node id.
-    #[arg(long, env = "SHOAL_NODE_ID", default_value = "node-0")]
+    /// Node id (1 to 64 of A-Z, a-z, 0-9, '.', '_', '-', starting with a letter or digit).
+    #[arg(long, env = "SHOAL_NODE_ID", default_value = "node-0", value_parser = parse_node_id)]
     pub(crate) node_id: String,
     /// Directory of the node's sockets (the proxy's and the dataworker's), where the agent
     /// also keeps `agent/work` and `agent/logs` [default: as the dataworker's].
@@ -643,6 +652,31 @@ pub(crate) struct BenchArgs {
     /// Only benchmarks whose name contains this (e.g. `kv_`, `get_small`).
     #[arg(long)]
     pub(crate) only: Option<String>,
+}
+
+/// `s` if it passes the protocol's rule for `kind` (the one every component checks), else
+/// the rule it breaks: names are refused here, before anything is sent.
+fn name_of(kind: shoal_protocol::IdKind, s: &str) -> Result<String, String> {
+    kind.check(s)
+        .map(|()| s.to_string())
+        .map_err(|e| e.to_string())
+}
+
+/// A node id (it names directories, files and metadata keys).
+fn parse_node_id(s: &str) -> Result<String, String> {
+    name_of(shoal_protocol::IdKind::Node, s)
+}
+
+fn parse_function_name(s: &str) -> Result<String, String> {
+    name_of(shoal_protocol::IdKind::Function, s)
+}
+
+fn parse_pool_name(s: &str) -> Result<String, String> {
+    name_of(shoal_protocol::IdKind::Pool, s)
+}
+
+fn parse_tenant(s: &str) -> Result<String, String> {
+    name_of(shoal_protocol::IdKind::Tenant, s)
 }
 
 pub(crate) fn parse_size(s: &str) -> Result<u64, String> {

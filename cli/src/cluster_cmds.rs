@@ -52,6 +52,20 @@ async fn etcd_store(_: &[String], _: &str) -> anyhow::Result<Arc<dyn MetaStore>>
     )
 }
 
+/// Checks (creating it 0700 if missing) the directory `flag` names, where a component keeps
+/// its sockets, files or secrets: refused unless it is a real directory of this user that
+/// nobody else may write (`shoal_pki::ensure_private_dir`), with a message saying how to fix
+/// it. For the default directory, the runtime directory above it (`/tmp/shoal-<uid>`) is
+/// checked first, so a predictable directory someone else made is never used.
+pub(crate) fn private_dir(flag: &str, dir: &std::path::Path) -> anyhow::Result<()> {
+    let runtime = default_socket_dir();
+    if dir.starts_with(&runtime) {
+        shoal_pki::ensure_private_dir(&runtime)
+            .with_context(|| format!("the runtime directory {}", runtime.display()))?;
+    }
+    shoal_pki::ensure_private_dir(dir).with_context(|| format!("{flag} {}", dir.display()))
+}
+
 /// Shuts the component down when standard input closes: `shoal up` holds the other end, so
 /// its children never outlive it, even when it is killed.
 fn watch_parent(child: &ChildArgs, token: tokio_util::sync::CancellationToken) {
@@ -102,8 +116,7 @@ pub(crate) fn control(a: ControlArgs) -> anyhow::Result<ExitCode> {
                 .data_dir
                 .clone()
                 .unwrap_or_else(|| default_socket_dir().join("control"));
-            std::fs::create_dir_all(&dir)
-                .with_context(|| format!("--data-dir {}", dir.display()))?;
+            private_dir("--data-dir", &dir)?;
             let file = dir.join("meta.db");
             let store = shoal_meta::MemStore::open(Some(&file), "")
                 .with_context(|| format!("opening the metadata file {}", file.display()))?;
@@ -178,7 +191,7 @@ pub(crate) fn proxy(a: ProxyArgs) -> anyhow::Result<ExitCode> {
         .socket_dir
         .clone()
         .unwrap_or_else(|| default_socket_dir().join(&a.node_id));
-    std::fs::create_dir_all(&dir).with_context(|| format!("--socket-dir {}", dir.display()))?;
+    private_dir("--socket-dir", &dir)?;
     let mut cfg = shoal_proxy::ProxyConfig::new(a.node_id.clone(), dir.join("proxy.sock"));
     cfg.inline_limit = a.inline_limit;
     cfg.max_queue = a.max_queue;
@@ -271,6 +284,7 @@ pub(crate) fn agent(a: AgentArgs) -> anyhow::Result<ExitCode> {
         .socket_dir
         .clone()
         .unwrap_or_else(|| default_socket_dir().join(&a.node_id));
+    private_dir("--socket-dir", &dir)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -309,7 +323,7 @@ pub(crate) fn agent(a: AgentArgs) -> anyhow::Result<ExitCode> {
 pub(crate) fn ca(op: CaOp) -> anyhow::Result<ExitCode> {
     match op {
         CaOp::Init { dir, nodes } => {
-            std::fs::create_dir_all(&dir).with_context(|| format!("--dir {}", dir.display()))?;
+            private_dir("--dir", &dir)?;
             let ca = shoal_pki::DevCa::generate()?;
             ca.save(&dir)?;
             ca.issue_control()?

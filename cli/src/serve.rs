@@ -51,6 +51,7 @@ async fn start_worker(
     metrics: Option<PrometheusHandle>,
 ) -> anyhow::Result<Dataworker> {
     let cfg = a.to_config()?;
+    crate::cluster_cmds::private_dir("--socket-dir", &cfg.socket_dir)?;
     let parts = if a.cluster.enabled() {
         let files = a.cluster.tls.tls_files(&a.node_id)?;
         let tls = shoal_transport::NodeTls::load(&files)?;

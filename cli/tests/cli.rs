@@ -342,3 +342,74 @@ fn clear_errors_without_a_worker_and_for_bad_settings() {
         "{err}"
     );
 }
+
+/// Runs `shoal args...` (which should refuse to start) and returns its error output; fails
+/// the test if it is still running after a minute (it started instead of refusing).
+fn refused(args: &[std::ffi::OsString]) -> String {
+    let mut child = Command::new(SHOAL)
+        .args(args)
+        .env("SHOAL_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let status = shoal_devcluster::wait::poll_until(deadline, || child.try_wait().unwrap());
+    let Some(status) = status else {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("`shoal {args:?}` started instead of refusing");
+    };
+    assert!(!status.success(), "{args:?}");
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    err
+}
+
+/// `shoal up` and each component refuse a runtime directory that is not private (one others
+/// may write, a symlink, one another user made), say how to fix it, and write nothing into
+/// it: no CA key, no token, no socket.
+#[test]
+fn a_runtime_directory_that_is_not_private_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let t = tempfile::tempdir().unwrap();
+    let open = t.path().join("open");
+    std::fs::create_dir(&open).unwrap();
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let real = t.path().join("real");
+    std::fs::create_dir(&real).unwrap();
+    std::fs::set_permissions(&real, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let link = t.path().join("link");
+    std::os::unix::fs::symlink(&real, &link).unwrap();
+    let mut cases = vec![
+        (open.clone(), open.clone(), "chmod go-w"),
+        (link.clone(), real.clone(), "symbolic link"),
+    ];
+    if nix::unistd::geteuid().is_root() {
+        let theirs = t.path().join("theirs");
+        std::fs::create_dir(&theirs).unwrap();
+        nix::unistd::chown(&theirs, Some(nix::unistd::Uid::from_raw(65534)), None).unwrap();
+        cases.push((theirs.clone(), theirs, "belongs to uid 65534"));
+    }
+    for (dir, inside, says) in &cases {
+        for sub in ["up", "dataworker", "proxy"] {
+            let mut args: Vec<std::ffi::OsString> =
+                vec![sub.into(), "--socket-dir".into(), dir.into()];
+            if sub == "up" {
+                args.extend(["--control-http-addr".into(), "127.0.0.1:0".into()]);
+            }
+            if sub != "proxy" {
+                args.extend(["--shm-size".into(), "64MiB".into()]);
+            }
+            let err = refused(&args);
+            assert!(err.contains(says), "{sub} {}: {err}", dir.display());
+            let left: Vec<_> = std::fs::read_dir(inside).unwrap().collect();
+            assert!(
+                left.is_empty(),
+                "{sub} wrote into {}: {left:?}",
+                inside.display()
+            );
+        }
+    }
+}

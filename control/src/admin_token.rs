@@ -7,16 +7,19 @@
 //! Invariants:
 //! - Only the leader issues and writes, so two controls sharing a file never both do; a
 //!   standby that finds no good token waits until it leads (or the leader's token appears).
-//! - The file is written whole or not at all: a temporary file created with
-//!   `O_CREAT|O_EXCL` and mode 0600 in the same directory, synced, then renamed over the path.
-//!   A reader never sees a partial token and nobody else can read it.
-//! - The directory must belong to this user and not be writable by group or others (it is
-//!   created 0700 if missing); anything else is refused before a token is issued, so a
-//!   directory someone else prepared (say `/tmp/shoal-<uid>`) never receives the token.
+//! - The file is written whole or not at all (`shoal_pki::write_private_file`: a temporary
+//!   file created with `O_CREAT|O_EXCL|O_NOFOLLOW` and mode 0600 in the same directory,
+//!   synced, then renamed over the path). A reader never sees a partial token, nobody else
+//!   can read it, and a symlink planted at the path is replaced, not followed.
+//! - The directory must pass `shoal_pki::ensure_private_dir` (created 0700 if missing; a real
+//!   directory of this user that group and others may not write, under directories nobody
+//!   else can swap); anything else is refused before a token is issued, so a directory
+//!   someone else prepared (say `/tmp/shoal-<uid>`) never receives the token.
+//! - The file is read back without following a symlink, and only if it is this user's and
+//!   unreadable by others (`shoal_pki::read_private_file`); anything else counts as no token.
 use shoal_meta::records::{parse_token, token_key, Role as TokenRole, TokenRecord, SYSTEM_TENANT};
 use shoal_meta::{issue_token, now_ms, IssueError, MetaError, MetaStore, Role};
-use std::io::{Read, Write};
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
+use shoal_pki::{ensure_private_dir, read_private_file, write_private_file, PrivateError, Secrecy};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -45,14 +48,10 @@ pub enum AdminTokenState {
 /// Why the file could not be written.
 #[derive(Debug, thiserror::Error)]
 enum WriteError {
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("refusing to write the admin token into {dir}: {reason}")]
-    UnsafeDir { dir: PathBuf, reason: String },
+    #[error("refusing to write the admin token: {0}")]
+    UnsafeDir(#[source] PrivateError),
+    #[error("writing the admin token: {0}")]
+    Write(#[source] PrivateError),
     #[error("issuing the admin token: {0}")]
     Issue(#[from] IssueError),
 }
@@ -152,109 +151,37 @@ async fn holds_admin(meta: &dyn MetaStore, path: &Path) -> Result<bool, MetaErro
             .is_ok_and(|p| p.is_system_admin()))
 }
 
-/// The file's first line, if it can be read.
+/// The file's first line, if it can be read: a regular file of this user that others may not
+/// read, not a symlink.
 fn read_token(path: &Path) -> Option<String> {
-    let mut text = String::new();
-    std::fs::File::open(path)
-        .ok()?
-        .take(MAX_FILE_LEN)
-        .read_to_string(&mut text)
+    let bytes = read_private_file(path, MAX_FILE_LEN, Secrecy::Secret)
+        .map_err(|e| tracing::debug!(error = %e, "the admin token file is not usable"))
         .ok()?;
+    let text = String::from_utf8(bytes).ok()?;
     Some(text.lines().next()?.trim().to_string())
 }
 
 /// Issues an operator token and writes it to `path` (the directory checked first, so a
 /// refused directory never costs a token).
 async fn write_new(meta: &dyn MetaStore, path: &Path) -> Result<(), WriteError> {
-    let dir = safe_dir(path)?;
-    let description = format!("admin token of {}", path.display());
-    let issued = issue_token(meta, SYSTEM_TENANT, TokenRole::Admin, &description, None).await?;
-    write_atomically(&dir, path, &issued.token)
-}
-
-/// The file's directory, created 0700 if missing, after checking that it belongs to this
-/// user and that nobody else may write to it.
-fn safe_dir(path: &Path) -> Result<PathBuf, WriteError> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    let io = |source| WriteError::Io {
-        path: dir.clone(),
-        source,
-    };
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(&dir)
-        .map_err(io)?;
-    let m = std::fs::metadata(&dir).map_err(io)?;
-    let me = nix::unistd::geteuid().as_raw();
-    let unsafe_dir = |reason: String| WriteError::UnsafeDir {
-        dir: dir.clone(),
-        reason,
-    };
-    if !m.is_dir() {
-        return Err(unsafe_dir("not a directory".into()));
-    }
-    if m.uid() != me {
-        return Err(unsafe_dir(format!(
-            "it belongs to uid {}, not to this user (uid {me})",
-            m.uid()
-        )));
-    }
-    if m.mode() & 0o022 != 0 {
-        return Err(unsafe_dir(format!(
-            "group or others may write to it (mode {:o})",
-            m.mode() & 0o7777
-        )));
-    }
-    Ok(dir)
-}
-
-/// Writes `token` to `path` through a fresh 0600 file in `dir`, renamed into place.
-fn write_atomically(dir: &Path, path: &Path, token: &str) -> Result<(), WriteError> {
+    ensure_private_dir(&dir).map_err(WriteError::UnsafeDir)?;
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "admin.token".into());
-    let mut attempt = 0u32;
-    let (tmp, mut file) = loop {
-        let tmp = dir.join(format!(
-            ".{name}.{}.{}.{attempt}.tmp",
-            std::process::id(),
-            now_ms()
-        ));
-        match std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)
-        {
-            Ok(f) => break (tmp, f),
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && attempt < 16 => {
-                attempt += 1;
-            }
-            Err(source) => return Err(WriteError::Io { path: tmp, source }),
-        }
-    };
-    let written = file
-        .write_all(format!("{token}\n").as_bytes())
-        .and_then(|()| file.sync_all())
-        .and_then(|()| std::fs::rename(&tmp, path));
-    if let Err(source) = written {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(WriteError::Io {
-            path: path.to_path_buf(),
-            source,
-        });
-    }
-    // The rename is durable once the directory is synced; a failure here loses nothing
-    // but durability across a crash, which a restart repairs by issuing anew.
-    if let Ok(d) = std::fs::File::open(dir) {
-        let _ = d.sync_all();
-    }
-    Ok(())
+    let description = format!("admin token of {}", path.display());
+    let issued = issue_token(meta, SYSTEM_TENANT, TokenRole::Admin, &description, None).await?;
+    write_private_file(
+        &dir,
+        &name,
+        format!("{}\n", issued.token).as_bytes(),
+        Secrecy::Secret,
+    )
+    .map_err(WriteError::Write)
 }
 
 #[cfg(test)]
@@ -301,6 +228,31 @@ mod tests {
         assert!(!holds_admin(meta.as_ref(), &path).await.unwrap());
     }
 
+    /// A symlink planted at the token's path is not followed: not when reading (even to a
+    /// file holding a valid operator token), not when writing (the link is replaced, what it
+    /// points at is untouched).
+    #[tokio::test]
+    async fn a_symlink_at_the_token_path_is_not_followed() {
+        let meta = store();
+        let dir = tempfile::tempdir().unwrap();
+        let rt = dir.path().join("rt");
+        std::fs::create_dir(&rt).unwrap();
+        std::fs::set_permissions(&rt, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let path = rt.join("admin.token");
+        let elsewhere = dir.path().join("elsewhere");
+        let op = issue_token(meta.as_ref(), SYSTEM_TENANT, TokenRole::Admin, "", None)
+            .await
+            .unwrap();
+        std::fs::write(&elsewhere, &op.token).unwrap();
+        std::fs::set_permissions(&elsewhere, std::fs::Permissions::from_mode(0o600)).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, &path).unwrap();
+        assert!(!holds_admin(meta.as_ref(), &path).await.unwrap());
+        write_new(meta.as_ref(), &path).await.unwrap();
+        assert!(std::fs::symlink_metadata(&path).unwrap().is_file());
+        assert_eq!(std::fs::read_to_string(&elsewhere).unwrap(), op.token);
+        assert!(holds_admin(meta.as_ref(), &path).await.unwrap());
+    }
+
     #[tokio::test]
     async fn refuses_a_directory_others_may_write() {
         let meta = store();
@@ -311,7 +263,7 @@ mod tests {
         let e = write_new(meta.as_ref(), &open.join("admin.token"))
             .await
             .unwrap_err();
-        assert!(matches!(e, WriteError::UnsafeDir { .. }), "{e}");
+        assert!(matches!(e, WriteError::UnsafeDir(_)), "{e}");
         assert!(!e.is_transient());
         // Refused before a token was issued.
         let (tokens, _) = meta.range("tokens/").await.unwrap();

@@ -4,12 +4,16 @@
 //! and reports an agent it cannot reach in that instance's `error` instead of failing the
 //! whole answer.
 //!
+//! Only records whose instance id and node pass the protocol's rules are asked about (the
+//! others get an `error`), so nothing a record holds can reach the request line or a header.
+//!
 //! Control asks on the caller's behalf: it forwards the caller's own bearer token, so an
 //! agent grants exactly what that token may read (control adds no authority of its own).
 use serde_json::{json, Value};
 use shoal_meta::records::InstanceRecord;
 use shoal_meta::records::{agent_key, AgentRecord};
 use shoal_meta::MetaStore;
+use shoal_protocol::IdKind;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -30,7 +34,11 @@ pub(crate) async fn tails(
 ) -> Value {
     let mut out = Vec::with_capacity(instances.len());
     for inst in instances {
-        let logs = match agent_logs_addr(meta, &inst.node).await {
+        let logs = match checked(&inst) {
+            Err(e) => Err(e),
+            Ok(()) => agent_logs_addr(meta, &inst.node).await,
+        };
+        let logs = match logs {
             Ok(addr) => {
                 let path = format!("/v1/logs/{}?tail={tail}", inst.id);
                 match tokio::time::timeout(AGENT_TIMEOUT, http_get(&addr, &path, token)).await {
@@ -58,6 +66,16 @@ pub(crate) async fn tails(
     json!({ "instances": out })
 }
 
+/// Whether the record's instance id and node pass the protocol's rules: only then does the
+/// id go into a request line (a record holding `x\r\nHeader: v` must not add a header to the
+/// request control sends to the agent).
+fn checked(inst: &InstanceRecord) -> Result<(), String> {
+    IdKind::Instance
+        .check(&inst.id)
+        .and_then(|()| IdKind::Node.check(&inst.node))
+        .map_err(|e| format!("not asked: the record holds an invalid name ({e})"))
+}
+
 async fn agent_logs_addr(meta: &dyn MetaStore, node: &str) -> Result<String, String> {
     let kv = meta
         .get(&agent_key(node))
@@ -79,6 +97,11 @@ async fn http_get(addr: &str, path: &str, token: &str) -> Result<Value, String> 
         .all(|b| b.is_ascii_alphanumeric() || b == b'_')
     {
         return Err("the caller's token cannot be forwarded".into());
+    }
+    // The path is built from checked names; checked again because it goes into the request
+    // line: printable ASCII only, so nothing in it can end the line.
+    if !path.bytes().all(|b| (0x21..=0x7e).contains(&b)) {
+        return Err("the request path cannot be sent".into());
     }
     let mut s = tokio::net::TcpStream::connect(addr)
         .await

@@ -4,6 +4,9 @@
 //! `quotas/<tenant>`.
 //!
 //! Invariants:
+//! - Every name from a path or a body passes the protocol's rule of its kind
+//!   (`shoal_protocol::IdKind`, through `shoal_meta::records`) before it becomes part of a
+//!   key.
 //! - Nothing reaches the store without passing [`FunctionSpec::validate`] /
 //!   [`Pool::validate`] / [`Quota::validate`] (`shoal_meta::records`, where every limit is a
 //!   constant).
@@ -31,12 +34,12 @@
 //!   cannot both succeed.
 use serde::{Deserialize, Serialize};
 use shoal_meta::records::{
-    function_key, pool_key, quota_key, validate_name, validate_tenant, FunctionSpec,
+    function_key, pool_key, quota_key, validate_id, validate_name, validate_tenant, FunctionSpec,
     InstanceRecord, InvalidSpec, Pool, Principal, Quota, QuotaExceeded, Resource, DEFAULT_TENANT,
     FUNCTIONS_PREFIX, INSTANCES_PREFIX, POOLS_PREFIX,
 };
 use shoal_meta::{Compare, MetaError, MetaStore, Txn, TxnOp};
-use shoal_protocol::ErrorCode;
+use shoal_protocol::{ErrorCode, IdKind};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -430,7 +433,7 @@ impl Registry {
 
     /// One pool.
     pub async fn get_pool(&self, name: &str) -> Result<Pool, RegistryError> {
-        validate_name("name", name)?;
+        validate_id(IdKind::Pool, "name", name)?;
         let key = pool_key(name);
         let kv = self
             .meta
@@ -447,7 +450,7 @@ impl Registry {
 
     /// Deletes pool `name`.
     pub async fn delete_pool(&self, name: &str) -> Result<(), RegistryError> {
-        validate_name("name", name)?;
+        validate_id(IdKind::Pool, "name", name)?;
         if self.meta.delete(&pool_key(name)).await? {
             Ok(())
         } else {

@@ -12,7 +12,8 @@ pub enum ErrorCode {
     Timeout,
     /// The arena has no room even after eviction.
     StoreFull,
-    /// The id or key is empty, too long or not UTF-8.
+    /// An id, key or name breaks the rule of its kind (empty, too long, not UTF-8, a
+    /// character its kind does not allow; see `IdKind`).
     InvalidId,
     /// The caller is not allowed.
     PermissionDenied,

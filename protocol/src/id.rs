@@ -1,59 +1,29 @@
 //! Object ids and KV keys, and how they are namespaced by tenant.
 //!
-//! A client names an object with a plain id: UTF-8, 1..=[`MAX_ID_LEN`] bytes, no NUL. The
+//! A client names an object with a plain id: UTF-8, 1..=[`MAX_ID_LEN`] bytes, no NUL and no
+//! control character (the rule of [`IdKind::Object`], see [`crate::names`]). The
 //! dataworker keeps every tenant's names apart by *qualifying* them: tenant `T`'s id `X` is
 //! stored (and travels between dataworkers) as `T\0X`, except for the [`DEFAULT_TENANT`],
 //! whose ids stay as they are, so the local user's names (and their fast path) are unchanged.
 //! A qualified id is an [`ObjectId`] too; [`ObjectId::tenant`] and [`ObjectId::local`] take it
 //! apart. Clients never send qualified ids: the worker refuses an id with a NUL as
 //! `InvalidId` ([`ObjectId::is_qualified`]).
+#[cfg(doc)]
+use crate::names::MAX_ID_LEN;
+use crate::names::{IdError, IdKind, IdProblem};
 use serde::{Deserialize, Serialize};
 use std::fmt;
 
-/// Longest id accepted, in bytes (the part a client writes, without a tenant prefix).
-pub const MAX_ID_LEN: usize = 1024;
-/// Longest tenant name inside a qualified id (the rule of tenant names: 1..=63 of
-/// `a-z`, `0-9`, `-`).
-pub const MAX_TENANT_LEN: usize = 63;
 /// The tenant whose ids are stored unqualified: the local user's (same as
 /// `shoal_meta::records::DEFAULT_TENANT`).
 pub const DEFAULT_TENANT: &str = "default";
 /// Separates the tenant from the id in a qualified id.
 pub const TENANT_SEPARATOR: char = '\0';
 
-/// Why a string is not a valid object id or KV key.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum IdError {
-    /// The id is empty.
-    #[error("id is empty")]
-    Empty,
-    /// The id is longer than [`MAX_ID_LEN`] bytes.
-    #[error("id is {0} bytes, longer than the limit of {MAX_ID_LEN}")]
-    TooLong(usize),
-    /// The id is not UTF-8.
-    #[error("id is not valid UTF-8")]
-    NotUtf8,
-    /// The id holds a NUL byte (reserved: it separates a tenant from its ids).
-    #[error("id contains a NUL byte")]
-    Nul,
-    /// A qualified id whose tenant part is not a tenant name.
-    #[error("the tenant part of a qualified id is not a tenant name")]
-    BadTenant,
-}
-
-/// A validated object id or KV key: UTF-8, 1..=1024 bytes, no NUL; or such an id qualified
-/// by a tenant (see the module docs).
+/// A validated object id or KV key (the rule of [`IdKind::Object`]: UTF-8, 1..=1024 bytes,
+/// no NUL, no control character); or such an id qualified by a tenant (see the module docs).
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 pub struct ObjectId(String);
-
-/// Whether `t` has the shape of a tenant name (the full rule lives with the token records;
-/// this is what the wire needs: non-empty, short, no separator).
-fn tenant_shape(t: &str) -> bool {
-    !t.is_empty()
-        && t.len() <= MAX_TENANT_LEN
-        && t.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-}
 
 impl ObjectId {
     /// Validates `s` as a plain (client) id.
@@ -65,17 +35,12 @@ impl ObjectId {
 
     /// Validates raw bytes as a plain id.
     pub fn from_bytes(b: &[u8]) -> Result<Self, IdError> {
-        let s = std::str::from_utf8(b).map_err(|_| IdError::NotUtf8)?;
-        Self::new(s)
+        let s = IdKind::Object.check_bytes(b)?;
+        Ok(Self(s.to_owned()))
     }
 
     fn check(s: &str) -> Result<(), IdError> {
-        match s.len() {
-            0 => Err(IdError::Empty),
-            n if n > MAX_ID_LEN => Err(IdError::TooLong(n)),
-            _ if s.as_bytes().contains(&0) => Err(IdError::Nul),
-            _ => Ok(()),
-        }
+        IdKind::Object.check(s)
     }
 
     /// Validates a plain or a qualified id (what travels between dataworkers).
@@ -84,8 +49,8 @@ impl ObjectId {
         match s.split_once(TENANT_SEPARATOR) {
             None => Self::check(&s)?,
             Some((tenant, local)) => {
-                if !tenant_shape(tenant) || tenant == DEFAULT_TENANT {
-                    return Err(IdError::BadTenant);
+                if IdKind::Tenant.check(tenant).is_err() || tenant == DEFAULT_TENANT {
+                    return Err(IdError::new(IdKind::Object, IdProblem::BadTenant));
                 }
                 Self::check(local)?;
             }
@@ -190,16 +155,39 @@ impl std::str::FromStr for ObjectId {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::names::MAX_ID_LEN;
     use proptest::prelude::*;
+
+    fn problem(r: Result<ObjectId, IdError>) -> IdProblem {
+        r.unwrap_err().problem().clone()
+    }
 
     #[test]
     fn limits() {
-        assert_eq!(ObjectId::new(""), Err(IdError::Empty));
+        assert_eq!(problem(ObjectId::new("")), IdProblem::Empty);
         assert!(ObjectId::new("a").is_ok());
         assert!(ObjectId::new("é".repeat(512)).is_ok());
-        assert_eq!(ObjectId::new("x".repeat(1025)), Err(IdError::TooLong(1025)));
-        assert_eq!(ObjectId::from_bytes(&[0xff, 0xfe]), Err(IdError::NotUtf8));
-        assert_eq!(ObjectId::new("a\0b"), Err(IdError::Nul));
+        assert!(ObjectId::new("a/../b c").is_ok(), "ids are not paths");
+        assert_eq!(
+            problem(ObjectId::new("x".repeat(1025))),
+            IdProblem::TooLong {
+                len: 1025,
+                max: MAX_ID_LEN
+            }
+        );
+        assert_eq!(
+            problem(ObjectId::from_bytes(&[0xff, 0xfe])),
+            IdProblem::NotUtf8
+        );
+        assert_eq!(problem(ObjectId::new("a\0b")), IdProblem::Nul);
+        assert_eq!(
+            problem(ObjectId::new("a\r\nb")),
+            IdProblem::Control { at: 1 }
+        );
+        assert_eq!(
+            problem(ObjectId::from_bytes(b"a\x1b[2J")),
+            IdProblem::Control { at: 1 }
+        );
     }
 
     #[test]
@@ -211,7 +199,16 @@ mod tests {
             postcard::from_bytes::<ObjectId>(&bytes).unwrap().as_str(),
             "ok"
         );
-        for bad in ["\0x", "Team\0x", "default\0x", "t\0", "t\0a\0b", "a\0b\0"] {
+        for bad in [
+            "\0x",
+            "Team\0x",
+            "default\0x",
+            "t\0",
+            "t\0a\0b",
+            "a\0b\0",
+            "1t\0x",
+            "t\0a\nb",
+        ] {
             let bytes = postcard::to_stdvec(&bad.to_string()).unwrap();
             assert!(postcard::from_bytes::<ObjectId>(&bytes).is_err(), "{bad:?}");
         }
@@ -248,7 +245,7 @@ mod tests {
         #[test]
         fn tenants_never_collide(
             a in "[a-z][a-z0-9-]{0,10}", b in "[a-z][a-z0-9-]{0,10}",
-            x in "[^\u{0}]{1,20}", y in "[^\u{0}]{1,20}",
+            x in "[^\\x00-\\x1f\\x7f]{1,20}", y in "[^\\x00-\\x1f\\x7f]{1,20}",
         ) {
             let (ix, iy) = (ObjectId::new(x.clone()).unwrap(), ObjectId::new(y.clone()).unwrap());
             let (qa, qb) = (ix.clone().qualified(&a), iy.clone().qualified(&b));

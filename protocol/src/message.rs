@@ -149,15 +149,12 @@ impl ClientHello {
         if self.token.as_ref().is_some_and(|t| t.len() > MAX_TOKEN_LEN) {
             return Err(WireError::new(ErrorCode::Unauthenticated, "token too long"));
         }
-        if self
+        if let Some(Err(e)) = self
             .tenant
-            .as_ref()
-            .is_some_and(|t| t.is_empty() || t.len() > crate::MAX_TENANT_LEN)
+            .as_deref()
+            .map(|t| crate::IdKind::Tenant.check(t))
         {
-            return Err(WireError::new(
-                ErrorCode::InvalidArgument,
-                "tenant must be 1 to 63 characters",
-            ));
+            return Err(WireError::new(ErrorCode::InvalidArgument, e.to_string()));
         }
         Ok(())
     }

@@ -2,8 +2,8 @@ use crate::conn::{handshake, Conn, MailboxConn};
 use crate::view::{ObjectBuilder, View};
 use crate::Error;
 use shoal_protocol::{
-    tenant_prefix, ClientHello, ErrorCode, Hello, KvEntry, ListEntry, Namespace, ObjectId, Request,
-    Response, StatusInfo,
+    tenant_prefix, ClientHello, ErrorCode, Hello, IdKind, KvEntry, ListEntry, Namespace, ObjectId,
+    Request, Response, StatusInfo,
 };
 use shoal_shm::{Arena, Ctl, FastReader, Mailbox};
 use std::path::{Path, PathBuf};
@@ -82,11 +82,16 @@ impl ConnectOptions {
         self
     }
 
-    fn client_hello(&self) -> ClientHello {
-        ClientHello {
+    /// The hello to send, once the tenant named (if any) passes the protocol's rule: a bad
+    /// name is refused here, before a connection is made.
+    fn client_hello(&self) -> Result<ClientHello, Error> {
+        if let Some(t) = &self.tenant {
+            IdKind::Tenant.check(t)?;
+        }
+        Ok(ClientHello {
             token: self.token.clone(),
             tenant: self.tenant.clone(),
-        }
+        })
     }
 
     /// Options from `SHOAL_DATAWORKER_SOCKET`.
@@ -180,7 +185,7 @@ impl Client {
     /// Connects with options. Must run inside a tokio runtime.
     pub async fn connect_with(opts: ConnectOptions) -> Result<Client, Error> {
         let path = opts.socket.clone();
-        let hello = opts.client_hello();
+        let hello = opts.client_hello()?;
         let parts = tokio::task::spawn_blocking(move || handshake(&path, &hello))
             .await
             .map_err(|e| Error::protocol(e.to_string()))??;
@@ -189,7 +194,7 @@ impl Client {
 
     /// Connects without a runtime; requests then block the calling thread.
     pub(crate) fn connect_blocking(opts: &ConnectOptions) -> Result<Client, Error> {
-        Self::from_handshake(handshake(&opts.socket, &opts.client_hello())?, opts, true)
+        Self::from_handshake(handshake(&opts.socket, &opts.client_hello()?)?, opts, true)
     }
 
     fn from_handshake(
@@ -626,5 +631,27 @@ impl Client {
     /// KV keys starting with `prefix`.
     pub async fn kv_keys(&self, prefix: &str, limit: u32) -> Result<Vec<ListEntry>, Error> {
         self.list_ns(Namespace::Kv, prefix, limit).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A tenant name that breaks the rule is refused before any connection is made.
+    #[tokio::test]
+    async fn a_bad_tenant_is_refused_before_connecting() {
+        let mut opts = ConnectOptions::new("/nonexistent/shoal.sock");
+        opts.token = None;
+        for bad in ["Team", "a\r\nb", "", "-x"] {
+            opts.tenant = Some(bad.into());
+            let e = Client::connect_with(opts.clone()).await.unwrap_err();
+            assert_eq!(e.code(), ErrorCode::InvalidId, "{bad:?}: {e}");
+            let e = Client::connect_blocking(&opts).unwrap_err();
+            assert_eq!(e.code(), ErrorCode::InvalidId, "{bad:?}: {e}");
+        }
+        opts.tenant = Some("team-a".into());
+        let e = Client::connect_with(opts).await.unwrap_err();
+        assert_eq!(e.code(), ErrorCode::Unavailable, "{e}");
     }
 }

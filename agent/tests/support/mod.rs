@@ -16,6 +16,12 @@ const INSTALL_HINT: &str =
 /// How long moto may take to import and start listening.
 const MOTO_START: Duration = Duration::from_secs(60);
 
+/// Whether `dir` is missing or empty: a fetch leaves no staging file behind (they have no
+/// name while they exist, either).
+pub(crate) fn nothing_in(dir: &std::path::Path) -> bool {
+    std::fs::read_dir(dir).map_or(true, |mut d| d.next().is_none())
+}
+
 /// Polls `cond` until it returns `Some`, failing the test (naming `what`) after `within`.
 pub(crate) async fn wait_for<T, F, Fut>(what: &str, within: Duration, cond: F) -> T
 where

@@ -2,6 +2,11 @@
 //! then each node's dataworker, proxy and agent, each its own process of the `shoal` binary
 //! and each waited for until it prints its ready line; stopped in the reverse order.
 //!
+//! The runtime directory must be private (`shoal_pki::ensure_private_dir`: created 0700, a
+//! real directory of this user that nobody else may write); [`RunningCluster::start`]
+//! refuses any other before it writes anything, and so does each component for its own
+//! directory. Node ids follow the protocol's rule (they name directories and files).
+//!
 //! Layout of the runtime directory: `tls/` (a development CA, control's certificate for the
 //! metadata API and one certificate per node, made on first use and kept), `control/` (the
 //! embedded metadata file), `admin.token` (an operator token control keeps there, 0600, for
@@ -243,14 +248,18 @@ impl RunningCluster {
     /// what was started is stopped again.
     pub fn start(spec: &ClusterSpec) -> Result<RunningCluster, Error> {
         let ids: Vec<&str> = spec.nodes.iter().map(|n| n.id.as_str()).collect();
-        // Private from the start: control refuses to write the admin token into a directory
-        // others may write to (a umask of 002 would make it group-writable).
-        std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
-            .create(&spec.runtime_dir)
-            .map_err(|source| Error::Dir {
-                dir: spec.runtime_dir.clone(),
-                source,
-            })?;
+        for id in &ids {
+            shoal_protocol::IdKind::Node
+                .check(id)
+                .map_err(|source| Error::NodeId {
+                    id: id.to_string(),
+                    source,
+                })?;
+        }
+        // Private from the start, and refused before anything is written when it is not: a
+        // directory another user made (or may write to, or a symlink) would hand them the
+        // CA key, the admin token and the sockets. Every component checks its own too.
+        shoal_pki::ensure_private_dir(&spec.runtime_dir).map_err(Error::UnsafeDir)?;
         ensure_tls(&spec.tls_dir(), &ids)?;
         let control = spec.start_control()?;
         let store = spec.store_flags(&control.ready)?;
@@ -337,11 +346,9 @@ fn ensure_tls(dir: &Path, nodes: &[&str]) -> Result<(), Error> {
         dir: dir.to_path_buf(),
         source: Box::new(source),
     };
-    std::fs::create_dir_all(dir).map_err(|source| Error::Dir {
-        dir: dir.to_path_buf(),
-        source,
-    })?;
-    let ca = if dir.join(shoal_pki::CA_CERT_FILE).exists() {
+    shoal_pki::ensure_private_dir(dir).map_err(Error::UnsafeDir)?;
+    let exists = |p: PathBuf| std::fs::symlink_metadata(p).is_ok();
+    let ca = if exists(dir.join(shoal_pki::CA_CERT_FILE)) {
         shoal_pki::DevCa::load(dir).map_err(tls)?
     } else {
         let ca = shoal_pki::DevCa::generate().map_err(tls)?;
@@ -349,13 +356,13 @@ fn ensure_tls(dir: &Path, nodes: &[&str]) -> Result<(), Error> {
         ca
     };
     let control = shoal_pki::CONTROL_SERVER_NAME;
-    if !shoal_pki::TlsFiles::in_dir(dir, control).cert.exists() {
+    if !exists(shoal_pki::TlsFiles::in_dir(dir, control).cert) {
         ca.issue_control()
             .and_then(|c| c.save(dir, control))
             .map_err(tls)?;
     }
     for n in nodes {
-        if !dir.join(format!("{n}.pem")).exists() {
+        if !exists(dir.join(format!("{n}.pem"))) {
             ca.issue(n).and_then(|c| c.save(dir, n)).map_err(tls)?;
         }
     }

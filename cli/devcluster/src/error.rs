@@ -66,6 +66,19 @@ pub enum Error {
         #[source]
         source: Box<shoal_pki::PkiError>,
     },
+    /// The runtime directory (or one inside it) is not private: another user's, writable by
+    /// others, or a symlink. The message says how to fix it.
+    #[error("refusing the runtime directory: {0}")]
+    UnsafeDir(#[source] shoal_pki::PrivateError),
+    /// A node id breaks the protocol's rule (it names a directory and certificate files).
+    #[error("node id {id:?}: {source}")]
+    NodeId {
+        /// The id as given.
+        id: String,
+        /// The rule it breaks.
+        #[source]
+        source: shoal_protocol::IdError,
+    },
     /// A directory the cluster needs could not be created.
     #[error("creating {dir}: {source}")]
     Dir {

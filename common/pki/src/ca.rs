@@ -1,8 +1,10 @@
 //! [`DevCa`]: a development cluster CA that issues node certificates ([`DevCa::issue`]) and
 //! control's certificate ([`DevCa::issue_control`]); [`NodeCert`] and [`TlsFiles`], how they are
 //! stored.
-use crate::files::{create_dir, read_string, write_atomic};
+use crate::files::read_private_pem;
 use crate::identity::{parse_roots, verify_server_chain};
+use crate::private::{check_private_dir, ensure_private_dir, write_private_file, Secrecy};
+use crate::PrivateError;
 use crate::{PkiError, CA_CERT_FILE, CA_KEY_FILE, CONTROL_SERVER_NAME, SERVER_NAME};
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
@@ -11,12 +13,8 @@ use rcgen::{
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, DnsName};
 use std::fmt;
-use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
-
-/// Longest accepted node id (it becomes a file name and a certificate common name).
-const MAX_NODE_ID: usize = 64;
 
 /// Subject of the development CA. `load` rebuilds the issuer from it, so it must never change.
 const CA_COMMON_NAME: &str = "shoal development cluster CA";
@@ -82,12 +80,15 @@ impl DevCa {
     }
 
     /// Loads a CA saved by [`DevCa::save`] from `dir/ca.pem` and `dir/ca.key`, and checks that the
-    /// key signs certificates the CA certificate verifies.
+    /// key signs certificates the CA certificate verifies. `dir` must be private
+    /// ([`check_private_dir`]), and the files regular files of this user, read without
+    /// following a symlink; the key must be unreadable by group and others.
     pub fn load(dir: &Path) -> Result<DevCa, PkiError> {
+        check_private_dir(dir)?;
         let cert_path = dir.join(CA_CERT_FILE);
         let key_path = dir.join(CA_KEY_FILE);
-        let cert_pem = read_string(&cert_path)?;
-        let key_pem = read_string(&key_path)?;
+        let cert_pem = read_private_pem(&cert_path, Secrecy::Public)?;
+        let key_pem = read_private_pem(&key_path, Secrecy::Secret)?;
         let key = KeyPair::from_pem(&key_pem).map_err(|e| PkiError::Parse {
             path: key_path.clone(),
             reason: e.to_string(),
@@ -115,15 +116,19 @@ impl DevCa {
         Ok(ca)
     }
 
-    /// Writes `dir/ca.pem` and `dir/ca.key` (mode 0600), creating `dir` if needed.
+    /// Writes `dir/ca.pem` and `dir/ca.key` (mode 0600), creating `dir` (0700) if needed; a
+    /// `dir` that is not private ([`ensure_private_dir`]) is refused before anything is
+    /// written.
     pub fn save(&self, dir: &Path) -> Result<(), PkiError> {
-        create_dir(dir)?;
-        write_atomic(&dir.join(CA_CERT_FILE), self.cert_pem.as_bytes(), false)?;
-        write_atomic(
-            &dir.join(CA_KEY_FILE),
+        ensure_private_dir(dir)?;
+        write_private_file(dir, CA_CERT_FILE, self.cert_pem.as_bytes(), Secrecy::Public)?;
+        write_private_file(
+            dir,
+            CA_KEY_FILE,
             self.key.serialize_pem().as_bytes(),
-            true,
-        )
+            Secrecy::Secret,
+        )?;
+        Ok(())
     }
 
     /// The CA certificate, PEM-encoded.
@@ -229,30 +234,29 @@ impl fmt::Debug for NodeCert {
 impl NodeCert {
     /// Writes `dir/<name>.pem`, `dir/<name>.key` (mode 0600) and, unless it is already there
     /// with the same content, `dir/ca.pem`; returns the paths for [`crate::NodeTls::load`] (or,
-    /// with `name` [`CONTROL_SERVER_NAME`], [`crate::ControlTls::load`]).
+    /// with `name` [`CONTROL_SERVER_NAME`], [`crate::ControlTls::load`]). `dir` is created
+    /// (0700) if needed and must be private ([`ensure_private_dir`]).
     pub fn save(&self, dir: &Path, name: &str) -> Result<TlsFiles, PkiError> {
         check_node_id(name)?;
-        create_dir(dir)?;
+        ensure_private_dir(dir)?;
         let files = TlsFiles::in_dir(dir, name);
-        match fs::read(&files.ca_cert) {
-            Ok(existing) if existing == self.ca_pem.as_bytes() => {}
+        match read_private_pem(&files.ca_cert, Secrecy::Public) {
+            Ok(existing) if existing == self.ca_pem => {}
             Ok(_) => {
                 return Err(PkiError::Exists {
                     path: files.ca_cert,
                 })
             }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                write_atomic(&files.ca_cert, self.ca_pem.as_bytes(), false)?;
+            Err(PkiError::Private(PrivateError::Io { source, .. }))
+                if source.kind() == io::ErrorKind::NotFound =>
+            {
+                write_private_file(dir, CA_CERT_FILE, self.ca_pem.as_bytes(), Secrecy::Public)?;
             }
-            Err(source) => {
-                return Err(PkiError::Read {
-                    path: files.ca_cert,
-                    source,
-                })
-            }
+            Err(e) => return Err(e),
         }
-        write_atomic(&files.cert, self.cert_pem.as_bytes(), false)?;
-        write_atomic(&files.key, self.key_pem.as_bytes(), true)?;
+        let (cert, key) = (format!("{name}.pem"), format!("{name}.key"));
+        write_private_file(dir, &cert, self.cert_pem.as_bytes(), Secrecy::Public)?;
+        write_private_file(dir, &key, self.key_pem.as_bytes(), Secrecy::Secret)?;
         Ok(files)
     }
 }
@@ -280,16 +284,13 @@ impl TlsFiles {
     }
 }
 
+/// The protocol's rule of node ids (`shoal_protocol::IdKind::Node`): the id becomes the
+/// name of the certificate's files.
 pub(crate) fn check_node_id(node_id: &str) -> Result<(), PkiError> {
-    let ok = !node_id.is_empty()
-        && node_id.len() <= MAX_NODE_ID
-        && !node_id.starts_with('.')
-        && node_id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
-    if ok {
-        Ok(())
-    } else {
-        Err(PkiError::InvalidNodeId(node_id.to_owned()))
-    }
+    shoal_protocol::IdKind::Node
+        .check(node_id)
+        .map_err(|source| PkiError::InvalidNodeId {
+            id: node_id.to_owned(),
+            source,
+        })
 }

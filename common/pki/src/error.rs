@@ -15,9 +15,20 @@ pub enum PkiError {
         #[source]
         source: rcgen::Error,
     },
-    /// A node id is empty, too long, or not made of `[A-Za-z0-9._-]` (it becomes a file name).
-    #[error("invalid node id {0:?}: use 1-64 characters of [A-Za-z0-9._-], not starting with '.'")]
-    InvalidNodeId(String),
+    /// A node id breaks the protocol's rule (`shoal_protocol::IdKind::Node`; it becomes a
+    /// file name).
+    #[error("invalid node id {id:?}: {source}")]
+    InvalidNodeId {
+        /// The id as given.
+        id: String,
+        /// The rule it breaks.
+        #[source]
+        source: shoal_protocol::IdError,
+    },
+    /// The directory or a file of the development CA is not private (see
+    /// [`crate::check_private_dir`]).
+    #[error(transparent)]
+    Private(#[from] crate::PrivateError),
     /// A node id is the name only control's certificate may carry
     /// ([`crate::CONTROL_SERVER_NAME`]): a node certificate with it could pose as control.
     #[error("node id {0:?} is reserved: it is the name of control's certificate")]

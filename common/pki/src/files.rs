@@ -1,8 +1,13 @@
-//! Reading PEM files and writing them atomically (keys with mode 0600).
+//! Reading the PEM files of a PKI directory. Files an operator names ([`read_bytes`]) are read
+//! as named; the development CA's own files ([`read_private_pem`]) only from a private
+//! directory, without following a symlink (see the `private` module).
+use crate::private::{read_private_file, Secrecy};
 use crate::PkiError;
 use std::fs;
-use std::io::{self, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
+
+/// Largest PEM file read (a certificate chain or a key is a few KiB).
+pub(crate) const MAX_PEM: u64 = 1 << 20;
 
 pub(crate) fn read_bytes(path: &Path) -> Result<Vec<u8>, PkiError> {
     fs::read(path).map_err(|source| PkiError::Read {
@@ -11,47 +16,11 @@ pub(crate) fn read_bytes(path: &Path) -> Result<Vec<u8>, PkiError> {
     })
 }
 
-pub(crate) fn read_string(path: &Path) -> Result<String, PkiError> {
-    fs::read_to_string(path).map_err(|source| PkiError::Read {
+/// A PEM file of a private directory, as text.
+pub(crate) fn read_private_pem(path: &Path, secrecy: Secrecy) -> Result<String, PkiError> {
+    let bytes = read_private_file(path, MAX_PEM, secrecy)?;
+    String::from_utf8(bytes).map_err(|_| PkiError::Parse {
         path: path.to_owned(),
-        source,
+        reason: "not UTF-8 text".into(),
     })
-}
-
-pub(crate) fn create_dir(dir: &Path) -> Result<(), PkiError> {
-    fs::create_dir_all(dir).map_err(|source| PkiError::Write {
-        path: dir.to_owned(),
-        source,
-    })
-}
-
-/// Writes `data` to a temporary file next to `path` (mode 0600 when `secret`), syncs it and renames
-/// it over `path`.
-pub(crate) fn write_atomic(path: &Path, data: &[u8], secret: bool) -> Result<(), PkiError> {
-    let err = |source| PkiError::Write {
-        path: path.to_owned(),
-        source,
-    };
-    let mut tmp_name = path.as_os_str().to_owned();
-    tmp_name.push(".tmp");
-    let tmp = PathBuf::from(tmp_name);
-    match fs::remove_file(&tmp) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(err(e)),
-    }
-    let mut options = fs::OpenOptions::new();
-    options.write(true).create_new(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        options.mode(if secret { 0o600 } else { 0o644 });
-    }
-    #[cfg(not(unix))]
-    let _ = secret;
-    let mut file = options.open(&tmp).map_err(err)?;
-    file.write_all(data).map_err(err)?;
-    file.sync_all().map_err(err)?;
-    drop(file);
-    fs::rename(&tmp, path).map_err(err)
 }

@@ -8,6 +8,11 @@
 //!   its files (`ca.pem`, `<name>.pem`, `<name>.key` in a PKI directory).
 //! - [`NodeTls`]: a node's identity, as server and client, for QUIC and for TLS over TCP.
 //! - [`ControlTls`]: control's identity, as the server of the metadata API.
+//! - [`ensure_private_dir`], [`write_private_file`], [`read_private_file`]: the private
+//!   directory shoal keeps its files in (`shoal up`'s runtime directory and everything under
+//!   it) and the secrets in it, checked and written the same way by every component (see the
+//!   `private` module: 0700, owner and mode checked, `O_NOFOLLOW`, temporary file then
+//!   rename).
 //!
 //! Invariants:
 //! - Every node certificate carries the DNS name [`SERVER_NAME`] and both the `serverAuth` and
@@ -20,7 +25,10 @@
 //!   misconfigured process fails at start, not at its first handshake.
 //! - Configurations use the `ring` provider only ([`crypto_provider`]), TLS 1.3 only, and every
 //!   server configuration requires a client certificate signed by the cluster CA.
-//! - Private keys are written with mode 0600, atomically (temporary file, then rename).
+//! - Private keys are written with mode 0600, atomically (temporary file created with
+//!   `O_EXCL | O_NOFOLLOW`, then rename), into a directory that passed
+//!   [`check_private_dir`]; the development CA's key is read back only from such a
+//!   directory, without following a symlink, and only if no one else may read it.
 //!
 //! This crate touches no socket and reads no environment variable; it holds no `unsafe`.
 #![forbid(unsafe_code)]
@@ -30,10 +38,15 @@ mod ca;
 mod error;
 mod files;
 mod identity;
+mod private;
 
 pub use ca::{DevCa, NodeCert, TlsFiles};
 pub use error::PkiError;
 pub use identity::{crypto_provider, ControlTls, NodeTls};
+pub use private::{
+    check_private_dir, ensure_private_dir, read_private_file, write_private_file, PrivateError,
+    Secrecy,
+};
 
 /// The DNS name every node certificate carries and every node verifies its peers by.
 pub const SERVER_NAME: &str = "shoal-node";

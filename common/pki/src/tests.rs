@@ -7,7 +7,16 @@ use std::fs;
 #[test]
 fn node_ids_are_checked() {
     assert!(check_node_id("node-1.a_b").is_ok());
-    for bad in ["", ".hidden", "a/b", "..", "a b", &"x".repeat(65)] {
+    for bad in [
+        "",
+        ".hidden",
+        "-rf",
+        "a/b",
+        "..",
+        "a b",
+        "a\r\nb",
+        &"x".repeat(65),
+    ] {
         assert!(check_node_id(bad).is_err(), "{bad:?}");
     }
 }
@@ -116,4 +125,71 @@ fn node_and_control_certificates_are_not_interchangeable() {
     for reserved in [CONTROL_SERVER_NAME, "Shoal-Control"] {
         assert!(matches!(ca.issue(reserved), Err(PkiError::ReservedName(_))));
     }
+}
+
+/// The development CA lives in a private directory: one that another user made, that others
+/// may write, or that is a symlink is refused before anything is written, and a key file
+/// that is a symlink (planted, say, to a key the attacker knows) is not loaded.
+#[test]
+fn the_dev_ca_lives_in_a_private_directory() {
+    use std::os::unix::fs::PermissionsExt;
+    let t = tempfile::tempdir().unwrap();
+    let ca = DevCa::generate().unwrap();
+    let open = t.path().join("open");
+    fs::create_dir(&open).unwrap();
+    fs::set_permissions(&open, fs::Permissions::from_mode(0o777)).unwrap();
+    let e = ca.save(&open).unwrap_err();
+    assert!(
+        matches!(e, PkiError::Private(PrivateError::Writable { .. })),
+        "{e}"
+    );
+    assert!(!open.join(CA_KEY_FILE).exists());
+    let real = t.path().join("real");
+    ca.save(&real).unwrap();
+    let link = t.path().join("link");
+    std::os::unix::fs::symlink(&real, &link).unwrap();
+    let e = ca.save(&link).unwrap_err();
+    assert!(
+        matches!(e, PkiError::Private(PrivateError::Symlink { .. })),
+        "{e}"
+    );
+    let e = DevCa::load(&link).unwrap_err();
+    assert!(
+        matches!(e, PkiError::Private(PrivateError::Symlink { .. })),
+        "{e}"
+    );
+    if nix::unistd::geteuid().is_root() {
+        let theirs = t.path().join("theirs");
+        fs::create_dir(&theirs).unwrap();
+        nix::unistd::chown(&theirs, Some(nix::unistd::Uid::from_raw(65534)), None).unwrap();
+        let e = ca.save(&theirs).unwrap_err();
+        assert!(
+            matches!(e, PkiError::Private(PrivateError::Owner { .. })),
+            "{e}"
+        );
+        assert!(fs::read_dir(&theirs).unwrap().next().is_none());
+    }
+
+    // A planted symlink at the key: the same key, even, is not loaded through a link.
+    let copy = t.path().join("copy.key");
+    fs::copy(real.join(CA_KEY_FILE), &copy).unwrap();
+    fs::remove_file(real.join(CA_KEY_FILE)).unwrap();
+    std::os::unix::fs::symlink(&copy, real.join(CA_KEY_FILE)).unwrap();
+    let e = DevCa::load(&real).unwrap_err();
+    assert!(
+        matches!(e, PkiError::Private(PrivateError::Symlink { .. })),
+        "{e}"
+    );
+    // Saving again replaces the link with a real file; the link's target is untouched.
+    let before = fs::read(&copy).unwrap();
+    ca.save(&real).unwrap();
+    assert_eq!(fs::read(&copy).unwrap(), before);
+    DevCa::load(&real).unwrap();
+    // A key others may read is not loaded either.
+    fs::set_permissions(real.join(CA_KEY_FILE), fs::Permissions::from_mode(0o644)).unwrap();
+    let e = DevCa::load(&real).unwrap_err();
+    assert!(
+        matches!(e, PkiError::Private(PrivateError::Readable { .. })),
+        "{e}"
+    );
 }

@@ -30,6 +30,16 @@ pub enum ClientError {
         #[source]
         source: std::io::Error,
     },
+    /// The runtime directory's token file is not private (a symlink, a file others may read,
+    /// or another user's): it is not used. The token itself is not shown.
+    #[error("not using the token in {path}: {source}")]
+    UnsafeTokenFile {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why it is refused.
+        #[source]
+        source: shoal_pki::PrivateError,
+    },
     /// The request body could not be encoded as JSON.
     #[error("encoding the request body: {0}")]
     Encode(#[source] serde_json::Error),

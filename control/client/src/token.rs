@@ -7,7 +7,13 @@
 //! writes an operator token (the runtime directory is [`default_runtime_dir`]). The first
 //! one set wins; a named file that cannot be read is an error, a missing default file is
 //! not (the client then sends no token and control answers `Unauthenticated`).
+//!
+//! The default file is in a directory with a predictable name (`/tmp/shoal-<uid>`), which
+//! another user could have made first: it is read without following a symlink and only if it
+//! is a regular file of this user that nobody else may read (`shoal_pki::read_private_file`),
+//! so a token planted there is never sent. A file named explicitly is read as named.
 use crate::error::ClientError;
+use shoal_pki::{read_private_file, PrivateError, Secrecy};
 use std::ffi::OsString;
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -92,18 +98,30 @@ pub fn find_token(
         }));
     }
     let path = default_runtime_dir(env).join(ADMIN_TOKEN_FILE);
-    match read_token_file(&path) {
-        Ok(token) => Ok(Some(FoundToken {
-            token,
-            source: TokenSource::Default(path),
-        })),
-        Err(ClientError::TokenFile { source, .. })
-            if source.kind() == std::io::ErrorKind::NotFound =>
-        {
-            Ok(None)
+    let bytes = match read_private_file(&path, MAX_TOKEN_FILE, Secrecy::Secret) {
+        Ok(b) => b,
+        Err(PrivateError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+            return Ok(None)
         }
-        Err(e) => Err(e),
+        Err(source) => return Err(ClientError::UnsafeTokenFile { path, source }),
+    };
+    let token = first_line(&path, &String::from_utf8_lossy(&bytes))?;
+    Ok(Some(FoundToken {
+        token,
+        source: TokenSource::Default(path),
+    }))
+}
+
+/// The first line of a token file's text, trimmed; an error if it is empty.
+fn first_line(path: &Path, text: &str) -> Result<String, ClientError> {
+    let token = text.lines().next().unwrap_or("").trim().to_string();
+    if token.is_empty() {
+        return Err(ClientError::TokenFile {
+            path: path.to_path_buf(),
+            source: std::io::Error::new(std::io::ErrorKind::InvalidData, "the file is empty"),
+        });
     }
+    Ok(token)
 }
 
 /// The first line of a token file, trimmed.
@@ -116,14 +134,7 @@ pub fn read_token_file(path: &Path) -> Result<String, ClientError> {
     std::fs::File::open(path)
         .and_then(|f| f.take(MAX_TOKEN_FILE).read_to_string(&mut text))
         .map_err(failed)?;
-    let token = text.lines().next().unwrap_or("").trim().to_string();
-    if token.is_empty() {
-        return Err(failed(std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            "the file is empty",
-        )));
-    }
-    Ok(token)
+    first_line(path, &text)
 }
 
 /// The runtime directory when none is named: `$XDG_RUNTIME_DIR/shoal`, else
@@ -160,6 +171,7 @@ mod tests {
         let rt = dir.path().join("shoal");
         std::fs::create_dir(&rt).unwrap();
         std::fs::write(rt.join(ADMIN_TOKEN_FILE), "from-default\n").unwrap();
+        private(&rt.join(ADMIN_TOKEN_FILE));
         let named = dir.path().join("named");
         std::fs::write(&named, " from-file \nsecond line").unwrap();
         let named_s = named.to_str().unwrap();
@@ -195,6 +207,43 @@ mod tests {
                 TokenSource::Default(rt.join(ADMIN_TOKEN_FILE))
             ))
         );
+    }
+
+    fn private(p: &Path) {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+
+    /// The default file sits in a directory with a predictable name: a token someone else
+    /// put there (a symlink to theirs, a file others may read, a file of another user) is
+    /// refused, never sent.
+    #[test]
+    fn a_default_token_that_is_not_private_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let rt = dir.path().join("shoal");
+        std::fs::create_dir(&rt).unwrap();
+        let env = env_of(&[("XDG_RUNTIME_DIR", dir.path().to_str().unwrap())]);
+        let file = rt.join(ADMIN_TOKEN_FILE);
+        let theirs = dir.path().join("theirs");
+        std::fs::write(&theirs, "planted\n").unwrap();
+        private(&theirs);
+        std::os::unix::fs::symlink(&theirs, &file).unwrap();
+        let e = find_token(None, &env).unwrap_err();
+        assert!(matches!(e, ClientError::UnsafeTokenFile { .. }), "{e}");
+        assert!(e.to_string().contains("symbolic link"), "{e}");
+        std::fs::remove_file(&file).unwrap();
+        std::fs::write(&file, "mine\n").unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = find_token(None, &env).unwrap_err();
+        assert!(matches!(e, ClientError::UnsafeTokenFile { .. }), "{e}");
+        private(&file);
+        assert_eq!(find_token(None, &env).unwrap().unwrap().token, "mine");
+        if nix::unistd::geteuid().is_root() {
+            nix::unistd::chown(&file, Some(nix::unistd::Uid::from_raw(65534)), None).unwrap();
+            let e = find_token(None, &env).unwrap_err();
+            assert!(matches!(e, ClientError::UnsafeTokenFile { .. }), "{e}");
+        }
     }
 
     #[test]

@@ -2,10 +2,11 @@
 //! before it is stored ([`FunctionSpec::validate`], [`Pool::validate`]). Every limit is a
 //! constant of this module. Pure: no IO.
 use serde::{Deserialize, Serialize};
+use shoal_protocol::IdKind;
 use std::collections::BTreeMap;
 
-/// Longest function or pool name.
-pub const MAX_NAME_LEN: usize = 63;
+/// Longest function or pool name (the protocol's rule).
+pub const MAX_NAME_LEN: usize = shoal_protocol::MAX_NAME_LEN;
 /// Most CPU a function instance may ask for, in thousandths of a core.
 pub const MAX_CPU_MILLI: u32 = 64_000;
 /// Most memory a function instance may ask for, in MiB.
@@ -167,25 +168,17 @@ fn invalid(field: impl Into<String>, reason: impl Into<String>) -> InvalidSpec {
     }
 }
 
-/// Checks a function or pool name: `1..=63` characters of `[a-z0-9-]`, starting with a
-/// letter. `field` names it in the error.
+/// Checks a function or pool name with the protocol's rule ([`IdKind::Function`]:
+/// `1..=63` characters of `[a-z0-9-]`, starting with a letter). `field` names it in the error.
 pub fn validate_name(field: &str, name: &str) -> Result<(), InvalidSpec> {
-    if name.is_empty() || name.len() > MAX_NAME_LEN {
-        return Err(invalid(
-            field,
-            format!("must be 1..={MAX_NAME_LEN} characters"),
-        ));
-    }
-    if !name.starts_with(|c: char| c.is_ascii_lowercase()) {
-        return Err(invalid(field, "must start with a lowercase letter"));
-    }
-    if !name
-        .chars()
-        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
-    {
-        return Err(invalid(field, "may hold only a-z, 0-9 and '-'"));
-    }
-    Ok(())
+    validate_id(IdKind::Function, field, name)
+}
+
+/// Checks `value` against the protocol's rule for `kind` (one rule per kind of name, shared by
+/// every component; see `shoal_protocol::IdKind`). `field` names it in the error.
+pub fn validate_id(kind: IdKind, field: &str, value: &str) -> Result<(), InvalidSpec> {
+    kind.check(value)
+        .map_err(|e| invalid(field, e.problem().to_string()))
 }
 
 fn check_string(field: &str, s: &str, allow_empty: bool) -> Result<(), InvalidSpec> {
@@ -328,7 +321,7 @@ impl FunctionSpec {
             }
         }
         if let Some(p) = &self.pool {
-            validate_name("pool", p)?;
+            validate_id(IdKind::Pool, "pool", p)?;
         }
         Ok(())
     }
@@ -337,7 +330,7 @@ impl FunctionSpec {
 impl Pool {
     /// Checks every field; the error names the first one that is wrong.
     pub fn validate(&self) -> Result<(), InvalidSpec> {
-        validate_name("name", &self.name)?;
+        validate_id(IdKind::Pool, "name", &self.name)?;
         check_map("node_selector", &self.node_selector)?;
         check_range("cpu_milli", self.cpu_milli, 1, MAX_POOL_CPU_MILLI)?;
         check_range("mem_mib", self.mem_mib, 1, MAX_POOL_MEM_MIB)?;

@@ -25,9 +25,9 @@ mod quota;
 mod token;
 
 pub use function::{
-    validate_name, CodeSource, FunctionSpec, InvalidSpec, Pool, Resources, MAX_CONCURRENCY,
-    MAX_CPU_MILLI, MAX_ENTRIES, MAX_INSTANCES, MAX_MEM_MIB, MAX_NAME_LEN, MAX_POOL_CPU_MILLI,
-    MAX_POOL_MEM_MIB, MAX_STRING_LEN,
+    validate_id, validate_name, CodeSource, FunctionSpec, InvalidSpec, Pool, Resources,
+    MAX_CONCURRENCY, MAX_CPU_MILLI, MAX_ENTRIES, MAX_INSTANCES, MAX_MEM_MIB, MAX_NAME_LEN,
+    MAX_POOL_CPU_MILLI, MAX_POOL_MEM_MIB, MAX_STRING_LEN,
 };
 pub use instance::{InstancePhase, InstanceRecord};
 pub use node::{AgentRecord, LeaderInfo, NodeRecord, ProxyRecord};

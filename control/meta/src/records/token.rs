@@ -14,9 +14,10 @@
 //! (functions and pools), `invoker` (calls and data), `reader` (list and get). The admin of
 //! the reserved tenant [`SYSTEM_TENANT`] is the cluster's operator: it acts on every tenant
 //! and alone may manage nodes.
-use super::function::{validate_name, InvalidSpec};
+use super::function::{validate_id, InvalidSpec};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+use shoal_protocol::IdKind;
 use std::fmt;
 
 /// Token records: `tokens/<id>`.
@@ -40,10 +41,10 @@ pub fn token_key(id: &str) -> String {
     format!("{TOKENS_PREFIX}{id}")
 }
 
-/// Checks a tenant name: the rules of function names (1..=63 of `a-z`, `0-9`, `-`, starting
-/// with a letter).
+/// Checks a tenant name with the protocol's rule ([`IdKind::Tenant`], the rule of function
+/// names: 1..=63 of `a-z`, `0-9`, `-`, starting with a letter).
 pub fn validate_tenant(tenant: &str) -> Result<(), InvalidSpec> {
-    validate_name("tenant", tenant)
+    validate_id(IdKind::Tenant, "tenant", tenant)
 }
 
 /// What a token may do within its tenant.
