@@ -19,12 +19,12 @@ use crate::tenancy::{self, Caller};
 use crate::worker::Worker;
 use bytes::BytesMut;
 use shoal_protocol::{
-    encode_frame, ClientFrame, ClientHello, CtlLayout, ErrorCode, FrameDecoder, Hello, Request,
-    Response, ServerFrame, WireError, MAX_CLIENT_HELLO, PROTOCOL_VERSION,
+    encode_frame, ClientFrame, ClientHello, ErrorCode, FrameDecoder, Request, Response,
+    ServerFrame, WireError, MAX_CLIENT_HELLO,
 };
 use shoal_shm::Mailbox;
 use std::io::{Read, Write};
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream as StdUnixStream;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -180,30 +180,26 @@ struct Session<'a> {
 }
 
 async fn send_hello(worker: &Worker, sock: &Sock, s: &Session<'_>) -> Result<(), ConnError> {
-    let hello = ServerFrame::Hello(Hello {
-        version: PROTOCOL_VERSION,
-        client_id: s.client,
-        node_id: worker.local.cfg.node_id.clone(),
-        arena_bytes: worker.local.arena.size(),
-        ctl: CtlLayout {
-            buckets: worker.local.ctl.buckets(),
-            pin_regions: worker.local.ctl.pin_regions(),
-            pins_per_region: worker.local.ctl.pins_per_region(),
-        },
-        pin_region: s.region,
-        mailbox: s.mailbox.map(|m| m.mailbox().capacity()),
-        inline_limit: worker.local.cfg.inline_limit,
-        max_frame: worker.local.cfg.max_frame() as u32,
-        tenant: s.caller.tenant.clone(),
-    });
+    let (hello, fds) =
+        worker.hello(s.client, s.region, s.mailbox.map(|m| m.mailbox()), s.caller)?;
     let mut out = Vec::new();
-    encode(&hello, &mut out);
+    encode(&ServerFrame::Hello(hello), &mut out);
     // A fresh socket has room for a small hello; the fds ride on its first byte.
-    let mut fds = vec![worker.local.arena.fd(), worker.local.ctl.fd()];
-    fds.extend(s.mailbox.map(|m| m.mailbox().fd()));
-    let sent = shoal_shm::send_with_fds(sock.0.get_ref().as_fd(), &out, &fds)?;
-    sock.write_all(&out[sent..]).await?;
+    sock.send_with_fds(&out, &fds).await?;
     Ok(())
+}
+
+/// Encodes a reply, collecting the fds of its segment views (see `Local::attach_fds`).
+fn reply(
+    worker: &Worker,
+    client: u64,
+    id: u32,
+    mut resp: Response,
+    out: &mut Vec<u8>,
+    fds: &mut Vec<OwnedFd>,
+) {
+    fds.extend(worker.local.attach_fds(client, &mut resp));
+    encode(&ServerFrame::Reply { id, resp }, out);
 }
 
 async fn run(
@@ -218,6 +214,7 @@ async fn run(
     let mut rbuf = BytesMut::with_capacity(64 << 10);
     let mut scratch = vec![0u8; 64 << 10];
     let mut out = Vec::with_capacity(64 << 10);
+    let mut fds = Vec::new();
     let (tx, mut deferred) = mpsc::channel::<(u32, Response)>(64);
     let mut waiting = JoinSet::new();
     let mut recheck = tokio::time::interval(RECHECK);
@@ -235,7 +232,7 @@ async fn run(
                 continue;
             }
             Some((id, resp)) = deferred.recv() => {
-                encode(&ServerFrame::Reply { id, resp }, &mut out);
+                reply(worker, client, id, resp, &mut out, &mut fds);
             }
             Some(_) = waiting.join_next(), if !waiting.is_empty() => continue,
             n = sock.read_into(&mut rbuf, &mut scratch) => {
@@ -271,7 +268,7 @@ async fn run(
                             _ => None,
                         };
                         match now {
-                            Some(resp) => encode(&ServerFrame::Reply { id: frame.id, resp }, &mut out),
+                            Some(resp) => reply(worker, client, frame.id, resp, &mut out, &mut fds),
                             None if waiting.len() < worker.local.cfg.max_waiting_gets => {
                                 let (worker, tx, id) = (worker.clone(), tx.clone(), frame.id);
                                 waiting.spawn(async move {
@@ -288,7 +285,7 @@ async fn run(
                     } else {
                         let resp = worker.handle(client, req);
                         if !one_way {
-                            encode(&ServerFrame::Reply { id: frame.id, resp }, &mut out);
+                            reply(worker, client, frame.id, resp, &mut out, &mut fds);
                         } else if let Some(m) = session.mailbox {
                             m.oneway_done();
                         }
@@ -298,8 +295,9 @@ async fn run(
             }
         }
         if !out.is_empty() {
-            sock.write_all(&out).await?;
+            sock.send_with_fds(&out, &fds).await?;
             out.clear();
+            fds.clear();
         }
     }
     waiting.shutdown().await;
@@ -339,6 +337,37 @@ impl Sock {
                 Err(_would_block) => continue,
             }
         }
+    }
+
+    /// Sends `data` with `fds` attached to its first bytes (at most the kernel's limit per
+    /// message, so a long list rides on several of the first bytes, in order), then the rest.
+    async fn send_with_fds(&self, mut data: &[u8], fds: &[OwnedFd]) -> Result<(), ConnError> {
+        let mut fds: Vec<_> = fds.iter().map(|f| f.as_fd()).collect();
+        while !fds.is_empty() && !data.is_empty() {
+            let n = fds.len().min(shoal_shm::MAX_FDS_PER_MESSAGE);
+            // The last batch takes the rest of the bytes; earlier ones one byte each.
+            let len = if n == fds.len() { data.len() } else { 1 };
+            let send = |s: &StdUnixStream| {
+                shoal_shm::send_with_fds(s.as_fd(), &data[..len], &fds[..n]).map_err(|e| match e {
+                    shoal_shm::ShmError::FdPass(errno) => std::io::Error::from(errno),
+                    e => std::io::Error::other(e),
+                })
+            };
+            let sent = match send(self.0.get_ref()) {
+                Ok(sent) => sent,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => loop {
+                    let mut guard = self.0.writable().await?;
+                    if let Ok(r) = guard.try_io(|s| send(s.get_ref())) {
+                        break r?;
+                    }
+                },
+                Err(e) => return Err(e.into()),
+            };
+            fds.drain(..n);
+            data = &data[sent..];
+        }
+        self.write_all(data).await?;
+        Ok(())
     }
 
     async fn write_all(&self, mut data: &[u8]) -> std::io::Result<()> {
