@@ -231,6 +231,17 @@ impl Local {
     pub(crate) fn new(cfg: Config, outbox: Option<Outbox>) -> Result<Local, crate::StartError> {
         // Refuse to run on a kernel that would let a client write what it may only read.
         shoal_shm::probe::check_kernel_seals()?;
+        // The arena is reserved now; segments take their pages as clients write them, so the
+        // whole budget must fit the machine (or the memory cgroup) from the start.
+        if let Some(available) = shoal_shm::available_memory() {
+            if cfg.shm_size > available {
+                return Err(ShmError::TooBig {
+                    size: cfg.shm_size,
+                    available,
+                }
+                .into());
+            }
+        }
         let arena = Arena::create_worker_only(
             &format!("shoal-arena-{}", cfg.node_id),
             cfg.arena_bytes(),

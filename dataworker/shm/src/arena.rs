@@ -523,7 +523,7 @@ unsafe fn racy_eq(src: *const u8, want: &[u8]) -> bool {
 
 /// Bytes that can still be allocated: the smaller of MemAvailable and the room left under the
 /// memory cgroup's limit (v2 `memory.max`, else v1 `memory.limit_in_bytes`). `None` if unknown.
-pub(crate) fn available_memory() -> Option<u64> {
+pub fn available_memory() -> Option<u64> {
     let read = |p: &str| std::fs::read_to_string(p).ok();
     let num = |p: &str| read(p).and_then(|s| s.trim().parse::<u64>().ok());
     let meminfo = read("/proc/meminfo").and_then(|s| {

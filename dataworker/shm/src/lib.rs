@@ -28,7 +28,7 @@ pub mod probe;
 mod segment;
 pub mod sync;
 
-pub use arena::{seals_of, Arena, ReadMap, ShmError, PAGE};
+pub use arena::{available_memory, seals_of, Arena, ReadMap, ShmError, PAGE};
 pub use ctl::{
     key_hash, Ctl, CtlError, FastPin, FastReader, IndexEntry, IndexWriter, READ_RING,
     SLOTS_PER_BUCKET,

@@ -2,9 +2,12 @@
 //! limit), and the bounded pool of ready-made ones.
 //!
 //! Lifecycle (the worker drives it; see ARCHITECTURE.md, "Local clients: threat model"):
-//! 1. The worker makes the memfd ([`Segment::create`]): sized, every page reserved
-//!    (`fallocate`, so no later fault SIGBUSes) and sealed `F_SEAL_SHRINK | F_SEAL_GROW`, so
-//!    nobody can ever resize it. It keeps no mapping of it.
+//! 1. The worker makes the memfd ([`Segment::create`]): sized and sealed
+//!    `F_SEAL_SHRINK | F_SEAL_GROW`, so nobody can ever resize it. Its pages are taken when
+//!    first written (by the pool's prefault, or the client's `MAP_POPULATE`): the worker never
+//!    maps an unsealed segment and reads a never-written page of a sealed one as the shared
+//!    zero page, so nothing a client does to its segment can fault the worker. The store
+//!    counts the whole segment against its budget from the start.
 //! 2. It passes the fd to the one client that created the object, which maps it read-write
 //!    ([`SegmentWriter`]), writes, and unmaps.
 //! 3. On seal the worker adds `F_SEAL_WRITE | F_SEAL_SEAL` ([`Segment::seal`]). The kernel
@@ -14,10 +17,10 @@
 //!    route, and readers map them read-only ([`crate::ReadMap`]).
 //! 4. The worker drops its fd when the store frees the object; the memory goes when the last
 //!    mapping and fd of it (a reader's cache included) are gone.
-use crate::arena::{add_seals, available_memory, fixed_size, new_memfd, read_only_fd, seals_of};
+use crate::arena::{add_seals, fixed_size, new_memfd, read_only_fd, seals_of};
 use crate::{ReadMap, ShmError, PAGE};
 use memmap2::{MmapOptions, MmapRaw};
-use nix::fcntl::{fallocate, FallocateFlags, SealFlag};
+use nix::fcntl::SealFlag;
 use std::collections::VecDeque;
 use std::fs::File;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -33,29 +36,16 @@ pub struct Segment {
 }
 
 impl Segment {
-    /// A new segment able to hold `len` bytes: sized to whole pages, every page reserved,
-    /// its size sealed.
+    /// A new segment able to hold `len` bytes: sized to whole pages, its size sealed.
     pub fn create(len: u64) -> Result<Segment, ShmError> {
         let cap = len.div_ceil(PAGE).saturating_mul(PAGE);
         let size = i64::try_from(cap).map_err(|_| ShmError::Resize {
             size: cap,
             source: nix::Error::EINVAL,
         })?;
-        if let Some(available) = available_memory() {
-            if cap > available {
-                return Err(ShmError::TooBig {
-                    size: cap,
-                    available,
-                });
-            }
-        }
         let fd = new_memfd("shoal-segment")?;
         nix::unistd::ftruncate(&fd, size)
             .map_err(|source| ShmError::Resize { size: cap, source })?;
-        if cap > 0 {
-            fallocate(&fd, FallocateFlags::empty(), 0, size)
-                .map_err(|source| ShmError::CannotBack { size: cap, source })?;
-        }
         add_seals(fd.as_fd(), fixed_size(), "shrink, grow")?;
         Ok(Segment {
             file: File::from(fd),
@@ -63,10 +53,11 @@ impl Segment {
         })
     }
 
-    /// Touches every page once (through a mapping dropped before this returns), so the
+    /// Allocates every page now (through a mapping dropped before this returns), so the
     /// kernel has zeroed them and a client's `MAP_POPULATE` only maps them: on a VM, where a
     /// first-touch fault costs microseconds, this moves most of a large create's cost off its
-    /// path (the pool does it on its own thread).
+    /// path (the pool does it on its own thread). An allocation failure is an error here,
+    /// not a signal.
     pub fn prefault(&self) -> Result<(), ShmError> {
         if self.cap == 0 {
             return Ok(());
@@ -74,22 +65,18 @@ impl Segment {
         let len = usize::try_from(self.cap).map_err(|_| ShmError::Invalid("too large".into()))?;
         let map = MmapOptions::new()
             .len(len)
-            .map_raw_read_only(&self.file)
+            .map_raw(&self.file)
             .map_err(|source| ShmError::Map {
                 size: self.cap,
                 source,
             })?;
-        // Reading faults each page in (allocating and zeroing it); the mapping is read-only
-        // and goes away at once, so it never stands in the way of `F_SEAL_WRITE`.
-        if map.advise(memmap2::Advice::PopulateRead).is_err() {
-            let mut b = [0u8; 1];
-            let mut off = 0;
-            while off < self.cap {
-                let _ = self.file.read_at(&mut b, off);
-                off += PAGE;
-            }
-        }
-        Ok(())
+        // The mapping goes away when this returns, so it never stands in the way of
+        // `F_SEAL_WRITE`.
+        map.advise(memmap2::Advice::PopulateWrite)
+            .map_err(|source| ShmError::Map {
+                size: self.cap,
+                source,
+            })
     }
 
     /// Bytes it can hold.
