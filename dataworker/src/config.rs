@@ -46,7 +46,8 @@ pub struct Config {
     pub node_id: String,
     /// Directory for the Unix socket (`dataworker.sock`).
     pub socket_dir: PathBuf,
-    /// Arena size in bytes.
+    /// Shared memory for objects in bytes: the arena ([`Config::arena_bytes`]) and the
+    /// budget of segments together.
     pub shm_size: u64,
     /// Fault every arena page in at start.
     pub shm_populate: bool,
@@ -245,6 +246,15 @@ impl Config {
             }
         }
         m
+    }
+
+    /// Bytes of the arena: the worker-written part of `shm_size` (inline puts, KV values,
+    /// names, small restores and replicas), a quarter of it (at least half of it, up to
+    /// 1 MiB, for small sizes). The rest is the budget of segments, the payloads clients
+    /// write themselves. Together they never pass `shm_size`.
+    pub fn arena_bytes(&self) -> u64 {
+        let a = (self.shm_size / 4).max((self.shm_size / 2).min(1 << 20));
+        a / shoal_store::UNIT * shoal_store::UNIT
     }
 
     /// The socket clients connect to.

@@ -19,14 +19,14 @@ use crate::tenancy::{self, Caller};
 use crate::worker::Worker;
 use bytes::BytesMut;
 use shoal_protocol::{
-    encode_frame, ClientFrame, ClientHello, CtlLayout, ErrorCode, FrameDecoder, Hello, Request,
-    Response, ServerFrame, WireError, MAX_CLIENT_HELLO, PROTOCOL_VERSION,
+    encode_frame, ClientFrame, ClientHello, ErrorCode, FrameDecoder, Request, Response,
+    ServerFrame, WireError, MAX_CLIENT_HELLO,
 };
 use shoal_shm::Mailbox;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::UnixStream;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
@@ -129,6 +129,7 @@ pub(crate) async fn serve(
         }
     };
     tracing::debug!(client, pid = ?cred.pid(), tenant = %caller.tenant, ?region, "client connected");
+    let mut sock = stream;
     let mailbox = if worker.local.cfg.mailbox {
         match Mailbox::create(worker.local.cfg.max_frame() as u64) {
             Ok(m) => {
@@ -150,7 +151,7 @@ pub(crate) async fn serve(
         mailbox: mailbox.as_deref(),
         caller: &caller,
     };
-    match run(&worker, &mut stream, &session, &shutdown).await {
+    match run(&worker, &mut sock, &session, &shutdown).await {
         Ok(()) => tracing::debug!(client, "client disconnected"),
         Err(e) => tracing::warn!(client, error = %e, "closing connection"),
     }
@@ -158,8 +159,6 @@ pub(crate) async fn serve(
         m.close_deferred().await;
     }
     worker.client_left(client, region);
-    // `stream` drops here, after everything that ran for the connection: tokio deregisters
-    // the fd from the reactor, then the stream closes it, once.
 }
 
 /// What the worker gave one connection.
@@ -175,30 +174,26 @@ async fn send_hello(
     sock: &mut UnixStream,
     s: &Session<'_>,
 ) -> Result<(), ConnError> {
-    let hello = ServerFrame::Hello(Hello {
-        version: PROTOCOL_VERSION,
-        client_id: s.client,
-        node_id: worker.local.cfg.node_id.clone(),
-        arena_bytes: worker.local.arena.size(),
-        ctl: CtlLayout {
-            buckets: worker.local.ctl.buckets(),
-            pin_regions: worker.local.ctl.pin_regions(),
-            pins_per_region: worker.local.ctl.pins_per_region(),
-        },
-        pin_region: s.region,
-        mailbox: s.mailbox.map(|m| m.mailbox().capacity()),
-        inline_limit: worker.local.cfg.inline_limit,
-        max_frame: worker.local.cfg.max_frame() as u32,
-        tenant: s.caller.tenant.clone(),
-    });
+    let (hello, fds) =
+        worker.hello(s.client, s.region, s.mailbox.map(|m| m.mailbox()), s.caller)?;
     let mut out = Vec::new();
-    encode(&hello, &mut out);
+    encode(&ServerFrame::Hello(hello), &mut out);
     // A fresh socket has room for a small hello; the fds ride on its first byte.
-    let mut fds = vec![worker.local.arena.fd(), worker.local.ctl.fd()];
-    fds.extend(s.mailbox.map(|m| m.mailbox().fd()));
-    let sent = shoal_shm::send_with_fds(sock.as_fd(), &out, &fds)?;
-    sock.write_all(&out[sent..]).await?;
+    send_with_fds(sock, &out, &fds).await?;
     Ok(())
+}
+
+/// Encodes a reply, collecting the fds of its segment views (see `Local::attach_fds`).
+fn reply(
+    worker: &Worker,
+    client: u64,
+    id: u32,
+    mut resp: Response,
+    out: &mut Vec<u8>,
+    fds: &mut Vec<OwnedFd>,
+) {
+    fds.extend(worker.local.attach_fds(client, &mut resp));
+    encode(&ServerFrame::Reply { id, resp }, out);
 }
 
 async fn run(
@@ -212,6 +207,7 @@ async fn run(
     let decoder = FrameDecoder::new(worker.local.cfg.max_frame());
     let mut rbuf = BytesMut::with_capacity(READ_CHUNK);
     let mut out = Vec::with_capacity(64 << 10);
+    let mut fds = Vec::new();
     let (tx, mut deferred) = mpsc::channel::<(u32, Response)>(64);
     let mut waiting = JoinSet::new();
     let mut recheck = tokio::time::interval(RECHECK);
@@ -229,7 +225,7 @@ async fn run(
                 continue;
             }
             Some((id, resp)) = deferred.recv() => {
-                encode(&ServerFrame::Reply { id, resp }, &mut out);
+                reply(worker, client, id, resp, &mut out, &mut fds);
             }
             Some(_) = waiting.join_next(), if !waiting.is_empty() => continue,
             n = read_some(sock, &mut rbuf) => {
@@ -265,7 +261,7 @@ async fn run(
                             _ => None,
                         };
                         match now {
-                            Some(resp) => encode(&ServerFrame::Reply { id: frame.id, resp }, &mut out),
+                            Some(resp) => reply(worker, client, frame.id, resp, &mut out, &mut fds),
                             None if waiting.len() < worker.local.cfg.max_waiting_gets => {
                                 let (worker, tx, id) = (worker.clone(), tx.clone(), frame.id);
                                 waiting.spawn(async move {
@@ -282,7 +278,7 @@ async fn run(
                     } else {
                         let resp = worker.handle(client, req);
                         if !one_way {
-                            encode(&ServerFrame::Reply { id: frame.id, resp }, &mut out);
+                            reply(worker, client, frame.id, resp, &mut out, &mut fds);
                         } else if let Some(m) = session.mailbox {
                             m.oneway_done();
                         }
@@ -292,8 +288,9 @@ async fn run(
             }
         }
         if !out.is_empty() {
-            sock.write_all(&out).await?;
+            send_with_fds(sock, &out, &fds).await?;
             out.clear();
+            fds.clear();
         }
     }
     waiting.shutdown().await;
@@ -316,6 +313,40 @@ async fn read_some(sock: &mut UnixStream, buf: &mut BytesMut) -> std::io::Result
         buf.reserve(READ_CHUNK);
     }
     sock.read_buf(buf).await
+}
+
+/// Sends `data` with `fds` attached to its first bytes (at most the kernel's limit per
+/// message, so a long list rides on several of the first bytes, in order), then the rest.
+async fn send_with_fds(
+    sock: &mut UnixStream,
+    mut data: &[u8],
+    fds: &[OwnedFd],
+) -> Result<(), ConnError> {
+    let mut fds: Vec<_> = fds.iter().map(|f| f.as_fd()).collect();
+    while !fds.is_empty() && !data.is_empty() {
+        let n = fds.len().min(shoal_shm::MAX_FDS_PER_MESSAGE);
+        // The last batch takes the rest of the bytes; earlier ones one byte each.
+        let len = if n == fds.len() { data.len() } else { 1 };
+        let send = || {
+            shoal_shm::send_with_fds(sock.as_fd(), &data[..len], &fds[..n]).map_err(|e| match e {
+                shoal_shm::ShmError::FdPass(errno) => std::io::Error::from(errno),
+                e => std::io::Error::other(e),
+            })
+        };
+        let sent = loop {
+            // Try first: the socket almost always has room. `try_io` clears the write
+            // readiness on `WouldBlock`, so the wait below is for real room.
+            match sock.try_io(Interest::WRITABLE, send) {
+                Ok(sent) => break sent,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => sock.writable().await?,
+                Err(e) => return Err(e.into()),
+            }
+        };
+        fds.drain(..n);
+        data = &data[sent..];
+    }
+    sock.write_all(data).await?;
+    Ok(())
 }
 
 /// How to look a get up inline: without a cluster, a zero timeout means "answer now".

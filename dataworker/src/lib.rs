@@ -37,6 +37,7 @@ mod http;
 mod local;
 mod ops;
 mod ring;
+mod segments;
 mod server;
 mod spill;
 mod tenancy;

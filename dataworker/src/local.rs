@@ -9,8 +9,14 @@
 //!
 //! Everything that changes the store happens under one mutex, in short critical sections with
 //! no await inside. Work that must finish before the arena memory is reused (spill writes,
-//! restores, writing key bytes) is done inside the same section.
+//! restores, writing key bytes) is done inside the same section. Making a client's segment
+//! (which may take milliseconds for a large one) happens outside it, between two sections.
+//!
+//! Memory: the arena is worker-only (clients map it read-only); payloads a client writes go
+//! to segments ([`crate::segments`]), kept in [`Inner::segments`] by generation and dropped
+//! when the store lists them as freed, which [`Locked`] does each time the lock is released.
 use crate::cluster::{Note, Outbox};
+use crate::segments::{PinnedData, ReplicaTarget, Seg};
 use crate::spill::SpillDir;
 use crate::Config;
 use shoal_meta::records::Quota;
@@ -18,12 +24,13 @@ use shoal_protocol::HeldObject;
 use shoal_protocol::{
     ErrorCode, KvEntry, Namespace, ObjectId, Request, Response, StatusInfo, ViewDesc, WireError,
 };
-use shoal_shm::{key_hash, Arena, Ctl, IndexEntry, IndexWriter};
+use shoal_shm::{key_hash, Arena, Ctl, IndexEntry, IndexWriter, SegmentPool, ShmError};
 use shoal_store::{
-    ClientId, Evicted, ExternalPins, Gen, Lookup, Placement, Store, StoreConfig, StoreError,
-    TenantLimits, TenantUsage,
+    Backing, ClientId, Evicted, ExternalPins, Gen, Lookup, Placement, Store, StoreConfig,
+    StoreError, TenantLimits, TenantUsage,
 };
 use std::collections::{HashMap, HashSet};
+use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 use tokio::sync::watch;
@@ -33,25 +40,48 @@ const MAX_LIST: usize = 10_000;
 /// The client id under which copies for and from other nodes are pinned and created.
 pub(crate) const PEER_CLIENT: ClientId = u64::MAX;
 
-/// The index pin tables seen as the store's external pins.
-struct IndexPins<'a>(&'a mut IndexWriter);
+/// Segment budget pooled ahead of use, at most (see [`SegmentPool`]).
+const POOL_BYTES: u64 = 256 << 20;
+/// Segments smaller than this are made on the spot (cheap), not pooled.
+const POOL_MIN: u64 = 1 << 20;
+
+/// The clients' pin pages seen as the store's external pins: only pins by clients of the
+/// entry's own tenant count.
+struct IndexPins<'a> {
+    index: &'a mut IndexWriter,
+    tenants: &'a HashMap<String, u32>,
+}
 
 impl ExternalPins for IndexPins<'_> {
-    fn is_pinned(&self, gen: Gen) -> bool {
-        self.0.is_pinned(gen)
+    fn is_pinned(&self, gen: Gen, tenant: &str) -> bool {
+        self.tenants
+            .get(tenant)
+            .is_some_and(|t| self.index.is_pinned(gen, *t))
     }
-    fn reclaim(&mut self, gen: Gen) -> bool {
-        self.0.unpublish(gen);
-        !self.0.is_pinned(gen)
+    fn reclaim(&mut self, gen: Gen, tenant: &str) -> bool {
+        self.index.unpublish(gen);
+        !self.is_pinned(gen, tenant)
     }
-    fn last_access(&self, gen: Gen) -> Option<u64> {
-        self.0.atime(gen)
-    }
+}
+
+/// The external pins of `g` (a macro so that `g.store` can be borrowed beside it).
+macro_rules! ext {
+    ($g:expr) => {
+        &mut IndexPins {
+            index: &mut $g.index,
+            tenants: &$g.tenant_ids,
+        }
+    };
 }
 
 pub(crate) struct Inner {
     pub(crate) store: Store,
     pub(crate) index: IndexWriter,
+    /// Segments of live entries, by generation.
+    segments: HashMap<Gen, Arc<Seg>>,
+    /// Tenants numbered for the pin pages (interned once, never reused).
+    tenant_ids: HashMap<String, u32>,
+    tenant_names: Vec<String>,
     /// Gets waiting for a name to be sealed; dropping the sender wakes them.
     waiters: HashMap<(Namespace, ObjectId), watch::Sender<()>>,
     free_regions: Vec<u32>,
@@ -82,11 +112,58 @@ fn limits_of(q: &Quota) -> TenantLimits {
     }
 }
 
+impl Inner {
+    fn tenant_id(&mut self, tenant: &str) -> u32 {
+        if let Some(t) = self.tenant_ids.get(tenant) {
+            return *t;
+        }
+        let t = self.tenant_names.len() as u32;
+        self.tenant_names.push(tenant.to_owned());
+        self.tenant_ids.insert(tenant.to_owned(), t);
+        t
+    }
+}
+
+/// The store lock. Releasing it drops the memfds of the segments the store freed meanwhile
+/// (after the lock: freeing a large segment's pages takes a while).
+pub(crate) struct Locked<'a>(Option<MutexGuard<'a, Inner>>);
+
+impl std::ops::Deref for Locked<'_> {
+    type Target = Inner;
+    fn deref(&self) -> &Inner {
+        self.0.as_deref().unwrap_or_else(|| unreachable!())
+    }
+}
+
+impl std::ops::DerefMut for Locked<'_> {
+    fn deref_mut(&mut self) -> &mut Inner {
+        self.0.as_deref_mut().unwrap_or_else(|| unreachable!())
+    }
+}
+
+impl Drop for Locked<'_> {
+    fn drop(&mut self) {
+        if let Some(mut g) = self.0.take() {
+            let freed = g.store.take_freed_segments();
+            let dead: Vec<Arc<Seg>> = freed
+                .iter()
+                .filter_map(|gen| g.segments.remove(gen))
+                .collect();
+            drop(g);
+            drop(dead);
+        }
+    }
+}
+
 /// The node's local store, shared by the worker and the cluster side; see the module docs.
 pub(crate) struct Local {
     pub(crate) cfg: Config,
+    /// Worker-only: clients map it read-only (sealed `F_SEAL_FUTURE_WRITE`).
     pub(crate) arena: Arena,
+    /// A read-only fd of the arena, for clients.
+    arena_ro: OwnedFd,
     pub(crate) ctl: Arc<Ctl>,
+    pool: SegmentPool,
     spill: Option<SpillDir>,
     inner: Mutex<Inner>,
     start: Instant,
@@ -129,6 +206,22 @@ fn view(p: &Placement) -> ViewDesc {
         gen: p.gen,
         offset: p.offset,
         len: p.len,
+        segment: p.segment,
+    }
+}
+
+fn internal(e: impl std::fmt::Display) -> WireError {
+    WireError::new(ErrorCode::Internal, e.to_string())
+}
+
+/// The segment views of a reply, in order.
+fn segment_views(resp: &mut Response) -> Vec<&mut Result<ViewDesc, WireError>> {
+    match resp {
+        Response::Views(v) => v
+            .iter_mut()
+            .filter(|r| r.as_ref().is_ok_and(|d| d.segment))
+            .collect(),
+        _ => Vec::new(),
     }
 }
 
@@ -136,11 +229,25 @@ impl Local {
     /// Creates the arena, the shared index and the spill directory. `outbox` is the cluster's
     /// (None for a standalone node).
     pub(crate) fn new(cfg: Config, outbox: Option<Outbox>) -> Result<Local, crate::StartError> {
-        let arena = Arena::create(
+        // Refuse to run on a kernel that would let a client write what it may only read.
+        shoal_shm::probe::check_kernel_seals()?;
+        // The arena is reserved now; segments take their pages as clients write them, so the
+        // whole budget must fit the machine (or the memory cgroup) from the start.
+        if let Some(available) = shoal_shm::available_memory() {
+            if cfg.shm_size > available {
+                return Err(ShmError::TooBig {
+                    size: cfg.shm_size,
+                    available,
+                }
+                .into());
+            }
+        }
+        let arena = Arena::create_worker_only(
             &format!("shoal-arena-{}", cfg.node_id),
-            cfg.shm_size,
+            cfg.arena_bytes(),
             cfg.shm_populate,
         )?;
+        let arena_ro = arena.read_only_fd()?;
         let ctl = Arc::new(Ctl::create(
             cfg.index_buckets,
             cfg.fast_clients,
@@ -155,16 +262,22 @@ impl Local {
             ),
             None => None,
         };
-        let mut scfg = StoreConfig::new(cfg.shm_size);
+        let mut scfg = StoreConfig::new(cfg.arena_bytes());
+        scfg.segment_capacity = cfg.shm_size - cfg.arena_bytes();
+        scfg.segment_above = cfg.inline_limit;
         scfg.high_watermark = cfg.high_watermark;
         scfg.low_watermark = cfg.low_watermark;
         scfg.spill = spill.is_some();
         scfg.keep_primaries = cfg.cluster.is_some();
+        let pool = SegmentPool::new(POOL_BYTES.min(scfg.segment_capacity / 8), POOL_MIN)?;
         let inner = Inner {
             store: Store::new(scfg),
-            index: IndexWriter::new(ctl.clone()),
+            index: IndexWriter::new(ctl.clone())?,
+            segments: HashMap::new(),
+            tenant_ids: HashMap::new(),
+            tenant_names: Vec::new(),
             waiters: HashMap::new(),
-            free_regions: (0..ctl.pin_regions()).rev().collect(),
+            free_regions: (0..ctl.fast_clients()).rev().collect(),
             clients: 0,
             gauges_at: 0,
             quotas: HashMap::new(),
@@ -173,7 +286,9 @@ impl Local {
         Ok(Local {
             cfg,
             arena,
+            arena_ro,
             ctl,
+            pool,
             spill,
             inner: Mutex::new(inner),
             start: Instant::now(),
@@ -186,9 +301,16 @@ impl Local {
         self.start.elapsed().as_millis() as u64
     }
 
-    pub(crate) fn lock(&self) -> MutexGuard<'_, Inner> {
+    pub(crate) fn lock(&self) -> Locked<'_> {
         // A panic while holding the lock is a bug; keep serving rather than poisoning everyone.
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+        Locked(Some(self.inner.lock().unwrap_or_else(|p| p.into_inner())))
+    }
+
+    /// A read-only fd of the arena, for a client.
+    pub(crate) fn arena_fd(&self) -> Result<OwnedFd, ShmError> {
+        self.arena_ro
+            .try_clone()
+            .map_err(|source| ShmError::Map { size: 0, source })
     }
 
     /// Registers a client. Returns its pin region if one is free.
@@ -199,24 +321,37 @@ impl Local {
         }
         g.clients += 1;
         let region = g.free_regions.pop();
-        if let Some(r) = region {
-            g.index.activate_region(r);
-        }
         metrics::gauge!("shoal_clients").set(g.clients as f64);
         Ok(region)
     }
 
-    /// Releases everything a client held, at once. Its mailbox must be closed already (see
-    /// [`crate::worker::Worker::client_left`]).
+    /// Makes the pin page of a client of `tenant` that got `region`, and returns the fd to
+    /// pass it. `None` (no fast path for that client) if it cannot be made.
+    pub(crate) fn attach_pin_page(&self, region: u32, tenant: &str) -> Option<OwnedFd> {
+        let page = match self.ctl.new_pin_page() {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(error = %e, "no pin page for a client; socket reads only");
+                return None;
+            }
+        };
+        let fd = page.fd().try_clone_to_owned().ok()?;
+        let mut g = self.lock();
+        let t = g.tenant_id(tenant);
+        g.index.attach(region, page, t).then_some(fd)
+    }
+
+    /// Releases everything a client held, at once: its pin page goes and every pin in it.
+    /// Its mailbox must be closed already (see [`crate::worker::Worker::client_left`]).
     pub(crate) fn client_left(&self, client: ClientId, region: Option<u32>) {
         let mut g = self.lock();
         let g = &mut *g;
         if let Some(r) = region {
-            g.index.clear_region(r);
+            g.index.detach(r);
             g.free_regions.push(r);
         }
-        g.store.client_gone(client, &mut IndexPins(&mut g.index));
-        g.store.sweep(&mut IndexPins(&mut g.index));
+        g.store.client_gone(client, ext!(g));
+        g.store.sweep(ext!(g));
         g.clients -= 1;
         metrics::gauge!("shoal_clients").set(g.clients as f64);
     }
@@ -239,13 +374,32 @@ impl Local {
                 continue;
             }
             let Some(spill) = &self.spill else { continue };
-            match spill.write(ev.gen, &self.arena, ev.offset, ev.len) {
+            match self.spill_one(g, spill, &ev) {
                 Ok(()) => metrics::counter!("shoal_spills_total").increment(1),
                 Err(e) => {
                     tracing::warn!(id = %ev.id, error = %e, "spill failed; dropping the object");
                     g.store.forget(ev.gen);
                 }
             }
+        }
+    }
+
+    /// Writes an evicted entry's bytes to its spill file (its memory is still there).
+    fn spill_one(&self, g: &Inner, spill: &SpillDir, ev: &Evicted) -> std::io::Result<()> {
+        if ev.segment {
+            let seg = g
+                .segments
+                .get(&ev.gen)
+                .ok_or_else(|| std::io::Error::other("segment missing"))?;
+            let map = seg.map().map_err(std::io::Error::other)?;
+            spill.write(ev.gen, map.bytes(0, ev.len).map_err(std::io::Error::other)?)
+        } else {
+            let len = usize::try_from(ev.len).map_err(std::io::Error::other)?;
+            let mut buf = vec![0u8; len];
+            self.arena
+                .read_into(ev.offset, &mut buf)
+                .map_err(std::io::Error::other)?;
+            spill.write(ev.gen, &buf)
         }
     }
 
@@ -259,6 +413,7 @@ impl Local {
             len: p.len,
             key_off: p.key_off,
             key_len: name.len() as u32,
+            segment: p.segment,
         });
     }
 
@@ -281,6 +436,7 @@ impl Local {
         }
     }
 
+    /// An arena buffer the worker fills itself (inline puts, small replicas).
     fn create(
         &self,
         g: &mut Inner,
@@ -290,14 +446,123 @@ impl Local {
     ) -> Result<Placement, WireError> {
         let (p, ev) = g
             .store
-            .create(id, size, client, &mut IndexPins(&mut g.index))
+            .create(id, size, client, ext!(g))
             .map_err(store_err)?;
         self.apply_evictions(g, ev);
         self.write_key(&p, id)?;
         Ok(p)
     }
 
+    /// A client's create of an object or KV value: a segment of its own, made outside the
+    /// lock. Replies the view; the segment's fd goes with it ([`Local::attach_fds`]).
+    fn create_segment(
+        &self,
+        client: ClientId,
+        ns: Namespace,
+        id: &ObjectId,
+        size: u64,
+    ) -> Result<Response, WireError> {
+        if size == 0 {
+            // Nothing to write: an arena entry with no payload.
+            let mut g = self.lock();
+            let g = &mut *g;
+            let p = match ns {
+                Namespace::Object => self.create(g, client, id, 0)?,
+                Namespace::Kv => {
+                    let (p, ev) = g
+                        .store
+                        .kv_create(id, 0, client, ext!(g))
+                        .map_err(store_err)?;
+                    self.apply_evictions(g, ev);
+                    self.write_key(&p, id)?;
+                    p
+                }
+            };
+            return Ok(Response::View(view(&p)));
+        }
+        let p = {
+            let mut g = self.lock();
+            let g = &mut *g;
+            let (p, ev) = match ns {
+                Namespace::Object => g
+                    .store
+                    .create_in(id, size, client, Backing::Segment, ext!(g)),
+                Namespace::Kv => g
+                    .store
+                    .kv_create_in(id, size, client, Backing::Segment, ext!(g)),
+            }
+            .map_err(store_err)?;
+            self.apply_evictions(g, ev);
+            if let Err(e) = self.write_key(&p, id) {
+                Self::drop_unsealed(g, ns, id, client);
+                return Err(e);
+            }
+            p
+        };
+        let made = self.pool.take(size);
+        let mut g = self.lock();
+        let seg = match made {
+            Ok(s) => s,
+            Err(e) => {
+                Self::drop_unsealed(&mut g, ns, id, client);
+                return Err(WireError::new(
+                    ErrorCode::StoreFull,
+                    format!("cannot make a {size}-byte segment: {e}"),
+                ));
+            }
+        };
+        if !g.store.is_unsealed_of(p.gen, client) {
+            // Aborted (or the client left) while the segment was being made.
+            return Err(WireError::new(
+                ErrorCode::NotFound,
+                format!("{id} was dropped while it was being created"),
+            ));
+        }
+        g.segments.insert(p.gen, Arc::new(Seg::new(seg, size)));
+        Ok(Response::View(view(&p)))
+    }
+
+    fn drop_unsealed(g: &mut Inner, ns: Namespace, id: &ObjectId, client: ClientId) {
+        match ns {
+            Namespace::Object => {
+                let _ = g.store.abort(id, client);
+            }
+            Namespace::Kv => g.store.kv_abort(id, client),
+        }
+    }
+
+    /// Makes the bytes of `client`'s unsealed `id` immutable, if they are a segment: the
+    /// kernel refuses while any writable mapping of it exists, and then nothing changes.
+    fn seal_segment(
+        &self,
+        g: &Inner,
+        ns: Namespace,
+        id: &ObjectId,
+        client: ClientId,
+    ) -> Result<(), WireError> {
+        let Some(gen) = g.store.unsealed_gen(ns, id, client) else {
+            // Not an unsealed buffer of this client: the store says which error.
+            return Ok(());
+        };
+        let is_segment = g.store.placement(gen).is_some_and(|p| p.segment);
+        match g.segments.get(&gen) {
+            Some(s) => s.seg.seal().map_err(|e| match e {
+                ShmError::StillMapped => WireError::new(
+                    ErrorCode::InvalidArgument,
+                    format!("{id}: the buffer is still mapped writable; unmap it, then seal"),
+                ),
+                e => internal(format!("{id}: sealing its segment: {e}")),
+            }),
+            None if is_segment => Err(WireError::new(
+                ErrorCode::Unavailable,
+                format!("{id} is still being created"),
+            )),
+            None => Ok(()),
+        }
+    }
+
     fn seal(&self, g: &mut Inner, client: ClientId, id: &ObjectId) -> Result<(), WireError> {
+        self.seal_segment(g, Namespace::Object, id, client)?;
         let p = g.store.seal(id, client, self.now_ms()).map_err(store_err)?;
         self.publish(g, Namespace::Object, id, &p);
         Self::wake(g, Namespace::Object, id);
@@ -322,16 +587,13 @@ impl Local {
             Lookup::Ready(p) => Ok(Some(view(&p))),
             Lookup::Missing | Lookup::Unsealed => Ok(None),
             Lookup::Spilled(gen) => {
-                let (p, ev) = g
-                    .store
-                    .restore(gen, now, &mut IndexPins(&mut g.index))
-                    .map_err(store_err)?;
+                let (p, ev) = g.store.restore(gen, now, ext!(g)).map_err(store_err)?;
                 self.apply_evictions(g, ev);
                 let spill = self.spill.as_ref().ok_or_else(|| {
                     WireError::new(ErrorCode::Internal, "spilled without a spill dir")
                 })?;
-                if let Err(e) = spill
-                    .read(gen, &self.arena, p.offset, p.len)
+                if let Err(e) = self
+                    .restore_bytes(g, spill, &p)
                     .and_then(|()| self.write_key(&p, id).map_err(std::io::Error::other))
                 {
                     g.store.forget(gen);
@@ -349,6 +611,25 @@ impl Local {
                 }
             }
         }
+    }
+
+    /// Reads a spilled entry back into its new placement (a new segment, sealed at once, or
+    /// the arena).
+    fn restore_bytes(&self, g: &mut Inner, spill: &SpillDir, p: &Placement) -> std::io::Result<()> {
+        if !p.segment {
+            return spill.read(p.gen, p.len, |off, b| {
+                self.arena
+                    .write(p.offset + off, b)
+                    .map_err(std::io::Error::other)
+            });
+        }
+        let seg = shoal_shm::Segment::create(p.len).map_err(std::io::Error::other)?;
+        spill.read(p.gen, p.len, |off, b| {
+            seg.write_at(off, b).map_err(std::io::Error::other)
+        })?;
+        seg.seal().map_err(std::io::Error::other)?;
+        g.segments.insert(p.gen, Arc::new(Seg::new(seg, p.len)));
+        Ok(())
     }
 
     /// Tries to complete a get now. When some object is not sealed yet and the caller will
@@ -420,10 +701,72 @@ impl Local {
 
     /// Handles every request that completes without waiting.
     pub(crate) fn handle(&self, client: ClientId, req: Request) -> Response {
-        match self.handle_inner(client, req) {
-            Ok(r) => r,
-            Err(e) => Response::Error(e),
+        let r = match req {
+            Request::Create { id, size } => self
+                .check_size(size)
+                .and_then(|()| self.create_segment(client, Namespace::Object, &id, size)),
+            Request::KvCreate { key, size } => self
+                .check_size(size)
+                .and_then(|()| self.create_segment(client, Namespace::Kv, &key, size)),
+            req => self.handle_inner(client, req),
+        };
+        r.unwrap_or_else(Response::Error)
+    }
+
+    fn check_size(&self, size: u64) -> Result<(), WireError> {
+        let budget = self.cfg.shm_size - self.cfg.arena_bytes();
+        if size > budget {
+            return Err(WireError::new(
+                ErrorCode::StoreFull,
+                format!("{size} bytes is larger than all the shared memory for objects ({budget})"),
+            ));
         }
+        Ok(())
+    }
+
+    /// The fds a socket reply carries: one per segment view, in order (read-write for the
+    /// client's own unsealed buffer, read-only otherwise). A view whose segment is gone (it
+    /// raced with a delete) becomes an error, so the count always matches.
+    pub(crate) fn attach_fds(&self, client: ClientId, resp: &mut Response) -> Vec<OwnedFd> {
+        let has = match resp {
+            Response::View(d) => d.segment,
+            Response::Views(v) => v.iter().any(|r| r.as_ref().is_ok_and(|d| d.segment)),
+            _ => false,
+        };
+        if !has {
+            return Vec::new();
+        }
+        let g = self.lock();
+        let fd_of = |d: &ViewDesc| -> Result<OwnedFd, WireError> {
+            let seg = g
+                .segments
+                .get(&d.gen)
+                .ok_or_else(|| WireError::new(ErrorCode::NotFound, "the object went meanwhile"))?;
+            if g.store.is_unsealed_of(d.gen, client) {
+                seg.writer_fd().map_err(internal)
+            } else if seg.seg.is_sealed() {
+                seg.reader_fd().map_err(internal)
+            } else {
+                Err(WireError::new(ErrorCode::NotSealed, "not sealed yet"))
+            }
+        };
+        let mut fds = Vec::new();
+        if let Response::View(d) = resp {
+            match fd_of(d) {
+                Ok(fd) => fds.push(fd),
+                Err(e) => *resp = Response::Error(e),
+            }
+            return fds;
+        }
+        for r in segment_views(resp) {
+            if let Ok(d) = r {
+                match fd_of(d) {
+                    Ok(fd) => fds.push(fd),
+                    Err(e) => *r = Err(e),
+                }
+            }
+        }
+        fds
     }
 
     fn check_inline(&self, len: usize) -> Result<(), WireError> {
@@ -449,19 +792,12 @@ impl Local {
     ) -> Result<(), WireError> {
         let (p, ev) = g
             .store
-            .kv_create(
-                key,
-                value.len() as u64,
-                client,
-                &mut IndexPins(&mut g.index),
-            )
+            .kv_create(key, value.len() as u64, client, ext!(g))
             .map_err(store_err)?;
         self.apply_evictions(g, ev);
-        let written = self.write_key(&p, key).and_then(|()| {
-            self.arena
-                .write(p.offset, value)
-                .map_err(|e| WireError::new(ErrorCode::Internal, e.to_string()))
-        });
+        let written = self
+            .write_key(&p, key)
+            .and_then(|()| self.arena.write(p.offset, value).map_err(internal));
         if let Err(e) = written {
             g.store.kv_abort(key, client);
             return Err(e);
@@ -476,15 +812,11 @@ impl Local {
         key: &ObjectId,
         ttl_secs: u64,
     ) -> Result<(), WireError> {
+        self.seal_segment(g, Namespace::Kv, key, client)?;
+        let now = self.now_ms();
         let (p, replaced) = g
             .store
-            .kv_commit(
-                key,
-                client,
-                ttl_secs.saturating_mul(1000),
-                self.now_ms(),
-                &mut IndexPins(&mut g.index),
-            )
+            .kv_commit(key, client, ttl_secs.saturating_mul(1000), now, ext!(g))
             .map_err(store_err)?;
         if let Some((gen, spilled)) = replaced {
             self.forget_spilled(gen, spilled);
@@ -502,17 +834,8 @@ impl Local {
         let g = &mut *guard;
         let now = self.now_ms();
         Ok(match req {
-            Request::Create { id, size } => {
-                if size > self.arena.size() {
-                    return Err(WireError::new(
-                        ErrorCode::StoreFull,
-                        format!(
-                            "{size} bytes is larger than the whole arena ({})",
-                            self.arena.size()
-                        ),
-                    ));
-                }
-                Response::View(view(&self.create(g, client, &id, size)?))
+            Request::Create { .. } | Request::KvCreate { .. } => {
+                return Err(internal("create is handled before the lock"));
             }
             Request::Seal { id } => {
                 self.seal(g, client, &id)?;
@@ -527,7 +850,7 @@ impl Local {
                 let p = self.create(g, client, &id, data.len() as u64)?;
                 if let Err(e) = self.arena.write(p.offset, &data) {
                     let _ = g.store.abort(&id, client);
-                    return Err(WireError::new(ErrorCode::Internal, e.to_string()));
+                    return Err(internal(e));
                 }
                 self.seal(g, client, &id)?;
                 Response::Ok
@@ -540,14 +863,14 @@ impl Local {
             }
             Request::Release { gens } => {
                 for gen in gens {
-                    g.store.release(client, gen, &mut IndexPins(&mut g.index));
+                    g.store.release(client, gen, ext!(g));
                 }
                 Response::Ok
             }
             Request::Delete { id } => {
                 let (gen, spilled) = g
                     .store
-                    .delete(Namespace::Object, &id, &mut IndexPins(&mut g.index))
+                    .delete(Namespace::Object, &id, ext!(g))
                     .map_err(store_err)?;
                 self.forget_spilled(gen, spilled);
                 Self::wake(g, Namespace::Object, &id);
@@ -579,15 +902,6 @@ impl Local {
                     self.kv_set(g, client, &key, &value, ttl_secs)?;
                     Response::Bools(vec![true])
                 }
-            }
-            Request::KvCreate { key, size } => {
-                let (p, ev) = g
-                    .store
-                    .kv_create(&key, size, client, &mut IndexPins(&mut g.index))
-                    .map_err(store_err)?;
-                self.apply_evictions(g, ev);
-                self.write_key(&p, &key)?;
-                Response::View(view(&p))
             }
             Request::KvCommit { key, ttl_secs } => {
                 self.kv_commit(g, client, &key, ttl_secs)?;
@@ -631,7 +945,7 @@ impl Local {
                         WireError::new(ErrorCode::NotFound, format!("{key} not found"))
                     })?;
                 if offset > v.len {
-                    g.store.release(client, v.gen, &mut IndexPins(&mut g.index));
+                    g.store.release(client, v.gen, ext!(g));
                     return Err(WireError::new(
                         ErrorCode::InvalidArgument,
                         format!(
@@ -644,15 +958,13 @@ impl Local {
                     gen: v.gen,
                     offset: v.offset + offset,
                     len: len.min(v.len - offset),
+                    segment: v.segment,
                 })])
             }
             Request::KvDel { keys } => {
                 let mut n = 0;
                 for k in &keys {
-                    if let Ok((gen, spilled)) =
-                        g.store
-                            .delete(Namespace::Kv, k, &mut IndexPins(&mut g.index))
-                    {
+                    if let Ok((gen, spilled)) = g.store.delete(Namespace::Kv, k, ext!(g)) {
                         self.forget_spilled(gen, spilled);
                         n += 1;
                     }
@@ -690,10 +1002,20 @@ impl Local {
 
     fn status_locked(&self, g: &Inner) -> StatusInfo {
         let s = g.store.stats();
-        let fast_pins: u64 = g.index.pin_counts().values().map(|n| u64::from(*n)).sum();
+        // Only pins that name a live entry of the pinning client's tenant count.
+        let fast_pins: u64 = g
+            .index
+            .pin_counts()
+            .into_iter()
+            .filter(|((t, gen), _)| {
+                let tenant = g.tenant_names.get(*t as usize);
+                tenant.is_some_and(|t| g.store.tenant_of(*gen) == Some(t.as_str()))
+            })
+            .map(|(_, n)| u64::from(n))
+            .sum();
         StatusInfo {
             node_id: self.cfg.node_id.clone(),
-            arena_bytes: self.arena.size(),
+            arena_bytes: g.store.capacity(),
             used_bytes: s.used,
             objects: s.objects,
             unsealed: s.unsealed,
@@ -708,18 +1030,26 @@ impl Local {
         }
     }
 
-    /// One timer turn: advance the shared clock, expire due keys, free zombies whose fast pins
-    /// ended, refresh gauges. Returns the next KV deadline.
+    /// One timer turn: feed the clients' fast reads to the LRU, expire due keys, free zombies
+    /// whose fast pins ended, refresh gauges. Returns the next KV deadline.
     pub(crate) fn tick(&self) -> Option<u64> {
         let now = self.now_ms();
-        self.ctl.set_clock(now);
         let mut guard = self.lock();
         let g = &mut *guard;
-        for (gen, spilled) in g.store.expire_due(now, &mut IndexPins(&mut g.index)) {
+        // Untrusted claims, bounded per client by its ring; `touch` keeps only a client's own
+        // tenant's live entries.
+        let mut reads = Vec::new();
+        g.index.drain_reads(|t, gen| reads.push((t, gen)));
+        for (t, gen) in reads {
+            if let Some(tenant) = g.tenant_names.get(t as usize) {
+                g.store.touch(gen, tenant, now);
+            }
+        }
+        for (gen, spilled) in g.store.expire_due(now, ext!(g)) {
             self.forget_spilled(gen, spilled);
         }
         if g.store.has_zombies() {
-            g.store.sweep(&mut IndexPins(&mut g.index));
+            g.store.sweep(ext!(g));
         }
         // Gauges cost a pass over every entry: refresh them once a second, not every tick.
         if now.saturating_sub(g.gauges_at) >= 1000 || g.gauges_at == 0 {
@@ -746,6 +1076,8 @@ impl Local {
         let s = self.status_locked(g);
         metrics::gauge!("shoal_arena_bytes").set(s.arena_bytes as f64);
         metrics::gauge!("shoal_arena_used_bytes").set(s.used_bytes as f64);
+        metrics::gauge!("shoal_segment_bytes").set(g.store.stats().segment_bytes as f64);
+        metrics::gauge!("shoal_segment_pool_bytes").set(self.pool.ready_bytes() as f64);
         metrics::gauge!("shoal_arena_free_bytes").set((s.arena_bytes - s.used_bytes) as f64);
         metrics::gauge!("shoal_objects").set(s.objects as f64);
         metrics::gauge!("shoal_kv_keys").set(s.kv_keys as f64);
@@ -838,21 +1170,67 @@ impl Local {
             .ok_or_else(|| WireError::new(ErrorCode::NotFound, format!("{id} is not here")))
     }
 
+    /// The `len` bytes at `off` of an object pinned by [`Local::pin_for_peer`].
+    pub(crate) fn pinned_bytes(
+        &self,
+        v: &ViewDesc,
+        off: u64,
+        len: u64,
+    ) -> Result<PinnedData, WireError> {
+        if v.segment {
+            let seg = self
+                .lock()
+                .segments
+                .get(&v.gen)
+                .cloned()
+                .ok_or_else(|| internal("pinned segment missing"))?;
+            let map = seg.map().map_err(internal)?;
+            return Ok(PinnedData::Mapped {
+                map,
+                offset: v.offset + off,
+                len,
+            });
+        }
+        let mut buf = vec![0u8; usize::try_from(len).map_err(internal)?];
+        self.arena
+            .read_into(v.offset + off, &mut buf)
+            .map_err(internal)?;
+        Ok(PinnedData::Copied(buf))
+    }
+
     /// Ends a pin taken by [`Local::pin_for_peer`].
     pub(crate) fn release_peer(&self, gen: Gen) {
         let mut g = self.lock();
         let g = &mut *g;
-        g.store
-            .release(PEER_CLIENT, gen, &mut IndexPins(&mut g.index));
+        g.store.release(PEER_CLIENT, gen, ext!(g));
     }
 
-    /// An unsealed buffer for a copy pulled from another node.
-    pub(crate) fn create_replica(&self, id: &ObjectId, size: u64) -> Result<Placement, WireError> {
-        let mut g = self.lock();
-        let g = &mut *g;
-        let p = self.create(g, PEER_CLIENT, id, size)?;
-        g.store.mark_replica(id);
-        Ok(p)
+    /// An unsealed buffer for a copy pulled from another node, and where to write it: the
+    /// arena for small objects, else a segment the worker fills with `pwrite`.
+    pub(crate) fn create_replica(
+        &self,
+        id: &ObjectId,
+        size: u64,
+    ) -> Result<ReplicaTarget, WireError> {
+        if size <= self.cfg.inline_limit {
+            let mut g = self.lock();
+            let g = &mut *g;
+            let p = self.create(g, PEER_CLIENT, id, size)?;
+            g.store.mark_replica(id);
+            return Ok(ReplicaTarget::Arena(p.offset));
+        }
+        match self.create_segment(PEER_CLIENT, Namespace::Object, id, size)? {
+            Response::View(d) => {
+                let mut g = self.lock();
+                g.store.mark_replica(id);
+                g.segments
+                    .get(&d.gen)
+                    .cloned()
+                    .map(ReplicaTarget::Segment)
+                    .ok_or_else(|| internal("replica segment missing"))
+            }
+            other => Err(internal(format!("unexpected {other:?}"))),
+        }
     }
 
     /// Drops a replica buffer whose pull failed.

@@ -248,7 +248,7 @@ impl Dataworker {
                 peer_addr: c.peer_addr().to_string(),
                 http_addr: http_addr.map(|a| a.to_string()),
                 socket: socket_path.display().to_string(),
-                arena_bytes: local.arena.size(),
+                arena_bytes: local.cfg.shm_size,
                 pid: std::process::id(),
             };
             c.spawn(notes, record);
@@ -296,6 +296,7 @@ impl Dataworker {
         tracing::info!(
             node = %worker.local.cfg.node_id,
             socket = %socket_path.display(),
+            shm_bytes = worker.local.cfg.shm_size,
             arena_bytes = worker.local.arena.size(),
             http = ?http_addr,
             "dataworker ready"

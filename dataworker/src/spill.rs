@@ -1,5 +1,4 @@
 //! Spill files: one file per spilled allocation generation in the spill directory.
-use shoal_shm::Arena;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
@@ -28,14 +27,8 @@ impl SpillDir {
         self.dir.join(format!("{gen}.spill"))
     }
 
-    pub(crate) fn write(
-        &self,
-        gen: u64,
-        arena: &Arena,
-        offset: u64,
-        len: u64,
-    ) -> std::io::Result<()> {
-        let data = arena.bytes(offset, len).map_err(std::io::Error::other)?;
+    /// Writes the bytes of `gen` (copied out of the arena, or a sealed segment's mapping).
+    pub(crate) fn write(&self, gen: u64, data: &[u8]) -> std::io::Result<()> {
         let tmp = self.dir.join(format!("{gen}.tmp"));
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(data)?;
@@ -43,12 +36,12 @@ impl SpillDir {
         std::fs::rename(tmp, self.path(gen))
     }
 
+    /// Reads the `len` bytes of `gen` back, handing them to `sink(offset, bytes)` in chunks.
     pub(crate) fn read(
         &self,
         gen: u64,
-        arena: &Arena,
-        offset: u64,
         len: u64,
+        mut sink: impl FnMut(u64, &[u8]) -> std::io::Result<()>,
     ) -> std::io::Result<()> {
         let mut f = std::fs::File::open(self.path(gen))?;
         if f.metadata()?.len() != len {
@@ -61,9 +54,7 @@ impl SpillDir {
             if n == 0 {
                 return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof));
             }
-            arena
-                .write(offset + done, &buf[..n])
-                .map_err(std::io::Error::other)?;
+            sink(done, &buf[..n])?;
             done += n as u64;
         }
         Ok(())

@@ -9,9 +9,11 @@
 use crate::cluster::Cluster;
 use crate::local::Local;
 use crate::ring::Poller;
-use crate::tenancy::Auth;
-use shoal_protocol::{Request, Response, StatusInfo};
+use crate::tenancy::{Auth, Caller};
+use shoal_protocol::{CtlLayout, Hello, Request, Response, StatusInfo, PROTOCOL_VERSION};
+use shoal_shm::{Mailbox, ShmError};
 use shoal_store::ClientId;
+use std::os::fd::OwnedFd;
 use std::sync::Arc;
 
 /// The client-facing side's view of the node; see the module docs.
@@ -61,6 +63,47 @@ impl Worker {
             s.members = c.members();
         }
         s
+    }
+
+    /// The hello for a new connection and the fds that go with it, in the order
+    /// [`Hello`] documents: the arena and the index (read-only), the bell page, the pin page
+    /// (made now, when the client got a `region`) and the mailbox.
+    pub(crate) fn hello(
+        &self,
+        client: ClientId,
+        region: Option<u32>,
+        mailbox: Option<&Mailbox>,
+        caller: &Caller,
+    ) -> Result<(Hello, Vec<OwnedFd>), ShmError> {
+        let l = &self.local;
+        let dup = |fd: std::os::fd::BorrowedFd<'_>| {
+            fd.try_clone_to_owned()
+                .map_err(|source| ShmError::Map { size: 0, source })
+        };
+        let mut fds = vec![l.arena_fd()?, l.ctl.index_fd()?, dup(l.ctl.bell_fd())?];
+        let page = region.and_then(|r| l.attach_pin_page(r, &caller.tenant));
+        let fast_path = page.is_some();
+        fds.extend(page);
+        if let Some(m) = mailbox {
+            fds.push(dup(m.fd())?);
+        }
+        let hello = Hello {
+            version: PROTOCOL_VERSION,
+            client_id: client,
+            node_id: l.cfg.node_id.clone(),
+            arena_bytes: l.arena.size(),
+            ctl: CtlLayout {
+                buckets: l.ctl.buckets(),
+                pins: l.ctl.pins_per_client(),
+                ring: l.ctl.read_ring(),
+            },
+            fast_path,
+            mailbox: mailbox.map(|m| m.capacity()),
+            inline_limit: l.cfg.inline_limit,
+            max_frame: l.cfg.max_frame() as u32,
+            tenant: caller.tenant.clone(),
+        };
+        Ok((hello, fds))
     }
 
     /// Releases everything a client held, at once.

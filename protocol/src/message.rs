@@ -21,15 +21,21 @@ impl Namespace {
     }
 }
 
-/// Where a readable (or, after `Create`, writable) region lives in the arena.
+/// Where a readable (or, after `Create`, writable) payload lives: in the arena, or in a
+/// segment of its own.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ViewDesc {
     /// Allocation generation: unique per allocation for the worker's lifetime; what a pin names.
     pub gen: u64,
-    /// Byte offset of the payload in the arena.
+    /// Byte offset of the payload in the arena, or in its segment.
     pub offset: u64,
     /// Payload length in bytes.
     pub len: u64,
+    /// The payload is in a segment (a memfd of its own, whose id is `gen`), not in the arena.
+    /// A reply on the socket carries one fd (`SCM_RIGHTS`) for every segment view it holds,
+    /// in order: read-write for a `Create`/`KvCreate` (the client's own unsealed buffer),
+    /// read-only otherwise. Replies through the mailbox carry none.
+    pub segment: bool,
 }
 
 /// One entry of `mset`.
@@ -87,20 +93,21 @@ pub struct StatusInfo {
     pub members: Vec<crate::NodeRecord>,
 }
 
-/// Layout of the control region (shared index + pin tables) a client receives with the arena.
+/// Layout of the shared index and of a client's pin page.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CtlLayout {
     /// Number of index buckets (power of two).
     pub buckets: u32,
-    /// Number of client pin regions.
-    pub pin_regions: u32,
-    /// Pin slots per client region.
-    pub pins_per_region: u32,
+    /// Pin slots of a client's pin page.
+    pub pins: u32,
+    /// Recent reads a client's pin page remembers (the worker's LRU reads them).
+    pub ring: u32,
 }
 
-/// The first frame a worker sends on a new connection, together with the arena and control
-/// fds (`SCM_RIGHTS`): arena first, control region second, the client's mailbox third (when
-/// `mailbox` is set).
+/// The first frame a worker sends on a new connection, together with its fds
+/// (`SCM_RIGHTS`), in this order: the arena (read-only), the index (read-only), the doorbell
+/// page, then the client's pin page (when `fast_path`) and its mailbox (when `mailbox` is
+/// set).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Hello {
     /// [`crate::PROTOCOL_VERSION`] of the worker.
@@ -109,12 +116,13 @@ pub struct Hello {
     pub client_id: u64,
     /// Node id of the worker.
     pub node_id: String,
-    /// Arena size in bytes (the client maps exactly this much).
+    /// Arena size in bytes (the client maps exactly this much, read-only).
     pub arena_bytes: u64,
     /// Control region layout.
     pub ctl: CtlLayout,
-    /// This client's pin region, when the worker had one free (no fast path otherwise).
-    pub pin_region: Option<u32>,
+    /// Whether this client got a pin page (the fast path); the worker gives one to at most
+    /// its configured number of clients.
+    pub fast_path: bool,
     /// Capacity of this client's shared-memory mailbox, whose fd comes third, if it has one.
     pub mailbox: Option<u64>,
     /// Largest payload that may travel inline in a frame.
@@ -163,14 +171,17 @@ impl ClientHello {
 /// A request from a local client to its dataworker.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Request {
-    /// Allocate a writable buffer of `size` bytes for `id`; reply `View`.
+    /// Allocate a writable buffer of `size` bytes for `id` (a segment: the reply `View`
+    /// carries its fd on the socket); reply `View`.
     Create {
         /// Object id.
         id: ObjectId,
         /// Payload size.
         size: u64,
     },
-    /// Make a created buffer immutable and visible; reply `Ok`.
+    /// Make a created buffer immutable and visible; reply `Ok`. The client must have unmapped
+    /// its writable mapping of the segment first (else `InvalidArgument`, and it stays
+    /// unsealed).
     Seal {
         /// Object id.
         id: ObjectId,

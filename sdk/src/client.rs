@@ -5,7 +5,9 @@ use shoal_protocol::{
     tenant_prefix, ClientHello, ErrorCode, Hello, IdKind, KvEntry, ListEntry, Namespace, ObjectId,
     Request, Response, StatusInfo,
 };
-use shoal_shm::{Arena, Ctl, FastReader, Mailbox};
+use shoal_shm::{Ctl, FastReader, Mailbox, ReadMap, SegmentWriter};
+use std::collections::{HashMap, VecDeque};
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,6 +21,9 @@ pub const TOKEN_ENV: &str = "SHOAL_TOKEN";
 /// Longest id whose tenant-qualified form a fast-path lookup builds on the stack; longer
 /// ones use a heap buffer.
 const STACK_NAME: usize = 256;
+/// Sealed segments a client keeps mapped for fast reads (views hold their own reference, so
+/// dropping one from here never unmaps memory a view reads).
+const SEGMENT_CACHE: usize = 256;
 
 /// How to connect.
 #[derive(Clone)]
@@ -111,10 +116,19 @@ pub struct SetOptions {
     pub if_absent: bool,
 }
 
+/// Read-only mappings of sealed segments, by generation, oldest first out.
+#[derive(Debug, Default)]
+struct SegmentCache {
+    maps: HashMap<u64, Arc<ReadMap>>,
+    order: VecDeque<u64>,
+}
+
 /// State shared by a client and the views it handed out.
 #[derive(Debug)]
 pub(crate) struct Shared {
-    pub(crate) arena: Arena,
+    /// The arena, mapped read-only.
+    pub(crate) arena: ReadMap,
+    segments: std::sync::Mutex<SegmentCache>,
     pub(crate) fast: Option<FastReader>,
     pub(crate) hello: Hello,
     /// What this connection's names start with in the shared index (empty for the default
@@ -139,6 +153,16 @@ impl Shared {
     }
 
     pub(crate) async fn call(&self, req: Request) -> Result<Response, Error> {
+        Ok(self.call_fds(req, false).await?.0)
+    }
+
+    /// [`Shared::call`] with the fds of the reply's segment views (`socket_only` when they
+    /// are needed: the mailbox carries none).
+    pub(crate) async fn call_fds(
+        &self,
+        req: Request,
+        socket_only: bool,
+    ) -> Result<(Response, Vec<OwnedFd>), Error> {
         let mut c = self.conn.lock().await;
         let queued = self
             .pending
@@ -148,10 +172,34 @@ impl Shared {
         for r in queued {
             c.queue_one_way(r);
         }
-        match c.call(req).await? {
-            Response::Error(e) => Err(Error::Remote(e)),
+        match c.call(req, socket_only).await? {
+            (Response::Error(e), _) => Err(Error::Remote(e)),
             r => Ok(r),
         }
+    }
+
+    /// A cached mapping of sealed segment `gen`.
+    pub(crate) fn cached_segment(&self, gen: u64) -> Option<Arc<ReadMap>> {
+        self.segments.lock().ok()?.maps.get(&gen).cloned()
+    }
+
+    /// Maps sealed segment `gen` from the fd a reply brought (or takes the cached mapping).
+    fn segment_from(&self, gen: u64, fd: OwnedFd) -> Result<Arc<ReadMap>, Error> {
+        if let Some(m) = self.cached_segment(gen) {
+            return Ok(m);
+        }
+        let m = Arc::new(ReadMap::open_all(fd)?);
+        if let Ok(mut c) = self.segments.lock() {
+            if c.maps.insert(gen, m.clone()).is_none() {
+                c.order.push_back(gen);
+            }
+            while c.order.len() > SEGMENT_CACHE {
+                if let Some(old) = c.order.pop_front() {
+                    c.maps.remove(&old);
+                }
+            }
+        }
+        Ok(m)
     }
 
     pub(crate) async fn expect_ok(&self, req: Request) -> Result<(), Error> {
@@ -210,22 +258,24 @@ impl Client {
             Some(_) => fds.pop(),
             None => None,
         };
-        let ctl_fd = fds
-            .pop()
-            .ok_or_else(|| Error::protocol("missing control fd"))?;
-        let arena_fd = fds
-            .pop()
-            .ok_or_else(|| Error::protocol("missing arena fd"))?;
-        let arena = Arena::open(arena_fd, hello.arena_bytes, opts.populate)?;
+        let pin_fd = if hello.fast_path { fds.pop() } else { None };
+        let mut fds = fds.into_iter();
+        let mut next = |what: &str| {
+            fds.next()
+                .ok_or_else(|| Error::protocol(format!("missing {what} fd")))
+        };
+        let (arena_fd, index_fd, bell_fd) = (next("arena")?, next("index")?, next("bell")?);
+        let arena = ReadMap::open(arena_fd, hello.arena_bytes, opts.populate)?;
         let ctl = Ctl::open(
-            ctl_fd,
+            index_fd,
+            bell_fd,
             hello.ctl.buckets,
-            hello.ctl.pin_regions,
-            hello.ctl.pins_per_region,
+            hello.ctl.pins,
+            hello.ctl.ring,
         )?;
         let ctl = Arc::new(ctl);
-        let fast = match (opts.fast_path, hello.pin_region) {
-            (true, Some(r)) => FastReader::new(ctl.clone(), r),
+        let fast = match (opts.fast_path, pin_fd) {
+            (true, Some(fd)) => Some(FastReader::new(ctl.clone(), ctl.open_pin_page(fd)?)),
             _ => None,
         };
         let mailbox = match (blocking && opts.mailbox, mailbox_fd, hello.mailbox) {
@@ -240,6 +290,7 @@ impl Client {
         Ok(Client {
             shared: Arc::new(Shared {
                 arena,
+                segments: std::sync::Mutex::new(SegmentCache::default()),
                 fast,
                 prefix: tenant_prefix(&hello.tenant).into_boxed_slice(),
                 hello,
@@ -296,7 +347,19 @@ impl Client {
         } else {
             self.fast_get_qualified(fast, ns, id)?
         };
-        Some(View::fast(self.shared.clone(), pin))
+        let segment = if pin.segment {
+            // A segment this client has not mapped yet: its fd comes with a socket get.
+            match self.shared.cached_segment(pin.gen) {
+                Some(m) => Some(m),
+                None => {
+                    fast.release(pin);
+                    return None;
+                }
+            }
+        } else {
+            None
+        };
+        Some(View::fast(self.shared.clone(), pin, segment))
     }
 
     /// The lookup of a non-default tenant: the qualified name is built on the stack (on the
@@ -321,42 +384,103 @@ impl Client {
         }
     }
 
-    fn views(&self, resp: Response) -> Result<Vec<Result<View, Error>>, Error> {
-        match resp {
-            Response::Views(v) => Ok(v
-                .into_iter()
-                .map(|r| match r {
-                    Ok(d) => View::socket(self.shared.clone(), d),
-                    Err(e) => Err(Error::Remote(e)),
-                })
-                .collect()),
-            r => Err(unexpected(r)),
+    /// Sends a request whose reply holds views: through the mailbox when it may, again on
+    /// the socket if the reply names a segment this client has no mapping of (the mailbox
+    /// cannot carry its fd; the first reply's pins are released).
+    async fn call_views(&self, req: Request) -> Result<(Response, Vec<OwnedFd>), Error> {
+        let (resp, fds) = self.shared.call_fds(req.clone(), false).await?;
+        let Response::Views(v) = &resp else {
+            return Ok((resp, fds));
+        };
+        let unmapped = fds.is_empty()
+            && v.iter().any(|r| {
+                r.as_ref()
+                    .is_ok_and(|d| d.segment && self.shared.cached_segment(d.gen).is_none())
+            });
+        if !unmapped {
+            return Ok((resp, fds));
         }
+        let gens: Vec<u64> = v
+            .iter()
+            .filter_map(|r| r.as_ref().ok())
+            .map(|d| d.gen)
+            .collect();
+        self.shared.one_way(Request::Release { gens });
+        self.shared.call_fds(req, true).await
     }
 
-    fn one_view(&self, resp: Response) -> Result<View, Error> {
+    fn views(
+        &self,
+        (resp, fds): (Response, Vec<OwnedFd>),
+    ) -> Result<Vec<Result<View, Error>>, Error> {
+        let Response::Views(v) = resp else {
+            return Err(unexpected(resp));
+        };
+        let mut fds = fds.into_iter();
+        Ok(v.into_iter()
+            .map(|r| {
+                let d = r.map_err(Error::Remote)?;
+                let segment = if d.segment {
+                    let map = match fds.next() {
+                        Some(fd) => self.shared.segment_from(d.gen, fd),
+                        None => self
+                            .shared
+                            .cached_segment(d.gen)
+                            .ok_or_else(|| Error::protocol("a segment view came without its fd")),
+                    };
+                    match map {
+                        Ok(m) => Some(m),
+                        Err(e) => {
+                            self.shared.one_way(Request::Release { gens: vec![d.gen] });
+                            return Err(e);
+                        }
+                    }
+                } else {
+                    None
+                };
+                View::socket(self.shared.clone(), d, segment)
+            })
+            .collect())
+    }
+
+    fn one_view(&self, resp: (Response, Vec<OwnedFd>)) -> Result<View, Error> {
         self.views(resp)?
             .into_iter()
             .next()
             .unwrap_or_else(|| Err(Error::protocol("empty reply")))
     }
 
+    /// Asks for a buffer of `size` bytes: the reply's segment fd, mapped read-write.
+    async fn create_segment(&self, req: Request) -> Result<SegmentWriter, Error> {
+        match self.shared.call_fds(req, true).await? {
+            (Response::View(d), mut fds) if d.segment && fds.len() == 1 => {
+                let fd = fds.remove(0);
+                Ok(SegmentWriter::open(fd, d.len)?)
+            }
+            (Response::View(d), _) if d.len == 0 => Ok(SegmentWriter::empty()),
+            (r, _) => Err(unexpected(r)),
+        }
+    }
+
     // ----- objects -----
 
     /// Allocates a writable buffer of `size` bytes for `id`. Fill it, then seal it.
+    ///
+    /// Up to the inline limit the buffer is this process's memory and the seal sends it
+    /// inline (so a taken id is reported by the seal); larger ones are a segment of their own
+    /// that the worker creates now and that only this client can write until the seal.
     pub async fn create(&self, id: &str, size: u64) -> Result<ObjectBuilder, Error> {
         let id = ObjectId::new(id)?;
-        match self
-            .shared
-            .call(Request::Create {
+        if size <= self.inline_limit() {
+            return Ok(ObjectBuilder::local(self.shared.clone(), id, size as usize));
+        }
+        let w = self
+            .create_segment(Request::Create {
                 id: id.clone(),
                 size,
             })
-            .await?
-        {
-            Response::View(d) => ObjectBuilder::new(self.shared.clone(), id, d),
-            r => Err(unexpected(r)),
-        }
+            .await?;
+        Ok(ObjectBuilder::segment(self.shared.clone(), id, w))
     }
 
     /// Stores `data` as a sealed object (inline for small payloads, through shared memory
@@ -385,8 +509,7 @@ impl Client {
             return Ok(v);
         }
         let resp = self
-            .shared
-            .call(Request::Get {
+            .call_views(Request::Get {
                 ids: vec![id],
                 timeout_ms: timeout.as_millis() as u64,
             })
@@ -405,8 +528,7 @@ impl Client {
             .map(|s| ObjectId::new(*s))
             .collect::<Result<Vec<_>, _>>()?;
         let resp = self
-            .shared
-            .call(Request::Get {
+            .call_views(Request::Get {
                 ids,
                 timeout_ms: timeout.as_millis() as u64,
             })
@@ -484,20 +606,16 @@ impl Client {
         if opts.if_absent && self.kv_exists(key.as_str()).await? {
             return Ok(false);
         }
-        let d = match self
-            .shared
-            .call(Request::KvCreate {
+        let mut w = self
+            .create_segment(Request::KvCreate {
                 key: key.clone(),
                 size: value.len() as u64,
             })
-            .await?
-        {
-            Response::View(d) => d,
-            r => return Err(unexpected(r)),
-        };
-        let mut b = ObjectBuilder::new(self.shared.clone(), key.clone(), d)?;
-        b.disarm();
-        b.as_mut_slice().copy_from_slice(value);
+            .await?;
+        w.as_mut_slice().copy_from_slice(value);
+        // Unmapped before the commit: the worker seals the segment only once no writable
+        // mapping of it is left.
+        drop(w);
         self.shared
             .expect_ok(Request::KvCommit { key, ttl_secs })
             .await?;
@@ -510,7 +628,7 @@ impl Client {
         if let Some(v) = self.fast_get(Namespace::Kv, &key) {
             return Ok(Some(v));
         }
-        let resp = self.shared.call(Request::KvGet { keys: vec![key] }).await?;
+        let resp = self.call_views(Request::KvGet { keys: vec![key] }).await?;
         match self.one_view(resp) {
             Ok(v) => Ok(Some(v)),
             Err(e) if e.code() == ErrorCode::NotFound => Ok(None),
@@ -537,7 +655,7 @@ impl Client {
         if missing.is_empty() {
             return Ok(out);
         }
-        let resp = self.shared.call(Request::KvGet { keys: missing }).await?;
+        let resp = self.call_views(Request::KvGet { keys: missing }).await?;
         let mut fetched = self.views(resp)?.into_iter();
         for slot in out.iter_mut().filter(|v| v.is_none()) {
             *slot = match fetched.next() {
@@ -624,7 +742,7 @@ impl Client {
             offset,
             len,
         };
-        let resp = self.shared.call(req).await?;
+        let resp = self.call_views(req).await?;
         self.one_view(resp)
     }
 

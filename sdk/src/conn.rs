@@ -9,20 +9,22 @@ use shoal_protocol::{
     FRAME_HEADER_LEN,
 };
 use shoal_shm::{Ctl, Mailbox};
-use std::io::{Read, Write};
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::collections::VecDeque;
+use std::io::Write;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream as StdStream;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::UnixStream;
 
 /// Hello frames are small; anything bigger is not a shoal worker.
 const MAX_HELLO: usize = 64 << 10;
 
 /// Connects and completes the handshake on a blocking socket: sends `hello`, reads the
-/// worker's. Returns the socket (still blocking), the hello and the arena + control fds.
+/// worker's. Returns the socket (still blocking), the hello and its fds (arena, index, bell
+/// page, then the pin page and the mailbox when the hello announces them).
 pub(crate) fn handshake(
     path: &Path,
     hello: &ClientHello,
@@ -33,7 +35,7 @@ pub(crate) fn handshake(
     s.write_all(&first)?;
     let mut buf = vec![0u8; MAX_HELLO];
     let (mut n, fds) =
-        shoal_shm::recv_with_fds(s.as_fd(), &mut buf, 3).map_err(|e| Error::Shm(e.to_string()))?;
+        shoal_shm::recv_with_fds(s.as_fd(), &mut buf, 5).map_err(|e| Error::Shm(e.to_string()))?;
     if n == 0 {
         return Err(Error::protocol(
             "the worker closed the connection during the handshake",
@@ -47,7 +49,7 @@ pub(crate) fn handshake(
             .map_err(|e| Error::protocol(e.to_string()))?
         {
             Some(ServerFrame::Hello(h)) => {
-                let want = 2 + usize::from(h.mailbox.is_some());
+                let want = 3 + usize::from(h.fast_path) + usize::from(h.mailbox.is_some());
                 if fds.len() != want {
                     return Err(Error::protocol(format!(
                         "expected {want} fds with the hello, got {}",
@@ -62,7 +64,7 @@ pub(crate) fn handshake(
             }
             None if n == buf.len() => return Err(Error::protocol("hello too large")),
             None => {
-                let m = s.read(&mut buf[n..])?;
+                let m = std::io::Read::read(&mut s, &mut buf[n..])?;
                 if m == 0 {
                     return Err(Error::protocol(
                         "connection closed in the middle of the hello",
@@ -80,7 +82,27 @@ pub(crate) fn handshake(
 #[derive(Debug)]
 enum Io {
     Async(UnixStream),
-    Blocking(StdStream, Vec<u8>),
+    Blocking(StdStream),
+}
+
+/// Reads what the socket has, with the fds that came with it.
+fn recv_fds(fd: BorrowedFd<'_>, buf: &mut [u8]) -> std::io::Result<(usize, Vec<OwnedFd>)> {
+    shoal_shm::recv_with_fds(fd, buf, shoal_shm::MAX_FDS_PER_MESSAGE).map_err(|e| match e {
+        shoal_shm::ShmError::FdPass(errno) => std::io::Error::from(errno),
+        e => std::io::Error::other(e),
+    })
+}
+
+/// How many fds a socket reply carries: one per segment view.
+fn fds_in(resp: &Response) -> usize {
+    match resp {
+        Response::View(d) => usize::from(d.segment),
+        Response::Views(v) => v
+            .iter()
+            .filter(|r| r.as_ref().is_ok_and(|d| d.segment))
+            .count(),
+        _ => 0,
+    }
 }
 
 /// This client's shared-memory mailbox (blocking clients only: waiting for a reply spins,
@@ -117,6 +139,8 @@ fn mailbox_eligible(req: &Request) -> bool {
         Request::KvGet { keys } | Request::KvExists { keys } | Request::KvDel { keys } => {
             keys.len() <= MAX_KEYS
         }
+        // Their replies carry an fd, which only the socket can.
+        Request::Create { .. } | Request::KvCreate { .. } => false,
         Request::List { .. } | Request::Release { .. } | Request::Abort { .. } => false,
         _ => true,
     }
@@ -132,6 +156,9 @@ pub(crate) struct Conn {
     /// Requests answered through the mailbox (diagnostics).
     pub(crate) mailbox_calls: u64,
     rbuf: BytesMut,
+    /// Fds received with socket bytes not yet decoded into their replies, in order.
+    fds: VecDeque<OwnedFd>,
+    scratch: Vec<u8>,
     /// Bytes queued for the socket, in order: one-way frames, then a request.
     wbuf: Vec<u8>,
     next_id: u32,
@@ -147,7 +174,7 @@ impl Conn {
         mailbox: Option<MailboxConn>,
     ) -> Result<Self, Error> {
         let io = if blocking {
-            Io::Blocking(stream, vec![0u8; 64 << 10])
+            Io::Blocking(stream)
         } else {
             stream.set_nonblocking(true)?;
             Io::Async(UnixStream::from_std(stream)?)
@@ -159,6 +186,8 @@ impl Conn {
             oneways: 0,
             mailbox_calls: 0,
             rbuf: BytesMut::with_capacity(64 << 10),
+            fds: VecDeque::new(),
+            scratch: vec![0u8; 64 << 10],
             wbuf: Vec::with_capacity(4096),
             next_id: 1,
             // Replies carry at most an inline payload plus framing; allow generous slack.
@@ -193,7 +222,7 @@ impl Conn {
         while !self.wbuf.is_empty() {
             let r = match &self.io {
                 Io::Async(s) => s.try_write(&self.wbuf),
-                Io::Blocking(s, _) => nix::sys::socket::send(
+                Io::Blocking(s) => nix::sys::socket::send(
                     s.as_raw_fd(),
                     &self.wbuf,
                     MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL,
@@ -209,10 +238,15 @@ impl Conn {
         }
     }
 
-    /// Sends `req` (after anything queued) and waits for its reply.
-    pub(crate) async fn call(&mut self, req: Request) -> Result<Response, Error> {
-        if self.mailbox.is_some() && mailbox_eligible(&req) {
-            return self.call_mailbox(req);
+    /// Sends `req` (after anything queued) and waits for its reply, with the fds it carries
+    /// (none through the mailbox). `socket_only` when the reply's fds are needed.
+    pub(crate) async fn call(
+        &mut self,
+        req: Request,
+        socket_only: bool,
+    ) -> Result<(Response, Vec<OwnedFd>), Error> {
+        if !socket_only && self.mailbox.is_some() && mailbox_eligible(&req) {
+            return Ok((self.call_mailbox(req)?, Vec::new()));
         }
         let id = self.push(req)?;
         self.socket_reply(id).await
@@ -221,7 +255,7 @@ impl Conn {
     /// Sends `req` through the shared-memory mailbox and waits for the reply there. Falls
     /// back to the socket when the encoded request does not fit.
     fn call_mailbox(&mut self, req: Request) -> Result<Response, Error> {
-        let Io::Blocking(sock, _) = &mut self.io else {
+        let Io::Blocking(sock) = &mut self.io else {
             return Err(Error::protocol("mailbox on an async connection"));
         };
         // Socket frames queued before this request must be on the wire: the worker handles
@@ -242,7 +276,7 @@ impl Conn {
         if !mb.mailbox.post(seq, self.oneways, &mb.frame) {
             // Too large for the mailbox: the same frame goes on the socket.
             std::io::Write::write_all(sock, &mb.frame)?;
-            return self.blocking_socket_reply(id);
+            return self.blocking_socket_reply(id).map(|(r, _)| r);
         }
         mb.seq = seq;
         mb.ctl.ring_doorbell();
@@ -279,26 +313,49 @@ impl Conn {
         }
     }
 
-    /// Takes frames off the read buffer until the reply to `id`; `None` if more bytes are needed.
-    fn take_reply(&mut self, id: u32) -> Result<Option<Response>, Error> {
+    /// Takes frames off the read buffer until the reply to `id`, each with its fds; `None`
+    /// if more bytes are needed. Replies to other ids (abandoned requests) are dropped with
+    /// their fds.
+    fn take_reply(&mut self, id: u32) -> Result<Option<(Response, Vec<OwnedFd>)>, Error> {
         while let Some(frame) = self
             .decoder
             .decode::<ServerFrame>(&mut self.rbuf)
             .map_err(|e| Error::protocol(e.to_string()))?
         {
             match frame {
-                ServerFrame::Reply { id: rid, resp } if rid == id => return Ok(Some(resp)),
-                ServerFrame::Reply { .. } => {}
+                ServerFrame::Reply { id: rid, resp } => {
+                    let n = fds_in(&resp);
+                    if self.fds.len() < n {
+                        return Err(Error::protocol(format!(
+                            "a reply with {n} segment views came with {} fds",
+                            self.fds.len()
+                        )));
+                    }
+                    let fds: Vec<OwnedFd> = self.fds.drain(..n).collect();
+                    if rid == id {
+                        return Ok(Some((resp, fds)));
+                    }
+                }
                 other => return Err(Error::protocol(format!("unexpected frame {other:?}"))),
             }
         }
         Ok(None)
     }
 
+    /// Keeps what one read brought: bytes in the read buffer, fds in their queue.
+    fn took(&mut self, n: usize, fds: Vec<OwnedFd>) -> Result<(), Error> {
+        if n == 0 {
+            return Err(Error::protocol("the dataworker closed the connection"));
+        }
+        self.rbuf.extend_from_slice(&self.scratch[..n]);
+        self.fds.extend(fds);
+        Ok(())
+    }
+
     /// Writes what is queued and reads frames until the reply to `id`.
-    async fn socket_reply(&mut self, id: u32) -> Result<Response, Error> {
+    async fn socket_reply(&mut self, id: u32) -> Result<(Response, Vec<OwnedFd>), Error> {
         let Io::Async(s) = &mut self.io else {
-            if let Io::Blocking(s, _) = &mut self.io {
+            if let Io::Blocking(s) = &mut self.io {
                 std::io::Write::write_all(s, &self.wbuf)?;
             }
             self.wbuf.clear();
@@ -307,32 +364,43 @@ impl Conn {
         s.write_all(&self.wbuf).await?;
         self.wbuf.clear();
         loop {
-            if let Some(resp) = self.take_reply(id)? {
-                return Ok(resp);
+            if let Some(r) = self.take_reply(id)? {
+                return Ok(r);
             }
-            let Io::Async(s) = &mut self.io else {
+            let Io::Async(s) = &self.io else {
                 return Err(Error::protocol("async read on a blocking connection"));
             };
-            if s.read_buf(&mut self.rbuf).await? == 0 {
-                return Err(Error::protocol("the dataworker closed the connection"));
-            }
+            let scratch = &mut self.scratch;
+            let (n, fds) = loop {
+                s.readable().await?;
+                match s.try_io(tokio::io::Interest::READABLE, || {
+                    recv_fds(s.as_fd(), scratch)
+                }) {
+                    Ok(r) => break r,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                    Err(e) => return Err(e.into()),
+                }
+            };
+            self.took(n, fds)?;
         }
     }
 
     /// The socket read loop for a blocking connection, without an executor.
-    fn blocking_socket_reply(&mut self, id: u32) -> Result<Response, Error> {
+    fn blocking_socket_reply(&mut self, id: u32) -> Result<(Response, Vec<OwnedFd>), Error> {
         loop {
-            if let Some(resp) = self.take_reply(id)? {
-                return Ok(resp);
+            if let Some(r) = self.take_reply(id)? {
+                return Ok(r);
             }
-            let Io::Blocking(s, tmp) = &mut self.io else {
+            let Io::Blocking(s) = &self.io else {
                 return Err(Error::protocol("blocking read on an async connection"));
             };
-            let n = s.read(tmp)?;
-            if n == 0 {
-                return Err(Error::protocol("the dataworker closed the connection"));
-            }
-            self.rbuf.extend_from_slice(&tmp[..n]);
+            let (n, fds) = loop {
+                match recv_fds(s.as_fd(), &mut self.scratch) {
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    r => break r?,
+                }
+            };
+            self.took(n, fds)?;
         }
     }
 }

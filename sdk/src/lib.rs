@@ -10,13 +10,18 @@
 //! ```
 //!
 //! A local hit costs no syscall: the client probes the worker's shared index and pins the
-//! object in its own pin table (see ARCHITECTURE.md). Views release their pin when dropped.
+//! object in its own pin page (see ARCHITECTURE.md). Views release their pin when dropped.
 //! Everything else is one request on the worker's Unix socket.
 //!
 //! Each connection acts in one tenant: the worker's own uid's clients in the default tenant,
 //! a client that presents a token (`SHOAL_TOKEN`, or [`ConnectOptions::token`]) in the
-//! token's. Ids are the tenant's own; another tenant's objects and keys are invisible. The only `unsafe` is in
-//! `view.rs` (handing out a writable slice of a buffer this client created).
+//! token's. Ids are the tenant's own; another tenant's objects and keys are invisible.
+//!
+//! Memory: the arena and the index are mapped read-only (the worker sealed them so that no
+//! route can write them); what this client writes goes to its own process memory (payloads
+//! up to the inline limit, sent inline) or to a segment of its own that it maps read-write
+//! until sealing unmaps it. Sealed segments it reads are mapped read-only and cached. There is
+//! no `unsafe` here: the mappings are `shoal-shm`'s.
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 

@@ -176,8 +176,9 @@ async fn bad_ids_and_lifecycle_errors() {
         id: ObjectId::new("twice").unwrap(),
     });
     assert!(matches!(r, shoal_protocol::Response::Error(e) if e.code == ErrorCode::AlreadySealed));
-    // Sealing someone else's buffer is refused.
-    let other = c.create("mine", 8).await.unwrap();
+    // Sealing someone else's buffer is refused (a buffer above the inline limit: smaller
+    // ones live in the creating process until their seal).
+    let other = c.create("mine", 100_000).await.unwrap();
     let r = raw.call(Request::Seal {
         id: ObjectId::new("mine").unwrap(),
     });

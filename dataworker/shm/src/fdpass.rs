@@ -78,14 +78,19 @@ pub fn send_with_fds(
     .map_err(ShmError::FdPass)
 }
 
+/// Most fds one message may carry (the kernel's `SCM_MAX_FD`).
+pub const MAX_FDS_PER_MESSAGE: usize = 253;
+
 /// Receives into `buf` and takes up to `max_fds` passed fds. Returns (bytes read, fds).
-/// Fds beyond what a caller expects are closed when the returned vector drops.
+/// Fds beyond what a caller expects are closed when the returned vector drops. A message
+/// whose fds did not all fit (the kernel closed some) is an error: the caller could no longer
+/// tell which fd belongs to which reply.
 pub fn recv_with_fds(
     sock: BorrowedFd<'_>,
     buf: &mut [u8],
     max_fds: usize,
 ) -> Result<(usize, Vec<OwnedFd>), ShmError> {
-    let mut space = nix::cmsg_space!([RawFd; 4]);
+    let mut space = nix::cmsg_space!([RawFd; MAX_FDS_PER_MESSAGE]);
     let mut iov = [IoSliceMut::new(buf)];
     let msg = recvmsg::<()>(
         sock.as_raw_fd(),
@@ -105,6 +110,9 @@ pub fn recv_with_fds(
         }
     }
     let n = msg.bytes;
+    if msg.flags.contains(MsgFlags::MSG_CTRUNC) {
+        return Err(ShmError::FdPass(nix::Error::EMSGSIZE));
+    }
     fds.truncate(max_fds);
     Ok((n, fds))
 }
@@ -118,14 +126,14 @@ mod tests {
     #[test]
     fn passes_a_memfd() {
         let (a, b) = UnixStream::pair().unwrap();
-        let arena = crate::Arena::create("t", 4096, false).unwrap();
+        let arena = crate::Arena::create_worker_only("t", 4096, false).unwrap();
         arena.write(0, b"shared").unwrap();
         assert_eq!(send_with_fds(a.as_fd(), b"hi", &[arena.fd()]).unwrap(), 2);
         let mut buf = [0u8; 16];
         let (n, mut fds) = recv_with_fds(b.as_fd(), &mut buf, 2).unwrap();
         assert_eq!(&buf[..n], b"hi");
         assert_eq!(fds.len(), 1);
-        let mapped = crate::Arena::open(fds.remove(0), 4096, false).unwrap();
+        let mapped = crate::ReadMap::open(fds.remove(0), 4096, false).unwrap();
         assert_eq!(mapped.bytes(0, 6).unwrap(), b"shared");
     }
 

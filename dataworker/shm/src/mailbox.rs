@@ -107,12 +107,14 @@ impl Futex<AtomicU32> for OsFutex {
 
 /// The worker's doorbell: `sleeping` is 1 while the mailbox poller sleeps on `bell`.
 #[derive(Debug)]
-pub(crate) struct Doorbell<'a, W> {
-    pub(crate) sleeping: &'a W,
+pub(crate) struct Doorbell<'a, S, W> {
+    /// The poller's "I sleep" flag: in the worker's read-only index, so a client can only
+    /// read it.
+    pub(crate) sleeping: &'a S,
     pub(crate) bell: &'a W,
 }
 
-impl<W: Word32> Doorbell<'_, W> {
+impl<S: Word64, W: Word32> Doorbell<'_, S, W> {
     /// Client side, after posting: wakes the poller if it sleeps.
     pub(crate) fn ring(&self, futex: &impl Futex<W>) {
         // Pairs with the fence in `sleep`: either this load sees the poller's announcement,

@@ -1,10 +1,12 @@
 //! What this node answers other dataworkers on its QUIC endpoint: directory updates and
 //! locates for the ids it owns, deletes, and the bytes of the objects it holds.
 //!
-//! A fetched range is streamed straight from the arena while a pin (under the peer client id)
-//! keeps it allocated; the pin ends when the transport drops the body, sent or not.
+//! A fetched range is streamed straight from its segment's read-only mapping (small arena
+//! objects are copied out first) while a pin (under the peer client id) keeps it allocated;
+//! the pin ends when the transport drops the body, sent or not.
 use super::Cluster;
 use crate::local::Local;
+use crate::segments::PinnedData;
 use shoal_protocol::{PeerRequest, PeerResponse};
 use shoal_transport::{Body, Reply, Service};
 use std::net::SocketAddr;
@@ -25,15 +27,14 @@ pub(super) struct PeerService {
 struct PinnedBytes {
     local: Arc<Local>,
     gen: u64,
-    offset: u64,
-    len: u64,
+    data: PinnedData,
 }
 
 impl Body for PinnedBytes {
     fn bytes(&self) -> &[u8] {
-        // The pin keeps the range allocated; an out-of-range read is a bug and sends nothing,
-        // which the reader sees as a short body.
-        self.local.arena.bytes(self.offset, self.len).unwrap_or(&[])
+        // The pin keeps the memory; a range that cannot be read sends nothing, which the
+        // reader sees as a short body.
+        self.data.bytes()
     }
 }
 
@@ -71,6 +72,16 @@ impl Service for PeerService {
                     Ok(v) => {
                         let off = offset.min(v.len);
                         let n = len.min(v.len - off);
+                        let data = match local.pinned_bytes(&v, off, n) {
+                            Ok(d) => d,
+                            Err(e) => {
+                                local.release_peer(v.gen);
+                                return Reply {
+                                    resp: PeerResponse::Error(e),
+                                    body: None,
+                                };
+                            }
+                        };
                         metrics::counter!("shoal_serve_bytes_total").increment(n);
                         Reply {
                             resp: PeerResponse::Fetched {
@@ -80,8 +91,7 @@ impl Service for PeerService {
                             body: Some(Box::new(PinnedBytes {
                                 local: local.clone(),
                                 gen: v.gen,
-                                offset: v.offset + off,
-                                len: n,
+                                data,
                             })),
                         }
                     }

@@ -1,8 +1,8 @@
 //! Remote gets: making an object sealed on another node local.
 //!
 //! [`Cluster::pull`] asks the id's owners where it is ([`Cluster::locate`]; the primary owner
-//! parks a get that may wait until the id is sealed), creates an unsealed replica buffer in
-//! the local arena, fetches the bytes from a holder in parallel ranges over several QUIC
+//! parks a get that may wait until the id is sealed), creates an unsealed replica buffer (in
+//! the arena when small, else a segment the worker fills itself), fetches the bytes from a holder in parallel ranges over several QUIC
 //! streams straight into that buffer ([`Cluster::transfer`]), seals it and so registers the
 //! replica. A holder that fails is skipped for the next; when all failed, the pull waits for
 //! the membership to catch up until its deadline.
@@ -243,7 +243,7 @@ impl Cluster {
         deadline: tokio::time::Instant,
     ) -> Result<(), WireError> {
         let started = Instant::now();
-        let p = self.local.create_replica(id, size)?;
+        let target = self.local.create_replica(id, size)?;
         let streams = self
             .cfg
             .fetch_streams
@@ -261,7 +261,7 @@ impl Cluster {
                 offset: start,
                 len,
             };
-            let base = p.offset + start;
+            let target = target.clone();
             set.spawn(async move {
                 let mut got = 0u64;
                 let mut sink = |off: u64, bytes: &[u8]| {
@@ -269,9 +269,8 @@ impl Cluster {
                         return Err(std::io::Error::other("body longer than asked"));
                     }
                     got = got.max(off + bytes.len() as u64);
-                    local
-                        .arena
-                        .write(base + off, bytes)
+                    target
+                        .write_at(&local.arena, start + off, bytes)
                         .map_err(std::io::Error::other)
                 };
                 let r = endpoint

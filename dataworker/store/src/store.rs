@@ -12,8 +12,8 @@ mod types;
 
 pub use tenants::{TenantLimits, TenantUsage};
 pub use types::{
-    ClientId, Evicted, ExternalPins, Gen, Lookup, NoExternalPins, Placement, Stats, StoreConfig,
-    StoreError, UNIT,
+    Backing, ClientId, Evicted, ExternalPins, Gen, Lookup, NoExternalPins, Placement, Stats,
+    StoreConfig, StoreError, SEGMENT_PAGE, UNIT,
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -22,13 +22,70 @@ enum State {
     Sealed,
 }
 
+/// An entry's memory.
+#[derive(Clone, Copy)]
+enum Mem {
+    /// Payload and name in one arena allocation at this offset.
+    Arena(Allocation, u64),
+    /// Payload in segment `gen` (`bytes` of it, whole pages); name in an arena allocation.
+    Segment {
+        key: Allocation,
+        key_off: u64,
+        bytes: u64,
+    },
+}
+
+impl std::fmt::Debug for Mem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Mem::Arena(_, o) => write!(f, "arena@{o}"),
+            Mem::Segment { bytes, .. } => write!(f, "segment({bytes})"),
+        }
+    }
+}
+
+impl Mem {
+    fn placement(self, gen: Gen, size: u64) -> Placement {
+        match self {
+            Mem::Arena(_, offset) => Placement {
+                gen,
+                offset,
+                len: size,
+                key_off: offset + size,
+                segment: false,
+            },
+            Mem::Segment { key_off, .. } => Placement {
+                gen,
+                offset: 0,
+                len: size,
+                key_off,
+                segment: true,
+            },
+        }
+    }
+
+    fn pool(self) -> Pool {
+        match self {
+            Mem::Arena(..) => Pool::Arena,
+            Mem::Segment { .. } => Pool::Segment,
+        }
+    }
+}
+
+/// Which budget an eviction should make room in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pool {
+    Arena,
+    Segment,
+}
+
 struct Entry {
     ns: Namespace,
     id: ObjectId,
     size: u64,
     state: State,
     /// `None` when spilled.
-    mem: Option<(Allocation, u64)>,
+    mem: Option<Mem>,
     pins: u32,
     last_access: u64,
     expires_at: Option<u64>,
@@ -48,7 +105,7 @@ impl std::fmt::Debug for Entry {
             .field("id", &self.id)
             .field("size", &self.size)
             .field("state", &self.state)
-            .field("offset", &self.mem.map(|(_, o)| o))
+            .field("mem", &self.mem)
             .field("pins", &self.pins)
             .finish_non_exhaustive()
     }
@@ -71,6 +128,10 @@ pub struct Store {
     evictions: u64,
     spills: u64,
     tenants: Tenants,
+    /// Segment bytes in use (whole pages).
+    seg_used: u64,
+    /// Segments freed since the caller last took the list.
+    freed_segments: Vec<Gen>,
 }
 
 impl std::fmt::Debug for Store {
@@ -106,26 +167,51 @@ impl Store {
             evictions: 0,
             spills: 0,
             tenants: Tenants::default(),
+            seg_used: 0,
+            freed_segments: Vec::new(),
         }
     }
 
-    /// Capacity in bytes (whole units).
+    /// Capacity in bytes: the arena (whole units) and the segment budget.
     pub fn capacity(&self) -> u64 {
+        self.arena_capacity() + self.cfg.segment_capacity
+    }
+
+    fn arena_capacity(&self) -> u64 {
         u64::from(self.total_units) * UNIT
     }
 
-    /// Bytes allocated now.
+    /// Bytes allocated now: arena and segments.
     pub fn used(&self) -> u64 {
+        self.arena_used() + self.seg_used
+    }
+
+    fn arena_used(&self) -> u64 {
         u64::from(self.total_units - self.alloc.storage_report().total_free_space) * UNIT
+    }
+
+    /// Segments (by generation) whose entries were freed since the last call: the caller
+    /// drops their memfds. Every freed segment appears here exactly once.
+    pub fn take_freed_segments(&mut self) -> Vec<Gen> {
+        std::mem::take(&mut self.freed_segments)
     }
 
     // ----- allocation and eviction -----
 
     fn free_mem(&mut self, gen: Gen) {
         if let Some(e) = self.entries.get_mut(&gen) {
-            if let Some((a, _)) = e.mem.take() {
-                self.alloc.free(a);
-                self.tenants.sub(e.id.tenant(), Side::Arena, e.charge);
+            match e.mem.take() {
+                Some(Mem::Arena(a, _)) => {
+                    self.alloc.free(a);
+                    self.tenants.sub(e.id.tenant(), Side::Arena, e.charge);
+                }
+                Some(Mem::Segment { key, bytes, .. }) => {
+                    self.alloc.free(key);
+                    self.seg_used = self.seg_used.saturating_sub(bytes);
+                    self.freed_segments.push(gen);
+                    self.tenants.sub(e.id.tenant(), Side::Arena, e.charge);
+                }
+                None => {}
             }
             self.lru.remove(&(e.last_access, gen));
         }
@@ -144,39 +230,47 @@ impl Store {
                 && e.pins == 0
                 && e.mem.is_some()
                 && (e.replica || !self.cfg.keep_primaries || self.spill_ok(e))
-        }) && !ext.is_pinned(gen)
+                && !ext.is_pinned(gen, e.id.tenant())
+        })
     }
 
-    /// Evicts the least recently used candidate. Returns `None` when nothing can go.
+    /// Evicts the least recently used candidate that frees room in `pool`. Returns `None`
+    /// when nothing can go. Each call looks at every entry at most once per eviction round
+    /// (`skipped` remembers what could not go), so a round is bounded by the number of
+    /// entries whatever clients do: the order comes from the store's own LRU, which only
+    /// socket gets, seals and the worker's validated drain of fast reads move.
     fn evict_one(
         &mut self,
         ext: &mut dyn ExternalPins,
         skipped: &mut HashSet<Gen>,
+        pool: Pool,
     ) -> Option<Evicted> {
         loop {
-            let &(at, gen) = self.lru.iter().find(|(_, g)| !skipped.contains(g))?;
-            // Second chance for objects read through the fast path since we last saw them.
-            if let Some(seen) = ext.last_access(gen).filter(|&t| t > at) {
-                self.lru.remove(&(at, gen));
-                self.lru.insert((seen, gen));
-                if let Some(e) = self.entries.get_mut(&gen) {
-                    e.last_access = seen;
-                }
+            let &(_, gen) = self.lru.iter().find(|(_, g)| !skipped.contains(g))?;
+            let in_pool = self
+                .entries
+                .get(&gen)
+                .and_then(|e| e.mem)
+                .is_some_and(|m| m.pool() == pool);
+            if !in_pool || !self.evictable(gen, ext) {
+                skipped.insert(gen);
                 continue;
             }
-            if !self.evictable(gen, ext) || !ext.reclaim(gen) {
+            let tenant = self.entries.get(&gen)?.id.tenant().to_owned();
+            if !ext.reclaim(gen, &tenant) {
                 skipped.insert(gen);
                 continue;
             }
             let e = self.entries.get(&gen)?;
             let (spill, replica) = (self.spill_ok(e), e.replica);
-            let (offset, len) = (e.mem.map(|(_, o)| o)?, e.size);
+            let p = e.mem?.placement(gen, e.size);
             let ev = Evicted {
                 gen,
                 ns: e.ns,
                 id: e.id.clone(),
-                offset,
-                len,
+                offset: p.offset,
+                len: p.len,
+                segment: p.segment,
                 spill,
                 replica,
             };
@@ -195,29 +289,33 @@ impl Store {
         }
     }
 
-    /// Allocates `bytes`, evicting as the watermarks say.
+    fn full(&self, requested: u64, ext: &dyn ExternalPins) -> StoreError {
+        StoreError::StoreFull {
+            requested,
+            used: self.used(),
+            capacity: self.capacity(),
+            pinned: self.unevictable_bytes(ext),
+        }
+    }
+
+    /// Allocates `bytes` in the arena, evicting as the watermarks say.
     fn allocate(
         &mut self,
         bytes: u64,
         ext: &mut dyn ExternalPins,
         evicted: &mut Vec<Evicted>,
     ) -> Result<(Allocation, u64), StoreError> {
-        let full = |s: &Store, ext: &dyn ExternalPins| StoreError::StoreFull {
-            requested: bytes.div_ceil(UNIT).saturating_mul(UNIT),
-            used: s.used(),
-            capacity: s.capacity(),
-            pinned: s.unevictable_bytes(ext),
-        };
+        let requested = bytes.div_ceil(UNIT).saturating_mul(UNIT);
         let units = units_for(bytes)
             .filter(|u| *u <= self.total_units)
-            .ok_or_else(|| full(self, ext))?;
+            .ok_or_else(|| self.full(requested, ext))?;
         let want = u64::from(units) * UNIT;
-        let cap = self.capacity() as f64;
+        let cap = self.arena_capacity() as f64;
         let mut skipped = HashSet::new();
-        if (self.used() + want) as f64 > cap * self.cfg.high_watermark {
+        if (self.arena_used() + want) as f64 > cap * self.cfg.high_watermark {
             let target = cap * self.cfg.low_watermark;
-            while (self.used() + want) as f64 > target {
-                match self.evict_one(ext, &mut skipped) {
+            while (self.arena_used() + want) as f64 > target {
+                match self.evict_one(ext, &mut skipped, Pool::Arena) {
                     Some(ev) => evicted.push(ev),
                     None => break,
                 }
@@ -228,40 +326,103 @@ impl Store {
                 return Ok((a, u64::from(a.offset) * UNIT));
             }
             // Fragmented or full: keep evicting until it fits or nothing is left.
-            match self.evict_one(ext, &mut skipped) {
+            match self.evict_one(ext, &mut skipped, Pool::Arena) {
                 Some(ev) => evicted.push(ev),
-                None => return Err(full(self, ext)),
+                None => return Err(self.full(requested, ext)),
             }
         }
+    }
+
+    /// Takes `size` bytes of segment budget (whole pages) and an arena allocation for the
+    /// name, evicting segments as the watermarks say.
+    fn allocate_segment(
+        &mut self,
+        size: u64,
+        key_len: u64,
+        ext: &mut dyn ExternalPins,
+        evicted: &mut Vec<Evicted>,
+    ) -> Result<Mem, StoreError> {
+        let bytes = size.div_ceil(SEGMENT_PAGE).saturating_mul(SEGMENT_PAGE);
+        let cap = self.cfg.segment_capacity;
+        if bytes > cap {
+            return Err(self.full(bytes, ext));
+        }
+        let mut skipped = HashSet::new();
+        let capf = cap as f64;
+        if (self.seg_used + bytes) as f64 > capf * self.cfg.high_watermark {
+            let target = capf * self.cfg.low_watermark;
+            while (self.seg_used + bytes) as f64 > target {
+                match self.evict_one(ext, &mut skipped, Pool::Segment) {
+                    Some(ev) => evicted.push(ev),
+                    None => break,
+                }
+            }
+        }
+        while self.seg_used + bytes > cap {
+            match self.evict_one(ext, &mut skipped, Pool::Segment) {
+                Some(ev) => evicted.push(ev),
+                None => return Err(self.full(bytes, ext)),
+            }
+        }
+        let (key, key_off) = self.allocate(key_len.max(1), ext, evicted)?;
+        self.seg_used += bytes;
+        Ok(Mem::Segment {
+            key,
+            key_off,
+            bytes,
+        })
     }
 
     fn unevictable_bytes(&self, ext: &dyn ExternalPins) -> u64 {
         self.entries
             .iter()
             .filter(|(g, e)| {
-                e.state != State::Sealed || e.pins > 0 || !e.named || ext.is_pinned(**g)
+                e.state != State::Sealed
+                    || e.pins > 0
+                    || !e.named
+                    || ext.is_pinned(**g, e.id.tenant())
             })
             .map(|(_, e)| e)
             .filter_map(|e| e.mem.map(|_| e.size))
             .sum()
     }
 
+    /// Memory for a payload of `size` and a name of `key_len` bytes in `backing`.
+    fn place(
+        &mut self,
+        size: u64,
+        key_len: u64,
+        backing: Backing,
+        ext: &mut dyn ExternalPins,
+        evicted: &mut Vec<Evicted>,
+    ) -> Result<Mem, StoreError> {
+        match backing {
+            Backing::Arena => {
+                let bytes = size.checked_add(key_len).ok_or_else(|| {
+                    StoreError::InvalidArgument(format!("size {size} is too large"))
+                })?;
+                let (a, offset) = self.allocate(bytes, ext, evicted)?;
+                Ok(Mem::Arena(a, offset))
+            }
+            Backing::Segment => self.allocate_segment(size, key_len, ext, evicted),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
     fn new_entry(
         &mut self,
         ns: Namespace,
         id: &ObjectId,
         size: u64,
         owner: ClientId,
+        backing: Backing,
         ext: &mut dyn ExternalPins,
         evicted: &mut Vec<Evicted>,
     ) -> Result<Placement, StoreError> {
         let key_len = id.as_str().len() as u64;
-        let bytes = size
-            .checked_add(key_len)
-            .ok_or_else(|| StoreError::InvalidArgument(format!("size {size} is too large")))?;
         let charge = size.saturating_add(id.local().len() as u64);
         self.tenants.admit_arena(id.tenant(), charge)?;
-        let (a, offset) = self.allocate(bytes, ext, evicted)?;
+        let mem = self.place(size, key_len, backing, ext, evicted)?;
         self.tenants.add(id.tenant(), Side::Arena, charge);
         let gen = self.next_gen;
         self.next_gen += 1;
@@ -272,7 +433,7 @@ impl Store {
                 id: id.clone(),
                 size,
                 state: State::Unsealed { owner },
-                mem: Some((a, offset)),
+                mem: Some(mem),
                 pins: 0,
                 last_access: 0,
                 expires_at: None,
@@ -283,19 +444,14 @@ impl Store {
             },
         );
         self.client_unsealed.entry(owner).or_default().insert(gen);
-        Ok(Placement {
-            gen,
-            offset,
-            len: size,
-            key_off: offset + size,
-        })
+        Ok(mem.placement(gen, size))
     }
 
     // ----- objects -----
 
-    /// Allocates a writable buffer for `id`, owned by `client` until sealed. Objects are
-    /// immutable: an existing name is `AlreadyExists`. Returns the placement and what was
-    /// evicted to make room.
+    /// Allocates a writable buffer for `id` in the arena, owned by `client` until sealed.
+    /// Objects are immutable: an existing name is `AlreadyExists`. Returns the placement and
+    /// what was evicted to make room.
     pub fn create(
         &mut self,
         id: &ObjectId,
@@ -303,12 +459,32 @@ impl Store {
         client: ClientId,
         ext: &mut dyn ExternalPins,
     ) -> Result<(Placement, Vec<Evicted>), StoreError> {
+        self.create_in(id, size, client, Backing::Arena, ext)
+    }
+
+    /// [`Store::create`] with the payload in `backing`.
+    pub fn create_in(
+        &mut self,
+        id: &ObjectId,
+        size: u64,
+        client: ClientId,
+        backing: Backing,
+        ext: &mut dyn ExternalPins,
+    ) -> Result<(Placement, Vec<Evicted>), StoreError> {
         let key = (Namespace::Object, id.clone());
         if self.names.contains_key(&key) {
             return Err(StoreError::AlreadyExists(id.clone()));
         }
         let mut evicted = Vec::new();
-        let p = self.new_entry(Namespace::Object, id, size, client, ext, &mut evicted)?;
+        let p = self.new_entry(
+            Namespace::Object,
+            id,
+            size,
+            client,
+            backing,
+            ext,
+            &mut evicted,
+        )?;
         if let Some(e) = self.entries.get_mut(&p.gen) {
             e.named = true;
         }
@@ -323,13 +499,7 @@ impl Store {
         }
         e.state = State::Sealed;
         e.last_access = now;
-        let (_, offset) = e.mem?;
-        let p = Placement {
-            gen,
-            offset,
-            len: e.size,
-            key_off: offset + e.size,
-        };
+        let p = e.mem?.placement(gen, e.size);
         if e.named {
             self.lru.insert((now, gen));
         }
@@ -337,6 +507,23 @@ impl Store {
             s.remove(&gen);
         }
         Some(p)
+    }
+
+    /// Whether `gen` is an unsealed buffer of `client` (the worker checks before it makes the
+    /// buffer's bytes immutable).
+    pub fn is_unsealed_of(&self, gen: Gen, client: ClientId) -> bool {
+        self.entries
+            .get(&gen)
+            .is_some_and(|e| e.state == (State::Unsealed { owner: client }))
+    }
+
+    /// The generation of `client`'s unsealed object `id`, if it has one.
+    pub fn unsealed_gen(&self, ns: Namespace, id: &ObjectId, client: ClientId) -> Option<Gen> {
+        let gen = match ns {
+            Namespace::Object => *self.names.get(&(ns, id.clone()))?,
+            Namespace::Kv => *self.pending_kv.get(&(client, id.clone()))?,
+        };
+        self.is_unsealed_of(gen, client).then_some(gen)
     }
 
     /// Seals `id`, created by `client`.
@@ -436,13 +623,8 @@ impl Store {
         match (e.state, e.mem) {
             (State::Unsealed { .. }, _) => Lookup::Unsealed,
             (State::Sealed, None) => Lookup::Spilled(gen),
-            (State::Sealed, Some((_, offset))) => {
-                let p = Placement {
-                    gen,
-                    offset,
-                    len: e.size,
-                    key_off: offset + e.size,
-                };
+            (State::Sealed, Some(mem)) => {
+                let p = mem.placement(gen, e.size);
                 self.lru.remove(&(e.last_access, gen));
                 e.last_access = e.last_access.max(now);
                 self.lru.insert((e.last_access, gen));
@@ -458,9 +640,28 @@ impl Store {
         }
     }
 
-    /// Brings a spilled entry back into memory. The caller fills `[offset, offset+len)` from
-    /// disk before anything else writes to the arena, then calls [`Store::get`] again. If the
-    /// read fails, the caller removes the entry with [`Store::forget`].
+    /// Records a read the caller saw without a lookup (a client's fast read, drained from its
+    /// pin page by the worker): moves `gen` up in the LRU, if it is a sealed, named entry in
+    /// memory of `tenant`. Anything else is ignored, so a client's claims can only make its
+    /// own tenant's entries look recent.
+    pub fn touch(&mut self, gen: Gen, tenant: &str, now: u64) {
+        let Some(e) = self.entries.get_mut(&gen) else {
+            return;
+        };
+        if e.state != State::Sealed || !e.named || e.mem.is_none() || e.id.tenant() != tenant {
+            return;
+        }
+        if now > e.last_access {
+            self.lru.remove(&(e.last_access, gen));
+            e.last_access = now;
+            self.lru.insert((now, gen));
+        }
+    }
+
+    /// Brings a spilled entry back into memory (into a segment when it is larger than
+    /// `segment_above`). The caller fills the placement from disk before anything else
+    /// writes to that memory, then calls [`Store::get`] again. If the read fails, the caller
+    /// removes the entry with [`Store::forget`].
     pub fn restore(
         &mut self,
         gen: Gen,
@@ -481,9 +682,14 @@ impl Store {
             )));
         }
         let mut evicted = Vec::new();
-        let (a, offset) = self.allocate(size + key_len, ext, &mut evicted)?;
+        let backing = if size > self.cfg.segment_above && self.cfg.segment_capacity > 0 {
+            Backing::Segment
+        } else {
+            Backing::Arena
+        };
+        let mem = self.place(size, key_len, backing, ext, &mut evicted)?;
         if let Some(e) = self.entries.get_mut(&gen) {
-            e.mem = Some((a, offset));
+            e.mem = Some(mem);
             e.last_access = now;
             self.lru.insert((now, gen));
             // Back from disk: its charge moves to the arena side (never refused; see
@@ -493,15 +699,7 @@ impl Store {
             }
             self.tenants.add(e.id.tenant(), Side::Arena, e.charge);
         }
-        Ok((
-            Placement {
-                gen,
-                offset,
-                len: size,
-                key_off: offset + size,
-            },
-            evicted,
-        ))
+        Ok((mem.placement(gen, size), evicted))
     }
 
     /// Drops an entry whose spill file could not be written or read.
@@ -533,8 +731,12 @@ impl Store {
         if !self.zombies.contains(&gen) {
             return false;
         }
+        let Some(tenant) = self.entries.get(&gen).map(|e| e.id.tenant().to_owned()) else {
+            self.zombies.remove(&gen);
+            return false;
+        };
         // Always withdraw from the external index first, even while socket pins hold it.
-        let externally_free = ext.reclaim(gen);
+        let externally_free = ext.reclaim(gen, &tenant);
         if externally_free && self.entries.get(&gen).is_some_and(|e| e.pins == 0) {
             self.free_mem(gen);
             self.remove_entry(gen);
@@ -661,6 +863,17 @@ impl Store {
             .collect()
     }
 
+    /// Where `gen`'s payload is now (`None`: no such entry, or spilled).
+    pub fn placement(&self, gen: Gen) -> Option<Placement> {
+        let e = self.entries.get(&gen)?;
+        Some(e.mem?.placement(gen, e.size))
+    }
+
+    /// The tenant of entry `gen`, if it exists.
+    pub fn tenant_of(&self, gen: Gen) -> Option<&str> {
+        self.entries.get(&gen).map(|e| e.id.tenant())
+    }
+
     /// Generation and state of a name (for the caller's bookkeeping, e.g. spill files).
     pub fn gen_of(&self, ns: Namespace, id: &ObjectId) -> Option<Gen> {
         self.names.get(&(ns, id.clone())).copied()
@@ -701,6 +914,7 @@ impl Store {
     pub fn stats(&self) -> Stats {
         let mut s = Stats {
             used: self.used(),
+            segment_bytes: self.seg_used,
             zombies: self.zombies.len() as u64,
             evictions: self.evictions,
             spills: self.spills,
@@ -727,9 +941,26 @@ impl Store {
         let mem_units: u64 = self
             .entries
             .values()
-            .filter_map(|e| e.mem.map(|(a, _)| u64::from(self.alloc.allocation_size(a))))
+            .filter_map(|e| match e.mem? {
+                Mem::Arena(a, _) | Mem::Segment { key: a, .. } => {
+                    Some(u64::from(self.alloc.allocation_size(a)))
+                }
+            })
             .sum();
-        assert_eq!(mem_units * UNIT, self.used(), "allocator usage vs entries");
+        assert_eq!(
+            mem_units * UNIT,
+            self.arena_used(),
+            "allocator usage vs entries"
+        );
+        let seg: u64 = self
+            .entries
+            .values()
+            .filter_map(|e| match e.mem? {
+                Mem::Segment { bytes, .. } => Some(bytes),
+                Mem::Arena(..) => None,
+            })
+            .sum();
+        assert_eq!(seg, self.seg_used, "segment usage vs entries");
         for ((ns, id), g) in &self.names {
             let e = &self.entries[g];
             assert!(e.named && e.ns == *ns && &e.id == id, "name map vs entry");

@@ -17,15 +17,12 @@ struct FakePins {
 }
 
 impl ExternalPins for FakePins {
-    fn is_pinned(&self, gen: Gen) -> bool {
+    fn is_pinned(&self, gen: Gen, _tenant: &str) -> bool {
         self.pinned.contains(&gen)
     }
-    fn reclaim(&mut self, gen: Gen) -> bool {
+    fn reclaim(&mut self, gen: Gen, _tenant: &str) -> bool {
         self.withdrawn.insert(gen);
         !self.pinned.contains(&gen)
-    }
-    fn last_access(&self, _: Gen) -> Option<u64> {
-        None
     }
 }
 
@@ -301,6 +298,12 @@ enum Op {
         name: u8,
         size: u16,
         client: u8,
+        seg: bool,
+    },
+    Touch {
+        name: u8,
+        tenant: u8,
+        ms: u16,
     },
     Seal {
         name: u8,
@@ -324,6 +327,7 @@ enum Op {
         size: u16,
         client: u8,
         ttl: u8,
+        seg: bool,
     },
     ExtPin {
         name: u8,
@@ -340,11 +344,15 @@ enum Op {
 
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
-        (0..12u8, 0..20_000u16, 0..3u8).prop_map(|(name, size, client)| Op::Create {
-            name,
-            size,
-            client
+        (0..12u8, 0..20_000u16, 0..3u8, any::<bool>()).prop_map(|(name, size, client, seg)| {
+            Op::Create {
+                name,
+                size,
+                client,
+                seg,
+            }
         }),
+        (0..12u8, 0..3u8, 0..3000u16).prop_map(|(name, tenant, ms)| Op::Touch { name, tenant, ms }),
         (0..12u8, 0..3u8).prop_map(|(name, client)| Op::Seal { name, client }),
         (0..12u8, 0..3u8, any::<bool>()).prop_map(|(name, client, kv)| Op::Get {
             name,
@@ -353,12 +361,15 @@ fn op() -> impl Strategy<Value = Op> {
         }),
         (0..3u8, any::<u8>()).prop_map(|(client, nth)| Op::Release { client, nth }),
         (0..12u8, any::<bool>()).prop_map(|(name, kv)| Op::Delete { name, kv }),
-        (0..12u8, 0..20_000u16, 0..3u8, 0..4u8).prop_map(|(name, size, client, ttl)| Op::KvSet {
-            name,
-            size,
-            client,
-            ttl
-        }),
+        (0..12u8, 0..20_000u16, 0..3u8, 0..4u8, any::<bool>()).prop_map(
+            |(name, size, client, ttl, seg)| Op::KvSet {
+                name,
+                size,
+                client,
+                ttl,
+                seg,
+            }
+        ),
         (0..12u8).prop_map(|name| Op::ExtPin { name }),
         Just(Op::ExtUnpin),
         (0..3u8).prop_map(|client| Op::Gone { client }),
@@ -484,6 +495,115 @@ fn spill_moves_the_charge_and_the_spill_limit_drops_instead() {
     s.check_invariants();
 }
 
+#[test]
+fn segments_have_their_own_budget_and_are_listed_once_when_freed() {
+    let mut cfg = StoreConfig::new(16 * KB);
+    cfg.segment_capacity = 100 * KB;
+    let mut s = Store::new(cfg);
+    let mut x = NoExternalPins;
+    let (p, _) = s
+        .create_in(&id("big"), 10_000, 1, Backing::Segment, &mut x)
+        .unwrap();
+    assert!(p.segment && p.offset == 0 && p.len == 10_000);
+    assert_eq!(
+        s.stats().segment_bytes,
+        3 * SEGMENT_PAGE,
+        "counted in whole pages"
+    );
+    assert!(s.is_unsealed_of(p.gen, 1) && !s.is_unsealed_of(p.gen, 2));
+    assert_eq!(
+        s.unsealed_gen(Namespace::Object, &id("big"), 1),
+        Some(p.gen)
+    );
+    s.seal(&id("big"), 1, 1).unwrap();
+    // Segment pressure evicts segments (LRU), never arena entries, and lists what it frees.
+    put(&mut s, "small", 1000, 2).unwrap();
+    // 12 + 24 + 24 + 32 KiB passes the high watermark (90 KiB); dropping the oldest (12)
+    // is enough to get under the low one (80 KiB).
+    for (i, (n, size)) in [("s1", 24 * KB), ("s2", 24 * KB), ("s3", 32 * KB)]
+        .into_iter()
+        .enumerate()
+    {
+        s.create_in(&id(n), size, 1, Backing::Segment, &mut x)
+            .unwrap();
+        s.seal(&id(n), 1, 3 + i as u64).unwrap();
+    }
+    assert!(s.contains(Namespace::Object, &id("small"), 9));
+    assert!(
+        !s.contains(Namespace::Object, &id("big"), 9),
+        "the oldest segment went"
+    );
+    assert_eq!(s.take_freed_segments(), vec![p.gen]);
+    assert!(s.take_freed_segments().is_empty(), "listed once");
+    // Larger than the whole budget: StoreFull, nothing changes.
+    assert!(matches!(
+        s.create_in(&id("huge"), 200 * KB, 1, Backing::Segment, &mut x),
+        Err(StoreError::StoreFull { .. })
+    ));
+    let d = s.gen_of(Namespace::Object, &id("s1")).unwrap();
+    s.delete(Namespace::Object, &id("s1"), &mut x).unwrap();
+    assert_eq!(s.take_freed_segments(), vec![d]);
+    s.check_invariants();
+}
+
+#[test]
+fn large_restores_go_to_segments() {
+    let mut cfg = StoreConfig::new(64 * KB);
+    cfg.segment_capacity = 256 * KB;
+    cfg.segment_above = 4 * KB;
+    cfg.spill = true;
+    let mut s = Store::new(cfg);
+    let mut x = NoExternalPins;
+    let (a, _) = s
+        .create_in(&id("a"), 100 * KB, 1, Backing::Segment, &mut x)
+        .unwrap();
+    s.seal(&id("a"), 1, 0).unwrap();
+    let (_, ev) = s
+        .create_in(&id("b"), 200 * KB, 1, Backing::Segment, &mut x)
+        .unwrap();
+    assert_eq!(ev.len(), 1);
+    assert!(ev[0].segment && ev[0].spill && ev[0].gen == a.gen);
+    assert_eq!(s.take_freed_segments(), vec![a.gen]);
+    s.abort(&id("b"), 1).unwrap();
+    let (p, _) = s.restore(a.gen, 1, &mut x).unwrap();
+    assert!(p.segment, "a 100 KiB restore goes to a segment");
+    s.check_invariants();
+}
+
+#[test]
+fn touch_moves_only_the_claimants_own_live_entries() {
+    // A client's claims of recent reads (drained from its pin page) reach the LRU through
+    // `touch`: another tenant's entries, unknown generations and unsealed ones are ignored,
+    // so a hostile client cannot steer which of another tenant's objects are evicted.
+    let mut s = Store::new(StoreConfig::new(100 * KB));
+    let mut x = NoExternalPins;
+    let ta = |n: &str| id(n).qualified("ta");
+    let tb = |n: &str| id(n).qualified("tb");
+    s.create(&ta("a1"), 20 * KB, 1, &mut x).unwrap();
+    s.seal(&ta("a1"), 1, 1).unwrap();
+    s.create(&tb("b1"), 20 * KB, 1, &mut x).unwrap();
+    s.seal(&tb("b1"), 1, 2).unwrap();
+    s.create(&ta("a2"), 20 * KB, 1, &mut x).unwrap();
+    s.seal(&ta("a2"), 1, 3).unwrap();
+    let a1 = s.gen_of(Namespace::Object, &ta("a1")).unwrap();
+    let b1 = s.gen_of(Namespace::Object, &tb("b1")).unwrap();
+    // "ta" claims to have read tb's object, and unknown generations, at the end of time.
+    s.touch(b1, "ta", u64::MAX);
+    s.touch(9999, "ta", u64::MAX);
+    // It may make its own object recent.
+    s.touch(a1, "ta", 10);
+    s.create(&ta("unsealed"), 1, 1, &mut x).unwrap();
+    let u = s.gen_of(Namespace::Object, &ta("unsealed")).unwrap();
+    s.touch(u, "ta", 11);
+    // Past the high watermark: one eviction is enough. By seal time a1 (1) is the oldest;
+    // ta's own claim made it the newest, and ta's claim on b1 counted for nothing (else b1
+    // would be the newest and a2 would go).
+    let (_, ev) = s.create(&tb("new"), 30 * KB, 2, &mut x).unwrap();
+    let gone: Vec<_> = ev.iter().map(|e| e.id.local().to_owned()).collect();
+    assert_eq!(gone, ["b1"], "LRU by the store's own clock: {gone:?}");
+    s.check_invariants();
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(256))]
 
@@ -500,7 +620,11 @@ proptest! {
     ) {
         let mut cfg = StoreConfig::new(128 * KB);
         cfg.spill = spill;
+        cfg.segment_capacity = 96 * KB;
+        cfg.segment_above = 8 * KB;
         let mut s = Store::new(cfg);
+        let mut live_segs: HashSet<Gen> = HashSet::new();
+        let backing = |seg: bool| if seg { Backing::Segment } else { Backing::Arena };
         let limits = TenantLimits { arena_bytes: arena_limit, spill_bytes: spill_limit };
         s.set_tenant_limits("ta", limits);
         s.set_tenant_limits("tb", TenantLimits { arena_bytes: None, spill_bytes: spill_limit });
@@ -513,9 +637,12 @@ proptest! {
             let mut evicted = Vec::new();
             let before = (s.used(), s.tenant_usages());
             match op {
-                Op::Create { name: n, size, client } => {
-                    match s.create(&name(n), u64::from(size), u64::from(client), &mut ext) {
-                        Ok((_, ev)) => evicted = ev,
+                Op::Create { name: n, size, client, seg } => {
+                    match s.create_in(&name(n), u64::from(size), u64::from(client), backing(seg), &mut ext) {
+                        Ok((p, ev)) => {
+                            if p.segment { live_segs.insert(p.gen); }
+                            evicted = ev;
+                        }
                         Err(StoreError::QuotaExceeded { .. }) => {
                             prop_assert_eq!(&(s.used(), s.tenant_usages()), &before, "a refused create changed something");
                         }
@@ -527,7 +654,12 @@ proptest! {
                     let ns = if kv { Namespace::Kv } else { Namespace::Object };
                     match s.get(ns, &name(n), u64::from(client), now) {
                         Lookup::Ready(p) => views.push((u64::from(client), p.gen)),
-                        Lookup::Spilled(g) => { if let Ok((_, ev)) = s.restore(g, now, &mut ext) { evicted = ev; } }
+                        Lookup::Spilled(g) => {
+                            if let Ok((p, ev)) = s.restore(g, now, &mut ext) {
+                                if p.segment { live_segs.insert(p.gen); }
+                                evicted = ev;
+                            }
+                        }
                         _ => {}
                     }
                 }
@@ -543,9 +675,10 @@ proptest! {
                     let ns = if kv { Namespace::Kv } else { Namespace::Object };
                     let _ = s.delete(ns, &name(n), &mut ext);
                 }
-                Op::KvSet { name: n, size, client, ttl } => {
-                    match s.kv_create(&name(n), u64::from(size), u64::from(client), &mut ext) {
-                        Ok((_, ev)) => {
+                Op::KvSet { name: n, size, client, ttl, seg } => {
+                    match s.kv_create_in(&name(n), u64::from(size), u64::from(client), backing(seg), &mut ext) {
+                        Ok((p, ev)) => {
+                            if p.segment { live_segs.insert(p.gen); }
                             evicted = ev;
                             s.kv_commit(&name(n), u64::from(client), u64::from(ttl) * 1000, now, &mut ext).unwrap();
                         }
@@ -566,10 +699,21 @@ proptest! {
                     views.retain(|v| v.0 != u64::from(client));
                 }
                 Op::Tick { ms } => { now += u64::from(ms); s.expire_due(now, &mut ext); }
+                Op::Touch { name: n, tenant, ms } => {
+                    // Any tenant may claim any generation at any time: only its own count.
+                    for ns in [Namespace::Object, Namespace::Kv] {
+                        if let Some(g) = s.gen_of(ns, &name(n)) {
+                            s.touch(g, TENANTS[usize::from(tenant)], now + u64::from(ms));
+                        }
+                    }
+                }
                 Op::Sweep => { s.sweep(&mut ext); }
             }
             for e in &evicted {
                 prop_assert!(!pinned_before.contains(&e.gen), "evicted pinned gen {}", e.gen);
+            }
+            for g in s.take_freed_segments() {
+                prop_assert!(live_segs.remove(&g), "segment {} freed twice or never made", g);
             }
             s.check_invariants();
             prop_assert!(s.used() <= s.capacity());
@@ -590,6 +734,10 @@ proptest! {
         }
         s.sweep(&mut ext);
         s.check_invariants();
+        for g in s.take_freed_segments() {
+            prop_assert!(live_segs.remove(&g), "segment {} freed twice or never made", g);
+        }
+        prop_assert!(live_segs.is_empty(), "segments never freed: {:?}", live_segs);
         prop_assert_eq!(s.used(), 0);
         prop_assert!(s.tenant_usages().is_empty(), "tenant usage left: {:?}", s.tenant_usages());
     }

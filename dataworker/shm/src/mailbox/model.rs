@@ -134,7 +134,7 @@ struct Shared<W> {
     req_oneways: AtomicU64,
     req: CellBuf,
     resp: CellBuf,
-    worker_sleeping: W,
+    worker_sleeping: AtomicU64,
     doorbell: W,
     sleepers: W,
     reply_epoch: W,
@@ -151,7 +151,7 @@ impl<W: Word32> Shared<W> {
             req_oneways: AtomicU64::new(0),
             req: CellBuf::new(),
             resp: CellBuf::new(),
-            worker_sleeping: word(),
+            worker_sleeping: AtomicU64::new(0),
             doorbell: word(),
             sleepers: word(),
             reply_epoch: word(),
@@ -171,7 +171,7 @@ impl<W: Word32> Shared<W> {
         }
     }
 
-    fn doorbell(&self) -> Doorbell<'_, W> {
+    fn doorbell(&self) -> Doorbell<'_, AtomicU64, W> {
         Doorbell {
             sleeping: &self.worker_sleeping,
             bell: &self.doorbell,

@@ -3,12 +3,13 @@
 //! expiry on the caller's clock (`now`, never read here).
 use shoal_protocol::{Namespace, ObjectId};
 
-use super::{ClientId, Evicted, ExternalPins, Gen, Placement, Store, StoreError};
+use super::{Backing, ClientId, Evicted, ExternalPins, Gen, Placement, Store, StoreError};
 
 impl Store {
     // ----- KV -----
 
-    /// Allocates a value for `key`; it replaces the current value on [`Store::kv_commit`].
+    /// Allocates a value for `key` in the arena; it replaces the current value on
+    /// [`Store::kv_commit`].
     pub fn kv_create(
         &mut self,
         key: &ObjectId,
@@ -16,8 +17,20 @@ impl Store {
         client: ClientId,
         ext: &mut dyn ExternalPins,
     ) -> Result<(Placement, Vec<Evicted>), StoreError> {
+        self.kv_create_in(key, size, client, Backing::Arena, ext)
+    }
+
+    /// [`Store::kv_create`] with the value in `backing`.
+    pub fn kv_create_in(
+        &mut self,
+        key: &ObjectId,
+        size: u64,
+        client: ClientId,
+        backing: Backing,
+        ext: &mut dyn ExternalPins,
+    ) -> Result<(Placement, Vec<Evicted>), StoreError> {
         let mut evicted = Vec::new();
-        let p = self.new_entry(Namespace::Kv, key, size, client, ext, &mut evicted)?;
+        let p = self.new_entry(Namespace::Kv, key, size, client, backing, ext, &mut evicted)?;
         if let Some(old) = self.pending_kv.insert((client, key.clone()), p.gen) {
             self.drop_unsealed(client, old);
         }

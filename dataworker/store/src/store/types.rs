@@ -9,6 +9,18 @@ use super::Store;
 
 /// Allocation granule in bytes: every allocation starts on a 64-byte (cache line) boundary.
 pub const UNIT: u64 = 64;
+/// A segment is backed in whole pages of this size; that is what it is counted for.
+pub const SEGMENT_PAGE: u64 = 4096;
+
+/// Where a new entry's payload goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backing {
+    /// The arena, with its name (payloads the worker writes itself).
+    Arena,
+    /// A segment of its own, whose id is the entry's generation (payloads a client writes);
+    /// its name still goes in the arena.
+    Segment,
+}
 
 /// Allocation generation: unique for the store's lifetime, never 0. Pins name generations, so
 /// a name that is deleted and re-created never confuses an old view with the new object.
@@ -16,15 +28,15 @@ pub type Gen = u64;
 /// A connected client, as numbered by the worker.
 pub type ClientId = u64;
 
-/// Pins that clients hold without asking the worker (the shared-memory fast path).
+/// Pins that clients hold without asking the worker (the shared-memory fast path). Only
+/// pins by clients of the entry's own tenant count: that is the only tenant whose clients
+/// can find the entry.
 pub trait ExternalPins {
-    /// Whether some client holds `gen` now.
-    fn is_pinned(&self, gen: Gen) -> bool;
+    /// Whether some client of `tenant` holds `gen` now.
+    fn is_pinned(&self, gen: Gen, tenant: &str) -> bool;
     /// Withdraws `gen` so no new external pin can be taken, then reports whether it is free
-    /// of external pins. On `false` the store keeps the memory.
-    fn reclaim(&mut self, gen: Gen) -> bool;
-    /// The last access clients recorded for `gen` (same clock as `now`), if any.
-    fn last_access(&self, gen: Gen) -> Option<u64>;
+    /// of external pins of `tenant`'s clients. On `false` the store keeps the memory.
+    fn reclaim(&mut self, gen: Gen, tenant: &str) -> bool;
 }
 
 /// No fast path: nothing is pinned externally.
@@ -32,14 +44,11 @@ pub trait ExternalPins {
 pub struct NoExternalPins;
 
 impl ExternalPins for NoExternalPins {
-    fn is_pinned(&self, _: Gen) -> bool {
+    fn is_pinned(&self, _: Gen, _: &str) -> bool {
         false
     }
-    fn reclaim(&mut self, _: Gen) -> bool {
+    fn reclaim(&mut self, _: Gen, _: &str) -> bool {
         true
-    }
-    fn last_access(&self, _: Gen) -> Option<u64> {
-        None
     }
 }
 
@@ -48,6 +57,11 @@ impl ExternalPins for NoExternalPins {
 pub struct StoreConfig {
     /// Arena bytes the store may hand out.
     pub capacity: u64,
+    /// Segment bytes (whole pages) the store may hand out besides the arena; 0: no segments.
+    pub segment_capacity: u64,
+    /// Payloads larger than this that the store places itself (restores from disk) go to a
+    /// segment; smaller ones to the arena.
+    pub segment_above: u64,
     /// Start evicting when usage would pass this fraction.
     pub high_watermark: f64,
     /// Evict down to this fraction.
@@ -67,6 +81,8 @@ impl StoreConfig {
     pub fn new(capacity: u64) -> Self {
         Self {
             capacity,
+            segment_capacity: 0,
+            segment_above: u64::MAX,
             high_watermark: 0.9,
             low_watermark: 0.8,
             spill: false,
@@ -143,12 +159,14 @@ impl StoreError {
 pub struct Placement {
     /// Generation.
     pub gen: Gen,
-    /// Payload offset in the arena.
+    /// Payload offset in the arena (0 for a segment).
     pub offset: u64,
     /// Payload length.
     pub len: u64,
-    /// Offset of the name bytes (right after the payload).
+    /// Offset of the name bytes in the arena (right after an arena payload).
     pub key_off: u64,
+    /// The payload is in segment `gen`, not in the arena.
+    pub segment: bool,
 }
 
 /// An object the store pushed out of memory; the caller acts on it before the memory is
@@ -165,6 +183,9 @@ pub struct Evicted {
     pub offset: u64,
     /// Payload length.
     pub len: u64,
+    /// The payload is segment `gen` (the caller drops it after spilling; it is also listed
+    /// by [`Store::take_freed_segments`]).
+    pub segment: bool,
     /// Kept on disk (true) or dropped.
     pub spill: bool,
     /// A copy pulled from another node (dropped, never spilled).
@@ -187,8 +208,10 @@ pub enum Lookup {
 /// Counters and gauges.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Stats {
-    /// Arena bytes allocated.
+    /// Bytes allocated: arena and segments.
     pub used: u64,
+    /// Of which in segments.
+    pub segment_bytes: u64,
     /// Sealed objects (memory or disk).
     pub objects: u64,
     /// Unsealed buffers.
