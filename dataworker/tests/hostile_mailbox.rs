@@ -37,7 +37,7 @@ fn connect_raw(path: &Path) -> (UnixStream, Hello, std::fs::File) {
     encode_frame(&ClientHello::default(), &mut first).unwrap();
     s.write_all(&first).unwrap();
     let mut buf = vec![0u8; 64 << 10];
-    let (mut n, mut fds) = shoal_shm::recv_with_fds(s.as_fd(), &mut buf, 3).unwrap();
+    let (mut n, mut fds) = shoal_shm::recv_with_fds(s.as_fd(), &mut buf, 5).unwrap();
     let hello = loop {
         let mut b = BytesMut::from(&buf[..n]);
         match FrameDecoder::new(60 << 10)
@@ -49,7 +49,7 @@ fn connect_raw(path: &Path) -> (UnixStream, Hello, std::fs::File) {
             None => n += s.read(&mut buf[n..]).unwrap(),
         }
     };
-    assert_eq!(fds.len(), 3, "arena, control region, mailbox");
+    assert_eq!(fds.len(), 5, "arena, index, bell page, pin page, mailbox");
     let mailbox: OwnedFd = fds.pop().unwrap();
     (s, hello, std::fs::File::from(mailbox))
 }

@@ -67,7 +67,7 @@ impl Hostile {
         .unwrap();
         sock.write_all(&hello).unwrap();
         let mut buf = vec![0u8; 64 << 10];
-        let (n, mut fds) = recv_with_fds(sock.as_fd(), &mut buf, 3).unwrap();
+        let (n, mut fds) = recv_with_fds(sock.as_fd(), &mut buf, 5).unwrap();
         let decoder = FrameDecoder::new(16 << 20);
         let h = match decoder
             .decode::<ServerFrame>(&mut BytesMut::from(&buf[..n]))
@@ -76,13 +76,16 @@ impl Hostile {
             Some(ServerFrame::Hello(h)) => h,
             other => panic!("expected a hello, got {other:?}"),
         };
-        assert_eq!(fds.len(), 3, "arena, control region, mailbox");
+        assert_eq!(fds.len(), 5, "arena, index, bell page, pin page, mailbox");
         let mailbox = Mailbox::open(fds.pop().unwrap(), h.mailbox.unwrap()).unwrap();
+        let _pins = fds.pop();
+        let bell = fds.pop().unwrap();
         let ctl = Ctl::open(
             fds.pop().unwrap(),
+            bell,
             h.ctl.buckets,
-            h.ctl.pin_regions,
-            h.ctl.pins_per_region,
+            h.ctl.pins,
+            h.ctl.ring,
         )
         .unwrap();
         Hostile {

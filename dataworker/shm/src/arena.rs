@@ -301,19 +301,6 @@ impl Arena {
         check(offset, len, self.size)
     }
 
-    /// A view of `len` bytes at `offset`, for this crate's regions whose protocol keeps the
-    /// range unwritten while the borrow lives.
-    pub(crate) fn bytes(&self, offset: u64, len: u64) -> Result<&[u8], ShmError> {
-        let start = self.check(offset, len)?;
-        if len == 0 {
-            return Ok(&[]);
-        }
-        // SAFETY: `start..start+len` is inside the live mapping (checked above); the mapping
-        // outlives the returned borrow of `self`. Callers use it only for ranges their
-        // protocol keeps unwritten while borrowed.
-        Ok(unsafe { std::slice::from_raw_parts(self.map.as_ptr().add(start), len as usize) })
-    }
-
     /// Copies `data` into the region at `offset`. Sound whoever else reads or writes the range
     /// meanwhile (every access goes through atomics); what the bytes mean is the protocol's
     /// business (the worker writes only ranges it owns and no reader pins).
