@@ -41,6 +41,8 @@ pub use leased::{
     LeasedRecord, RETRY_PAUSE as LEASE_RETRY_PAUSE, STOP_TIMEOUT as LEASE_STOP_TIMEOUT,
 };
 pub use mem::{MemStore, MemStoreOptions};
+#[doc(hidden)]
+pub use remote::fuzz_support as remote_fuzz_support;
 pub use remote::{serve, RemoteStore};
 pub use tokens::{
     issue_instance_token, issue_token, now_ms, revoke_token, IssueError, TokenBook, TokenFollower,

@@ -1,0 +1,198 @@
+//! `package_unpack`: a function's code package as the agent unpacks it
+//! (`shoal_agent::fetch_with_limits` on a `.tar.gz`) into an instance directory, with an
+//! innocent file beside it. Whatever the archive holds, afterwards:
+//!
+//! - nothing exists outside the instance directory that was not there before, and the file
+//!   beside it is unchanged (no entry, no directory created on the way, no write through a
+//!   symlink, landed outside);
+//! - every symlink inside resolves (following symlinks, the dangling rest lexically) to a
+//!   place inside the instance directory;
+//! - only directories, regular files with one link and symlinks are there, none with a
+//!   setuid, setgid or sticky bit;
+//! - a fetch that failed left no instance directory behind.
+use flate2::write::GzEncoder;
+use shoal_agent::{fetch_with_limits, file_digest, FetchLimits, PackageSource};
+use std::collections::BTreeSet;
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Component, Path, PathBuf};
+
+/// Small bounds: an input is a few KiB; the limits themselves are part of what is checked.
+const LIMITS: FetchLimits = FetchLimits {
+    max_entries: 256,
+    max_total_bytes: 1 << 20,
+};
+/// What the file beside the instance directory holds.
+const SENTINEL: &[u8] = b"not yours";
+/// Symlinks followed at most while resolving one path (Linux's limit).
+const MAX_HOPS: usize = 40;
+
+/// The first byte says how to read the rest: bit 0 set, it is a tar archive that the target
+/// gzips (so the fuzzer works on the tar structure); clear, it is the `.tar.gz` file itself.
+/// Bit 1 set: the fetch is given the file's digest (the path that checks it).
+pub fn package_unpack(data: &[u8]) {
+    let Some((&mode, rest)) = data.split_first() else {
+        return;
+    };
+    let scratch = crate::meta::scratch_dir();
+    // Canonical, so that paths compare with what the unpacker canonicalises.
+    let top = fs::canonicalize(scratch.path()).unwrap_or_else(|e| panic!("scratch: {e}"));
+    let archive = top.join("pkg.tar.gz");
+    let bytes = if mode & 1 == 1 {
+        gzip(rest)
+    } else {
+        rest.to_vec()
+    };
+    fs::write(&archive, &bytes).unwrap_or_else(|e| panic!("writing the archive: {e}"));
+    let beside = top.join("beside");
+    fs::create_dir(&beside).unwrap_or_else(|e| panic!("mkdir: {e}"));
+    fs::write(beside.join("keep"), SENTINEL).unwrap_or_else(|e| panic!("sentinel: {e}"));
+    let work = top.join("work");
+    fs::create_dir(&work).unwrap_or_else(|e| panic!("mkdir: {e}"));
+    let dest = work.join("inst");
+    let before = walk(&top);
+
+    let digest = (mode & 2 == 2).then(|| file_digest(&archive).unwrap_or_else(|e| panic!("{e}")));
+    let result = fetch_with_limits(
+        &PackageSource::TarGz(archive.clone()),
+        &dest,
+        digest.as_deref(),
+        &LIMITS,
+    );
+
+    // Nothing new outside the instance directory, and the file beside it untouched.
+    for p in walk(&top) {
+        assert!(
+            p.starts_with(&dest) || before.contains(&p),
+            "unpacking created {} outside the instance directory ({result:?})",
+            p.display()
+        );
+    }
+    match fs::read(beside.join("keep")) {
+        Ok(b) => assert_eq!(b, SENTINEL, "a file outside the instance was overwritten"),
+        Err(e) => panic!("a file outside the instance is gone: {e}"),
+    }
+    match result {
+        Ok(root) => {
+            assert_eq!(root, dest, "the fetch reports another directory");
+            check_tree(&dest);
+        }
+        Err(_) => assert!(
+            fs::symlink_metadata(&dest).is_err(),
+            "a failed fetch left {} behind",
+            dest.display()
+        ),
+    }
+    // Make sure the scratch directory can go: directory modes from the archive may be tight.
+    restore_modes(&top);
+}
+
+fn gzip(tar: &[u8]) -> Vec<u8> {
+    let mut enc = GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    enc.write_all(tar)
+        .and_then(|()| enc.finish())
+        .unwrap_or_else(|e| panic!("gzip: {e}"))
+}
+
+/// Every path under `top` (not following symlinks), `top` excluded.
+fn walk(top: &Path) -> BTreeSet<PathBuf> {
+    let mut out = BTreeSet::new();
+    let mut stack = vec![top.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let Ok(entries) = fs::read_dir(&dir) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let p = e.path();
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                stack.push(p.clone());
+            }
+            out.insert(p);
+        }
+    }
+    out
+}
+
+/// The unpacked tree holds only safe kinds of entries, and its symlinks stay inside it.
+fn check_tree(dest: &Path) {
+    for p in walk(dest) {
+        let meta = fs::symlink_metadata(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+        let t = meta.file_type();
+        assert!(
+            !(t.is_block_device() || t.is_char_device() || t.is_fifo() || t.is_socket()),
+            "{} is a special file",
+            p.display()
+        );
+        if t.is_file() {
+            assert_eq!(meta.nlink(), 1, "{} is a hard link", p.display());
+        }
+        if !t.is_symlink() {
+            assert_eq!(
+                meta.mode() & 0o7000,
+                0,
+                "{} has mode {:o}",
+                p.display(),
+                meta.mode()
+            );
+        }
+        if t.is_symlink() {
+            if let Some(to) = resolve(&p) {
+                assert!(
+                    to.starts_with(dest),
+                    "symlink {} leads outside, to {}",
+                    p.display(),
+                    to.display()
+                );
+            }
+        }
+    }
+}
+
+/// Where `path` (absolute) leads: symlinks followed, components that do not exist taken
+/// lexically. `None` for a loop (which leads nowhere).
+fn resolve(path: &Path) -> Option<PathBuf> {
+    // Components still to walk, the next one last.
+    let mut pending: Vec<PathBuf> = Vec::new();
+    let push = |p: &Path, pending: &mut Vec<PathBuf>| {
+        for c in p.components().rev() {
+            pending.push(PathBuf::from(c.as_os_str()));
+        }
+    };
+    push(path, &mut pending);
+    let mut cur = PathBuf::from("/");
+    let mut hops = 0;
+    while let Some(c) = pending.pop() {
+        match c.components().next() {
+            Some(Component::RootDir) => cur = PathBuf::from("/"),
+            Some(Component::ParentDir) => {
+                cur.pop();
+            }
+            Some(Component::Normal(n)) => {
+                let next = cur.join(n);
+                match fs::read_link(&next) {
+                    Ok(target) => {
+                        hops += 1;
+                        if hops > MAX_HOPS {
+                            return None;
+                        }
+                        push(&target, &mut pending);
+                    }
+                    Err(_) => cur = next,
+                }
+            }
+            _ => {}
+        }
+    }
+    Some(cur)
+}
+
+/// Gives every directory under `top` its owner's full rights back, so it can be removed.
+fn restore_modes(top: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    for p in walk(top) {
+        if fs::symlink_metadata(&p).is_ok_and(|m| m.is_dir()) {
+            let _ = fs::set_permissions(&p, fs::Permissions::from_mode(0o700));
+        }
+    }
+}
