@@ -2,9 +2,12 @@
 //!
 //! Invariants:
 //! - nothing is ever written outside `dest`: archive entries with absolute paths or `..`
-//!   components are refused, symlinks whose target would leave `dest` are refused, and the
-//!   parent of every written entry is canonicalised and checked to lie inside `dest` (so a
-//!   symlink planted by an earlier entry cannot redirect a later write);
+//!   components are refused, symlinks whose target would leave `dest` are refused (lexically
+//!   as each is unpacked, then once the tree is complete by following every link, so that a
+//!   chain of links that are each harmless cannot lead out), and each directory on the way to
+//!   an entry is checked to lie inside `dest` (symlinks resolved) before the next one is
+//!   created in it (so a symlink planted by an earlier entry cannot redirect a later write or
+//!   a directory creation);
 //! - only regular files, directories and symlinks are materialised; hard links, devices and
 //!   FIFOs are refused; setuid/setgid/sticky bits are dropped;
 //! - the number of entries and the total number of file bytes are bounded ([`FetchLimits`]);
@@ -302,15 +305,31 @@ fn check_symlink(rel: &Path, target: &Path) -> Result<(), FetchError> {
     Ok(())
 }
 
-/// Creates the parent directories of `root/rel` and checks that the real parent lies inside
-/// `root`. Removes a pre-existing non-directory at the target path.
+/// Creates the parent directories of `root/rel`, one at a time and each only after its own
+/// parent was found (symlinks resolved) inside `root`, so nothing is created outside `root`
+/// even when an earlier entry planted a symlink on the way. Removes a pre-existing
+/// non-directory at the target path.
 fn prepare(root: &Path, rel: &Path) -> Result<PathBuf, FetchError> {
     let target = root.join(rel);
-    if let Some(parent) = target.parent() {
-        fs::create_dir_all(parent).map_err(io_err("create directory", parent))?;
-        let real = fs::canonicalize(parent).map_err(io_err("canonicalize", parent))?;
-        if !real.starts_with(root) {
-            return Err(FetchError::Unsafe(rel.to_path_buf()));
+    let mut dir = root.to_path_buf();
+    if let Some(parent) = rel.parent() {
+        for c in parent.components() {
+            let next = dir.join(c);
+            match fs::symlink_metadata(&next) {
+                Ok(m) if m.is_dir() => dir = next,
+                Ok(m) if m.file_type().is_symlink() => {
+                    let real = fs::canonicalize(&next).map_err(io_err("canonicalize", &next))?;
+                    if !real.starts_with(root) || !real.is_dir() {
+                        return Err(FetchError::Unsafe(rel.to_path_buf()));
+                    }
+                    dir = real;
+                }
+                Ok(_) => return Err(FetchError::Unsafe(rel.to_path_buf())),
+                Err(_) => {
+                    fs::create_dir(&next).map_err(io_err("create directory", &next))?;
+                    dir = next;
+                }
+            }
         }
     }
     if let Ok(meta) = fs::symlink_metadata(&target) {
@@ -319,6 +338,66 @@ fn prepare(root: &Path, rel: &Path) -> Result<PathBuf, FetchError> {
         }
     }
     Ok(target)
+}
+
+/// Symlinks followed at most while resolving one (the kernel's limit).
+const MAX_LINK_HOPS: usize = 40;
+
+/// Where `path` (absolute) finally leads: symlinks followed, the part that does not exist
+/// taken lexically. `None` for a loop, which leads nowhere.
+fn final_target(path: &Path) -> Option<PathBuf> {
+    // Components still to walk, the next one last.
+    let mut todo: Vec<PathBuf> = Vec::new();
+    let push = |p: &Path, todo: &mut Vec<PathBuf>| {
+        todo.extend(p.components().rev().map(|c| PathBuf::from(c.as_os_str())));
+    };
+    push(path, &mut todo);
+    let mut cur = PathBuf::from("/");
+    let mut hops = 0;
+    while let Some(c) = todo.pop() {
+        match c.components().next() {
+            Some(Component::RootDir) => cur = PathBuf::from("/"),
+            Some(Component::ParentDir) => {
+                cur.pop();
+            }
+            Some(Component::Normal(n)) => {
+                let next = cur.join(n);
+                match fs::read_link(&next) {
+                    Ok(t) => {
+                        hops += 1;
+                        if hops > MAX_LINK_HOPS {
+                            return None;
+                        }
+                        push(&t, &mut todo);
+                    }
+                    Err(_) => cur = next,
+                }
+            }
+            _ => {}
+        }
+    }
+    Some(cur)
+}
+
+/// Checks every symlink under `root`, once the whole tree is there: each must lead inside
+/// `root`. The lexical check of each link alone lets a chain out (`x/up -> ..`, then
+/// `esc -> x/up/..`).
+fn check_links(root: &Path) -> Result<(), FetchError> {
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in fs::read_dir(&dir).map_err(io_err("read directory", &dir))? {
+            let entry = entry.map_err(io_err("read directory", &dir))?;
+            let path = entry.path();
+            let ft = entry.file_type().map_err(io_err("stat", &path))?;
+            if ft.is_dir() {
+                stack.push(path);
+            } else if ft.is_symlink() && final_target(&path).is_some_and(|t| !t.starts_with(root)) {
+                let rel = path.strip_prefix(root).unwrap_or(&path).to_path_buf();
+                return Err(FetchError::Unsafe(rel));
+            }
+        }
+    }
+    Ok(())
 }
 
 struct Budget<'a> {
@@ -391,7 +470,7 @@ fn copy_dir(src: &Path, root: &Path, limits: &FetchLimits) -> Result<(), FetchEr
             }
         }
     }
-    Ok(())
+    check_links(root)
 }
 
 fn unpack_tar_gz(archive: &Path, root: &Path, limits: &FetchLimits) -> Result<(), FetchError> {
@@ -452,6 +531,7 @@ fn unpack_tar_gz(archive: &Path, root: &Path, limits: &FetchLimits) -> Result<()
             return Err(FetchError::Unsafe(rel));
         }
     }
+    check_links(root)?;
     // Directory modes last, so a read-only directory does not block its own entries.
     for (dir, mode) in dirs {
         set_mode(&dir, mode)?;

@@ -196,3 +196,39 @@ fn restore_modes(top: &Path) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn resolve_follows_symlinks_and_takes_the_rest_lexically() {
+        let d = tempfile::tempdir().unwrap();
+        let top = fs::canonicalize(d.path()).unwrap();
+        fs::create_dir(top.join("x")).unwrap();
+        std::os::unix::fs::symlink("..", top.join("x/up")).unwrap();
+        std::os::unix::fs::symlink("x/up/..", top.join("esc")).unwrap();
+        std::os::unix::fs::symlink("loop", top.join("loop")).unwrap();
+        assert_eq!(resolve(&top.join("x/up")), Some(top.clone()));
+        assert_eq!(
+            resolve(&top.join("esc/gone/a")),
+            top.parent().map(|p| p.join("gone/a"))
+        );
+        assert_eq!(resolve(&top.join("loop")), None);
+    }
+
+    #[test]
+    #[should_panic(expected = "leads outside")]
+    fn a_symlink_chain_out_of_the_tree_is_caught() {
+        let d = tempfile::tempdir().unwrap();
+        let top = fs::canonicalize(d.path()).unwrap();
+        let dest = top.join("inst");
+        fs::create_dir_all(dest.join("x")).unwrap();
+        std::os::unix::fs::symlink("..", dest.join("x/up")).unwrap();
+        check_tree(&dest);
+        // Lexically inside (x, up, .. = depth 1), really the parent of `inst`.
+        std::os::unix::fs::symlink("x/up/..", dest.join("esc")).unwrap();
+        check_tree(&dest);
+    }
+}

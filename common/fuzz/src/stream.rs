@@ -111,3 +111,43 @@ pub(crate) fn select(data: &[u8], n: u8) -> Option<(u8, u8, &[u8])> {
     let (&b, rest) = data.split_first()?;
     Some((b % n, b / n, rest))
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use serde::{Deserialize, Deserializer, Serialize};
+
+    fn frame<T: Serialize>(m: &T) -> Vec<u8> {
+        let mut out = Vec::new();
+        encode_frame(m, &mut out).unwrap();
+        out
+    }
+
+    #[test]
+    fn a_clean_stream_passes_in_any_reads() {
+        let mut wire = frame(&(7u32, "a".to_string()));
+        wire.extend(frame(&(8u32, "bc".to_string())));
+        wire.extend_from_slice(&[1, 0]); // the start of a third frame
+        for read in [1, 2, 7, 100] {
+            let got = check_stream::<(u32, String)>(&wire, 64, read);
+            assert_eq!(got, vec![(7, "a".into()), (8, "bc".into())]);
+        }
+    }
+
+    /// A message that changes each time it is decoded.
+    #[derive(Debug, PartialEq, Serialize)]
+    struct Drift(u8);
+
+    impl<'de> Deserialize<'de> for Drift {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            Ok(Drift(u8::deserialize(d)?.wrapping_add(1)))
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "decode(encode(m)) != m")]
+    fn a_codec_that_does_not_round_trip_is_caught() {
+        check_stream::<Drift>(&frame(&1u8), 64, 1);
+    }
+}
