@@ -101,10 +101,12 @@ for t in $run_targets; do
   mkdir -p "$corpus" "$artifacts" "fuzz/corpus/$t" "fuzz/regressions/$t"
   log="fuzz/target/$t.log"
   [ "$secs" -gt 0 ] || continue
-  dict=()
-  [ -f "fuzz/dicts/$t.dict" ] && dict=(-dict="fuzz/dicts/$t.dict")
+  extra=()
+  [ -f "fuzz/dicts/$t.dict" ] && extra+=(-dict="fuzz/dicts/$t.dict")
+  # A checksummed file: comparison values guide the fuzzer to checksums that match.
+  [ "$t" = meta_file ] && extra+=(-use_value_profile=1)
   set +e
-  nice -n 19 "$(bin_of "$t")" "$corpus" "fuzz/corpus/$t" "fuzz/regressions/$t" "${dict[@]}" \
+  nice -n 19 "$(bin_of "$t")" "$corpus" "fuzz/corpus/$t" "fuzz/regressions/$t" "${extra[@]}" \
     -max_total_time="$secs" -timeout=20 -rss_limit_mb=4096 -max_len=65536 \
     -print_final_stats=1 -artifact_prefix="$artifacts/" >"$log" 2>&1
   rc=$?

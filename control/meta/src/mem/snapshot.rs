@@ -16,6 +16,8 @@ use super::{Data, Entry, Lease};
 const MAGIC: &[u8; 9] = b"SHOALMETA";
 const FORMAT_VERSION: u16 = 1;
 const HEADER_LEN: usize = MAGIC.len() + 2 + 8 + 4;
+/// Revisions a file may hold are below this.
+const MAX_REVISION: Revision = 1 << 62;
 
 #[derive(Serialize)]
 struct SnapshotRef<'a> {
@@ -147,6 +149,12 @@ pub(super) fn decode_snapshot(bytes: &[u8]) -> Result<Data, String> {
     }
     let snap: Snapshot =
         postcard::from_bytes(body).map_err(|e| format!("the body does not decode: {e}"))?;
+    // A negative revision, or one so high that writes would soon overflow it (2^62 is 146,000
+    // years of a million writes a second), is no revision the store wrote; neither is a key or
+    // a value over the limits every write is checked against.
+    if !(0..MAX_REVISION).contains(&snap.revision) {
+        return Err(format!("inconsistent: revision {}", snap.revision));
+    }
     let mut leases = BTreeMap::new();
     for (id, ttl_secs) in snap.leases {
         if id <= 0 || ttl_secs == 0 || ttl_secs > keys::MAX_LEASE_TTL.as_secs() {
@@ -163,6 +171,14 @@ pub(super) fn decode_snapshot(bytes: &[u8]) -> Result<Data, String> {
         );
     }
     for (key, e) in &snap.keys {
+        if key.len() > keys::MAX_KEY_LEN || e.value.len() > keys::MAX_VALUE_LEN {
+            return Err(format!(
+                "inconsistent: key {:?}... of {} bytes with a value of {} bytes, over the limits",
+                key.chars().take(32).collect::<String>(),
+                key.len(),
+                e.value.len()
+            ));
+        }
         if key.is_empty()
             || e.create_revision < 1
             || e.create_revision > e.mod_revision
