@@ -41,8 +41,11 @@ pub use proxy::proxy_frames;
 pub use rest::rest_bodies;
 pub use seeds::seeds;
 
+/// A fuzz target: takes any bytes, panics when what must hold does not.
+pub type Target = fn(&[u8]);
+
 /// Every target by name (the name of its cargo-fuzz binary and of its corpus directory).
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Target)] = &[
     ("client_frames", client_frames),
     ("proxy_frames", proxy_frames),
     ("peer_messages", peer_messages),
@@ -53,6 +56,6 @@ pub const TARGETS: &[(&str, fn(&[u8]))] = &[
 ];
 
 /// The target called `name`, if there is one.
-pub fn target(name: &str) -> Option<fn(&[u8])> {
+pub fn target(name: &str) -> Option<Target> {
     TARGETS.iter().find(|(n, _)| *n == name).map(|(_, f)| *f)
 }
