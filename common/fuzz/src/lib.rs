@@ -11,6 +11,7 @@
 //! | [`meta_protocol`] | a node talking to control's metadata API, and control's replies | the same framing checks; every request runs against a real in-memory `MemStore`, its reply round-trips, and the store stays within its limits |
 //! | [`rest_bodies`] | JSON bodies of control's REST API | decode + validate never panic; what validates round-trips through JSON and still validates, and its names are safe path components |
 //! | [`package_unpack`] | a function's code package (`.tar` / `.tar.gz`) | unpacking never writes outside the instance directory, symlinks included |
+//! | [`package_entries`] | the same, as a short list of entries the target writes as a tar archive | the same |
 //! | [`meta_file`] | the embedded `MemStore`'s file on disk | opening any file gives a store or an error, never a panic, and a store that opened is usable |
 //!
 //! The same functions serve two drivers: the cargo-fuzz project in `fuzz/` (one-line
@@ -35,7 +36,7 @@ mod stream;
 
 pub use dataworker::client_frames;
 pub use meta::{meta_file, meta_protocol};
-pub use package::package_unpack;
+pub use package::{package_entries, package_unpack};
 pub use peer::peer_messages;
 pub use proxy::proxy_frames;
 pub use rest::rest_bodies;
@@ -52,6 +53,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("meta_protocol", meta_protocol),
     ("rest_bodies", rest_bodies),
     ("package_unpack", package_unpack),
+    ("package_entries", package_entries),
     ("meta_file", meta_file),
 ];
 

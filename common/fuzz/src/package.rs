@@ -1,4 +1,4 @@
-//! `package_unpack`: a function's code package as the agent unpacks it
+//! `package_unpack` and `package_entries`: a function's code package as the agent unpacks it
 //! (`shoal_agent::fetch_with_limits` on a `.tar.gz`) into an instance directory, with an
 //! innocent file beside it. Whatever the archive holds, afterwards:
 //!
@@ -28,23 +28,43 @@ const SENTINEL: &[u8] = b"not yours";
 /// Symlinks followed at most while resolving one path (Linux's limit).
 const MAX_HOPS: usize = 40;
 
-/// The first byte says how to read the rest: bit 0 set, it is a tar archive that the target
-/// gzips (so the fuzzer works on the tar structure); clear, it is the `.tar.gz` file itself.
-/// Bit 1 set: the fetch is given the file's digest (the path that checks it).
+/// The first byte says how to read the rest: bit 2 set, it is a list of entries (as
+/// `package_entries` reads them) that the target writes as a tar archive; else bit 0 set, it is a tar
+/// archive; else the `.tar.gz` file itself. The target gzips the first two, so the fuzzer
+/// works on the tar structure or on the entries. Bit 1 set: the fetch is given the file's
+/// digest (the path that checks it).
 pub fn package_unpack(data: &[u8]) {
     let Some((&mode, rest)) = data.split_first() else {
         return;
     };
-    let scratch = crate::meta::scratch_dir();
-    // Canonical, so that paths compare with what the unpacker canonicalises.
-    let top = fs::canonicalize(scratch.path()).unwrap_or_else(|e| panic!("scratch: {e}"));
-    let archive = top.join("pkg.tar.gz");
-    let bytes = if mode & 1 == 1 {
+    let bytes = if mode & 4 == 4 {
+        gzip(&structured(rest))
+    } else if mode & 1 == 1 {
         gzip(rest)
     } else {
         rest.to_vec()
     };
-    fs::write(&archive, &bytes).unwrap_or_else(|e| panic!("writing the archive: {e}"));
+    unpack_and_check(&bytes, mode & 2 == 2);
+}
+
+/// `package_entries`: [`package_unpack`] of a list of entries only (the first byte: bit 1,
+/// with the digest), so that short inputs, which the fuzzer explores fastest, are archives
+/// of several entries: what it takes to chain symlinks out of the instance directory.
+pub fn package_entries(data: &[u8]) {
+    let Some((&mode, rest)) = data.split_first() else {
+        return;
+    };
+    unpack_and_check(&gzip(&structured(rest)), mode & 2 == 2);
+}
+
+/// Unpacks the `.tar.gz` `bytes` (checking its digest too when `digest`) beside an innocent
+/// file, and checks what the module docs say must hold.
+fn unpack_and_check(bytes: &[u8], digest: bool) {
+    let scratch = crate::meta::scratch_dir();
+    // Canonical, so that paths compare with what the unpacker canonicalises.
+    let top = fs::canonicalize(scratch.path()).unwrap_or_else(|e| panic!("scratch: {e}"));
+    let archive = top.join("pkg.tar.gz");
+    fs::write(&archive, bytes).unwrap_or_else(|e| panic!("writing the archive: {e}"));
     let beside = top.join("beside");
     fs::create_dir(&beside).unwrap_or_else(|e| panic!("mkdir: {e}"));
     fs::write(beside.join("keep"), SENTINEL).unwrap_or_else(|e| panic!("sentinel: {e}"));
@@ -53,7 +73,7 @@ pub fn package_unpack(data: &[u8]) {
     let dest = work.join("inst");
     let before = walk(&top);
 
-    let digest = (mode & 2 == 2).then(|| file_digest(&archive).unwrap_or_else(|e| panic!("{e}")));
+    let digest = digest.then(|| file_digest(&archive).unwrap_or_else(|e| panic!("{e}")));
     let result = fetch_with_limits(
         &PackageSource::TarGz(archive.clone()),
         &dest,
@@ -86,6 +106,60 @@ pub fn package_unpack(data: &[u8]) {
     }
     // Make sure the scratch directory can go: directory modes from the archive may be tight.
     restore_modes(&top);
+}
+
+/// What entry names and link targets are made of: enough to climb out (`..`), to name a
+/// place twice (a directory, then a link through it) and to start from the root (`/`).
+const PIECES: [&str; 8] = ["x", "up", "esc", "..", ".", "f", "evil", "/"];
+/// Most entries of one structured archive.
+const MAX_ENTRIES: usize = 32;
+
+/// A tar archive of the entries `data` describes, each as `[kind, n, n pieces]` (then, for a
+/// link, `[m, m pieces]`): kind % 5 is a directory, a file, a symlink, a hard link or a FIFO;
+/// names and targets join 1..=4 [`PIECES`] with `/`. Names are written into the headers
+/// as they are, `..` included (the tar crate's own setters would refuse them).
+fn structured(data: &[u8]) -> Vec<u8> {
+    let mut it = data.iter().copied();
+    let path = |it: &mut dyn Iterator<Item = u8>| -> Option<String> {
+        let n = 1 + usize::from(it.next()? % 4);
+        let mut p = String::new();
+        for i in 0..n {
+            let piece = PIECES[usize::from(it.next()? % 8)];
+            if i > 0 && !p.ends_with('/') && piece != "/" {
+                p.push('/');
+            }
+            p.push_str(piece);
+        }
+        Some(p)
+    };
+    let mut b = tar::Builder::new(Vec::new());
+    for _ in 0..MAX_ENTRIES {
+        let Some(kind) = it.next() else { break };
+        let Some(name) = path(&mut it) else { break };
+        let mut h = tar::Header::new_gnu();
+        let (ty, body): (_, &[u8]) = match kind % 5 {
+            0 => (tar::EntryType::Directory, b""),
+            1 => (tar::EntryType::Regular, b"hi\n"),
+            2 => (tar::EntryType::Symlink, b""),
+            3 => (tar::EntryType::Link, b""),
+            _ => (tar::EntryType::Fifo, b""),
+        };
+        if matches!(ty, tar::EntryType::Symlink | tar::EntryType::Link) {
+            let Some(target) = path(&mut it) else { break };
+            let field = &mut h.as_old_mut().linkname;
+            field[..target.len()].copy_from_slice(target.as_bytes());
+        }
+        let field = &mut h.as_old_mut().name;
+        field[..name.len()].copy_from_slice(name.as_bytes());
+        h.set_entry_type(ty);
+        h.set_mode(if kind & 0x80 != 0 { 0o4777 } else { 0o755 });
+        h.set_size(body.len() as u64);
+        h.set_cksum();
+        if b.append(&h, body).is_err() {
+            break;
+        }
+    }
+    b.into_inner().unwrap_or_default()
 }
 
 fn gzip(tar: &[u8]) -> Vec<u8> {

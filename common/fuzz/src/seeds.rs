@@ -22,6 +22,7 @@ pub fn seeds(target: &str) -> Vec<Vec<u8>> {
         "meta_protocol" => meta_protocol(),
         "rest_bodies" => rest_bodies(),
         "package_unpack" => package_unpack(),
+        "package_entries" => package_entries(),
         "meta_file" => meta_file(),
         _ => Vec::new(),
     }
@@ -446,7 +447,18 @@ fn package_unpack() -> Vec<Vec<u8>> {
         out.extend_from_slice(bytes);
         out
     };
-    vec![with(1, &tar), with(0, &gz), with(2, &gz)]
+    // Structured: directory x, symlink x/up -> .., file f.
+    let entries = [0, 0, 0, 2, 1, 0, 1, 0, 3, 1, 0, 5];
+    vec![with(1, &tar), with(0, &gz), with(2, &gz), with(4, &entries)]
+}
+
+fn package_entries() -> Vec<Vec<u8>> {
+    // Directory x, symlink x/up -> .., file f, symlink run -> f; with and without the digest.
+    let entries = [0, 0, 0, 2, 1, 0, 1, 0, 3, 1, 0, 5, 2, 0, 0, 0, 5];
+    [0, 2]
+        .into_iter()
+        .map(|mode| [&[mode][..], &entries].concat())
+        .collect()
 }
 
 fn append(b: &mut tar::Builder<Vec<u8>>, h: &mut tar::Header, path: &str, data: &[u8]) {
