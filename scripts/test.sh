@@ -66,6 +66,12 @@ RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --all-features --lock
 step "cargo test"
 cargo test --workspace --all-features --locked
 
+# `cargo test` above also replayed every saved fuzz input (fuzz/corpus, fuzz/regressions)
+# through the targets of common/fuzz. The cargo-fuzz project that runs them under libFuzzer
+# needs nightly and runs apart (scripts/fuzz.sh); only its manifest is checked here.
+step "fuzz project manifest"
+cargo metadata --manifest-path fuzz/Cargo.toml --no-deps --format-version 1 >/dev/null
+
 # Builds the criterion micro-benchmarks (perf/benches) without timing them, so a bench that no
 # longer compiles fails here. Costs a release build of the perf crate's dependencies.
 step "cargo bench --no-run"

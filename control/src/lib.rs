@@ -50,6 +50,14 @@ pub use frontend::FrontendConfig;
 pub use placement::{FAILED_RETRY, MAX_WRITES_PER_PASS, NODE_LOST_GRACE, PLACEMENT_INTERVAL};
 pub use registry::{home_tenant, sees, QuotaStatus, Registry, RegistryError, TenantUsage};
 
+/// Not an API: the REST bodies no public type describes, for shoal's fuzz targets
+/// (`common/fuzz`), which decode them from what a client could send. Hidden from the docs; it
+/// may change with any commit.
+#[doc(hidden)]
+pub mod fuzz_support {
+    pub use crate::tokens_api::TokenRequest;
+}
+
 use shoal_meta::records::{LeaderInfo, NodeRecord, LEADER_KEY, NODES_PREFIX};
 use shoal_meta::{Election, MetaStore, Role, TokenBook, TokenFollower};
 use std::collections::BTreeMap;

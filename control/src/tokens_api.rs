@@ -26,7 +26,7 @@ pub(crate) const MAX_TTL_SECS: u64 = 10 * 365 * 24 * 3600;
 /// `POST /v1/tokens`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(crate) struct TokenRequest {
+pub struct TokenRequest {
     /// The tenant it acts for (default: the caller's home tenant).
     #[serde(default)]
     tenant: Option<String>,

@@ -42,6 +42,8 @@ pub use leased::{
     LeasedRecord, RETRY_PAUSE as LEASE_RETRY_PAUSE, STOP_TIMEOUT as LEASE_STOP_TIMEOUT,
 };
 pub use mem::{decode_store, MemStore, MemStoreOptions, StoreFile, StoreFileError, StoreImage};
+#[doc(hidden)]
+pub use remote::fuzz_support as remote_fuzz_support;
 pub use remote::{serve, RemoteStore};
 pub use tokens::{
     issue_instance_token, issue_token, now_ms, revoke_token, IssueError, TokenBook, TokenFollower,

@@ -17,6 +17,13 @@
 mod endpoint;
 mod wire;
 
+/// Not an API: the codec of a stream's frames, for shoal's fuzz targets (`common/fuzz`), which
+/// feed it what a peer could send. Hidden from the docs; it may change with any commit.
+#[doc(hidden)]
+pub mod fuzz_support {
+    pub use crate::wire::{decode_frame, encode_frame, FRAME_HEADER};
+}
+
 pub use endpoint::{Body, Congestion, Endpoint, Reply, Service, TransportConfig, TransportError};
 pub use shoal_pki::{
     DevCa, NodeCert, NodeTls, PkiError, TlsFiles, ALPN, CA_CERT_FILE, CA_KEY_FILE, SERVER_NAME,

@@ -14,7 +14,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 /// Length of the frame header.
-pub(crate) const FRAME_HEADER: usize = 4;
+pub const FRAME_HEADER: usize = 4;
 /// Length of the body length that follows a response frame.
 pub(crate) const BODY_LEN: usize = 8;
 
@@ -109,7 +109,7 @@ pub(crate) async fn read_body_len(recv: &mut RecvStream) -> Result<u64, FrameErr
 
 /// Encodes `value` as a frame into a fresh buffer with `extra` spare bytes of capacity; `None` for
 /// the length if the encoding exceeds `max`.
-pub(crate) fn encode_frame<T: Serialize + ?Sized>(
+pub fn encode_frame<T: Serialize + ?Sized>(
     value: &T,
     max: usize,
     extra: usize,
@@ -128,7 +128,7 @@ pub(crate) fn encode_frame<T: Serialize + ?Sized>(
 }
 
 /// Decodes a whole frame body; trailing bytes are an error.
-pub(crate) fn decode_frame<T: DeserializeOwned>(buf: &[u8]) -> Result<T, postcard::Error> {
+pub fn decode_frame<T: DeserializeOwned>(buf: &[u8]) -> Result<T, postcard::Error> {
     let (value, rest) = postcard::take_from_bytes(buf)?;
     if rest.is_empty() {
         Ok(value)

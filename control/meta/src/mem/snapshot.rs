@@ -18,6 +18,8 @@ const FORMAT_VERSION: u16 = 2;
 const V1_HEADER_LEN: usize = MAGIC.len() + 2 + 8 + 4;
 const HEADER_LEN: usize = MAGIC.len() + 2 + 8 + 8;
 const FILE: StoreFile = StoreFile::Snapshot;
+/// Revisions a file may hold are below this.
+const MAX_REVISION: Revision = 1 << 62;
 
 #[derive(Serialize)]
 struct SnapshotRef<'a> {
@@ -168,8 +170,10 @@ pub(super) fn decode_snapshot(bytes: &[u8]) -> Result<(Data, u64), StoreFileErro
         }
     };
     let inconsistent = |what: String| StoreFileError::Inconsistent(what);
-    if snap.revision < 0 {
-        return Err(inconsistent(format!("negative revision {}", snap.revision)));
+    // A negative revision, or one so high that writes would soon overflow it (2^62 is 146,000
+    // years of a million writes a second), is no revision the store wrote.
+    if !(0..MAX_REVISION).contains(&snap.revision) {
+        return Err(inconsistent(format!("revision {}", snap.revision)));
     }
     let mut leases = BTreeMap::new();
     for (id, ttl_secs) in snap.leases {
@@ -193,6 +197,15 @@ pub(super) fn decode_snapshot(bytes: &[u8]) -> Result<(Data, u64), StoreFileErro
             || e.mod_revision > snap.revision
         {
             return Err(inconsistent(format!("revisions of key {key:?}")));
+        }
+        // Nor is a key or a value over the limits every write is checked against.
+        if key.len() > keys::MAX_KEY_LEN || e.value.len() > keys::MAX_VALUE_LEN {
+            return Err(inconsistent(format!(
+                "key {:?}... of {} bytes with a value of {} bytes, over the limits",
+                key.chars().take(32).collect::<String>(),
+                key.len(),
+                e.value.len()
+            )));
         }
         if let Some(id) = e.lease {
             match leases.get_mut(&id) {

@@ -39,13 +39,26 @@ pub use server::serve;
 #[cfg(test)]
 mod tests;
 
+/// Not an API: the protocol's messages, their codec and the server's handling of one call,
+/// for shoal's fuzz targets (`common/fuzz`), which feed them what a client or a server could
+/// send. Hidden from the docs; it may change with any commit.
+#[doc(hidden)]
+pub mod fuzz_support {
+    pub use super::server::run;
+    pub use super::wire::{
+        decode_request, decode_server_msg, encode_server_msg, ClientMsg, Req, Resp, ServerMsg,
+        WireMetaError,
+    };
+    pub use super::{MAX_REPLY_FRAME, MAX_REQUEST_FRAME};
+}
+
 #[cfg(doc)]
 use wire::{ClientMsg, ServerMsg};
 
 /// Largest request body the server accepts.
-pub(crate) const MAX_REQUEST_FRAME: usize = 4 << 20;
+pub const MAX_REQUEST_FRAME: usize = 4 << 20;
 /// Largest reply body the client accepts (a big `range`); larger replies become errors.
-pub(crate) const MAX_REPLY_FRAME: usize = 64 << 20;
+pub const MAX_REPLY_FRAME: usize = 64 << 20;
 /// Connections one server accepts at once (those still in their TLS handshake included).
 const MAX_CONNECTIONS: usize = 1024;
 /// Longest the server waits for a client to finish its TLS handshake.

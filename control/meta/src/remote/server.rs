@@ -276,7 +276,8 @@ async fn serve_call(
     drop(permit);
 }
 
-async fn run(store: &dyn MetaStore, req: Req) -> Result<Resp, MetaError> {
+/// Runs one call on `store` (every request but the watches).
+pub async fn run(store: &dyn MetaStore, req: Req) -> Result<Resp, MetaError> {
     Ok(match req {
         Req::Get { key } => Resp::Get(store.get(&key).await?),
         Req::Range { prefix } => {

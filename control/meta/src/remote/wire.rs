@@ -14,16 +14,18 @@ use crate::types::MetaStore;
 
 /// A request from a client.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub(crate) struct ClientMsg {
+pub struct ClientMsg {
     /// Matches the reply (and, for a watch, its events).
-    pub(crate) id: u32,
+    pub id: u32,
     /// The call.
-    pub(crate) req: Req,
+    pub req: Req,
 }
 
 /// The calls of [`MetaStore`], plus cancelling a watch.
+// Each variant mirrors the `MetaStore` method or `MetaError` variant of its name.
+#[allow(missing_docs)]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub(crate) enum Req {
+pub enum Req {
     Get {
         key: String,
     },
@@ -59,8 +61,10 @@ pub(crate) enum Req {
 }
 
 /// Successful results.
+// Each variant mirrors the `MetaStore` method or `MetaError` variant of its name.
+#[allow(missing_docs)]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub(crate) enum Resp {
+pub enum Resp {
     Get(Option<KeyValue>),
     Range(Vec<KeyValue>, Revision),
     Put(Revision),
@@ -73,8 +77,10 @@ pub(crate) enum Resp {
 }
 
 /// [`MetaError`] on the wire.
+// Each variant mirrors the `MetaStore` method or `MetaError` variant of its name.
+#[allow(missing_docs)]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub(crate) enum WireMetaError {
+pub enum WireMetaError {
     Unavailable(String),
     LeaseNotFound(LeaseId),
     InvalidArgument(String),
@@ -107,8 +113,10 @@ impl From<WireMetaError> for MetaError {
 }
 
 /// A message from the server.
+// Each variant mirrors the `MetaStore` method or `MetaError` variant of its name.
+#[allow(missing_docs)]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub(crate) enum ServerMsg {
+pub enum ServerMsg {
     /// The result of request `id`.
     Reply {
         id: u32,
@@ -121,7 +129,7 @@ pub(crate) enum ServerMsg {
 }
 
 /// Takes one request off `buf` (what the server runs on every byte a client sends).
-pub(crate) fn decode_request(
+pub fn decode_request(
     dec: &FrameDecoder,
     buf: &mut BytesMut,
 ) -> Result<Option<ClientMsg>, FrameError> {
@@ -129,7 +137,7 @@ pub(crate) fn decode_request(
 }
 
 /// Takes one server message off `buf` (what the client runs on every byte it receives).
-pub(crate) fn decode_server_msg(
+pub fn decode_server_msg(
     dec: &FrameDecoder,
     buf: &mut BytesMut,
 ) -> Result<Option<ServerMsg>, FrameError> {
@@ -138,7 +146,7 @@ pub(crate) fn decode_server_msg(
 
 /// Appends `msg` as a frame; a reply too large for clients becomes an error reply, an event
 /// too large ends its watch (cannot happen within the key and value limits).
-pub(super) fn encode_server_msg(msg: &ServerMsg, buf: &mut Vec<u8>) {
+pub fn encode_server_msg(msg: &ServerMsg, buf: &mut Vec<u8>) {
     let start = buf.len();
     let fits = match encode_frame(msg, buf) {
         Ok(()) => buf.len() - start - FRAME_HEADER_LEN <= MAX_REPLY_FRAME,
