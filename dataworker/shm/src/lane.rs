@@ -702,8 +702,8 @@ mod tests {
         }
         // A hostile instance hands out memfds it could truncate later: refused.
         let size = LaneRegion::size_for(1, 64).unwrap();
-        let plain = nix::sys::memfd::memfd_create("t", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
-            .unwrap();
+        let plain =
+            nix::sys::memfd::memfd_create("t", nix::sys::memfd::MFdFlags::MFD_CLOEXEC).unwrap();
         nix::unistd::ftruncate(&plain, size.max(GAUGE_SIZE) as i64).unwrap();
         let fd = || plain.try_clone().unwrap();
         assert!(LaneRegion::open(fd(), 1, 64).is_err());

@@ -518,8 +518,8 @@ mod tests {
         assert!(Mailbox::open(fd(), u64::MAX).is_err(), "no overflow");
         assert!(Mailbox::open(fd(), 4096).is_err(), "larger than the memfd");
         // A memfd whose size is not sealed: the worker could shrink it under the client.
-        let plain = nix::sys::memfd::memfd_create("t", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
-            .unwrap();
+        let plain =
+            nix::sys::memfd::memfd_create("t", nix::sys::memfd::MFdFlags::MFD_CLOEXEC).unwrap();
         nix::unistd::ftruncate(&plain, 4096).unwrap();
         assert!(Mailbox::open(plain, 64).is_err());
     }
