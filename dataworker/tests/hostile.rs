@@ -252,7 +252,7 @@ fn honest(sock: std::path::PathBuf, me: usize, stop: Arc<AtomicBool>, ops: Arc<A
     let (small, big) = (small_bytes(), big_bytes());
     let mut n = 0u64;
     while !stop.load(Ordering::Relaxed) || n < 20 {
-        let len = if n % 2 == 0 { 2_000 } else { 150_000 };
+        let len = if n.is_multiple_of(2) { 2_000 } else { 150_000 };
         let data: Vec<u8> = (0..len).map(|i| (i as u64 ^ n ^ me as u64) as u8).collect();
         let id = format!("honest-{me}-{n}");
         c.put(&id, &data).unwrap();
